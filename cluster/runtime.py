@@ -1,0 +1,53 @@
+"""The Ray runtime: connect to a cluster (``--address`` / ``RAY_ADDRESS``) or start an embedded one.
+
+The embedded cluster binds to loopback, keeps its dashboard off unless asked (and on
+127.0.0.1 when on), and inherits this process's environment, so S3 endpoints and credentials
+set in the environment reach every task and worker without ever being written into a spec.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Environment variables forwarded to Ray workers when we connect to an existing cluster from a
+# driver that has them (a cluster's own nodes normally carry their own credentials).
+STORAGE_ENV_VARS = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+)
+
+
+def storage_env() -> dict[str, str]:
+    """The storage-related environment of this process (to forward to workers). Never logged."""
+    return {k: os.environ[k] for k in STORAGE_ENV_VARS if k in os.environ}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False,
+               forward_storage_env: bool = True) -> dict[str, Any]:
+    """Connect to Ray once per process; return ``ray.cluster_resources()``.
+
+    ``address`` (or ``RAY_ADDRESS``) names an existing cluster; otherwise an embedded local
+    cluster starts on 127.0.0.1. Calling again when already connected does nothing.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        log.info("connecting to Ray cluster at %s", address)
+        if forward_storage_env and storage_env():
+            kwargs["runtime_env"] = {"env_vars": storage_env()}
+        ray.init(address=address, **kwargs)
+    else:
+        log.info("starting an embedded local Ray cluster")
+        ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1", **kwargs,
+        )
+    return ray.cluster_resources()

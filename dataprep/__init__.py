@@ -1,0 +1,1 @@
+"""Images -> WebDataset shards on Ray, the shard manifest, and the streaming reader."""

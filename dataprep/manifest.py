@@ -1,0 +1,86 @@
+"""The shard manifest: the contract between the shard writer and the streaming reader.
+
+``<dest>/manifest.json`` is written LAST by a prep run and is its commit: a directory of shards
+without it is an unfinished prep. The reader trusts the manifest's per-shard sample counts,
+which is what makes exact, world-size-independent resume possible.
+
+Shard members follow WebDataset conventions: ``<key>.jpg|png|npy`` (the image), optionally
+``<key>.cls`` (ASCII integer label) and ``<key>.json`` (per-sample metadata). Keys are content
+hashes of the original image bytes.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.storage import Store
+
+MANIFEST = "manifest.json"
+FORMAT = "vitforge-shards/1"
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="path of the tar relative to the manifest's directory, e.g. 'train/shard-000000.tar'")
+    samples: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str
+
+
+class SplitInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shards: list[ShardInfo]
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+class Manifest(BaseModel):
+    """What a prep run wrote. ``splits`` maps 'train' / 'val' to their shards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["vitforge-shards/1"] = FORMAT
+    splits: dict[str, SplitInfo]
+    classes: list[str] | None = Field(default=None, description="label index -> class name; None when unlabeled")
+    image_ext: str = Field(default="jpg", description="extension of the image member in every sample")
+    totals: dict[str, int] = Field(default_factory=dict, description="inputs, written, rejected, duplicates")
+    rejects: dict[str, int] = Field(default_factory=dict, description="reason -> count; details in rejects.jsonl")
+    options: dict[str, Any] = Field(default_factory=dict)
+    options_digest: str = ""
+    source: dict[str, Any] = Field(default_factory=dict, description="source URL and fingerprint")
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise KeyError(f"manifest has no split {name!r}; it has {sorted(self.splits)}")
+        return self.splits[name]
+
+
+def manifest_location(url: str) -> tuple[str, str]:
+    """Split a manifest URL or a prep output directory into (directory URL, manifest file name)."""
+    if url.rstrip("/").endswith(".json"):
+        return posixpath.dirname(url.rstrip("/")), posixpath.basename(url.rstrip("/"))
+    return url.rstrip("/"), MANIFEST
+
+
+def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Manifest, Store]:
+    """Read a manifest (given its URL or its directory). Returns it with a Store rooted at its directory."""
+    directory, name = manifest_location(url)
+    store = Store(directory, storage_options)
+    if not store.exists(name):
+        raise FileNotFoundError(
+            f"no {name} at {store.url_of(name)}: not a finished prep output. "
+            "Run `vitforge prep SRC DEST` (or the run's prep stage) to completion first."
+        )
+    return Manifest.model_validate(store.get_json(name)), store
+
+
+def save_manifest(store: Store, manifest: Manifest) -> None:
+    """Write the manifest (call LAST: it commits the prep output)."""
+    store.put_json(MANIFEST, manifest.model_dump(mode="json"))
