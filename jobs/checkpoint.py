@@ -1,0 +1,507 @@
+"""Checkpoint *storage*: stream every rank's checkpoint files to object storage and commit them.
+
+Policy (when to save, how many to keep) is :class:`CheckpointPolicy`; storage and the commit
+protocol are :class:`CheckpointManager`. The training engine owns the loop and calls::
+
+    ckpt = CheckpointManager(f"{run}/stages/{stage}", policy, rank=r, world_size=W)
+    if ckpt.due(step):
+        ckpt.save(step, lambda d: engine.save_checkpoint(d), meta={"step": step, ...})
+    ...
+    ckpt.close()                       # flushes the last upload, raises its error if any
+
+Store layout (``<stage_url>/checkpoints/``)::
+
+    step-00001200/<files written by write_fn on each rank>
+    step-00001200/ranks/rank-00003.done    # rank 3's marker: session, file names + sizes, its meta
+    step-00001200/COMMITTED                # written by rank 0 last, once all W markers are verified
+    latest                                 # names the newest committed step; written after COMMITTED
+
+Contracts
+---------
+* A checkpoint *exists* only when its ``COMMITTED`` marker exists; ``latest`` is advisory and is
+  checked against ``COMMITTED``. Retention deletes older checkpoints only after a newer commit,
+  and deletes a ``COMMITTED`` marker before the files it guards.
+* Each rank stages into its *own* local directory and uploads only what its ``write_fn`` wrote,
+  so ranks on different nodes never need a shared disk. Two ranks writing the same file name is
+  refused at commit time (the object store would keep only one of them).
+* Markers carry a session id agreed by all ranks at construction, so markers left by a killed
+  earlier attempt at the same step never count towards this attempt's commit.
+* The background thread uses only the object store, never ``torch.distributed``.
+* Checkpoint files are loaded by the engine's ``read_fn``; loading pickled files (``torch.load``
+  without ``weights_only=True``, DeepSpeed's own loader) executes code: never restore checkpoints
+  from a store you do not trust.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.storage import COMMITTED, RetryPolicy, Store, commit, is_committed, read_latest, write_latest
+from jobs._ckpt_state import (CheckpointError, CheckpointMismatchError, capture_rng_state, check_compatible,
+                              code_version, json_digest, restore_rng_state)
+
+__all__ = [
+    "CheckpointPolicy", "CheckpointManager", "CheckpointInfo", "CheckpointError", "CheckpointMismatchError",
+    "CheckpointStagingError", "CheckpointCommitError", "CheckpointNotFoundError", "capture_rng_state",
+    "restore_rng_state", "check_compatible", "json_digest", "code_version",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+PREFIX = "step-"
+RANKS = "ranks"
+FORMAT = 1
+_FULL_BYTES = 1 << 20   # less free space than this after a failed write counts as "disk full"
+
+
+class CheckpointStagingError(CheckpointError):
+    """Writing or reading the local staging copy failed (e.g. the disk is full). Nothing was committed."""
+
+
+class CheckpointCommitError(CheckpointError):
+    """The ranks' files could not be confirmed, so the checkpoint was not committed."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """No committed checkpoint exists where one was asked for."""
+
+
+class CheckpointPolicy(BaseModel):
+    """When to checkpoint and how many committed checkpoints to keep (a stage's ``checkpoint:``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every_steps: int | None = Field(default=None, ge=1, description="save when step % every_steps == 0")
+    every_minutes: float | None = Field(default=None, gt=0, description="save when this long since the last save")
+    keep_last: int = Field(default=2, ge=1, description="committed checkpoints kept; older ones are deleted")
+
+    @model_validator(mode="after")
+    def _some_trigger(self) -> "CheckpointPolicy":
+        if self.every_steps is None and self.every_minutes is None:
+            raise ValueError("checkpoint: give every_steps and/or every_minutes")
+        return self
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint, as read from its ``COMMITTED`` record."""
+
+    step: int
+    name: str                       # step-XXXXXXXX
+    url: str                        # full URL of the step directory
+    world_size: int
+    files: dict[str, dict[str, int]]  # relative name -> {"size": bytes, "rank": writer}
+    meta: dict[str, Any]            # rank 0's meta as passed to save()
+    committed_at: float = 0.0
+
+
+@dataclass
+class _SaveJob:
+    step: int
+    name: str
+    local_dir: str
+    files: dict[str, int]
+    meta: dict[str, Any]
+    sync: bool = False
+    error: BaseException | None = field(default=None, repr=False)
+
+
+def step_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def _step_of(name: str) -> int | None:
+    if not name.startswith(PREFIX):
+        return None
+    try:
+        return int(name[len(PREFIX):])
+    except ValueError:
+        return None
+
+
+def _marker(rank: int, kind: str = "done") -> str:
+    return f"rank-{rank:05d}.{kind}"
+
+
+def _is_disk_full(exc: BaseException | None, local_dir: str) -> bool:
+    """Whether ``exc`` (or one it came from) is ENOSPC/EDQUOT, or ``local_dir``'s disk is now full.
+
+    The free-space check catches writers that lose errno (``torch.save``'s C++ writer raises
+    "iostream error" on a full disk).
+    """
+    cur, seen = exc, 0
+    while cur is not None and seen < 10:
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
+    try:
+        return shutil.disk_usage(local_dir).free < _FULL_BYTES
+    except OSError:
+        return False
+
+
+def _poll(check: Callable[[], T | None], timeout_s: float, what: str) -> T:
+    """Call ``check`` with backoff until it returns non-None; CheckpointCommitError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        if time.monotonic() + delay > deadline:
+            raise CheckpointCommitError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def _agree_session(world_size: int) -> str:
+    """A fresh id shared by all ranks: rank 0 draws it and broadcasts it (main thread, at construction)."""
+    token = uuid.uuid4().hex
+    if world_size == 1:
+        return token
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise CheckpointError(
+            f"CheckpointManager with world_size={world_size} needs torch.distributed initialised before it is "
+            "constructed (to agree on a session id), or an explicit session_id= shared by all ranks"
+        )
+    box = [token]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (a collective: every rank must call it)."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+class CheckpointManager:
+    """Streams checkpoints of one training stage to ``<stage_url>/checkpoints/`` and commits them.
+
+    Every rank constructs one (same ``stage_url`` and ``policy``) and calls :meth:`save` at the same
+    steps. With ``world_size > 1`` and no ``session_id`` the constructor is a collective
+    (``torch.distributed`` must be initialised). Not thread-safe: call it from the training thread.
+    """
+
+    def __init__(self, stage_url: str, policy: CheckpointPolicy, *, rank: int = 0, world_size: int = 1,
+                 local_dir: str | None = None, storage_options: dict[str, Any] | None = None,
+                 retry: RetryPolicy | None = None, commit_timeout_s: float = 1800.0,
+                 session_id: str | None = None) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.policy, self.rank, self.world_size = policy, rank, world_size
+        self.commit_timeout_s = commit_timeout_s
+        self.store = Store(stage_url, storage_options=storage_options, retry=retry).child("checkpoints")
+        self.session = session_id or _agree_session(world_size)
+        self._own_local = local_dir is None
+        base = local_dir or tempfile.mkdtemp(prefix="vitforge-ckpt-")
+        self.local_dir = os.path.join(base, f"rank-{rank:05d}")
+        os.makedirs(self.local_dir, exist_ok=True)
+        self._base = base
+        self._thread: threading.Thread | None = None
+        self._job: _SaveJob | None = None
+        self._last_step: int | None = None
+        self._last_time = time.monotonic()
+
+    @property
+    def url(self) -> str:
+        """URL of the ``checkpoints/`` directory."""
+        return self.store.url
+
+    # ---- policy ------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """Whether to checkpoint after ``step``. Pure function of the step unless ``every_minutes`` is set;
+        then rank 0's clock decides and this is a collective every rank must call at every step."""
+        if step == self._last_step:
+            return False
+        by_steps = self.policy.every_steps is not None and step % self.policy.every_steps == 0
+        if self.policy.every_minutes is None:
+            return by_steps
+        by_time = time.monotonic() - self._last_time >= self.policy.every_minutes * 60
+        if self.world_size > 1:
+            by_time = _broadcast_flag(by_time)
+        return by_steps or by_time
+
+    # ---- saving ------------------------------------------------------------------------------
+    def save(self, step: int, write_fn: Callable[[str], Any], meta: Mapping[str, Any] | None = None,
+             sync: bool = False) -> None:
+        """Write this rank's checkpoint files with ``write_fn(local_dir)`` and upload them.
+
+        Every rank calls it at the same step; ``meta`` is this rank's JSON-able state (rank 0's
+        also goes into ``COMMITTED``). Returns once the local write is done; the upload runs in a
+        background thread (``sync=True``: uploaded, and committed, before returning). A previous
+        upload still in flight is waited for first, and its error, if any, is raised here.
+        """
+        self.wait()
+        meta = dict(meta or {})
+        try:
+            json.dumps(meta, allow_nan=True)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"checkpoint meta must be JSON-able ({exc}); put tensors in files via write_fn") from None
+        job = self._stage(step, write_fn, meta)
+        job.sync = sync
+        self._last_step, self._last_time = step, time.monotonic()
+        self._job = job
+        if sync:
+            self._run_job(job)
+            self._raise_pending()
+        else:
+            self._thread = threading.Thread(target=self._run_job, args=(job,), name=f"ckpt-upload-{job.name}",
+                                            daemon=True)
+            self._thread.start()
+
+    def _stage(self, step: int, write_fn: Callable[[str], Any], meta: dict[str, Any]) -> _SaveJob:
+        name = step_name(step)
+        local = os.path.join(self.local_dir, name)
+        shutil.rmtree(local, ignore_errors=True)
+        try:
+            os.makedirs(local)
+            write_fn(local)
+            files = self._scan(local)
+        except BaseException as exc:
+            shutil.rmtree(local, ignore_errors=True)
+            if _is_disk_full(exc, self.local_dir):
+                raise CheckpointStagingError(
+                    f"local staging disk is full: writing checkpoint {name} (rank {self.rank}) to {local} failed "
+                    f"({exc.strerror}). Nothing was uploaded or committed. Free space there, or pass local_dir= "
+                    "on a disk with room for one checkpoint per rank on this node."
+                ) from exc
+            raise
+        return _SaveJob(step=step, name=name, local_dir=local, files=files, meta=meta)
+
+    def _scan(self, local: str) -> dict[str, int]:
+        files: dict[str, int] = {}
+        for dirpath, _, names in os.walk(local):
+            for n in names:
+                path = os.path.join(dirpath, n)
+                rel = os.path.relpath(path, local).replace(os.sep, "/")
+                if rel == COMMITTED or rel.split("/", 1)[0] == RANKS:
+                    raise CheckpointError(f"write_fn wrote {rel!r}, a name reserved for the commit protocol")
+                files[rel] = os.path.getsize(path)
+        if not files and self.rank == 0:
+            log.warning("checkpoint write_fn wrote no files on rank 0 into %s", local)
+        return dict(sorted(files.items()))
+
+    def _run_job(self, job: _SaveJob) -> None:
+        """Upload, then (rank 0) commit. Errors are kept in ``job.error`` for the next call to raise."""
+        try:
+            self._upload(job)
+            if self.rank == 0:
+                self._commit(job)
+            elif job.sync:
+                self._await_commit(job)
+        except BaseException as exc:  # kept and re-raised in the training thread; never dropped
+            job.error = exc
+            self._mark_failed(job, exc)
+        finally:
+            shutil.rmtree(job.local_dir, ignore_errors=True)
+
+    def _upload(self, job: _SaveJob) -> None:
+        for rel in job.files:
+            self.store.put_file(os.path.join(job.local_dir, *rel.split("/")), f"{job.name}/{rel}")
+        marker = {"format": FORMAT, "session": self.session, "rank": self.rank, "step": job.step,
+                  "files": job.files, "meta": job.meta}
+        self.store.put_json(f"{job.name}/{RANKS}/{_marker(self.rank)}", marker)
+        log.debug("rank %d uploaded %d file(s) of %s", self.rank, len(job.files), job.name)
+
+    def _mark_failed(self, job: _SaveJob, exc: BaseException) -> None:
+        """Tell rank 0 (best effort) so it stops waiting for this rank's marker."""
+        try:
+            self.store.put_json(f"{job.name}/{RANKS}/{_marker(self.rank, 'failed')}",
+                                {"session": self.session, "rank": self.rank, "error": f"{type(exc).__name__}: {exc}"})
+        except Exception:  # the store is what failed: the error itself is still raised on the next call
+            log.warning("could not record the failure of %s for rank %d", job.name, self.rank)
+
+    # ---- committing (rank 0, background thread) ----------------------------------------------
+    def _read_markers(self, name: str, kind: str) -> dict[int, dict[str, Any]]:
+        """This session's markers of ``kind`` under ``name/ranks`` by rank."""
+        found = {}
+        for entry in self.store.ls(f"{name}/{RANKS}"):
+            if not entry.endswith(f".{kind}"):
+                continue
+            try:
+                data = self.store.get_json(f"{name}/{RANKS}/{entry}")
+            except FileNotFoundError:
+                continue
+            if data.get("session") == self.session:
+                found[int(data["rank"])] = data
+        return found
+
+    def _all_markers(self, name: str) -> dict[int, dict[str, Any]] | None:
+        failed = self._read_markers(name, "failed")
+        if failed:
+            r, data = min(failed.items())
+            raise CheckpointCommitError(f"rank {r} failed to upload its part of {name}: {data.get('error')}")
+        done = self._read_markers(name, "done")
+        return done if len(done) == self.world_size else None
+
+    def _verify(self, name: str, markers: dict[int, dict[str, Any]]) -> dict[str, dict[str, int]]:
+        """The union of all ranks' files, each checked to exist in the store with its recorded size."""
+        files: dict[str, dict[str, int]] = {}
+        for r in sorted(markers):
+            for rel, size in markers[r]["files"].items():
+                if rel in files:
+                    raise CheckpointCommitError(
+                        f"ranks {files[rel]['rank']} and {r} both wrote {rel!r} in {name}; the store keeps only one. "
+                        "Make write_fn write rank-distinct file names (or shared files on rank 0 only)."
+                    )
+                files[rel] = {"size": int(size), "rank": r}
+        for rel, rec in files.items():
+            try:
+                actual = self.store.size(f"{name}/{rel}")
+            except FileNotFoundError:
+                actual = None
+            if actual != rec["size"]:
+                raise CheckpointCommitError(f"{name}/{rel} from rank {rec['rank']}: expected {rec['size']} bytes "
+                                            f"in the store, found {actual}")
+        return dict(sorted(files.items()))
+
+    def _commit(self, job: _SaveJob) -> None:
+        markers = _poll(lambda: self._all_markers(job.name), self.commit_timeout_s,
+                        f"all {self.world_size} ranks' markers of {self.store.url_of(job.name)}")
+        files = self._verify(job.name, markers)
+        record = {"format": FORMAT, "step": job.step, "world_size": self.world_size, "session": self.session,
+                  "code_version": job.meta.get("code_version") or code_version(),
+                  "config_digest": job.meta.get("config_digest"), "files": files, "meta": job.meta}
+        commit(self.store, job.name, record)
+        write_latest(self.store, "", job.name)
+        log.info("committed checkpoint %s (%d files)", self.store.url_of(job.name), len(files))
+        self._retain(job.step)
+
+    def _await_commit(self, job: _SaveJob) -> None:
+        def committed() -> bool | None:
+            if is_committed(self.store, job.name):
+                return True
+            failed = self._read_markers(job.name, "failed")
+            if failed:
+                raise CheckpointCommitError(f"{job.name} was not committed: rank {min(failed)} failed")
+            return None
+
+        _poll(committed, self.commit_timeout_s, f"rank 0 to commit {self.store.url_of(job.name)}")
+
+    def _retain(self, newest: int) -> None:
+        """Keep the last ``keep_last`` committed checkpoints; drop uncommitted dirs older than ``newest``."""
+        steps = sorted((s, n) for n in self.store.ls("") if (s := _step_of(n)) is not None)
+        committed = [(s, n) for s, n in steps if s <= newest and is_committed(self.store, n)]
+        keep = {n for _, n in committed[-self.policy.keep_last:]}
+        for s, n in steps:
+            if s >= newest or n in keep:
+                continue
+            self.store.delete(f"{n}/{COMMITTED}")       # un-commit first: a half-deleted dir is never visible
+            self.store.delete(n, recursive=True)
+            log.debug("retention removed %s", n)
+
+    # ---- flushing ----------------------------------------------------------------------------
+    @property
+    def upload_in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _raise_pending(self) -> None:
+        job, self._job = self._job, None
+        if job is not None and job.error is not None:
+            raise job.error
+
+    def wait(self) -> None:
+        """Block until the upload in flight (if any) is done; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise_pending()
+
+    def close(self) -> None:
+        """:meth:`wait`, then remove the local staging directory if this manager created it."""
+        try:
+            self.wait()
+        finally:
+            if self._own_local:
+                shutil.rmtree(self._base, ignore_errors=True)
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- reading -----------------------------------------------------------------------------
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint, or None. Half-written directories are never returned."""
+        name = read_latest(self.store, "", PREFIX)
+        return self.info(name) if name else None
+
+    def info(self, name: str) -> CheckpointInfo:
+        """The committed checkpoint ``name`` (``step-XXXXXXXX``)."""
+        try:
+            rec = self.store.get_json(f"{name}/{COMMITTED}")
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{self.store.url_of(name)} is not a committed checkpoint") from None
+        return CheckpointInfo(step=int(rec["step"]), name=name, url=self.store.url_of(name),
+                              world_size=int(rec["world_size"]), files=rec["files"], meta=rec.get("meta", {}),
+                              committed_at=float(rec.get("committed_at", 0.0)))
+
+    def committed(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint, oldest first."""
+        names = sorted((s, n) for n in self.store.ls("") if (s := _step_of(n)) is not None)
+        return [self.info(n) for _, n in names if is_committed(self.store, n)]
+
+    def restore(self, read_fn: Callable[[str], Any], info: CheckpointInfo | None = None,
+                expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Download a committed checkpoint (default: the latest) and call ``read_fn(local_dir)``.
+
+        Every file of the checkpoint is downloaded (DeepSpeed's loader may read other ranks' shards).
+        ``expect``: keys that must equal rank 0's saved meta (e.g. ``config_digest``), else
+        :class:`CheckpointMismatchError` before anything is downloaded. Returns this rank's saved
+        meta (rank 0's when this rank did not exist in the saved run). ``read_fn`` may unpickle:
+        never restore from an untrusted store.
+        """
+        info = info or self.latest()
+        if info is None:
+            raise CheckpointNotFoundError(f"no committed checkpoint under {self.url}")
+        if expect:
+            check_compatible(info.meta, expect, where=f"checkpoint {info.url}")
+        meta = self._rank_meta(info)
+        local = os.path.join(self.local_dir, f"restore-{info.name}")
+        shutil.rmtree(local, ignore_errors=True)
+        try:
+            for rel in info.files:
+                self.store.get_file(f"{info.name}/{rel}", os.path.join(local, *rel.split("/")))
+            read_fn(local)
+        except Exception as exc:
+            if _is_disk_full(exc, self.local_dir):
+                raise CheckpointStagingError(f"local staging disk is full while downloading {info.url} to {local}; "
+                                             "free space or pass local_dir= on a bigger disk") from exc
+            raise
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        self._last_step, self._last_time = info.step, time.monotonic()
+        return meta
+
+    def _rank_meta(self, info: CheckpointInfo) -> dict[str, Any]:
+        if self.rank == 0 or self.rank >= info.world_size:
+            if self.rank:
+                log.warning("rank %d did not exist in %s (world size %d): returning rank 0's meta",
+                            self.rank, info.name, info.world_size)
+            return dict(info.meta)
+        return dict(self.store.get_json(f"{info.name}/{RANKS}/{_marker(self.rank)}")["meta"])
+

@@ -1,0 +1,243 @@
+"""CheckpointManager in one process: commit protocol, async uploads, errors, retention, staging faults.
+
+Storage is a real SeaweedFS (session server, or a private one a test freezes or kills) or a local dir.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+
+import numpy as np
+import pydantic
+import pytest
+import torch
+
+from cluster.storage import RetryPolicy, Store, StorageAuthError, StorageError
+from jobs.checkpoint import (CheckpointCommitError, CheckpointManager, CheckpointMismatchError, CheckpointPolicy,
+                             CheckpointStagingError, capture_rng_state, restore_rng_state)
+
+FAST = RetryPolicy(outage_window_s=1.0, first_backoff_s=0.1, max_backoff_s=0.2)
+
+
+def tensors_for(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return {"w": torch.randn(16, 8, generator=g), "b": torch.randn(8, generator=g)}
+
+
+def writer(step: int, log: list | None = None):
+    def write(d: str) -> None:
+        if log is not None:
+            log.append(("write", step))
+        torch.save(tensors_for(step), os.path.join(d, "model.pt"))
+        os.makedirs(os.path.join(d, "optim"))
+        torch.save({"exp_avg": tensors_for(step + 1000)["w"]}, os.path.join(d, "optim", "rank-0.pt"))
+    return write
+
+
+def load_into(out: dict):
+    def read(d: str) -> None:
+        out["model"] = torch.load(os.path.join(d, "model.pt"), weights_only=True)
+        out["optim"] = torch.load(os.path.join(d, "optim", "rank-0.pt"), weights_only=True)
+    return read
+
+
+def private_opts(server, identity=None) -> dict:
+    ident = identity or server.admin
+    return {"key": ident.access_key, "secret": ident.secret_key, "client_kwargs": {"endpoint_url": server.endpoint}}
+
+
+@pytest.fixture(params=["file", "s3"])
+def stage_url(request, tmp_path):
+    if request.param == "file":
+        return f"file://{tmp_path}/run/stages/pretrain"
+    return request.getfixturevalue("s3_url") + "/stages/pretrain"
+
+
+def test_save_commit_latest_restore_round_trip(stage_url, tmp_path):
+    policy = CheckpointPolicy(every_steps=5, keep_last=2)
+    with CheckpointManager(stage_url, policy, local_dir=str(tmp_path / "stage")) as ckpt:
+        assert ckpt.latest() is None
+        for step in range(1, 16):
+            if ckpt.due(step):
+                ckpt.save(step, writer(step), {"step": step, "loader": {"epoch": 0, "pos": step * 4}})
+    info = CheckpointManager(stage_url, policy).latest()
+    assert (info.step, info.world_size, info.meta["loader"]) == (15, 1, {"epoch": 0, "pos": 60})
+    assert set(info.files) == {"model.pt", "optim/rank-0.pt"} and info.files["model.pt"]["rank"] == 0
+
+    out: dict = {}
+    meta = CheckpointManager(stage_url, policy).restore(load_into(out))
+    assert meta["step"] == 15
+    torch.testing.assert_close(out["model"], tensors_for(15), rtol=0, atol=0)
+    torch.testing.assert_close(out["optim"]["exp_avg"], tensors_for(1015)["w"], rtol=0, atol=0)
+    assert not os.listdir(tmp_path / "stage" / "rank-00000"), "local staging copies are removed after upload"
+
+
+def test_save_returns_while_upload_is_blocked_and_commits_after_thaw(s3_server, tmp_path):
+    server = s3_server()
+    url = f"s3://{server.bucket}/run/stages/pretrain"
+    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=1), storage_options=private_opts(server))
+    ckpt.save(1, writer(1), {"step": 1}, sync=True)
+    server.freeze()
+    try:
+        ckpt.save(2, writer(2), {"step": 2})       # returns although no request can be answered
+        assert ckpt.upload_in_flight
+    finally:
+        server.thaw()
+    ckpt.wait()
+    assert ckpt.latest().step == 2
+    ckpt.close()
+
+
+def test_second_save_waits_for_the_upload_in_flight(s3_server):
+    server = s3_server()
+    url = f"s3://{server.bucket}/run/stages/pretrain"
+    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=1), storage_options=private_opts(server))
+    events: list = []
+    put_file = ckpt.store.put_file
+
+    def observed_put(local: str, rel: str) -> None:  # observe, then do the real upload
+        put_file(local, rel)
+        events.append(("put", rel.split("/")[0]))
+
+    ckpt.store.put_file = observed_put
+    ckpt.save(1, writer(1, events), {"step": 1}, sync=True)
+    server.freeze()
+    try:
+        ckpt.save(2, writer(2, events), {"step": 2})
+        second = threading.Thread(target=ckpt.save, args=(3, writer(3, events), {"step": 3}))
+        second.start()
+        assert not second.join(timeout=1.0) and second.is_alive(), "save(3) must wait while step 2 uploads"
+        assert ("write", 3) not in events
+    finally:
+        server.thaw()
+    second.join()
+    ckpt.close()
+    order = [e for e in events if e[0] == "write" or e[1] != "step-00000001"]
+    first_put_3 = order.index(("put", "step-00000003"))
+    last_put_2 = max(i for i, e in enumerate(order) if e == ("put", "step-00000002"))
+    assert last_put_2 < order.index(("write", 3)) < first_put_3
+    assert [c.step for c in ckpt.committed()] == [2, 3]
+
+
+def test_upload_error_is_raised_on_the_next_call_not_dropped(s3_server):
+    server = s3_server()
+    url = f"s3://{server.bucket}/run/stages/pretrain"
+    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=1), storage_options=private_opts(server), retry=FAST)
+    ckpt.save(1, writer(1), {"step": 1}, sync=True)
+    server.kill()                                   # an outage longer than the retry window
+    ckpt.save(2, writer(2), {"step": 2})            # local write succeeds; the upload fails in the background
+    with pytest.raises(StorageError, match="could not"):
+        ckpt.save(3, writer(3), {"step": 3})
+    ckpt.wait()                                     # raised once, then cleared
+    server.start()
+    assert ckpt.latest().step == 1
+    ckpt.save(4, writer(4), {"step": 4})
+    ckpt.close()
+    assert ckpt.latest().step == 4
+
+
+def test_permission_error_surfaces_on_wait(s3):
+    url = f"s3://{s3.bucket}/readonly-{os.getpid()}/stages/pretrain"
+    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=1), storage_options=private_opts(s3, s3.reader))
+    ckpt.save(1, writer(1), {"step": 1})
+    with pytest.raises(StorageAuthError, match="permission denied"):
+        ckpt.wait()
+    ckpt.close()
+
+
+def test_retention_keeps_last_k_and_never_deletes_before_a_newer_commit(tmp_path):
+    url = f"file://{tmp_path}/stages/pretrain"
+    policy = CheckpointPolicy(every_steps=1, keep_last=2)
+    ckpt = CheckpointManager(url, policy)
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, writer(step), {"step": step})
+    ckpt.close()
+    assert [c.step for c in ckpt.committed()] == [3, 4]
+
+    # a gang where rank 1 never reports: step 5 stays uncommitted, and nothing older is deleted
+    lonely = CheckpointManager(url, policy, rank=0, world_size=2, session_id="s", commit_timeout_s=0.5)
+    with pytest.raises(CheckpointCommitError, match="timed out"):
+        lonely.save(5, writer(5), {"step": 5}, sync=True)
+    lonely.close()
+    assert [c.step for c in ckpt.committed()] == [3, 4] and ckpt.latest().step == 4
+    assert os.path.isdir(tmp_path / "stages/pretrain/checkpoints/step-00000005")
+
+    ckpt = CheckpointManager(url, policy)
+    ckpt.save(6, writer(6), {"step": 6}, sync=True)  # the stale uncommitted step 5 is swept after this commit
+    assert sorted(os.listdir(tmp_path / "stages/pretrain/checkpoints")) == ["latest", "step-00000004", "step-00000006"]
+
+
+def test_latest_ignores_uncommitted_dirs_and_distrusts_the_pointer(s3_url):
+    ckpt = CheckpointManager(s3_url, CheckpointPolicy(every_steps=1))
+    ckpt.save(1, writer(1), {"step": 1}, sync=True)
+    store = Store(s3_url).child("checkpoints")
+    store.put_bytes("step-00000009/model.pt", b"half a checkpoint")     # files, no COMMITTED
+    assert ckpt.latest().step == 1
+    store.put_bytes("latest", b"step-00000009\n")                       # pointer at the half-written dir
+    assert ckpt.latest().step == 1
+    out: dict = {}
+    assert ckpt.restore(load_into(out))["step"] == 1
+    torch.testing.assert_close(out["model"], tensors_for(1), rtol=0, atol=0)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("how", ["dev-full", "raised"])
+def test_disk_full_while_staging_raises_clearly_and_commits_nothing(tmp_path, how):
+    url = f"file://{tmp_path}/stages/pretrain"
+    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=1), local_dir=str(tmp_path / "stage"))
+    ckpt.save(1, writer(1), {"step": 1}, sync=True)
+
+    def full_disk(d: str) -> None:
+        writer(2)(d)
+        if how == "raised":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(d, "big.pt"))
+        os.symlink("/dev/full", os.path.join(d, "big.bin"))  # the kernel answers every write with ENOSPC
+        with open(os.path.join(d, "big.bin"), "wb") as f:
+            f.write(os.urandom(1 << 16))
+
+    with pytest.raises(CheckpointStagingError, match="disk is full.*Nothing was uploaded or committed"):
+        ckpt.save(2, full_disk, {"step": 2})
+    ckpt.close()
+    assert not os.path.exists(tmp_path / "stages/pretrain/checkpoints/step-00000002")
+    assert not os.path.exists(tmp_path / "stage/rank-00000/step-00000002")
+    assert ckpt.latest().step == 1
+
+
+def test_restore_refuses_a_checkpoint_of_another_config(tmp_path):
+    ckpt = CheckpointManager(f"file://{tmp_path}/s", CheckpointPolicy(every_steps=1))
+    ckpt.save(1, writer(1), {"step": 1, "config_digest": "aaa", "arch": {"depth": 12}}, sync=True)
+    with pytest.raises(CheckpointMismatchError, match=r"differing keys: config_digest, arch") as err:
+        ckpt.restore(load_into({}), expect={"config_digest": "bbb", "arch": {"depth": 6}, "step": 1})
+    assert "depth" in str(err.value) and "step" not in str(err.value).split("differing keys")[1].split("\n")[0]
+    assert ckpt.restore(load_into({}), expect={"config_digest": "aaa"})["step"] == 1
+
+
+def test_rng_state_round_trips_through_json():
+    import json
+
+    state = json.loads(json.dumps(capture_rng_state()))
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.random(), np.random.rand(), torch.rand(3)  # move every stream on
+    restore_rng_state(state)
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_policy_is_strict_and_due_follows_steps(tmp_path):
+    with pytest.raises(pydantic.ValidationError, match="every_step"):
+        CheckpointPolicy(every_step=5)
+    with pytest.raises(pydantic.ValidationError, match="every_steps and/or every_minutes"):
+        CheckpointPolicy()
+    ckpt = CheckpointManager(f"file://{tmp_path}/s", CheckpointPolicy(every_steps=3))
+    assert [s for s in range(1, 10) if ckpt.due(s)] == [3, 6, 9]
+    by_time = CheckpointManager(f"file://{tmp_path}/s", CheckpointPolicy(every_minutes=1e-9))
+    assert by_time.due(1)
+
+
+def test_meta_must_be_json(tmp_path):
+    ckpt = CheckpointManager(f"file://{tmp_path}/s", CheckpointPolicy(every_steps=1))
+    with pytest.raises(TypeError, match="JSON-able"):
+        ckpt.save(1, writer(1), {"weights": torch.zeros(2)})
