@@ -1,0 +1,286 @@
+"""Reading WebDataset tar shards: streamed (with read-ahead) or through a size-limited local cache.
+
+A shard is read sequentially once per reader, keeping only the samples the reader needs and
+stopping after the last one. Samples are grouped WebDataset-style: members sharing a key (the
+path up to the first dot of the file name) form one sample; the sample's index in the shard
+is the order in which its key first appears, which is what the manifest counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import posixpath
+import re
+import tarfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Iterable
+
+from cluster.storage import Store, StorageNotFoundError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "npy")
+
+
+class ShardError(RuntimeError):
+    """A shard or a sample in it could not be read. The message names the shard (and key)."""
+
+
+class MissingShardError(ShardError, FileNotFoundError):
+    """A shard the manifest lists does not exist in the store."""
+
+
+@dataclass
+class RawSample:
+    """One sample's undecoded bytes. ``error`` is set (and ``image`` is None) when it is unusable."""
+
+    shard: str
+    index: int
+    key: str | None
+    image: bytes | None = None
+    ext: str = ""
+    label: int = -1
+    error: str | None = None
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    base = posixpath.basename(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(posixpath.dirname(name), stem), ext.lower()
+
+
+def _make_sample(shard: str, index: int, key: str, members: dict[str, bytes]) -> RawSample:
+    sample = RawSample(shard, index, key)
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if ext is None:
+        sample.error = f"no image member (has {sorted(members) or 'nothing'})"
+        return sample
+    sample.image, sample.ext = members[ext], ext
+    if "cls" in members:
+        try:
+            sample.label = int(members["cls"].decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            sample.error = f"label {members['cls'][:20]!r} is not an integer"
+    return sample
+
+
+def parse_shard(fileobj: IO[bytes], shard: str, needed: set[int], expected: int) -> dict[int, RawSample]:
+    """The needed samples of one tar, by index. Unreadable ones come back with ``error`` set.
+
+    Reading stops after the largest needed index. A truncated or garbled tar marks the sample
+    being read and every needed sample after it (up to ``expected``) as errors.
+    """
+    out: dict[int, RawSample] = {}
+    last = max(needed) if needed else -1
+    index, key, members = -1, None, {}
+    failure: str | None = None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                mkey, ext = _split_name(member.name)
+                if mkey != key:
+                    if index in needed and key is not None:
+                        out[index] = _make_sample(shard, index, key, members)
+                    index, key, members = index + 1, mkey, {}
+                    if index > last:
+                        break
+                if index in needed:
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"unexpected end of data in {member.name}")
+                    members[ext] = data
+            else:
+                if index in needed and key is not None:
+                    out[index] = _make_sample(shard, index, key, members)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        failure = f"shard is truncated or corrupt after {max(index, 0)} complete samples ({type(exc).__name__}: {exc})"
+        if index in needed:
+            out[index] = RawSample(shard, index, key, error=failure)
+    for i in needed:
+        if i not in out:
+            reason = failure or f"shard has fewer samples than the manifest's {expected} (ends after {index + 1})"
+            out[i] = RawSample(shard, i, None, error=reason)
+    return out
+
+
+class ShardCache:
+    """Whole shards on local disk, evicted least-recently-used to stay under ``limit_bytes``.
+
+    Safe to share between processes (DataLoader workers, ranks on one node): downloads of one
+    shard are serialised by a lock file, and readers hold the file open, so eviction never
+    pulls a file from under a reader.
+    """
+
+    def __init__(self, directory: str, limit_bytes: int | None = None) -> None:
+        self.directory = directory
+        self.limit_bytes = limit_bytes
+        os.makedirs(directory, exist_ok=True)
+
+    def _path(self, name: str, sha256: str) -> str:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+        return os.path.join(self.directory, f"{sha256[:16] or 'nosha'}-{safe}")
+
+    def open(self, store: Store, name: str, sha256: str, size: int) -> IO[bytes] | None:
+        """An open local copy of shard ``name``, downloading it if needed; None if it cannot fit."""
+        if self.limit_bytes is not None and size > self.limit_bytes:
+            return None
+        path = self._path(name, sha256)
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not (os.path.exists(path) and os.path.getsize(path) == size):
+                    try:
+                        store.get_file(name, path)
+                    except (FileNotFoundError, StorageNotFoundError):
+                        raise MissingShardError(f"shard {store.url_of(name)} is listed in the manifest but "
+                                                "does not exist; re-run the prep stage or fix the manifest") from None
+                else:
+                    os.utime(path)
+                handle = open(path, "rb")
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        self.evict(keep=path)
+        return handle
+
+    def usage(self) -> int:
+        return sum(os.path.getsize(p) for p in self._entries())
+
+    def _entries(self) -> list[str]:
+        out = []
+        for entry in os.listdir(self.directory):
+            if entry.endswith(".lock") or ".part-" in entry:
+                continue
+            out.append(os.path.join(self.directory, entry))
+        return out
+
+    def evict(self, keep: str | None = None) -> None:
+        if self.limit_bytes is None:
+            return
+        entries = []
+        for p in self._entries():
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(p)
+                entries.append((st.st_mtime, p, st.st_size))
+        total = sum(e[2] for e in entries)
+        for _, path, size in sorted(entries):
+            if total <= self.limit_bytes:
+                break
+            if path == keep:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                total -= size
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class ShardSource:
+    """Opens shards of one manifest directory: from the cache when there is one, else streamed."""
+
+    def __init__(self, root_url: str, storage_options: dict | None, cache: ShardCache | None,
+                 block_size: int = 8 << 20) -> None:
+        self.root_url, self.storage_options, self.cache, self.block_size = root_url, storage_options, cache, block_size
+        self._store: Store | None = None
+        self._pid = -1
+        self.bytes_read = 0
+
+    @property
+    def store(self) -> Store:
+        if self._store is None or self._pid != os.getpid():  # a fresh client per process (fork safety)
+            self._store, self._pid = Store(self.root_url, self.storage_options), os.getpid()
+        return self._store
+
+    def read(self, shard: ShardRef, needed: set[int]) -> dict[int, RawSample]:
+        handle = self.cache.open(self.store, shard.name, shard.sha256, shard.bytes) if self.cache else None
+        if handle is None:
+            try:
+                handle = self.store.open_read(shard.name, block_size=self.block_size)
+            except (FileNotFoundError, StorageNotFoundError):
+                raise MissingShardError(f"shard {self.store.url_of(shard.name)} is listed in the manifest but does "
+                                        "not exist; re-run the prep stage or fix the manifest") from None
+        with handle:
+            counted = _CountingReader(handle)
+            out = parse_shard(counted, shard.name, needed, shard.samples)
+            self.bytes_read += counted.count
+        return out
+
+
+class _CountingReader:
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.count = raw, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.count += len(data)
+        return data
+
+
+class SampleFetcher:
+    """Serves one reader's samples in the order it will ask for them, reading shards ahead.
+
+    ``plan`` is the full list of (shard index, sample index in shard) the reader will take, in
+    order. Shards are loaded in order of first need, ``readahead`` at a time in background
+    threads; a shard's bytes are dropped as soon as its last needed sample was taken.
+    """
+
+    def __init__(self, source: ShardSource, shards: list[ShardRef], plan: Iterable[tuple[int, int]],
+                 readahead: int = 2) -> None:
+        self.source, self.shards = source, shards
+        self._needed: dict[int, set[int]] = {}
+        self._uses: dict[int, int] = {}
+        order: list[int] = []
+        for s, i in plan:
+            if s not in self._needed:
+                self._needed[s] = set()
+                order.append(s)
+            self._needed[s].add(i)
+            self._uses[s] = self._uses.get(s, 0) + 1
+        self._queue = order
+        self._next = 0
+        self._loaded: dict[int, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, readahead), thread_name_prefix="shard-read")
+        self._readahead = max(1, readahead)
+        self._touched: set[int] = set()
+
+    def _submit_next(self) -> None:
+        s = self._queue[self._next]
+        self._next += 1
+        self._loaded[s] = self._pool.submit(self.source.read, self.shards[s], self._needed[s])
+
+    def _fill(self) -> None:
+        """Keep ``readahead`` shards loading beyond the ones already being taken from."""
+        while self._next < len(self._queue) and len(self._loaded.keys() - self._touched) < self._readahead:
+            self._submit_next()
+
+    def take(self, shard: int, index: int) -> RawSample:
+        while shard not in self._loaded and self._next < len(self._queue):
+            self._submit_next()
+        if shard not in self._loaded:  # asked outside the announced plan: load just this sample
+            self._loaded[shard] = self._pool.submit(self.source.read, self.shards[shard], {index})
+            self._uses[shard] = 1
+        self._touched.add(shard)
+        self._fill()
+        samples = self._loaded[shard].result()
+        self._uses[shard] -= 1
+        if self._uses[shard] <= 0:
+            del self._loaded[shard]
+            self._touched.discard(shard)
+            self._fill()
+        return samples[index]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

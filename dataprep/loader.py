@@ -1,0 +1,343 @@
+"""The streaming shard reader: deterministic, exactly resumable (also on another world size), fast.
+
+    loader = StreamingLoader("s3://bucket/run/stages/data/shards", split="train", batch_size=64,
+                             seed=0, rank=rank, world_size=world, transform=mae_transform(224),
+                             num_workers=8, cache_dir="/local/nvme/shards", cache_limit_bytes=200 << 30)
+    loader.load_state_dict(saved)              # optional: continue exactly where a run stopped
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)                # keeps a just-loaded position in that same epoch
+        for batch in loader:                   # {"image", "label", "key", "index", "pad"}
+            ...
+            state = loader.state_dict()        # after the step: the position after this batch
+
+Order (see ``dataprep/_order.py``): the epoch order is a pure function of the manifest's
+per-shard counts, ``seed`` and the epoch — shards permuted, grouped into windows of
+``window_shards``, samples permuted within a window — and never depends on the data, the
+rank or ``num_workers``. Rank r serves the r-th of ``world_size`` contiguous, balanced chunks
+of it, so each rank reads its own ~1/W of the shards. The state is that split plus how many
+samples each rank consumed (equal on every rank), so it is the same on every rank.
+
+Workers: the rank's stream is cut into batches; DataLoader worker w builds batches
+w, w+K, w+2K, ... and DataLoader hands them back round-robin, i.e. in stream order, so the
+batches (and, with per-sample seeded augmentation, their tensors) do not depend on K. The main
+process counts the batches it hands out; that count is the position.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dataprep._decode import decode
+from dataprep._order import Plan, epoch_order, rank_stream, sample_seed, shard_offsets
+from dataprep._shards import MissingShardError, ShardCache, ShardError, ShardRef, ShardSource, SampleFetcher
+from dataprep.manifest import load_manifest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StreamingLoader", "ShardError", "MissingShardError"]
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class _ReadSpec:
+    """Everything a worker needs to read shards (picklable)."""
+
+    root_url: str
+    storage_options: dict | None
+    shards: tuple[ShardRef, ...]
+    cache_dir: str | None
+    cache_limit_bytes: int | None
+    block_size: int
+    readahead_shards: int
+
+    def fetcher(self, plan: list[tuple[int, int]]) -> SampleFetcher:
+        cache = ShardCache(self.cache_dir, self.cache_limit_bytes) if self.cache_dir else None
+        source = ShardSource(self.root_url, self.storage_options, cache, self.block_size)
+        return SampleFetcher(source, list(self.shards), plan, self.readahead_shards)
+
+
+class _RankBatches(IterableDataset):
+    """One rank's remaining batches of one epoch; under DataLoader workers, worker w builds every K-th."""
+
+    def __init__(self, spec: _ReadSpec, ids: np.ndarray, pads: np.ndarray, batch_size: int, seed: int, epoch: int,
+                 transform: Callable | None, on_error: str, image_type: str) -> None:
+        self.spec, self.ids, self.pads, self.batch_size = spec, ids, pads, batch_size
+        self.seed, self.epoch, self.transform = seed, epoch, transform
+        self.on_error, self.image_type = on_error, image_type
+        self.offsets = shard_offsets([s.samples for s in spec.shards])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = range(worker, len(self.ids) // self.batch_size, workers)
+        spans = [slice(i * self.batch_size, (i + 1) * self.batch_size) for i in mine]
+        my_ids = np.concatenate([self.ids[s] for s in spans]) if spans else np.zeros(0, np.int64)
+        shard_of = np.searchsorted(self.offsets, my_ids, side="right") - 1
+        fetcher = self.spec.fetcher(list(zip(shard_of.tolist(), (my_ids - self.offsets[shard_of]).tolist())))
+        try:
+            for i, span in zip(mine, spans):
+                yield self._batch(fetcher, self.ids[span], self.pads[span], i)
+        finally:
+            fetcher.close()
+
+    def _batch(self, fetcher: SampleFetcher, ids: np.ndarray, pads: np.ndarray, number: int) -> dict[str, Any]:
+        before = fetcher.source.bytes_read
+        rows: list[tuple | None] = []
+        skipped: list[str] = []
+        saved = _GlobalRng.save() if self.transform is not None and not _takes_rng(self.transform) else None
+        try:
+            for sid, pad in zip(ids.tolist(), pads.tolist()):
+                rows.append(self._row(fetcher, sid, pad, skipped))
+        finally:
+            if saved:
+                _GlobalRng.restore(saved)
+        good = [r for r in rows if r is not None]
+        if not good:
+            raise ShardError(f"every sample of batch {number} of epoch {self.epoch} is unreadable: {skipped}")
+        rows = [r if r is not None else (*good[k % len(good)][:4], True) for k, r in enumerate(rows)]
+        images, labels, keys, sids, flags = zip(*rows)
+        return {
+            "image": _collate(images),
+            "label": torch.tensor(labels, dtype=torch.long),
+            "key": list(keys),
+            "index": torch.tensor(sids, dtype=torch.long),
+            "pad": torch.tensor(flags, dtype=torch.bool),
+            "_skipped": skipped,
+            "_bytes_read": fetcher.source.bytes_read - before,
+        }
+
+    def _row(self, fetcher: SampleFetcher, sid: int, pad: bool, skipped: list[str]) -> tuple | None:
+        shard = int(np.searchsorted(self.offsets, sid, side="right") - 1)
+        raw = fetcher.take(shard, sid - int(self.offsets[shard]))
+        try:
+            if raw.error:
+                raise ValueError(raw.error)
+            img = decode(raw.image, raw.ext, self.image_type)
+        except Exception as exc:  # any codec error means a corrupt sample; policy decides
+            where = f"shard {raw.shard!r} sample #{raw.index} key {raw.key!r}"
+            if self.on_error == "fail":
+                raise ShardError(f"unreadable sample in {where}: {exc}. Re-run prep for this shard, "
+                                 "or pass on_error='skip' to skip such samples") from exc
+            log.warning("skipping unreadable sample in %s: %s", where, exc)
+            skipped.append(f"{raw.shard}:{raw.key if raw.key is not None else '#' + str(raw.index)}")
+            return None
+        return self._augment(img, sid), raw.label, raw.key or "", sid, pad
+
+    def _augment(self, img, sid: int):
+        if self.transform is None:
+            return img
+        seed = sample_seed(self.seed, self.epoch, sid)
+        if _takes_rng(self.transform):
+            return self.transform(img, rng=random.Random(seed))
+        _GlobalRng.seed(seed)
+        return self.transform(img)
+
+
+def _takes_rng(transform: Callable) -> bool:
+    return bool(getattr(transform, "takes_rng", False))
+
+
+class _GlobalRng:
+    """Seeds torch's CPU generator and ``random`` per sample for transforms that use global RNG."""
+
+    @staticmethod
+    def save() -> tuple:
+        return torch.default_generator.get_state(), random.getstate()
+
+    @staticmethod
+    def restore(saved: tuple) -> None:
+        torch.default_generator.set_state(saved[0])
+        random.setstate(saved[1])
+
+    @staticmethod
+    def seed(seed: int) -> None:
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+
+
+def _collate(items: tuple) -> Any:
+    if isinstance(items[0], (list, tuple)):  # multi-crop: one stacked tensor per view
+        return [_stack([it[v] for it in items]) for v in range(len(items[0]))]
+    return _stack(list(items))
+
+
+def _stack(items: list) -> Any:
+    if all(isinstance(t, torch.Tensor) for t in items) and len({tuple(t.shape) for t in items}) == 1:
+        return torch.stack(items)
+    return items
+
+
+class StreamingLoader:
+    """Batches of one rank from a shard manifest (local path or any fsspec URL).
+
+    Every rank must be built with the same manifest, split, batch_size, seed, shuffle,
+    window_shards, resample and partial; then every rank yields ``len(loader)`` batches, the
+    same number, so no collective waits forever.
+
+    ``partial``: ``"pad"`` fills the last batches of short ranks with repeats from their own
+    chunk (flagged in ``batch["pad"]``), ``"drop"`` drops each rank's tail (< batch_size + 1).
+    ``on_error``: ``"skip"`` replaces an unreadable sample by a repeat of a readable one from the
+    same batch (flagged in ``pad``; counted in ``stats["skipped"]``; logged with shard and key),
+    ``"fail"`` raises :class:`ShardError` naming shard and key. A shard missing from the store
+    always raises :class:`MissingShardError`.
+    ``cache_dir``: shards are downloaded whole into it (shared by workers and by ranks on one
+    node; LRU-evicted to ``cache_limit_bytes``); without it they are streamed with ``block_size``
+    read-ahead, each DataLoader worker reading the shards of its own batches.
+    """
+
+    def __init__(self, manifest_url: str, split: str = "train", batch_size: int = 64, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, transform: Callable | None = None, num_workers: int = 0,
+                 pin_memory: bool = False, partial: str = "pad", on_error: str = "skip", resample: bool = False,
+                 shuffle: bool = True, cache_dir: str | None = None, cache_limit_bytes: int | None = None,
+                 storage_options: dict | None = None, window_shards: int = 4, readahead_shards: int = 2,
+                 block_size: int = 8 << 20, image_type: str = "tensor", prefetch_factor: int = 2,
+                 timeout: float = 0, multiprocessing_context: Any = None) -> None:
+        _check_args(batch_size, rank, world_size, partial, on_error, image_type, window_shards)
+        manifest, store = load_manifest(manifest_url, storage_options)
+        shards = tuple(ShardRef(s.name, s.samples, s.bytes, s.sha256) for s in manifest.split(split).shards)
+        self.manifest, self.split = manifest, split
+        self.spec = _ReadSpec(store.url, storage_options, shards, cache_dir, cache_limit_bytes, block_size,
+                              readahead_shards)
+        self.counts = [s.samples for s in shards]
+        self.num_samples = int(sum(self.counts))
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.transform, self.num_workers, self.pin_memory = transform, num_workers, pin_memory
+        self.partial, self.on_error, self.resample, self.shuffle = partial, on_error, resample, shuffle
+        self.window_shards, self.image_type = window_shards, image_type
+        self._dl_kwargs = {"timeout": timeout, "multiprocessing_context": multiprocessing_context}
+        if num_workers > 0:
+            self._dl_kwargs["prefetch_factor"] = prefetch_factor
+        self.stats = {"batches": 0, "samples": 0, "padded": 0, "skipped": 0, "bytes_read": 0}
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        self._generation = 0
+        self._start_epoch(0)
+
+    # ---- position -------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches a full epoch yields on every rank at this world size."""
+        return Plan.full(self.num_samples, self.world_size).batches(self.batch_size, self.partial)
+
+    def __len__(self) -> int:
+        """Batches the next ``for batch in loader`` yields (the rest of the current epoch)."""
+        if self._served_out:
+            return self.batches_per_epoch
+        return max(0, self._plan.stream_length(self.batch_size, self.partial) - self._plan.consumed) // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its beginning — unless a position in that very epoch was just
+        loaded with :meth:`load_state_dict`, which is then kept (so resume needs no special case)."""
+        if self._held and epoch == self._epoch:
+            return
+        self._start_epoch(epoch)
+
+    def _start_epoch(self, epoch: int) -> None:
+        self._epoch, self._plan = epoch, Plan.full(self.num_samples, self.world_size)
+        self._held = self._served_out = False
+        self._generation += 1
+
+    def _exhausted(self) -> bool:
+        return self._plan.consumed >= self._plan.stream_length(self.batch_size, self.partial)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the batches handed out so far: small, JSON-able, equal on every rank."""
+        plan = self._plan
+        epoch = self._epoch
+        if self._served_out or self._exhausted():
+            segments, consumed = [], 0  # the epoch is over (a dropped tail is not 'remaining')
+        else:
+            segments, consumed = [list(s) for s in plan.segments], plan.consumed
+        return {
+            "version": STATE_VERSION, "epoch": epoch, "segments": segments, "consumed": consumed,
+            "world_size": plan.world_size, "batch_size": self.batch_size, "partial": self.partial,
+            "samples": self.num_samples, "seed": self.seed, "shuffle": self.shuffle,
+            "window_shards": self.window_shards, "resample": self.resample,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the identical stream on the same world size; on another one,
+        every sample of the epoch not yet served is served exactly once, then epochs run normally."""
+        for name in ("samples", "seed", "shuffle", "window_shards", "resample"):
+            mine = self.num_samples if name == "samples" else getattr(self, name)
+            if state.get(name) != mine:
+                raise ValueError(f"loader state has {name}={state.get(name)!r} but this loader has {mine!r}: "
+                                 "the saved position belongs to a different data order")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        plan = Plan(tuple((int(a), int(b)) for a, b in state["segments"]), int(state["world_size"]),
+                    int(state["consumed"]))
+        if (plan.world_size, state["batch_size"], state["partial"]) != (self.world_size, self.batch_size,
+                                                                        self.partial):
+            plan = Plan(plan.remainder(int(state["batch_size"]), state["partial"]), self.world_size, 0)
+        self._start_epoch(int(state["epoch"]))
+        self._plan, self._held = plan, True
+
+    # ---- iteration ------------------------------------------------------------------------
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            order = epoch_order(self.counts, self.seed, epoch, self.shuffle, self.window_shards, self.resample)
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._served_out:
+            self._start_epoch(self._epoch + 1)
+        self._held = False
+        self._generation += 1
+        generation, plan, epoch = self._generation, self._plan, self._epoch
+        stream = rank_stream(plan, self.rank, self.batch_size, self.partial)
+        start = plan.consumed
+        if start >= len(stream.positions):
+            self._served_out = True
+            return
+        ids = self._order(epoch)[stream.positions[start:]]
+        dataset = _RankBatches(self.spec, ids, stream.pad[start:], self.batch_size, self.seed, epoch,
+                               self.transform, self.on_error, self.image_type)
+        pin = self.pin_memory and torch.accelerator.is_available()  # no warning on CPU-only machines
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin, **self._dl_kwargs)
+        consumed = start
+        for batch in loader:
+            if generation != self._generation:  # set_epoch / load_state_dict happened meanwhile
+                return
+            consumed += self.batch_size
+            self._plan = replace(plan, consumed=consumed)
+            self._count(batch)
+            yield batch
+        if generation == self._generation:
+            self._served_out = True
+
+    def _count(self, batch: dict[str, Any]) -> None:
+        skipped = batch.pop("_skipped")
+        self.stats["bytes_read"] += int(batch.pop("_bytes_read"))
+        self.stats["batches"] += 1
+        self.stats["samples"] += len(batch["key"])
+        self.stats["padded"] += int(batch["pad"].sum())
+        self.stats["skipped"] += len(skipped)
+
+
+def _check_args(batch_size: int, rank: int, world_size: int, partial: str, on_error: str, image_type: str,
+                window_shards: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if partial not in ("pad", "drop"):
+        raise ValueError(f"partial must be 'pad' or 'drop', got {partial!r}")
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    if image_type not in ("tensor", "pil"):
+        raise ValueError(f"image_type must be 'tensor' or 'pil', got {image_type!r}")
+    if window_shards < 1:
+        raise ValueError(f"window_shards must be >= 1, got {window_shards}")
