@@ -1,0 +1,179 @@
+"""One image in, one validated RGB image out (or a reject with a reason).
+
+Every input is fully decoded (not just its header), so a corrupt or truncated file is caught
+here and never reaches a shard. EXIF orientation is applied, every mode becomes RGB (alpha is
+composited over white, 16-bit is scaled down), the shorter side is reduced to ``resize`` only
+when larger, and the result is re-encoded -- or the original bytes are kept when nothing changed
+and the target format is the input's own.
+
+JPEG inputs take a fast path (measured in ``bench/prep_bench.py``): libjpeg-turbo's DCT-domain
+scaled decoding through ``simplejpeg`` decodes straight to the smallest scale that is still at
+least the target size, and PIL only does the last, small resize.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import simplejpeg
+from PIL import Image, UnidentifiedImageError
+
+# Reasons a sample is rejected (the values written to rejects.jsonl).
+CORRUPT, TRUNCATED, EMPTY, TOO_SMALL, TOO_LARGE = "corrupt", "truncated", "empty", "too_small", "too_large"
+UNSUPPORTED, DUPLICATE, UNREADABLE = "unsupported", "duplicate", "unreadable"
+REASONS = (CORRUPT, TRUNCATED, EMPTY, TOO_SMALL, TOO_LARGE, UNSUPPORTED, DUPLICATE, UNREADABLE)
+
+EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png"}
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+_ORIENTATION = 0x0112
+_WHITE = (255, 255, 255)
+_TRANSPOSE = {  # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose)
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class Reject(Exception):
+    """The input cannot become a sample. ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What each output image must look like (a slice of the prep options)."""
+
+    ext: str = "jpg"  # 'jpg' or 'png'
+    resize: int | None = None  # target shorter side; only ever shrinks
+    quality: int = 90
+    min_side: int = 8
+    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'jpg' / 'png' from the magic bytes, or None (cheap; used to pick the dominant format)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:4] == b"\x89PNG":
+        return "png"
+    return None
+
+
+def process(data: bytes, spec: ImageSpec) -> bytes:
+    """Validate and convert one encoded image; raise :class:`Reject` when it cannot be used."""
+    if not data:
+        raise Reject(EMPTY, "0 bytes")
+    im = _open(data, spec)
+    fmt, orientation = im.format, _orientation(im)
+    size = (im.height, im.width) if orientation in (5, 6, 7, 8) else (im.width, im.height)
+    if min(size) < spec.min_side:
+        raise Reject(TOO_SMALL, f"{size[0]}x{size[1]} px, smaller than {spec.min_side} px on a side")
+    target = _target_size(size, spec.resize)
+    swapped = orientation in (5, 6, 7, 8)
+    img = _decode(data, im, (target[1], target[0]) if target and swapped else target)
+    if target is None and orientation == 1 and im.mode == "RGB" and EXT_OF_FORMAT.get(fmt) == spec.ext:
+        return data  # nothing would change: keep the original bytes
+    img = _to_rgb(img)
+    if orientation != 1:
+        img = img.transpose(_TRANSPOSE[orientation])
+    if target is not None and img.size != target:
+        img = img.resize(target, Image.BICUBIC)
+    return encode(img, spec)
+
+
+def encode(img: Image.Image, spec: ImageSpec) -> bytes:
+    if spec.ext == "jpg":
+        return simplejpeg.encode_jpeg(np.asarray(img), quality=spec.quality, colorspace="RGB", colorsubsampling="420")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _open(data: bytes, spec: ImageSpec) -> Image.Image:
+    """Parse the header (PIL's decompression-bomb limits apply here)."""
+    Image.MAX_IMAGE_PIXELS = spec.max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise Reject(TOO_LARGE, f"decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        if data.startswith(_MAGIC):
+            raise Reject(CORRUPT, "image header cannot be parsed") from None
+        raise Reject(UNSUPPORTED, f"not an image file (starts with {data[:8]!r})") from None
+    except Exception as exc:  # any other parser error on the header: a corrupt or truncated file
+        raise _decode_error(exc) from None
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block does not make the pixels unusable
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def _target_size(size: tuple[int, int], resize: int | None) -> tuple[int, int] | None:
+    """Output (w, h) when the shorter side must shrink to ``resize``; None when it stays."""
+    w, h = size
+    if not resize or min(w, h) <= resize:
+        return None
+    if w <= h:
+        return resize, max(1, round(h * resize / w))
+    return max(1, round(w * resize / h)), resize
+
+
+def _decode(data: bytes, im: Image.Image, target: tuple[int, int] | None) -> Image.Image:
+    """Fully decode; JPEG (RGB or grayscale) takes libjpeg-turbo's scaled decoding."""
+    try:
+        if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            return _decode_jpeg(data, im, target)
+        im.load()
+        return im
+    except Reject:
+        raise
+    except Exception as exc:  # PIL / libjpeg-turbo decode errors
+        raise _decode_error(exc) from None
+
+
+def _decode_error(exc: Exception) -> Reject:
+    text = str(exc)
+    if "truncated" in text.lower() or "premature end" in text.lower() or isinstance(exc, EOFError):
+        return Reject(TRUNCATED, text or type(exc).__name__)
+    return Reject(CORRUPT, f"{type(exc).__name__}: {text}")
+
+
+def _decode_jpeg(data: bytes, im: Image.Image, target: tuple[int, int] | None) -> Image.Image:
+    """``target`` is in the file's own (unrotated) axes; decode at the smallest DCT scale >= it."""
+    min_w, min_h = target or (0, 0)
+    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_w, min_height=min_h, strict=True)  # [H, W, 3]
+    return Image.fromarray(arr, "RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: alpha over white, 16/32-bit integer scaled to 8 bits."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if arr.dtype.kind == "f":
+            arr = np.clip(arr, 0, 255)
+        elif arr.size and arr.max() > 255:
+            arr = np.clip(arr, 0, 65535) // 257
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise Reject(UNSUPPORTED, f"cannot convert mode {img.mode} to RGB: {exc}") from None

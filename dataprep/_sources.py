@@ -1,0 +1,399 @@
+"""Where prep inputs come from: listing a source on the driver, scanning it on Ray, reading one sample.
+
+Source kinds
+------------
+``imagefolder``  ``SRC/<class>/…/<file>``: class sub-folders -> integer labels (sorted names)
+``flat``         every file under ``SRC`` (recursively), no labels
+``csv``/``jsonl`` a list of ``path[,label]`` rows / ``{"path": …, "label": …}`` lines; paths are
+                 relative to the list's folder or full fsspec URLs; labels are integers or names
+``parquet``      a file or folder of Parquet files with an image column (Hugging Face datasets'
+                 ``image`` struct ``{bytes, path}``, or a binary ``jpg``/``png``/``image`` column as
+                 img2dataset writes) and an optional integer ``label``/``cls`` column
+``wds``          a tar or a folder of WebDataset tars (``<key>.jpg|png|…`` + optional ``<key>.cls``)
+
+Every sample is named by a *ref*, a small tuple a Ray task can read it back from:
+``("f", url)``, ``("t", tar_url, data_offset, size)``, ``("p", parquet_url, row_group, row)``.
+Hidden files and folders (``.name``) are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from cluster.storage import Store, StorageError, with_retries
+
+from ._images import EMPTY, UNREADABLE, UNSUPPORTED, sniff_format
+
+KINDS = ("imagefolder", "flat", "csv", "jsonl", "parquet", "wds")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
+_HEADER_WORDS = {"path", "file", "filename", "image", "url", "src"}
+_LABEL_COLUMNS = ("label", "labels", "cls", "class")
+_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
+
+
+class SourceError(ValueError):
+    """SRC cannot be used (missing, empty, unrecognised layout). The message says what to do."""
+
+
+@dataclass
+class Listing:
+    """What the driver learns without reading any image: the units to scan and a fingerprint."""
+
+    kind: str
+    url: str
+    files: list[tuple[str, str, Any]] = field(default_factory=list)  # (name, url, raw label) per file
+    containers: list[str] = field(default_factory=list)  # tar / parquet URLs
+    classes: list[str] | None = None
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One input after the scan: its content hash (the sample key) or why it was rejected early."""
+
+    name: str
+    ref: tuple
+    label: Any = None
+    key: str | None = None
+    size: int = 0
+    fmt: str | None = None
+    reject: str | None = None
+    detail: str = ""
+
+
+# ---- filesystem access (cached per process: Ray workers reuse one client per protocol) ----------
+
+_STORES: dict[str, Store] = {}
+
+
+def store_for(url: str) -> tuple[Store, str]:
+    """(a Store rooted at the filesystem's root, the path of ``url`` in it)."""
+    protocol, path = (url.split("://", 1) if "://" in url else ("file", url))
+    if protocol == "file":
+        import os
+
+        path = os.path.abspath(path)
+    if protocol not in _STORES:
+        _STORES[protocol] = Store(f"{protocol}://" if protocol != "file" else "/")
+    return _STORES[protocol], path.lstrip("/") if protocol != "file" else path
+
+
+def read_url(url: str) -> bytes:
+    store, path = store_for(url)
+    return store.get_bytes(path)
+
+
+def _join(base: str, rel: str) -> str:
+    if "://" in rel or rel.startswith("/"):
+        return rel
+    return posixpath.normpath(posixpath.join(base, rel)) if "://" not in base else f"{base.rstrip('/')}/{rel}"
+
+
+# ---- listing (driver) ----------------------------------------------------------------------------
+
+
+def list_source(src: str, kind: str = "auto") -> Listing:
+    """List SRC and decide its kind. Raises :class:`SourceError` with an actionable message."""
+    store, path = store_for(src)
+    try:
+        found = with_retries(lambda: store.fs.find(path, detail=True, withdirs=False), what=f"list {src}",
+                             policy=store.retry) if store.exists(path) else None
+    except FileNotFoundError:
+        found = None
+    if found is None:
+        raise SourceError(f"SRC {src!r} does not exist. Give a folder, a CSV/JSONL list, a Parquet file or a tar.")
+    base = path.rstrip("/")
+    rels = sorted(
+        (rel, int(info.get("size") or 0))
+        for rel, info in ((_rel(p, base), info) for p, info in found.items())
+        if not any(part.startswith(".") for part in rel.split("/"))
+    )
+    is_file = len(found) == 1 and next(iter(found)).rstrip("/") == base
+    kind = _detect_kind(src, rels, is_file) if kind == "auto" else kind
+    if kind not in KINDS:
+        raise SourceError(f"unknown source kind {kind!r}; expected one of {', '.join(KINDS)} or 'auto'")
+    listing = _LISTERS[kind](store.url_of(path) if "://" in src else path, rels, is_file)  # local: absolute
+    listing.fingerprint = _fingerprint(kind, rels, listing)
+    if not listing.files and not listing.containers:
+        raise SourceError(f"SRC {src!r} holds no inputs for a {kind!r} source (hidden files are skipped).")
+    return listing
+
+
+def _rel(p: str, base: str) -> str:
+    return posixpath.basename(p) if p.rstrip("/") == base else posixpath.relpath(p, base)
+
+
+def _detect_kind(src: str, rels: list[tuple[str, int]], is_file: bool) -> str:
+    if not rels:
+        raise SourceError(f"SRC {src!r} is empty: no files found (hidden files are skipped).")
+    exts = {posixpath.splitext(r)[1].lower().lstrip(".") for r, _ in rels}
+    if is_file:
+        ext = posixpath.splitext(src)[1].lower()
+        return {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
+                ".tar": "wds"}.get(ext) or _bad_file(src)
+    if exts == {"parquet"}:
+        return "parquet"
+    if exts == {"tar"} or (exts <= {"tar", "json", "jsonl"} and "tar" in exts):
+        return "wds"
+    return "imagefolder" if all("/" in r for r, _ in rels) else "flat"
+
+
+def _bad_file(src: str) -> str:
+    raise SourceError(f"SRC {src!r} is a single file of an unknown kind: give a folder of images, a .csv/.jsonl "
+                      "list, a .parquet file or a .tar shard.")
+
+
+def _list_imagefolder(src: str, rels: list[tuple[str, int]], is_file: bool) -> Listing:
+    classes = sorted({r.split("/", 1)[0] for r, _ in rels if "/" in r})
+    index = {c: i for i, c in enumerate(classes)}
+    stray = [r for r, _ in rels if "/" not in r]
+    if stray:
+        raise SourceError(f"{src!r} looks like an ImageFolder but has files outside class folders (e.g. {stray[0]!r}); "
+                          "move them into a class folder or use --source-kind flat.")
+    files = [(r, _join(src, r), index[r.split("/", 1)[0]]) for r, _ in rels]
+    return Listing("imagefolder", src, files=files, classes=classes)
+
+
+def _list_flat(src: str, rels: list[tuple[str, int]], is_file: bool) -> Listing:
+    return Listing("flat", src, files=[(r, _join(src, r), None) for r, _ in rels])
+
+
+def _list_table(src: str, rels: list[tuple[str, int]], is_file: bool, kind: str) -> Listing:
+    if not is_file:
+        raise SourceError(f"a {kind} source must be a single list file, got the folder {src!r}")
+    base = posixpath.dirname(src.rstrip("/")) or "."
+    text = read_url(src).decode("utf-8-sig")
+    rows = list(_csv_rows(text, src) if kind == "csv" else _jsonl_rows(text, src))
+    files = [(p, _join(base, p), label) for p, label in rows]
+    return Listing(kind, src, files=files)
+
+
+def _csv_rows(text: str, src: str) -> Iterator[tuple[str, Any]]:
+    dialect = "excel-tab" if src.endswith(".tsv") else "excel"
+    for i, row in enumerate(csv.reader(io.StringIO(text), dialect=dialect)):
+        if not row or not row[0].strip():
+            continue
+        if i == 0 and row[0].strip().lower() in _HEADER_WORDS:
+            continue
+        yield row[0].strip(), (row[1].strip() if len(row) > 1 and row[1].strip() != "" else None)
+
+
+def _jsonl_rows(text: str, src: str) -> Iterator[tuple[str, Any]]:
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{src} line {n}: not JSON ({exc.msg})") from None
+        path = next((obj[k] for k in ("path", "file", "image", "url", "src") if isinstance(obj.get(k), str)), None)
+        if path is None:
+            raise SourceError(f"{src} line {n}: no 'path' field")
+        yield path, next((obj[k] for k in _LABEL_COLUMNS if k in obj), None)
+
+
+def _list_containers(src: str, rels: list[tuple[str, int]], is_file: bool, kind: str) -> Listing:
+    ext = "tar" if kind == "wds" else "parquet"
+    if is_file:
+        return Listing(kind, src, containers=[src])
+    urls = [_join(src, r) for r, _ in rels if r.lower().endswith("." + ext)]
+    listing = Listing(kind, src, containers=urls)
+    if kind == "wds" and any(r == "manifest.json" for r, _ in rels):  # our own output: keep its class names
+        listing.classes = json.loads(read_url(_join(src, "manifest.json"))).get("classes")
+    return listing
+
+
+_LISTERS = {
+    "imagefolder": _list_imagefolder,
+    "flat": _list_flat,
+    "csv": lambda s, r, f: _list_table(s, r, f, "csv"),
+    "jsonl": lambda s, r, f: _list_table(s, r, f, "jsonl"),
+    "parquet": lambda s, r, f: _list_containers(s, r, f, "parquet"),
+    "wds": lambda s, r, f: _list_containers(s, r, f, "wds"),
+}
+
+
+def _fingerprint(kind: str, rels: list[tuple[str, int]], listing: Listing) -> str:
+    """Names and sizes of what SRC holds (and the list's rows): changes when the source does."""
+    h = hashlib.sha256(kind.encode())
+    for rel, size in rels:
+        h.update(f"\0{rel}\0{size}".encode())
+    for name, _, label in listing.files:
+        h.update(f"\1{name}\0{label}".encode())
+    return h.hexdigest()
+
+
+def normalise_labels(labels: list[Any], classes: list[str] | None) -> tuple[list[int | None], list[str] | None]:
+    """Raw labels (ints, digit strings or names) -> label indices and class names."""
+    present = [x for x in labels if x is not None]
+    if not present:
+        return [None] * len(labels), classes
+    if classes is not None and all(isinstance(x, int) for x in present):
+        return labels, classes
+    if all(isinstance(x, int) or (isinstance(x, str) and x.lstrip("-").isdigit()) for x in present):
+        ints = [None if x is None else int(x) for x in labels]
+        if min(i for i in ints if i is not None) < 0:
+            raise SourceError("labels must be >= 0")
+        return ints, classes or [str(i) for i in range(max(i for i in ints if i is not None) + 1)]
+    names = sorted({str(x) for x in present})
+    index = {n: i for i, n in enumerate(names)}
+    return [None if x is None else index[str(x)] for x in labels], names
+
+
+# ---- scan (Ray tasks): content hash of every input --------------------------------------------------
+
+
+def _entry(name: str, ref: tuple, label: Any, data: bytes | None, error: str = "") -> Entry:
+    if data is None:
+        return Entry(name, ref, label, reject=UNREADABLE, detail=error)
+    if not data:
+        return Entry(name, ref, label, size=0, reject=EMPTY, detail="0 bytes")
+    return Entry(name, ref, label, key=hashlib.sha256(data).hexdigest(), size=len(data), fmt=sniff_format(data))
+
+
+def scan_files(files: list[tuple[str, str, Any]]) -> list[Entry]:
+    out = []
+    for name, url, label in files:
+        try:
+            data, error = read_url(url), ""
+        except (OSError, StorageError) as exc:
+            data, error = None, f"{type(exc).__name__}: {exc}"
+        out.append(_entry(name, ("f", url), label, data, error))
+    return out
+
+
+def scan_container(url: str, kind: str, src: str) -> tuple[list[Entry], list[str] | None]:
+    """Entries of one tar / Parquet file, and class names when the file carries them."""
+    name = url[len(src):].lstrip("/") if url.startswith(src) and url != src else posixpath.basename(url)
+    return (_scan_tar(url, name), None) if kind == "wds" else _scan_parquet(url, name)
+
+
+def _scan_tar(url: str, name: str) -> list[Entry]:
+    store, path = store_for(url)
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    with store.open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = posixpath.basename(m.name)
+            if "." not in base or base.startswith("."):
+                continue
+            key = posixpath.join(posixpath.dirname(m.name), base.split(".", 1)[0])
+            samples.setdefault(key, {})[base.split(".", 1)[1].lower()] = m
+        out = []
+        for key, members in samples.items():
+            image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+            label = int(tar.extractfile(members["cls"]).read().strip()) if "cls" in members else None
+            sample = f"{name}:{key}"
+            if image is None:
+                out.append(Entry(sample, ("t", url, 0, 0), label, reject=UNSUPPORTED,
+                                 detail=f"no image member (has {', '.join(sorted(members))})"))
+                continue
+            data = tar.extractfile(image).read()
+            out.append(_entry(sample, ("t", url, image.offset_data, image.size), label, data))
+    return out
+
+
+def _scan_parquet(url: str, name: str) -> tuple[list[Entry], list[str] | None]:
+    import pyarrow.parquet as pq
+
+    store, path = store_for(url)
+    with store.open_read(path) as f:
+        pf = pq.ParquetFile(f)
+        image_col, label_col = _parquet_columns(pf.schema_arrow, url)
+        out, row = [], 0
+        for rg in range(pf.num_row_groups):
+            table = pf.read_row_group(rg, columns=[c for c in (image_col, label_col) if c])
+            images = _image_bytes(table.column(image_col).to_pylist())
+            labels = table.column(label_col).to_pylist() if label_col else [None] * len(images)
+            for i, (data, label) in enumerate(zip(images, labels)):
+                out.append(_entry(f"{name}:{row}", ("p", url, rg, i), label, data))
+                row += 1
+    return out, _hf_class_names(pf.schema_arrow, label_col)
+
+
+def _parquet_columns(schema, url: str) -> tuple[str, str | None]:
+    import pyarrow as pa
+
+    image_col = None
+    for col in _IMAGE_COLUMNS:
+        if col in schema.names:
+            t = schema.field(col).type
+            if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 or pa.types.is_binary(t) \
+                    or pa.types.is_large_binary(t):
+                image_col = col
+                break
+    if image_col is None:
+        raise SourceError(f"{url}: no image column; expected one of {', '.join(_IMAGE_COLUMNS)} holding bytes "
+                          f"(or a struct with a 'bytes' field); columns are {schema.names}")
+    label_col = next((c for c in _LABEL_COLUMNS if c in schema.names and pa.types.is_integer(schema.field(c).type)), None)
+    return image_col, label_col
+
+
+def _image_bytes(values: Iterable[Any]) -> list[bytes | None]:
+    out = []
+    for v in values:
+        if isinstance(v, dict):
+            v = v.get("bytes")
+        out.append(b"" if v is None else bytes(v))
+    return out
+
+
+def _hf_class_names(schema, label_col: str | None) -> list[str] | None:
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta or not label_col:
+        return None
+    try:
+        feature = json.loads(meta)["info"]["features"][label_col]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return list(feature["names"]) if isinstance(feature, dict) and feature.get("names") else None
+
+
+# ---- reading one sample back (shard tasks) ---------------------------------------------------------
+
+
+class RefReader:
+    """Reads refs back inside one shard task; keeps tar handles and Parquet row groups it has opened."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, Any] = {}
+        self._groups: dict[tuple[str, int], list[bytes | None]] = {}
+
+    def read(self, ref: tuple) -> bytes:
+        kind = ref[0]
+        if kind == "f":
+            return read_url(ref[1])
+        if kind == "t":
+            f = self._open(ref[1])
+            f.seek(ref[2])
+            return f.read(ref[3])
+        return self._row_group(ref[1], ref[2])[ref[3]] or b""
+
+    def _open(self, url: str):
+        if url not in self._files:
+            store, path = store_for(url)
+            self._files[url] = store.open_read(path)
+        return self._files[url]
+
+    def _row_group(self, url: str, rg: int) -> list[bytes | None]:
+        if (url, rg) not in self._groups:
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(self._open(url))
+            image_col, _ = _parquet_columns(pf.schema_arrow, url)
+            self._groups = {(url, rg): _image_bytes(pf.read_row_group(rg, columns=[image_col]).column(0).to_pylist())}
+        return self._groups[(url, rg)]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._groups.clear()

@@ -1,0 +1,141 @@
+"""One output shard: a pure function of its planned inputs, written locally, uploaded whole.
+
+Tar headers carry fixed metadata (mtime 0, uid/gid 0, no owner names, mode 0644, USTAR), so the
+same inputs and options give the same bytes on every run and every machine with the same
+libraries. After the tar is uploaded a progress record ``_progress/<split>-shard-XXXXXX.json``
+is written: it names the plan the shard was built from, so a rerun knows the shard is finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.storage import Store, local_staging
+
+from ._images import ImageSpec, Reject, process
+from ._sources import RefReader
+
+PROGRESS = "_progress"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What one Ray task builds. ``items`` are (key, source name, ref, label) in output order."""
+
+    split: str
+    index: int
+    items: tuple[tuple[str, str, tuple, int | None], ...]
+    digest: str  # of the options and the items: the shard's identity across reruns
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}/shard-{self.index:06d}.tar"
+
+    @property
+    def record(self) -> str:
+        return f"{PROGRESS}/{self.split}-shard-{self.index:06d}.json"
+
+
+def plan_digest(options_digest: str, split: str, index: int, items: list[tuple]) -> str:
+    h = hashlib.sha256(f"{options_digest}\0{split}\0{index}".encode())
+    for key, name, _, label in items:
+        h.update(f"\0{key}\0{name}\0{label}".encode())
+    return h.hexdigest()
+
+
+def is_finished(store: Store, plan: ShardPlan) -> dict[str, Any] | None:
+    """The progress record of ``plan`` when its shard was uploaded from this very plan, else None."""
+    try:
+        record = store.get_json(plan.record)
+    except (FileNotFoundError, ValueError):
+        return None
+    if record.get("digest") != plan.digest:
+        return None
+    try:
+        return record if store.size(plan.name) == record["shard"]["bytes"] else None
+    except FileNotFoundError:
+        return None
+
+
+def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec) -> dict[str, Any]:
+    """Process, tar, upload and record one shard. Returns its progress record."""
+    start = time.monotonic()
+    outputs, rejects = _process_all(plan, spec)
+    store = Store(dest)
+    with local_staging("vitforge-shard-") as tmp:
+        local = os.path.join(tmp, "shard.tar")
+        samples = write_tar(local, plan, outputs, spec.ext)
+        size, sha = os.path.getsize(local), _sha256_file(local)
+        store.put_file(local, plan.name)
+    record = {
+        "digest": plan.digest,
+        "shard": {"name": plan.name, "samples": samples, "bytes": size, "sha256": sha},
+        "rejects": rejects,
+        "labels": _label_counts(plan, outputs),
+        "seconds": round(time.monotonic() - start, 3),
+        "written_at": time.time(),
+    }
+    store.put_json(plan.record, record)
+    return record
+
+
+def _process_all(plan: ShardPlan, spec: ImageSpec) -> tuple[dict[str, bytes], list[dict[str, str]]]:
+    """Encoded image per key. Inputs are read in ref order (tar offsets, Parquet row groups)."""
+    reader, outputs, rejects = RefReader(), {}, []
+    try:
+        for key, name, ref, _ in sorted(plan.items, key=lambda it: it[2]):
+            try:
+                outputs[key] = process(reader.read(ref), spec)
+            except Reject as r:
+                rejects.append({"input": name, "reason": r.reason, "detail": r.detail})
+            except OSError as exc:  # the file vanished or became unreadable since the scan
+                rejects.append({"input": name, "reason": "unreadable", "detail": f"{type(exc).__name__}: {exc}"})
+    finally:
+        reader.close()
+    return outputs, sorted(rejects, key=lambda r: r["input"])
+
+
+def write_tar(path: str, plan: ShardPlan, outputs: dict[str, bytes], ext: str) -> int:
+    """Write the samples of ``plan`` that have an output, in plan order; returns how many."""
+    n = 0
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, name, _, label in plan.items:
+            if key not in outputs:
+                continue
+            if label is not None:
+                _add(tar, f"{key}.cls", str(label).encode())
+            _add(tar, f"{key}.{ext}", outputs[key])
+            _add(tar, f"{key}.json", json.dumps({"src": name}, ensure_ascii=False, sort_keys=True).encode())
+            n += 1
+    return n
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _label_counts(plan: ShardPlan, outputs: dict[str, bytes]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for key, _, _, label in plan.items:
+        if key in outputs and label is not None:
+            counts[str(label)] = counts.get(str(label), 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,437 @@
+"""``vitforge prep SRC DEST``: images -> WebDataset shards on Ray, written to any fsspec URL.
+
+A run has four steps, each a pure function of the one before, so the same SRC and options give
+byte-identical shards and manifest:
+
+1. **list** SRC on the driver (names and sizes only) -> a source fingerprint;
+2. **scan** it on Ray: the sha256 of every input's bytes is its sample key; empty and unreadable
+   inputs and exact duplicates are settled here, before any shard is planned;
+3. **plan** on the driver: keys ordered by ``sha256(seed, key)`` (a seeded shuffle that mixes
+   classes and ignores file names), the first ``val_fraction`` to ``val``, then cut into shards;
+4. **build** one Ray task per shard, a bounded number in flight: decode, convert, resize,
+   encode, tar, upload, then write ``_progress/<split>-shard-XXXXXX.json``.
+
+``rejects.jsonl`` and then ``manifest.json`` are written last; the manifest is the commit.
+Rerunning finds finished shards by their progress records (same plan digest, same object
+size) and builds only the rest; after a finished run it does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.storage import Store, StorageError
+
+from ._images import DUPLICATE, REASONS, ImageSpec
+from ._sources import Entry, Listing, SourceError, list_source, normalise_labels, scan_container, scan_files
+from ._writer import PROGRESS, ShardPlan, build_shard, is_finished, plan_digest
+from .manifest import MANIFEST, Manifest, ShardInfo, SplitInfo, save_manifest
+
+log = logging.getLogger(__name__)
+
+REJECTS = "rejects.jsonl"
+RUN_RECORD = f"{PROGRESS}/run.json"
+DEFAULT_SHARD_SIZE = 1000
+SCAN_CHUNK = 256  # files hashed per scan task
+# Options that change the output bytes; the rest (workers, threshold, overwrite) do not.
+_OUTPUT_OPTIONS = ("shard_size", "shard_bytes", "resize", "format", "quality", "val_fraction", "seed", "min_side",
+                   "max_pixels")
+
+
+class PrepError(RuntimeError):
+    """A prep run cannot go on; the message says what to do."""
+
+
+class DestConflictError(PrepError):
+    """DEST holds a prep output made with different options or from a different source."""
+
+
+class TooManyRejectsError(PrepError):
+    """More inputs were rejected than the threshold allows; details are in rejects.jsonl."""
+
+
+class PrepOptions(BaseModel):
+    """The knobs of a prep run (the CLI flags and the run spec's ``prep`` stage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shard_size: int | None = Field(None, ge=1, description=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
+    shard_bytes: int | None = Field(None, ge=1, description="input bytes per shard instead of a sample count")
+    resize: int | None = Field(None, ge=1, description="shrink the shorter side to this many pixels (never enlarges)")
+    format: Literal["jpg", "png", "keep"] = Field("jpg", description="keep: the inputs' dominant format, jpg or png")
+    quality: int = Field(90, ge=1, le=100, description="JPEG quality")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+    workers: int | None = Field(None, ge=1, description="shard tasks in flight (default: the cluster's CPUs)")
+    reject_threshold: float = Field(0.05, ge=0.0, le=1.0, description="fail when a larger fraction is rejected")
+    min_side: int = Field(8, ge=1, description="reject images with a side shorter than this")
+    max_pixels: int = Field(89_478_485, ge=1, description="reject larger images as decompression bombs (PIL's limit)")
+    source_kind: Literal["auto", "imagefolder", "flat", "csv", "jsonl", "parquet", "wds"] = "auto"
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _one_shard_rule(self) -> "PrepOptions":
+        if self.shard_size is not None and self.shard_bytes is not None:
+            raise ValueError("give shard_size or shard_bytes, not both")
+        return self
+
+    def output_options(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in _OUTPUT_OPTIONS}
+        if out["shard_size"] is None and out["shard_bytes"] is None:
+            out["shard_size"] = DEFAULT_SHARD_SIZE
+        return out
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.output_options(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class PrepResult:
+    manifest_url: str
+    manifest: Manifest
+    skipped: bool = False  # True when DEST already held this exact prep
+    shards_built: int = 0
+    shards_reused: int = 0
+    seconds: float = 0.0
+    rejects_url: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.manifest.totals.get("written", 0) / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Plan:
+    shards: list[ShardPlan]
+    early_rejects: list[dict[str, str]]
+    inputs: int
+    classes: list[str] | None
+    ext: str
+    content_digest: str
+
+
+# ---- the entry point ------------------------------------------------------------------------------
+
+
+def run_prep(src: str, dest: str, options: PrepOptions | None = None, address: str | None = None,
+             progress: bool | None = None) -> PrepResult:
+    """Turn the images at ``src`` into shards + ``manifest.json`` at ``dest``; idempotent and resumable.
+
+    ``address`` (or ``RAY_ADDRESS``) names a Ray cluster; otherwise an embedded one starts.
+    ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
+    Raises :class:`SourceError`, :class:`DestConflictError`, :class:`TooManyRejectsError` or
+    :class:`cluster.storage.StorageError` with a message naming what to fix.
+    """
+    options = options or PrepOptions()
+    start = time.monotonic()
+    listing = list_source(src, options.source_kind)
+    store = Store(dest)
+    done = _check_dest(store, options, listing)
+    if done is not None:
+        log.info("nothing to do: %s already holds this prep (%d samples)", store.url_of(MANIFEST),
+                 done.totals.get("written", 0))
+        return PrepResult(store.url_of(MANIFEST), done, skipped=True, rejects_url=store.url_of(REJECTS))
+    store.put_json(RUN_RECORD, {"options": options.output_options(), "options_digest": options.digest(),
+                                "source": {"url": src, "kind": listing.kind, "fingerprint": listing.fingerprint}})
+    with _Progress(progress) as bar:
+        workers = _start_ray(address, options.workers)
+        entries, classes = _scan(listing, workers, bar)
+        plan = make_plan(entries, classes, options)
+        records, built = _build(plan.shards, store, _image_spec(options, plan.ext), workers, bar)
+    manifest = _finish(store, plan, records, options, listing)
+    return PrepResult(store.url_of(MANIFEST), manifest, shards_built=built, shards_reused=len(records) - built,
+                      seconds=time.monotonic() - start, rejects_url=store.url_of(REJECTS))
+
+
+def _image_spec(options: PrepOptions, ext: str) -> ImageSpec:
+    return ImageSpec(ext=ext, resize=options.resize, quality=options.quality, min_side=options.min_side,
+                     max_pixels=options.max_pixels)
+
+
+def _start_ray(address: str | None, workers: int | None) -> int:
+    from cluster.runtime import ensure_ray
+
+    resources = ensure_ray(address, num_cpus=workers)
+    return workers or max(1, int(resources.get("CPU", 1)))
+
+
+# ---- DEST state ------------------------------------------------------------------------------------
+
+
+def _check_dest(store: Store, options: PrepOptions, listing: Listing) -> Manifest | None:
+    """The finished manifest when DEST already holds this prep; raise when it holds another."""
+    if options.overwrite:
+        _clear(store)
+        return None
+    if store.exists(MANIFEST):
+        manifest = Manifest.model_validate(store.get_json(MANIFEST))
+        if manifest.options_digest == options.digest() and manifest.source.get("fingerprint") == listing.fingerprint:
+            return manifest
+        raise DestConflictError(_conflict("a finished prep", store, manifest.options, manifest.source, options, listing))
+    if store.exists(RUN_RECORD):
+        run = store.get_json(RUN_RECORD)
+        if run.get("options_digest") != options.digest():
+            raise DestConflictError(_conflict("an unfinished prep", store, run["options"], run["source"], options,
+                                              listing))
+        return None
+    if store.ls(""):
+        raise DestConflictError(f"DEST {store.url} is not empty and holds no vitforge prep output; "
+                                "choose an empty DEST (or pass --overwrite to write into it anyway)")
+    return None
+
+
+def _conflict(what: str, store: Store, old: dict[str, Any], source: dict[str, Any], options: PrepOptions,
+              listing: Listing) -> str:
+    new = options.output_options()
+    changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
+    if source.get("fingerprint") != listing.fingerprint and not changed:
+        changed.append(f"source: {source.get('url')!r} (as it was then) -> {listing.url!r} (as it is now)")
+    return (f"DEST {store.url} holds {what} made with different settings ({'; '.join(changed)}). "
+            "Rerun with the same options, choose another DEST, or pass --overwrite to replace it.")
+
+
+def _clear(store: Store) -> None:
+    for rel in (MANIFEST, REJECTS):
+        store.delete(rel)
+    for rel in ("train", "val", PROGRESS):
+        store.delete(rel, recursive=True)
+
+
+# ---- scan and plan ---------------------------------------------------------------------------------
+
+
+def _scan(listing: Listing, workers: int, bar: "_Progress") -> tuple[list[Entry], list[str] | None]:
+    """Every input's content hash, in listing order; class names when the source carries them."""
+    import ray
+
+    if listing.files:
+        task = ray.remote(num_cpus=1)(scan_files)
+        chunks = [listing.files[i:i + SCAN_CHUNK] for i in range(0, len(listing.files), SCAN_CHUNK)]
+        results = run_bounded(lambda c: task.remote(c), chunks, workers, bar.scan_step(len(chunks)))
+        entries = [e for chunk in results for e in chunk]
+        classes = listing.classes
+    else:
+        task = ray.remote(num_cpus=1)(scan_container)
+        results = run_bounded(lambda url: task.remote(url, listing.kind, listing.url), listing.containers, workers,
+                              bar.scan_step(len(listing.containers)))
+        entries = [e for chunk, _ in results for e in chunk]
+        classes = listing.classes or next((c for _, c in results if c), None)
+    try:
+        labels, classes = normalise_labels([e.label for e in entries], classes)
+    except SourceError as exc:
+        raise SourceError(f"{listing.url}: {exc}") from None
+    return [Entry(e.name, e.ref, lb, e.key, e.size, e.fmt, e.reject, e.detail) for e, lb in zip(entries, labels)], classes
+
+
+def make_plan(entries: list[Entry], classes: list[str] | None, options: PrepOptions) -> _Plan:
+    """Deterministic: dedup in listing order, order by sha256(seed, key), split, cut into shards."""
+    early, kept, first_of = [], [], {}
+    for e in entries:
+        if e.reject:
+            early.append({"input": e.name, "reason": e.reject, "detail": e.detail})
+        elif e.key in first_of:
+            early.append({"input": e.name, "reason": DUPLICATE, "detail": f"same bytes as {first_of[e.key]}"})
+        else:
+            first_of[e.key] = e.name
+            kept.append(e)
+    kept.sort(key=lambda e: hashlib.sha256(f"{options.seed}:{e.key}".encode()).digest())
+    n_val = round(len(kept) * options.val_fraction)
+    splits = {"train": kept[n_val:], **({"val": kept[:n_val]} if n_val else {})}
+    digest = options.digest()
+    shards = [
+        ShardPlan(split, i, tuple(items), plan_digest(digest, split, i, items))
+        for split, members in splits.items()
+        for i, items in enumerate(_cut(members, options))
+    ]
+    ext = options.format if options.format != "keep" else _dominant_format(kept)
+    content = hashlib.sha256("".join(sorted(first_of)).encode()).hexdigest()
+    return _Plan(shards, early, len(entries), classes, ext, content)
+
+
+def _cut(members: list[Entry], options: PrepOptions) -> Iterable[list[tuple]]:
+    """Consecutive runs of at most shard_size samples (or shard_bytes input bytes, at least one)."""
+    limit = options.output_options()
+    chunk: list[tuple] = []
+    size = 0
+    for e in members:
+        full = len(chunk) >= limit["shard_size"] if limit["shard_size"] else size + e.size > limit["shard_bytes"]
+        if chunk and full:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((e.key, e.name, e.ref, e.label))
+        size += e.size
+    if chunk:
+        yield chunk
+
+
+def _dominant_format(kept: list[Entry]) -> str:
+    png = sum(e.fmt == "png" for e in kept)
+    return "png" if png > len(kept) - png else "jpg"
+
+
+# ---- build -------------------------------------------------------------------------------------------
+
+
+def _build(shards: list[ShardPlan], store: Store, spec: ImageSpec, workers: int,
+           bar: "_Progress") -> tuple[list[dict[str, Any]], int]:
+    """Progress records of every shard (finished ones reused), and how many were built now."""
+    import ray
+
+    records: list[dict[str, Any] | None] = [is_finished(store, s) for s in shards]
+    todo = [i for i, r in enumerate(records) if r is None]
+    if len(todo) < len(shards):
+        log.info("resuming: %d of %d shards are already finished", len(shards) - len(todo), len(shards))
+    on_done = bar.shard_step(len(shards), len(shards) - len(todo))
+    task = ray.remote(num_cpus=1, max_retries=2)(build_shard)
+    results = run_bounded(lambda i: task.remote(shards[i], store.url, spec), todo, workers, on_done)
+    for i, record in zip(todo, results):
+        records[i] = record
+    return records, len(todo)  # type: ignore[return-value]
+
+
+def run_bounded(submit: Callable[[Any], Any], items: list[Any], limit: int,
+                on_done: Callable[[Any], None] = lambda r: None) -> list[Any]:
+    """Submit a Ray task per item with at most ``limit`` in flight; results in item order."""
+    import ray
+
+    results: list[Any] = [None] * len(items)
+    pending: dict[Any, int] = {}
+    queue = iter(range(len(items)))
+    for i in queue:
+        pending[submit(items[i])] = i
+        if len(pending) >= limit:
+            break
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        results[i] = _get(ready[0])
+        on_done(results[i])
+        nxt = next(queue, None)
+        if nxt is not None:
+            pending[submit(items[nxt])] = nxt
+    return results
+
+
+def _get(ref: Any) -> Any:
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:  # re-raise the task's own error (a StorageError, …)
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+
+
+# ---- finish: rejects, accounting, manifest ---------------------------------------------------------
+
+
+def _finish(store: Store, plan: _Plan, records: list[dict[str, Any]], options: PrepOptions,
+            listing: Listing) -> Manifest:
+    rejects = sorted(plan.early_rejects + [r for rec in records for r in rec["rejects"]],
+                     key=lambda r: (r["input"], r["reason"]))
+    splits: dict[str, SplitInfo] = {}
+    for plan_shard, rec in zip(plan.shards, records):
+        splits.setdefault(plan_shard.split, SplitInfo(shards=[])).shards.append(ShardInfo(**rec["shard"]))
+    written = sum(s.samples for s in splits.values())
+    if plan.inputs != written + len(rejects):  # the accounting invariant; a bug if it ever fails
+        raise PrepError(f"accounting mismatch: {plan.inputs} inputs != {written} written + {len(rejects)} rejected")
+    store.put_bytes(REJECTS, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects).encode())
+    by_reason = {r: n for r in REASONS if (n := sum(x["reason"] == r for x in rejects))}
+    _check_threshold(store, plan.inputs, len(rejects), by_reason, options.reject_threshold)
+    manifest = Manifest(
+        splits=splits, classes=plan.classes, image_ext=plan.ext, rejects=by_reason,
+        totals={"inputs": plan.inputs, "written": written, "rejected": len(rejects),
+                "duplicates": by_reason.get(DUPLICATE, 0), **{s: v.samples for s, v in splits.items()}},
+        options=options.output_options(), options_digest=options.digest(),
+        source={"url": listing.url, "kind": listing.kind, "fingerprint": listing.fingerprint,
+                "content_digest": plan.content_digest},
+    )
+    save_manifest(store, manifest)
+    return manifest
+
+
+def _check_threshold(store: Store, inputs: int, rejected: int, by_reason: dict[str, int], threshold: float) -> None:
+    if inputs and rejected / inputs > threshold:
+        reasons = ", ".join(f"{k}: {v}" for k, v in by_reason.items())
+        raise TooManyRejectsError(
+            f"{rejected} of {inputs} inputs ({rejected / inputs:.1%}) were rejected ({reasons}), more than the "
+            f"reject threshold of {threshold:.1%}. See {store.url_of(REJECTS)} for each input and its reason; fix "
+            "the inputs or raise --reject-threshold, then rerun (finished shards are kept)."
+        )
+
+
+# ---- progress and summary ----------------------------------------------------------------------------
+
+
+class _Progress:
+    """A rich progress bar on stderr when asked (or on a terminal); INFO log lines otherwise."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._bar: Any = None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[rejects]}"),
+                                 TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def scan_step(self, total: int) -> Callable[[Any], None]:
+        task = self._bar.add_task("scan  ", total=total, rate="", rejects="") if self._bar else None
+        return lambda _: self._bar.advance(task) if self._bar else None
+
+    def shard_step(self, total: int, reused: int) -> Callable[[dict[str, Any]], None]:
+        task = self._bar.add_task("shards", total=total, completed=reused, rate="", rejects="") if self._bar else None
+        start, counts = time.monotonic(), {"built": 0, "images": 0, "rejects": 0}
+
+        def step(record: dict[str, Any]) -> None:
+            counts["built"] += 1
+            counts["images"] += record["shard"]["samples"]
+            counts["rejects"] += len(record["rejects"])
+            rate = counts["images"] / max(time.monotonic() - start, 1e-9)
+            if self._bar is not None:
+                self._bar.update(task, advance=1, rate=f"{rate:,.0f} img/s", rejects=f"{counts['rejects']} rejects")
+            elif counts["built"] == 1 or counts["built"] % max(1, (total - reused) // 10) == 0:
+                log.info("shards: %d of %d built (%d images, %.0f img/s, %d rejects)", counts["built"],
+                         total - reused, counts["images"], rate, counts["rejects"])
+
+        return step
+
+
+def summary_table(result: PrepResult) -> Any:
+    """A rich Table: per split shards / samples / bytes, then rejects by reason and the totals."""
+    from rich.table import Table
+
+    m = result.manifest
+    title = "prep: nothing to do (DEST already holds this prep)" if result.skipped else \
+        f"prep: {result.shards_built} shards built, {result.shards_reused} reused, {result.seconds:.1f} s" \
+        f" ({result.images_per_s:,.0f} images/s)"
+    table = Table(title=title)
+    for col in ("", "shards", "samples", "bytes"):
+        table.add_column(col, justify="right" if col else "left")
+    for name, split in m.splits.items():
+        table.add_row(name, str(len(split.shards)), f"{split.samples:,}", f"{sum(s.bytes for s in split.shards):,}")
+    for reason, n in m.rejects.items():
+        table.add_row(f"rejected: {reason}", "", f"{n:,}", "")
+    t = m.totals
+    table.add_row("inputs = written + rejected", "", f"{t['inputs']:,} = {t['written']:,} + {t['rejected']:,}", "")
+    return table
