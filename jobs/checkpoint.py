@@ -402,12 +402,16 @@ class CheckpointManager:
         _poll(committed, self.commit_timeout_s, f"rank 0 to commit {self.store.url_of(job.name)}")
 
     def _retain(self, newest: int) -> None:
-        """Keep the last ``keep_last`` committed checkpoints; drop uncommitted dirs older than ``newest``."""
-        steps = sorted((s, n) for n in self.store.ls("") if (s := _step_of(n)) is not None)
-        committed = [(s, n) for s, n in steps if s <= newest and is_committed(self.store, n)]
-        keep = {n for _, n in committed[-self.policy.keep_last:]}
-        for s, n in steps:
-            if s >= newest or n in keep:
+        """Keep the newest ``keep_last`` committed checkpoints up to ``newest``; delete every older step dir
+        (committed or stale uncommitted). Dirs newer than ``newest`` may be uploads in progress: untouched."""
+        older = sorted(((s, n) for n in self.store.ls("") if (s := _step_of(n)) is not None and s <= newest),
+                       reverse=True)
+        kept = 0
+        for s, n in older:
+            if kept < self.policy.keep_last and is_committed(self.store, n):
+                kept += 1
+                continue
+            if s == newest:
                 continue
             self.store.delete(f"{n}/{COMMITTED}")       # un-commit first: a half-deleted dir is never visible
             self.store.delete(n, recursive=True)
