@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import tarfile
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Iterable
@@ -114,10 +115,15 @@ def parse_shard(fileobj: IO[bytes], shard: str, needed: set[int], expected: int)
 class ShardCache:
     """Whole shards on local disk, evicted least-recently-used to stay under ``limit_bytes``.
 
-    Safe to share between processes (DataLoader workers, ranks on one node): downloads of one
-    shard are serialised by a lock file, and readers hold the file open, so eviction never
-    pulls a file from under a reader.
+    Safe to share between processes (DataLoader workers, ranks on one node). A download first
+    *reserves* its size (a placeholder file whose name carries the size) under a directory-wide
+    lock, evicting old shards to make room, so finished shards plus downloads in flight never
+    exceed the limit; one shard's concurrent downloads are serialised by its own lock file.
+    Readers open a file under the directory lock and keep it open, so eviction (an unlink)
+    never pulls bytes from under a reader.
     """
+
+    _RESERVED = ".resv-"
 
     def __init__(self, directory: str, limit_bytes: int | None = None) -> None:
         self.directory = directory
@@ -128,56 +134,86 @@ class ShardCache:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
         return os.path.join(self.directory, f"{sha256[:16] or 'nosha'}-{safe}")
 
-    def open(self, store: Store, name: str, sha256: str, size: int) -> IO[bytes] | None:
-        """An open local copy of shard ``name``, downloading it if needed; None if it cannot fit."""
-        if self.limit_bytes is not None and size > self.limit_bytes:
-            return None
-        path = self._path(name, sha256)
-        with open(path + ".lock", "a") as lock:
+    @contextlib.contextmanager
+    def _locked(self, path: str):
+        with open(path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if not (os.path.exists(path) and os.path.getsize(path) == size):
-                    try:
-                        store.get_file(name, path)
-                    except (FileNotFoundError, StorageNotFoundError):
-                        raise MissingShardError(f"shard {store.url_of(name)} is listed in the manifest but "
-                                                "does not exist; re-run the prep stage or fix the manifest") from None
-                else:
-                    os.utime(path)
-                handle = open(path, "rb")
+                yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        self.evict(keep=path)
-        return handle
+
+    def _dir_lock(self):
+        return self._locked(os.path.join(self.directory, ".cache.lock"))
+
+    def open(self, store: Store, name: str, sha256: str, size: int) -> IO[bytes] | None:
+        """An open local copy of shard ``name``, downloading it if needed; None if it cannot fit now."""
+        path = self._path(name, sha256)
+        with self._locked(path + ".lock"):
+            handle = self._open_cached(path, size)
+            if handle is not None:
+                return handle
+            reservation = self._reserve(path, size)
+            if reservation is None:
+                return None
+            try:
+                try:
+                    store.get_file(name, reservation)
+                except (FileNotFoundError, StorageNotFoundError):
+                    raise MissingShardError(f"shard {store.url_of(name)} is listed in the manifest but "
+                                            "does not exist; re-run the prep stage or fix the manifest") from None
+                with self._dir_lock():
+                    os.replace(reservation, path)
+                    return open(path, "rb")
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(reservation)
+
+    def _open_cached(self, path: str, size: int) -> IO[bytes] | None:
+        with self._dir_lock():
+            if os.path.exists(path) and os.path.getsize(path) == size:
+                os.utime(path)  # most recently used
+                return open(path, "rb")
+        return None
+
+    def _reserve(self, path: str, size: int) -> str | None:
+        """Make room for ``size`` bytes and claim it with a placeholder; None if it cannot fit."""
+        if self.limit_bytes is not None and size > self.limit_bytes:
+            return None
+        with self._dir_lock():
+            if self.limit_bytes is not None and not self._evict_for(size):
+                return None
+            reservation = f"{path}{self._RESERVED}{size}-{os.getpid()}-{threading.get_ident()}"
+            open(reservation, "wb").close()
+        return reservation
+
+    def _evict_for(self, size: int) -> bool:
+        """Delete least-recently-used shards until ``size`` more bytes fit. Call under the dir lock."""
+        finished, reserved = [], 0
+        for entry in os.listdir(self.directory):
+            full = os.path.join(self.directory, entry)
+            if ".part-" in entry or entry.endswith(".lock"):
+                continue  # a download's temp file: its reservation already counts it
+            if self._RESERVED in entry:
+                with contextlib.suppress(ValueError, IndexError):
+                    reserved += int(entry.split(self._RESERVED, 1)[1].split("-", 1)[0].split(".", 1)[0])
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(full)
+                    finished.append((st.st_mtime, full, st.st_size))
+        total = reserved + sum(f[2] for f in finished)
+        for _, full, nbytes in sorted(finished):
+            if total + size <= self.limit_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(full)
+            total -= nbytes
+        return total + size <= self.limit_bytes
 
     def usage(self) -> int:
-        return sum(os.path.getsize(p) for p in self._entries())
-
-    def _entries(self) -> list[str]:
-        out = []
-        for entry in os.listdir(self.directory):
-            if entry.endswith(".lock") or ".part-" in entry:
-                continue
-            out.append(os.path.join(self.directory, entry))
-        return out
-
-    def evict(self, keep: str | None = None) -> None:
-        if self.limit_bytes is None:
-            return
-        entries = []
-        for p in self._entries():
-            with contextlib.suppress(FileNotFoundError):
-                st = os.stat(p)
-                entries.append((st.st_mtime, p, st.st_size))
-        total = sum(e[2] for e in entries)
-        for _, path, size in sorted(entries):
-            if total <= self.limit_bytes:
-                break
-            if path == keep:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-                total -= size
+        """Bytes of finished shards in the cache."""
+        return sum(os.path.getsize(os.path.join(self.directory, e)) for e in os.listdir(self.directory)
+                   if not e.endswith(".lock") and ".part-" not in e and self._RESERVED not in e)
 
 
 @dataclass(frozen=True)

@@ -308,13 +308,19 @@ class StreamingLoader:
         pin = self.pin_memory and torch.accelerator.is_available()  # no warning on CPU-only machines
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin, **self._dl_kwargs)
         consumed = start
-        for batch in loader:
-            if generation != self._generation:  # set_epoch / load_state_dict happened meanwhile
-                return
-            consumed += self.batch_size
-            self._plan = replace(plan, consumed=consumed)
-            self._count(batch)
-            yield batch
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                if generation != self._generation:  # set_epoch / load_state_dict happened meanwhile
+                    return
+                consumed += self.batch_size
+                self._plan = replace(plan, consumed=consumed)
+                self._count(batch)
+                yield batch
+        finally:  # stop workers now, even when an error's traceback keeps this frame alive
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown:
+                shutdown()
         if generation == self._generation:
             self._served_out = True
 

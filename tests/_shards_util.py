@@ -38,11 +38,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(dest: str, counts: dict[str, list[int]] | list[int], ext: str = "png", size: tuple[int, int] = (32, 32),
-                 classes: int | None = 3, sizes: list[tuple[int, int]] | None = None) -> Manifest:
+                 classes: int | None = 3, sizes: list[tuple[int, int]] | None = None,
+                 corrupt: set[int] = frozenset()) -> Manifest:
     """Write shards with ``counts[split][i]`` samples in shard i, then the manifest (last).
 
     Keys are content hashes; labels are ``sample_number % classes`` (no ``.cls`` when ``classes`` is
-    None). ``sizes`` optionally cycles image sizes. Returns the manifest written.
+    None). ``sizes`` optionally cycles image sizes. Sample numbers in ``corrupt`` get garbage
+    instead of image bytes. Returns the manifest written.
     """
     if isinstance(counts, list):
         counts = {"train": counts}
@@ -58,6 +60,8 @@ def write_shards(dest: str, counts: dict[str, list[int]] | list[int], ext: str =
                 with tarfile.open(local, "w", format=tarfile.USTAR_FORMAT) as tar:
                     for _ in range(n):
                         data = make_image(number, sizes[number % len(sizes)] if sizes else size, ext)
+                        if number in corrupt:
+                            data = b"not an image %d " % number + data[len(data) // 2:]
                         key = hashlib.sha256(data).hexdigest()[:24]
                         _add(tar, f"{key}.{ext}", data)
                         if classes:
