@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.storage import Store, StorageError
+from cluster.storage import Store, StorageNotFoundError, with_retries
 
 from ._images import DUPLICATE, REASONS, ImageSpec
 from ._sources import Entry, Listing, SourceError, list_source, normalise_labels, scan_container, scan_files
-from ._writer import PROGRESS, ShardPlan, build_shard, is_finished, plan_digest
+from ._writer import PROGRESS, ShardPlan, build_shard, finished_records, plan_digest
 from .manifest import MANIFEST, Manifest, ShardInfo, SplitInfo, save_manifest
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ def run_prep(src: str, dest: str, options: PrepOptions | None = None, address: s
     start = time.monotonic()
     listing = list_source(src, options.source_kind)
     store = Store(dest)
+    _check_bucket(store)
     done = _check_dest(store, options, listing)
     if done is not None:
         log.info("nothing to do: %s already holds this prep (%d samples)", store.url_of(MANIFEST),
@@ -164,6 +165,14 @@ def _start_ray(address: str | None, workers: int | None) -> int:
 
 
 # ---- DEST state ------------------------------------------------------------------------------------
+
+
+def _check_bucket(store: Store) -> None:
+    """Refuse a DEST bucket that does not exist (some S3 servers would silently create it on write)."""
+    if store.bucket and not with_retries(lambda: store.fs.exists(store.bucket), what=f"check bucket {store.bucket}",
+                                         policy=store.retry, bucket=store.bucket):
+        raise StorageNotFoundError(f"bucket {store.bucket!r} of DEST {store.url} does not exist; create it or fix "
+                                   "the URL")
 
 
 def _check_dest(store: Store, options: PrepOptions, listing: Listing) -> Manifest | None:
@@ -285,7 +294,7 @@ def _build(shards: list[ShardPlan], store: Store, spec: ImageSpec, workers: int,
     """Progress records of every shard (finished ones reused), and how many were built now."""
     import ray
 
-    records: list[dict[str, Any] | None] = [is_finished(store, s) for s in shards]
+    records = finished_records(store, shards)
     todo = [i for i, r in enumerate(records) if r is None]
     if len(todo) < len(shards):
         log.info("resuming: %d of %d shards are already finished", len(shards) - len(todo), len(shards))
