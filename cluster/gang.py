@@ -1,0 +1,82 @@
+"""Ray Train worker gangs: place N workers, give them a process group, restart the gang on failure.
+
+Ray Train only *places and restarts* the workers. It initialises ``torch.distributed`` (gloo
+on CPU, nccl on GPU) and sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` /
+``MASTER_PORT`` and ``ACCELERATE_TORCH_DEVICE`` in each worker, which accelerate and DeepSpeed
+adopt. Checkpoints are not Ray's: the worker function saves to and resumes from our own store,
+so after a worker dies ``FailureConfig(max_failures=k)`` restarts the whole gang and the
+function itself continues from the last committed checkpoint. ``storage_path`` holds only Ray's
+bookkeeping.
+
+    run_gang(run_worker, job, GangSpec(workers=2, cpus_per_worker=1))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class GangFailedError(RuntimeError):
+    """The gang failed more often than ``max_failures`` allows."""
+
+
+@dataclass
+class GangSpec:
+    workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    max_failures: int = 2
+    name: str = "vitforge"
+    storage_path: str | None = None     # Ray's bookkeeping; default: a local temp directory
+    env: dict[str, str] = field(default_factory=dict)  # set in every worker before ``fn`` runs
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: apply the env, call the user function, report its result."""
+    import ray.train
+
+    os.environ.update(config["env"])
+    if not config["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    result = config["fn"](config["job"])
+    ray.train.report({"result": result, "rank": ray.train.get_context().get_world_rank()})
+
+
+def run_gang(fn: Callable[[dict[str, Any]], Any], job: dict[str, Any], spec: GangSpec) -> Any:
+    """Run ``fn(job)`` on every worker of a gang (connect to Ray first); return rank 0's result.
+
+    Raises :class:`GangFailedError` when the gang failed ``max_failures + 1`` times.
+    """
+    import ray.train
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = spec.gpus_per_worker > 0
+    resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"fn": fn, "job": job, "env": dict(spec.env), "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=spec.name, storage_path=spec.storage_path or _default_storage(),
+                             failure_config=FailureConfig(max_failures=spec.max_failures)),
+    )
+    log.info("launching a gang of %d worker(s) (%s each) for %s", spec.workers, resources, spec.name)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise GangFailedError(f"gang {spec.name!r} failed {spec.max_failures + 1} time(s): {exc}") from exc
+    error = getattr(result, "error", None)
+    if error is not None:
+        raise GangFailedError(f"gang {spec.name!r} failed: {error}") from error
+    return (result.metrics or {}).get("result")
+
+
+def _default_storage() -> str:
+    return os.path.join(tempfile.gettempdir(), "vitforge-ray")

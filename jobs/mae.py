@@ -1,0 +1,252 @@
+"""Masked autoencoders (He et al., 2021): only what is special to MAE — its model, loss, transform, config.
+
+The encoder is a plain timm ``VisionTransformer`` (its ``patch_embed``, ``blocks`` and ``norm`` do
+the work), so the encoder's state dict *is* a timm checkpoint. As in the paper and its reference
+code: per-sample random masking (ratio 0.75) with only visible patches entering the encoder; a
+light decoder (width 512, depth 8 by default) over all tokens with mask tokens; fixed 2-D sin-cos
+position embeddings in encoder and decoder; per-patch pixel targets, optionally normalised
+(``norm_pix_loss``); the loss averaged over masked patches only.
+
+The masking noise of step ``s`` on rank ``r`` comes from a generator seeded by (seed, s, r): a
+pure function of the step, so a resumed run draws exactly the masks an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from pydantic import BaseModel, ConfigDict, Field
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from dataprep.transforms import mae_transform
+from jobs.engine import TrainConfig
+from jobs.models import ModelConfig, build_encoder, encoder_flops_per_token, set_grad_checkpointing, sincos_pos_embed_2d
+
+
+class DecoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    embed_dim: int = Field(default=512, ge=8)
+    depth: int = Field(default=8, ge=1)
+    num_heads: int = Field(default=16, ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+
+
+class MAEConfig(TrainConfig):
+    """A ``kind: mae`` stage: the common training fields plus MAE's own."""
+
+    kind: Literal["mae"] = "mae"
+    mask_ratio: float = Field(default=0.75, gt=0, lt=1)
+    norm_pix_loss: bool = True
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+
+
+class MaskedAutoencoder(nn.Module):
+    """timm ViT encoder + MAE decoder. ``forward(imgs, noise)`` -> (loss, pred, mask)."""
+
+    def __init__(self, encoder: VisionTransformer, decoder: DecoderConfig, norm_pix_loss: bool = True,
+                 mask_ratio: float = 0.75) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.patch = encoder.patch_embed.patch_size[0]
+        self.grid = encoder.patch_embed.grid_size[0]
+        self.prefix = encoder.num_prefix_tokens  # cls + registers
+        self.in_chans = encoder.patch_embed.proj.in_channels
+        dim, ddim = encoder.embed_dim, decoder.embed_dim
+        norm = partial(nn.LayerNorm, eps=1e-6)
+
+        self.decoder_embed = nn.Linear(dim, ddim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, ddim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.prefix + self.grid ** 2, ddim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(ddim, decoder.num_heads, decoder.mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(decoder.depth))
+        self.decoder_norm = norm(ddim)
+        self.decoder_pred = nn.Linear(ddim, self.patch ** 2 * self.in_chans)
+        self._init_weights()
+
+    # ---- init (as the reference code) ----------------------------------------------------------
+    def _init_weights(self) -> None:
+        enc = self.encoder
+        if enc.pos_embed is not None:  # fixed sin-cos; prefix rows zero (none when no_embed_class)
+            rows = enc.pos_embed.shape[1] - self.grid ** 2
+            enc.pos_embed.data.copy_(sincos_pos_embed_2d(enc.embed_dim, self.grid, rows).unsqueeze(0))
+            enc.pos_embed.requires_grad_(False)
+        self.decoder_pos_embed.data.copy_(
+            sincos_pos_embed_2d(self.decoder_pos_embed.shape[-1], self.grid, self.prefix).unsqueeze(0))
+        w = enc.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for token in (enc.cls_token, getattr(enc, "reg_token", None), self.mask_token):
+            if token is not None:
+                nn.init.normal_(token, std=0.02)
+        for name, m in self.named_modules():
+            if name == "encoder.patch_embed.proj":
+                continue
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ---- the objective in named steps ----------------------------------------------------------
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, L, p*p*C] (row-major patches, pixels (p, q, c) within a patch)."""
+        n, c, p, g = imgs.shape[0], self.in_chans, self.patch, self.grid
+        x = imgs.reshape(n, c, g, p, g, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(n, g * g, p * p * c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, L, p*p*C] -> [N, C, H, W]."""
+        n, c, p, g = x.shape[0], self.in_chans, self.patch, self.grid
+        x = x.reshape(n, g, g, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(n, c, g * p, g * p)
+
+    def random_masking(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep the (1 - mask_ratio) patches with the smallest noise, per sample.
+
+        x: [N, L, D], noise: [N, L] -> visible [N, L_keep, D], mask [N, L] (1 = removed), ids_restore [N, L]
+        """
+        n, length, d = x.shape
+        keep = int(length * (1 - self.mask_ratio))
+        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :keep]  # [N, L_keep]
+        visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # [N, L_keep, D]
+        mask = torch.ones(n, length, device=x.device, dtype=x.dtype)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # [N, L], back in patch order
+        return visible, mask, ids_restore
+
+    def forward_encoder(self, imgs: torch.Tensor, noise: torch.Tensor):
+        enc = self.encoder
+        x = enc.patch_embed(imgs)  # [N, L, D]
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed[:, -self.grid ** 2:]
+        x, mask, ids_restore = self.random_masking(x, noise)  # [N, L_keep, D]
+        prefix = [enc.cls_token] if enc.cls_token is not None else []
+        if getattr(enc, "reg_token", None) is not None:
+            prefix.append(enc.reg_token)
+        if prefix:
+            tokens = torch.cat(prefix, dim=1)  # [1, P, D]
+            if enc.pos_embed is not None and not enc.no_embed_class:
+                tokens = tokens + enc.pos_embed[:, :self.prefix]
+            x = torch.cat([tokens.expand(x.shape[0], -1, -1), x], dim=1)  # [N, P + L_keep, D]
+        x = enc.norm_pre(x)
+        x = self._run_blocks(enc.blocks, x, enc.grad_checkpointing)
+        return enc.norm(x), mask, ids_restore  # [N, P + L_keep, D]
+
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(x)  # [N, P + L_keep, Dd]
+        n, length = ids_restore.shape
+        masked = self.mask_token.expand(n, length + self.prefix - x.shape[1], -1)
+        patches = torch.cat([x[:, self.prefix:], masked], dim=1)  # [N, L, Dd], shuffled order
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :self.prefix], patches], dim=1) + self.decoder_pos_embed  # [N, P + L, Dd]
+        x = self._run_blocks(self.decoder_blocks, x, self.encoder.grad_checkpointing)
+        x = self.decoder_pred(self.decoder_norm(x))  # [N, P + L, p*p*C]
+        return x[:, self.prefix:]  # [N, L, p*p*C]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per patch, averaged over the masked patches only."""
+        target = self.patchify(imgs).float()  # [N, L, p*p*C]
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
+        mask = mask.float()
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None):
+        if noise is None:
+            noise = torch.rand(imgs.shape[0], self.grid ** 2, device=imgs.device)
+        latent, mask, ids_restore = self.forward_encoder(imgs, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    @staticmethod
+    def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+        for blk in blocks:
+            if checkpointed and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+
+def build_mae(cfg: MAEConfig) -> MaskedAutoencoder:
+    model = MaskedAutoencoder(build_encoder(cfg.model), cfg.decoder, cfg.norm_pix_loss, cfg.mask_ratio)
+    if cfg.activation_checkpointing:
+        set_grad_checkpointing(model.encoder)
+    return model
+
+
+def mask_noise(batch_size: int, length: int, seed: int, step: int, rank: int) -> torch.Tensor:
+    """[N, L] uniform noise for step ``step`` on ``rank``: a pure function of (seed, step, rank)."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
+    return torch.rand(batch_size, length, generator=gen)
+
+
+class MAEMethod:
+    """The MAE method for :func:`jobs.engine.train`."""
+
+    def __init__(self, cfg: MAEConfig, rank: int = 0) -> None:
+        self.cfg, self.rank = cfg, rank
+
+    def build_model(self) -> MaskedAutoencoder:
+        return build_mae(self.cfg)
+
+    def train_transform(self) -> Callable:
+        return mae_transform(self.cfg.model.img_size or _default_img_size(self.cfg.model), scale=self.cfg.crop_scale)
+
+    def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        imgs = batch["image"].to(device, dtype=dtype, non_blocking=True)
+        inner = getattr(model, "module", model)
+        noise = mask_noise(imgs.shape[0], inner.grid ** 2, self.cfg.seed, step, self.rank).to(device)
+        loss, _, _ = model(imgs, noise)
+        return loss, {}
+
+    def arch(self) -> dict[str, Any]:
+        return {"encoder": self.cfg.model.arch_record(), "decoder": self.cfg.decoder.model_dump(),
+                "norm_pix_loss": self.cfg.norm_pix_loss}
+
+    def no_weight_decay(self, model: nn.Module) -> set[str]:
+        return {"pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed"}
+
+    def encoder(self, model: nn.Module) -> VisionTransformer:
+        return getattr(model, "module", model).encoder
+
+    def flops_per_sample(self) -> float:
+        """3x forward matmul FLOPs: encoder on visible tokens, decoder on all tokens."""
+        if not hasattr(self, "_flops"):
+            with torch.device("meta"):
+                enc = build_encoder(self.cfg.model)
+            length = enc.patch_embed.num_patches
+            keep = int(length * (1 - self.cfg.mask_ratio)) + enc.num_prefix_tokens
+            d = self.cfg.decoder
+            dec = 2.0 * d.depth * (4 * d.embed_dim ** 2 + 2 * d.embed_dim * int(d.embed_dim * d.mlp_ratio))
+            tokens = length + enc.num_prefix_tokens
+            attn_enc = 4.0 * len(enc.blocks) * keep * keep * enc.embed_dim
+            attn_dec = 4.0 * d.depth * tokens * tokens * d.embed_dim
+            head = 2.0 * tokens * d.embed_dim * enc.patch_embed.patch_size[0] ** 2 * 3
+            embed = 2.0 * length * enc.embed_dim * enc.patch_embed.patch_size[0] ** 2 * 3
+            fwd = encoder_flops_per_token(enc) * keep + attn_enc + dec * tokens + attn_dec + head + embed
+            self._flops = 3.0 * fwd
+        return self._flops
+
+
+def _default_img_size(model: ModelConfig) -> int:
+    with torch.device("meta"):
+        return int(build_encoder(model).patch_embed.img_size[0])

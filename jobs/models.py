@@ -1,0 +1,110 @@
+"""ViT encoders, built through timm by name, so every export loads with ``timm.create_model``.
+
+A :class:`ModelConfig` names a timm architecture (``vit_tiny_patch16_224`` … ``vit_huge_patch14_224``)
+and optionally overrides its shape (``img_size``, ``patch_size``, ``depth``, ``embed_dim``,
+``num_heads``, ``reg_tokens``). :meth:`ModelConfig.timm_kwargs` is exactly what goes to
+``timm.create_model`` here and, with ``pretrained=True``, downstream — one source of truth.
+
+Attention goes through ``F.scaled_dot_product_attention`` (timm's ``fused_attn``), which picks the
+flash / memory-efficient kernels on GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from timm.models.vision_transformer import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+
+class ModelConfig(BaseModel):
+    """An encoder: a timm ViT by name plus shape overrides (``None`` keeps the architecture's own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field(default="vit_base_patch16_224", description="timm model name, e.g. vit_tiny_patch16_224")
+    img_size: int | None = Field(default=None, ge=8)
+    patch_size: int | None = Field(default=None, ge=1)
+    depth: int | None = Field(default=None, ge=1)
+    embed_dim: int | None = Field(default=None, ge=8)
+    num_heads: int | None = Field(default=None, ge=1)
+    mlp_ratio: float | None = Field(default=None, gt=0)
+    reg_tokens: int = Field(default=0, ge=0, description="register tokens (Darcet et al. 2023)")
+    drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if not arch.startswith("vit_") or arch not in timm.list_models(arch):
+            sizes = ", ".join(f"vit_{s}_patch16_224" for s in ("tiny", "small", "base", "large"))
+            raise ValueError(f"unknown ViT architecture {arch!r}: give a timm ViT name such as {sizes} "
+                             "or vit_huge_patch14_224 (see timm.list_models('vit_*'))")
+        return arch
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``timm.create_model(self.arch, **kwargs)`` (headless encoder)."""
+        kw: dict[str, Any] = {"num_classes": 0}
+        for name in ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio"):
+            value = getattr(self, name)
+            if value is not None:
+                kw[name] = value
+        if self.reg_tokens:
+            kw["reg_tokens"] = self.reg_tokens
+        return kw
+
+    def arch_record(self) -> dict[str, Any]:
+        """What must match between a checkpoint and the run resuming it (shape-defining fields)."""
+        return {"arch": self.arch, **self.timm_kwargs()}
+
+
+def build_encoder(cfg: ModelConfig, **extra: Any) -> VisionTransformer:
+    """A randomly initialised timm ``VisionTransformer`` for ``cfg`` (no classifier head)."""
+    model = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate,
+                              **cfg.timm_kwargs(), **extra)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{cfg.arch} is a {type(model).__name__}, not a timm VisionTransformer")
+    if model.patch_embed.img_size[0] % model.patch_embed.patch_size[0]:
+        raise ValueError(f"img_size {model.patch_embed.img_size} is not a multiple of patch_size "
+                         f"{model.patch_embed.patch_size}")
+    return model
+
+
+def set_grad_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
+    """Activation checkpointing of every transformer block (timm's own switch)."""
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(enable)
+
+
+def encoder_flops_per_token(model: VisionTransformer) -> float:
+    """Forward FLOPs per token per block stack (matmuls only, 2 per MAC), excluding attention scores."""
+    dim = model.embed_dim
+    hidden = model.blocks[0].mlp.fc1.out_features
+    return 2.0 * len(model.blocks) * (4 * dim * dim + 2 * dim * hidden)
+
+
+# ---- fixed 2-D sin-cos position embeddings (MAE, MoCo v3) ----------------------------------------
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int, prefix_tokens: int = 0) -> torch.Tensor:
+    """[prefix_tokens + grid_size**2, embed_dim]; prefix rows (cls, registers) are zeros."""
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position embeddings need embed_dim % 4 == 0, got {embed_dim}")
+    coords = np.arange(grid_size, dtype=np.float64)
+    grid_w, grid_h = np.meshgrid(coords, coords)  # w varies fastest, as patches are laid out
+    emb = np.concatenate([_sincos_1d(embed_dim // 2, grid_h.reshape(-1)),
+                          _sincos_1d(embed_dim // 2, grid_w.reshape(-1))], axis=1)  # [G*G, D]
+    if prefix_tokens:
+        emb = np.concatenate([np.zeros((prefix_tokens, embed_dim)), emb], axis=0)
+    return torch.from_numpy(emb).float()
+
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))  # [D/2]
+    out = np.einsum("m,d->md", pos, omega)  # [M, D/2]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # [M, D]

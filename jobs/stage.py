@@ -1,0 +1,107 @@
+"""Per-worker entry of a training stage: build everything from a *stage job* and run the engine.
+
+A stage job is a JSON-able dict the driver (``pipeline/run.py``, or ``jobs/launch.py`` under
+``torchrun``) resolves from the run spec::
+
+    {"stage": {...the stage's spec mapping, kind included...},
+     "stage_url": "<run_root>/stages/<name>", "data_url": "<manifest URL>",
+     "storage_options": {...}, "launcher": "ray" | "torchrun",
+     "fault": {"kill_rank": 1, "kill_at_step": 5}}        # optional, tests only
+
+:func:`run_worker` is what every rank runs (a Ray Train worker or a torchrun process). Rank 0
+keeps ``<stage>/STATUS.json`` current: ``running`` (attempts counted), then ``done`` or
+``preempted``; a driver marks ``failed`` when the gang gives up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from typing import Any
+
+from cluster.storage import Store
+from jobs.checkpoint import code_version
+
+log = logging.getLogger(__name__)
+
+STATUS = "STATUS.json"
+
+# kind -> (module, config class, method class). A new method registers here.
+METHODS: dict[str, tuple[str, str, str]] = {
+    "mae": ("jobs.mae", "MAEConfig", "MAEMethod"),
+}
+
+
+def stage_config_class(kind: str) -> type:
+    if kind not in METHODS:
+        raise ValueError(f"unknown training stage kind {kind!r}; known: {', '.join(sorted(METHODS))}")
+    module, cls, _ = METHODS[kind]
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_method(cfg: Any, rank: int) -> Any:
+    module, _, cls = METHODS[cfg.kind]
+    return getattr(importlib.import_module(module), cls)(cfg, rank=rank)
+
+
+# ---- STATUS.json --------------------------------------------------------------------------------
+
+
+def read_status(stage_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    store = Store(stage_url, storage_options)
+    try:
+        return dict(store.get_json(STATUS))
+    except FileNotFoundError:
+        return {}
+
+
+def update_status(stage_url: str, storage_options: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into ``STATUS.json`` (one writer at a time: rank 0, or the driver when no gang runs)."""
+    status = read_status(stage_url, storage_options)
+    status.update(fields, updated_at=time.time())
+    Store(stage_url, storage_options).put_json(STATUS, status)
+    return status
+
+
+# ---- the worker -----------------------------------------------------------------------------------
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) from the environment every launcher sets (Ray Train, torchrun)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_worker(job: dict[str, Any]) -> str:
+    """Run one rank of a stage job; returns ``"done"`` or ``"preempted"``. Every rank calls it."""
+    if not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from jobs.engine import PreemptionWatch, StageContext, train
+
+    rank, world = dist_rank_world()
+    cfg = stage_config_class(job["stage"]["kind"]).model_validate(job["stage"])
+    fault = job.get("fault") or {}
+    ctx = StageContext(stage_url=job["stage_url"], data_url=job["data_url"], rank=rank, world_size=world,
+                       storage_options=job.get("storage_options") or {}, launcher=job.get("launcher", "torchrun"),
+                       kill_at_step=fault.get("kill_at_step"), kill_rank=fault.get("kill_rank"))
+    # stop requests are honoured from here on (start-up takes a while; a SIGTERM must not be lost)
+    watch = PreemptionWatch(Store(ctx.stage_url, ctx.storage_options) if rank == 0 else None)
+    if rank == 0:
+        before = read_status(ctx.stage_url, ctx.storage_options)
+        update_status(ctx.stage_url, ctx.storage_options, state="running", kind=cfg.kind, name=cfg.name,
+                      attempts=int(before.get("attempts", 0)) + 1, started_at=time.time(), world_size=world,
+                      launcher=ctx.launcher, config_digest=cfg.digest(), code_version=code_version())
+    result = train(make_method(cfg, rank), cfg, ctx, watch)
+    if rank == 0:
+        update_status(ctx.stage_url, ctx.storage_options, state=result.state, step=result.step,
+                      total_steps=result.total_steps, resumed_from=result.resumed_from,
+                      **({"finished_at": time.time()} if result.state == "done" else {}))
+    log.info("stage %s %s at step %d/%d", cfg.name, result.state, result.step, result.total_steps)
+    return result.state
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

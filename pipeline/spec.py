@@ -1,0 +1,166 @@
+"""The run spec: one YAML file, validated strictly before any work starts.
+
+Every model forbids unknown keys, so a typo is an error that names its path
+(``stages[1] (pretrain) > model > img_siz: unknown field``). Stages are a discriminated union on
+``kind``; each training kind's fields live with its method (``jobs/mae.py``'s ``MAEConfig``), the
+prep fields with ``dataprep.prep.PrepOptions``. A new kind is one more member of :data:`Stage`.
+
+    name: mae-digits
+    storage: s3://my-bucket/runs          # run root = <storage>/<name>
+    compute: {workers: 2, gpus_per_worker: 0, cpus_per_worker: 1}
+    stages:
+      - {name: data, kind: prep, source: ./digits, resize: 64, shard_size: 256}
+      - {name: pretrain, kind: mae, data: data, model: {arch: vit_tiny_patch16_224, img_size: 32, patch_size: 4}}
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dataprep.prep import PrepOptions
+from jobs.mae import MAEConfig
+
+
+class SpecError(ValueError):
+    """The spec is invalid; the message lists every problem with its field path."""
+
+
+class ComputeSpec(BaseModel):
+    """The Ray Train gang each training stage runs on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(default=1, ge=1)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    max_failures: int = Field(default=2, ge=0, description="gang restarts (from the last checkpoint) before giving up")
+
+
+class PrepStage(PrepOptions):
+    """``kind: prep``: images -> WebDataset shards in ``<run>/stages/<name>/shards``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: Literal["prep"] = "prep"
+    source: str = Field(description="image folder, list file or shards URL")
+
+
+Stage = Annotated[Union[PrepStage, MAEConfig], Field(discriminator="kind")]
+TRAINING_KINDS = ("mae",)
+
+
+class RunSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage: str = Field(description="parent of the run root: s3://bucket/prefix, file:///path or a path")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="extra fsspec options (never secrets)")
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _stage_graph(self) -> "RunSpec":
+        seen: dict[str, str] = {}
+        for i, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise ValueError(f"stages[{i}]: duplicate stage name {stage.name!r}")
+            data = getattr(stage, "data", None)
+            if data is not None and not _is_url(data):
+                if data not in seen:
+                    raise ValueError(f"stages[{i}] ({stage.name}) > data: {data!r} is neither an earlier stage "
+                                     "nor a URL/path (use s3://…, file://…, /abs/path or ./rel/path)")
+                if seen[data] != "prep":
+                    raise ValueError(f"stages[{i}] ({stage.name}) > data: stage {data!r} is a {seen[data]} stage, "
+                                     "not a prep stage")
+            seen[stage.name] = stage.kind
+        return self
+
+    # ---- places in the store ---------------------------------------------------------------
+    @property
+    def run_root(self) -> str:
+        storage = self.storage.rstrip("/")
+        if "://" not in storage:
+            storage = os.path.abspath(storage)
+        return posixpath.join(storage, self.name)
+
+    def stage_url(self, name: str) -> str:
+        return posixpath.join(self.run_root, "stages", name)
+
+    def stage(self, name: str) -> Any:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"no stage {name!r} in run {self.name!r}; stages: {[s.name for s in self.stages]}")
+
+    def data_url(self, stage: Any) -> str:
+        """The manifest location a training stage reads."""
+        data = stage.data
+        if _is_url(data):
+            return data if "://" in data else os.path.abspath(data)
+        return posixpath.join(self.stage_url(data), "shards")
+
+    def stage_job(self, name: str, launcher: str) -> dict[str, Any]:
+        """The JSON-able job every worker of training stage ``name`` runs (see ``jobs/stage.py``)."""
+        stage = self.stage(name)
+        if stage.kind not in TRAINING_KINDS:
+            raise ValueError(f"stage {name!r} is a {stage.kind} stage, not a training stage")
+        return {"stage": stage.model_dump(mode="json"), "stage_url": self.stage_url(name),
+                "data_url": self.data_url(stage), "storage_options": self.storage_options, "launcher": launcher}
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value or value.startswith(("/", "./", "../", "~"))
+
+
+def format_errors(exc: ValidationError, raw: Any) -> str:
+    """One line per problem: ``stages[1] (pretrain) > model > img_siz: Extra inputs are not permitted``."""
+    lines = []
+    for err in exc.errors():
+        lines.append(f"  {_path(err['loc'], raw)}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _path(loc: tuple, raw: Any) -> str:
+    parts: list[str] = []
+    node = raw
+    for i, key in enumerate(loc):
+        if isinstance(key, int):
+            name = node[key].get("name") if isinstance(node, list) and key < len(node) and isinstance(node[key], dict) else None
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{key}]" + (f" ({name})" if name else "")]
+            node = node[key] if isinstance(node, list) and key < len(node) else None
+            continue
+        if i > 0 and loc[i - 1] != key and isinstance(loc[i - 1], int) and key in ("prep", "mae") and \
+                isinstance(node, dict) and node.get("kind") == key:
+            continue  # the discriminator tag pydantic inserts
+        parts.append(str(key))
+        node = node.get(key) if isinstance(node, dict) else None
+    return " > ".join(parts) or "(spec)"
+
+
+def parse_spec(raw: Any, source: str = "the spec") -> RunSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return RunSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(f"{source} is invalid:\n{format_errors(exc, raw)}") from None
+
+
+def load_spec(path: str) -> RunSpec:
+    """Read and validate a YAML run spec; :class:`SpecError` names every bad field."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError(f"run spec {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path} is not valid YAML: {exc}") from None
+    return parse_spec(raw, source=path)
+
+
+def dump_spec(spec: RunSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=False), sort_keys=False)

@@ -1,0 +1,125 @@
+"""MAE model, schedules, spec validation and the timm export — single process, no gang."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+
+from jobs.engine import OptimConfig, deepspeed_config, lr_at, param_groups
+from jobs.export import export_encoder, load_export
+from jobs.mae import MAEConfig, build_mae, mask_noise
+from pipeline.spec import SpecError, parse_spec
+
+TINY_MODEL = {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": 2, "embed_dim": 64,
+              "num_heads": 4}
+TINY_DECODER = {"embed_dim": 32, "depth": 1, "num_heads": 4}
+
+
+def tiny_cfg(**over) -> MAEConfig:
+    return MAEConfig(**{"name": "pretrain", "data": "/x", "model": TINY_MODEL, "decoder": TINY_DECODER, **over})
+
+
+def test_mae_masks_per_sample_and_averages_loss_over_masked_patches_only():
+    torch.manual_seed(0)
+    model = build_mae(tiny_cfg())
+    imgs = torch.randn(4, 3, 32, 32)
+    noise = mask_noise(4, 64, seed=0, step=3, rank=1)
+    assert torch.equal(noise, mask_noise(4, 64, seed=0, step=3, rank=1))  # a pure function of the step
+    assert not torch.equal(noise, mask_noise(4, 64, seed=0, step=4, rank=1))
+    latent, mask, ids_restore = model.forward_encoder(imgs, noise)
+    assert latent.shape == (4, 1 + 16, 64)  # cls + 25% of 64 patches: visible tokens only
+    assert mask.shape == (4, 64) and torch.all(mask.sum(1) == 48)
+    assert not torch.equal(mask[0], mask[1])  # per-sample masks
+    pred = model.forward_decoder(latent, ids_restore)
+    assert pred.shape == (4, 64, 4 * 4 * 3)
+    loss = model.forward_loss(imgs, pred, mask)
+    # changing the prediction on visible patches leaves the loss unchanged
+    pred2 = pred.detach().clone()
+    pred2[mask == 0] += 100.0
+    assert torch.allclose(model.forward_loss(imgs, pred2, mask), loss.detach())
+    assert torch.equal(model.unpatchify(model.patchify(imgs)), imgs)
+    # fixed sin-cos position embeddings, excluded from the optimizer
+    assert not model.encoder.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+    groups = param_groups(model, 0.05, {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed"})
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert id(model.mask_token) in no_decay and id(model.encoder.cls_token) in no_decay
+    assert id(model.encoder.blocks[0].attn.qkv.weight) not in no_decay
+    assert id(model.encoder.blocks[0].attn.qkv.bias) in no_decay
+
+
+def test_mae_with_register_tokens_and_activation_checkpointing_backpropagates():
+    model = build_mae(tiny_cfg(model={**TINY_MODEL, "reg_tokens": 2}, activation_checkpointing=True))
+    loss, _, _ = model(torch.randn(2, 3, 32, 32))
+    loss.backward()
+    assert model.encoder.reg_token.grad is not None and model.encoder.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_lr_schedule_is_warmup_then_cosine_of_the_step():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0, floor=0.1) == pytest.approx(0.1)
+
+
+def test_deepspeed_mapping_in_a_stage_is_merged_over_ours():
+    cfg = tiny_cfg(zero_stage=3, offload_optimizer=True, optim=OptimConfig(clip_grad=1.0),
+                   deepspeed={"zero_optimization": {"reduce_bucket_size": 1000}, "bf16": {"enabled": True}})
+    ds = deepspeed_config(cfg, world_size=4, on_gpu=False)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0 and ds["train_batch_size"] == 64 * 4
+
+
+def test_export_loads_in_timm_with_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(model={**TINY_MODEL, "reg_tokens": 1})
+    model = build_mae(cfg)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # not an initial state
+    dest = str(tmp_path / "export")
+    export_encoder(model.encoder, cfg.model, dest)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        ours = model.encoder.forward_features(x)
+        a = timm.create_model(config["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "export" / "model.safetensors")),
+                              **config["model_args"], num_classes=0).eval()
+        b = timm.create_model(f"local-dir:{dest}", pretrained=True).eval()
+        c = load_export(dest).eval()
+        for m in (a, b, c):
+            assert torch.equal(m.forward_features(x), ours)
+    assert config["model_args"]["reg_tokens"] == 1 and config["architecture"] == "vit_tiny_patch16_224"
+
+
+def test_spec_errors_name_the_field_path():
+    raw = {"name": "r", "storage": "/tmp/r", "compute": {"workers": 2, "gpu_per_worker": 1},
+           "stages": [{"name": "data", "kind": "prep", "source": "./d", "shard_size": 256},
+                      {"name": "pretrain", "kind": "mae", "data": "data", "epochs": 0,
+                       "model": {"arch": "vit_tiny_patch16_224", "img_siz": 32}},
+                      {"name": "x", "kind": "dinoo"}]}
+    with pytest.raises(SpecError) as err:
+        parse_spec(raw)
+    text = str(err.value)
+    assert "compute > gpu_per_worker" in text
+    assert "stages[1] (pretrain) > model > img_siz" in text
+    assert "stages[1] (pretrain) > epochs" in text
+    assert "stages[2] (x)" in text and "dinoo" in text
+    raw = {"name": "r", "storage": "/tmp/r", "stages": [{"name": "p", "kind": "mae", "data": "nothing"}]}
+    with pytest.raises(SpecError, match=r"stages\[0\] \(p\) > data: 'nothing' is neither"):
+        parse_spec(raw)
+    with pytest.raises(SpecError, match="unknown ViT architecture"):
+        parse_spec({"name": "r", "storage": "/tmp/r",
+                    "stages": [{"name": "p", "kind": "mae", "data": "/d", "model": {"arch": "vit_tiniest"}}]})
+    spec = parse_spec({"name": "r", "storage": "s3://b/runs",
+                       "stages": [{"name": "p", "kind": "mae", "data": "s3://b/shards", "model": TINY_MODEL}]})
+    job = spec.stage_job("p", launcher="ray")
+    assert job["stage_url"] == "s3://b/runs/r/stages/p" and job["data_url"] == "s3://b/shards"
+    assert math.isclose(spec.stage("p").mask_ratio, 0.75)
