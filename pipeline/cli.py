@@ -78,6 +78,33 @@ def prep(
         typer.echo(f"nothing to do: {result.manifest_url} already holds this prep")
 
 
+@app.command()
+def run(
+    spec: str = typer.Argument(..., help="Run spec YAML (see configs/)."),
+    address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)."),
+) -> None:
+    """Run a spec's stages; finished stages are skipped, an interrupted one resumes.
+
+    Exit status: 0 done, 75 preempted (SIGTERM/SIGINT; run again to continue), 1 failed.
+    """
+    from cluster.gang import GangFailedError
+    from cluster.storage import StorageError
+    from jobs.checkpoint import CheckpointMismatchError
+    from jobs.engine import PREEMPTED_EXIT_CODE
+    from pipeline.run import run_spec
+    from pipeline.spec import SpecError, load_spec
+
+    try:
+        result = run_spec(load_spec(spec), address=address)
+    except (SpecError, StorageError, CheckpointMismatchError, GangFailedError) as exc:
+        _fail(str(exc))
+    for name, state in result.states.items():
+        typer.echo(f"{name}: {state}")
+    if result.preempted:
+        typer.echo(f"preempted: run `vitforge run {spec}` again to continue", err=True)
+        raise typer.Exit(code=PREEMPTED_EXIT_CODE)
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=1)
