@@ -1,4 +1,4 @@
-"""CheckpointManager across processes: real 2-rank gloo gangs (plain torch and DeepSpeed ZeRO-2) and kill -9.
+"""CheckpointManager across processes: a real 2-rank DeepSpeed ZeRO-2 gang on gloo, and kill -9.
 
 Gang members are spawned with torch.multiprocessing; kill -9 victims run this file as a script.
 """
@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 import torch
@@ -31,72 +32,9 @@ def _init_gang(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}")
 
 
-def _rank_state(rank: int, step: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 * rank + step)
-    return {"exp_avg": torch.randn(32, generator=g), "exp_avg_sq": torch.rand(32, generator=g)}
-
-
-def _torch_gang(rank: int, port: int, url: str) -> None:
-    """Save every 2 steps (async), then restore the latest in a fresh manager on the same gang."""
-    _init_gang(rank, port)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)                # replicated, as data parallelism has it
-    torch.manual_seed(rank)                      # but each rank draws its own random streams
-    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=2, keep_last=2), rank=rank, world_size=WORLD)
-
-    def write(d: str) -> None:
-        if rank == 0:
-            torch.save(model.state_dict(), os.path.join(d, "model.pt"))
-        os.makedirs(os.path.join(d, "optim"), exist_ok=True)
-        torch.save(_rank_state(rank, step), os.path.join(d, "optim", f"rank-{rank:05d}.pt"))
-
-    for step in range(1, 7):
-        with torch.no_grad():
-            model.weight.add_(0.1)
-        if ckpt.due(step):
-            ckpt.save(step, write, {"step": step, "rank": rank, "rng": capture_rng_state(), "loader": {"pos": step * rank}})
-            saved_draw = torch.rand(4)
-    ckpt.close()
-    dist.barrier()  # rank 0's commit of step 6 is done once its close() returned; others wait for it here
-
-    loaded: dict = {}
-
-    def read(d: str) -> None:
-        loaded["model"] = torch.load(os.path.join(d, "model.pt"), weights_only=True)
-        loaded["optim"] = torch.load(os.path.join(d, "optim", f"rank-{rank:05d}.pt"), weights_only=True)
-
-    fresh = CheckpointManager(url, CheckpointPolicy(every_steps=2), rank=rank, world_size=WORLD)
-    meta = fresh.restore(read)
-    assert (meta["step"], meta["rank"], meta["loader"]) == (6, rank, {"pos": 6 * rank})
-    torch.testing.assert_close(loaded["model"], model.state_dict(), rtol=0, atol=0)
-    torch.testing.assert_close(loaded["optim"], _rank_state(rank, 6), rtol=0, atol=0)
-    restore_rng_state(meta["rng"])
-    assert torch.equal(torch.rand(4), saved_draw), "each rank gets back its own RNG streams"
-    fresh.close()
-    dist.destroy_process_group()
-
-
-def test_two_rank_gang_commits_only_checkpoints_holding_both_ranks_files(s3_url):
-    url = s3_url + "/stages/pretrain"
-    mp.spawn(_torch_gang, args=(free_ports(1)[0], url), nprocs=WORLD, join=True)
-    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=2))
-    committed = ckpt.committed()
-    assert [c.step for c in committed] == [4, 6]
-    for info in committed:
-        assert info.world_size == WORLD
-        assert {rel: rec["rank"] for rel, rec in info.files.items()} == {
-            "model.pt": 0, "optim/rank-00000.pt": 0, "optim/rank-00001.pt": 1}
-        for rel in info.files:
-            assert ckpt.store.exists(f"{info.name}/{rel}")
-    leftover = ckpt.store.fs.find(ckpt.store.path("step-00000002"), detail=True)
-    assert [p for p, d in leftover.items() if d["type"] == "file"] == [], "retention deleted step 2's objects"
-
-
-# ---- DeepSpeed ZeRO-2 --------------------------------------------------------------------------
-
-
-def _ds_gang(rank: int, port: int, url: str, out_path: str) -> None:
-    """Train 3 steps, checkpoint through engine.save_checkpoint, train 2 more; restore; train the same 2 again."""
+def _ds_gang(rank: int, port: int, url: str, out_dir: str) -> None:
+    """A DeepSpeed ZeRO-2 toy model: checkpoint every 2 steps through engine.save_checkpoint, run 2 steps
+    past the last one, restore it in a fresh manager, run the same 2 steps again; record both."""
     _init_gang(rank, port)
     import deepspeed
 
@@ -106,6 +44,7 @@ def _ds_gang(rank: int, port: int, url: str, out_path: str) -> None:
               "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.05),
                                       config=config)
+    torch.manual_seed(rank)                      # each rank draws its own random streams
 
     def train(step: int) -> float:
         g = torch.Generator().manual_seed(10 * step + rank)
@@ -114,32 +53,76 @@ def _ds_gang(rank: int, port: int, url: str, out_path: str) -> None:
         engine.step()
         return loss.item()
 
-    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=3), rank=rank, world_size=WORLD)
-    for step in (1, 2, 3):
+    policy = CheckpointPolicy(every_steps=2, keep_last=2)
+    ckpt = CheckpointManager(url, policy, rank=rank, world_size=WORLD)
+    timed = CheckpointManager(url, CheckpointPolicy(every_minutes=60), rank=rank, world_size=WORLD)
+    if rank == 1:
+        timed._last_time -= 7200  # rank 1's clock alone says "due"; rank 0's decides
+    timed_due = timed.due(1)
+    for step in range(1, 7):
         train(step)
-    ckpt.save(3, lambda d: engine.save_checkpoint(d, tag="ds"), {"step": 3})
-    first = [train(step) for step in (4, 5)]
+        if ckpt.due(step):
+            meta = {"step": step, "rank": rank, "rng": capture_rng_state(), "loader": {"pos": step * (rank + 1)}}
+            ckpt.save(step, lambda d: engine.save_checkpoint(d, tag="ds"), meta)
+            saved_draw = torch.rand(4).tolist()
+    first = [train(step) for step in (7, 8)]
     ckpt.close()
-    dist.barrier()
+    dist.barrier()  # rank 0's close() returned only after committing step 6
 
-    meta = CheckpointManager(url, CheckpointPolicy(every_steps=3), rank=rank, world_size=WORLD).restore(
+    meta = CheckpointManager(url, policy, rank=rank, world_size=WORLD).restore(
         lambda d: engine.load_checkpoint(d, tag="ds"))
-    again = [train(step) for step in (meta["step"] + 1, meta["step"] + 2)]
-    with open(f"{out_path}.{rank}", "w") as f:
-        json.dump({"first": first, "again": again}, f)
+    restore_rng_state(meta["rng"])
+    result = {"first": first, "again": [train(step) for step in (7, 8)], "meta": {k: meta[k] for k in ("step", "rank", "loader")},
+              "draw_after_restore": torch.rand(4).tolist(), "draw_after_save": saved_draw, "timed_due": timed_due}
+    with open(os.path.join(out_dir, f"rank-{rank}.json"), "w") as f:
+        json.dump(result, f)
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown (torch's compile workers take seconds to stop)
 
 
-def test_deepspeed_zero2_checkpoint_round_trips_through_object_storage(s3_url, tmp_path):
-    url = s3_url + "/stages/pretrain"
-    mp.spawn(_ds_gang, args=(free_ports(1)[0], url, str(tmp_path / "losses")), nprocs=WORLD, join=True)
-    for rank in range(WORLD):
-        losses = json.loads((tmp_path / f"losses.{rank}").read_text())
-        assert losses["again"] == losses["first"], f"rank {rank} continued differently after restore"
-    info = CheckpointManager(url, CheckpointPolicy(every_steps=3)).latest()
-    writers = {rel: rec["rank"] for rel, rec in info.files.items()}
-    assert writers["ds/mp_rank_00_model_states.pt"] == 0
-    assert {writers[f"ds/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] for r in range(WORLD)} == {0, 1}
+@pytest.fixture(scope="module")
+def ds_gang(s3, tmp_path_factory):
+    """One real 2-rank DeepSpeed ZeRO-2 gang on gloo; its store URL and each rank's record."""
+    url = f"s3://{s3.bucket}/ds-gang-{uuid.uuid4().hex[:8]}/stages/pretrain"
+    out = tmp_path_factory.mktemp("ds-gang")
+    mp.spawn(_ds_gang, args=(free_ports(1)[0], url, str(out)), nprocs=WORLD, join=True)
+    return url, [json.loads((out / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+
+
+def test_deepspeed_zero2_resume_from_object_storage_repeats_the_same_losses(ds_gang):
+    _, ranks = ds_gang
+    for rank, rec in enumerate(ranks):
+        assert rec["again"] == rec["first"], f"rank {rank} continued differently after restore"
+
+
+def test_each_rank_restores_its_own_meta_and_rng_streams(ds_gang):
+    _, ranks = ds_gang
+    for rank, rec in enumerate(ranks):
+        assert rec["meta"] == {"step": 6, "rank": rank, "loader": {"pos": 6 * (rank + 1)}}
+        assert rec["draw_after_restore"] == rec["draw_after_save"]
+    assert ranks[0]["draw_after_save"] != ranks[1]["draw_after_save"]
+
+
+def test_time_based_due_follows_rank_0s_clock_on_every_rank(ds_gang):
+    _, ranks = ds_gang
+    assert [rec["timed_due"] for rec in ranks] == [False, False]
+
+
+def test_gang_commits_only_checkpoints_holding_every_ranks_files(ds_gang):
+    url, _ = ds_gang
+    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=2))
+    committed = ckpt.committed()
+    assert [c.step for c in committed] == [4, 6] and ckpt.latest().step == 6
+    for info in committed:
+        assert info.world_size == WORLD
+        writers = {rel: rec["rank"] for rel, rec in info.files.items()}
+        assert writers["ds/mp_rank_00_model_states.pt"] == 0
+        assert [writers[f"ds/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] for r in range(WORLD)] == [0, 1]
+        for rel, rec in info.files.items():
+            assert ckpt.store.size(f"{info.name}/{rel}") == rec["size"]
+    leftover = ckpt.store.fs.find(ckpt.store.path("step-00000002"), detail=True)
+    assert [p for p, d in leftover.items() if d["type"] == "file"] == [], "retention deleted step 2's objects"
 
 
 # ---- kill -9 -----------------------------------------------------------------------------------
