@@ -165,8 +165,12 @@ class LocalS3:
         except Exception:  # not ready yet: connection refused, NoSuchBucket, 5xx while volumes grow
             return False
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """Stop the server by PID: SIGTERM, then SIGKILL (it may ignore SIGTERM for ~10 s)."""
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the server by PID: SIGTERM, then SIGKILL after ``timeout_s``.
+
+        ``weed mini`` may sit on SIGTERM for ~10 s while client connections idle out; its writes
+        are on disk when acknowledged (the kill/restart tests rely on that), so waiting longer
+        buys nothing."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
