@@ -688,7 +688,7 @@ def _auth_message(exc: BaseException, what: str, bucket: str | None, source: str
     if bucket is None:  # local files
         return f"permission denied while trying to {what}: {_redact(str(exc))}. Check the path's permissions."
     reason = f" ({code})" if code and not code.isdigit() else ""
-    return (f"access denied{reason} while trying to {what} (bucket {bucket!r}); credentials came from "
+    return (f"permission denied{reason} while trying to {what} (bucket {bucket!r}); credentials came from "
             f"{source or credential_source()}. Check the key and secret, and that this identity may read and "
             f"write bucket {bucket!r}.")
 
