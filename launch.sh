@@ -55,10 +55,12 @@ On Debian/Ubuntu install the venv module (apt-get install python3-venv, or pytho
         return 0
     fi
     # one installer at a time when several launch.sh start together (CI matrix, two terminals)
+    # (the lock is fd 9, closed again before vitforge/pytest run)
     if command -v flock >/dev/null 2>&1; then
         exec 9>"$VENV/.vitforge-install.lock"
         flock 9
         if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+            exec 9>&-
             return 0
         fi
     fi
@@ -71,6 +73,7 @@ On Debian/Ubuntu install the venv module (apt-get install python3-venv, or pytho
 Then run the same command again (only the install is repeated); rm -rf '$VENV' starts from scratch."
     fi
     echo "$want" > "$STAMP"
+    exec 9>&-
 }
 
 cmd="${1:-}"
