@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from dataprep._decode import decode
 from dataprep._order import Plan, epoch_order, rank_stream, sample_seed, shard_offsets
@@ -104,8 +104,9 @@ class _RankBatches(IterableDataset):
             raise ShardError(f"every sample of batch {number} of epoch {self.epoch} is unreadable: {skipped}")
         rows = [r if r is not None else (*good[k % len(good)][:4], True) for k, r in enumerate(rows)]
         images, labels, keys, sids, flags = zip(*rows)
+        normalize = self.transform.normalize if _normalize_batched(self.transform) else None
         return {
-            "image": _collate(images),
+            "image": _collate(images, normalize),
             "label": torch.tensor(labels, dtype=torch.long),
             "key": list(keys),
             "index": torch.tensor(sids, dtype=torch.long),
@@ -135,6 +136,8 @@ class _RankBatches(IterableDataset):
         if self.transform is None:
             return img
         seed = sample_seed(self.seed, self.epoch, sid)
+        if _normalize_batched(self.transform):  # normalized per batch in _collate
+            return self.transform.augment(img, random.Random(seed))
         if _takes_rng(self.transform):
             return self.transform(img, rng=random.Random(seed))
         _GlobalRng.seed(seed)
@@ -163,16 +166,34 @@ class _GlobalRng:
         random.seed(seed)
 
 
-def _collate(items: tuple) -> Any:
+def _normalize_batched(transform: Callable | None) -> bool:
+    return transform is not None and bool(getattr(transform, "normalize_batched", False))
+
+
+def _collate(items: tuple, normalize: Callable | None = None) -> Any:
     if isinstance(items[0], (list, tuple)):  # multi-crop: one stacked tensor per view
-        return [_stack([it[v] for it in items]) for v in range(len(items[0]))]
-    return _stack(list(items))
+        return [_stack([it[v] for it in items], normalize) for v in range(len(items[0]))]
+    return _stack(list(items), normalize)
 
 
-def _stack(items: list) -> Any:
-    if all(isinstance(t, torch.Tensor) for t in items) and len({tuple(t.shape) for t in items}) == 1:
-        return torch.stack(items)
-    return items
+def _stack(items: list, normalize: Any = None) -> Any:
+    """Stack equal-shaped tensors (else a list). With ``normalize``: uint8 in, normalized float out,
+    written straight into the batch tensor (in a worker: into shared memory, saving a copy)."""
+    if not (all(isinstance(t, torch.Tensor) for t in items) and len({tuple(t.shape) for t in items}) == 1):
+        return [normalize(t) for t in items] if normalize else items
+    if normalize is None:
+        return default_collate(items)
+    return normalize.into(torch.stack(items), _new_batch((len(items), *items[0].shape), torch.float32))
+
+
+def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = 1
+    for n in shape:
+        numel *= n
+    proto = torch.empty(0, dtype=dtype)
+    return proto.new(proto._typed_storage()._new_shared(numel)).view(shape)  # as default_collate does
 
 
 class StreamingLoader:
@@ -197,7 +218,7 @@ class StreamingLoader:
                  world_size: int = 1, transform: Callable | None = None, num_workers: int = 0,
                  pin_memory: bool = False, partial: str = "pad", on_error: str = "skip", resample: bool = False,
                  shuffle: bool = True, cache_dir: str | None = None, cache_limit_bytes: int | None = None,
-                 storage_options: dict | None = None, window_shards: int = 4, readahead_shards: int = 2,
+                 storage_options: dict | None = None, window_shards: int = 4, readahead_shards: int = 4,
                  block_size: int = 8 << 20, image_type: str = "tensor", prefetch_factor: int = 2,
                  timeout: float = 0, multiprocessing_context: Any = None) -> None:
         _check_args(batch_size, rank, world_size, partial, on_error, image_type, window_shards)
