@@ -40,11 +40,12 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
 
 from cluster.storage import Store
 from dataprep.loader import StreamingLoader
-from jobs.checkpoint import (CheckpointManager, CheckpointPolicy, capture_rng_state, code_version, json_digest,
-                             restore_rng_state)
+from jobs.checkpoint import (CheckpointError, CheckpointManager, CheckpointPolicy, capture_rng_state, code_version,
+                             json_digest, restore_rng_state)
 from jobs.export import export_encoder
 from jobs.models import ModelConfig
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 PREEMPT_MARKER = "PREEMPT"
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" — a preempted stage continues on rerun
+METHOD_STATE = "method_state.safetensors"  # a method's extra_state() inside each checkpoint
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -133,6 +135,13 @@ class Method(Protocol):
     def arch(self) -> dict[str, Any]: ...
     def no_weight_decay(self, model: torch.nn.Module) -> set[str]: ...
     def flops_per_sample(self) -> float: ...  # training FLOPs (fwd + bwd) per image, for MFU
+
+    # Optional hooks, called only when a method defines them (see jobs/dino.py):
+    #   set_run_length(total_steps, steps_per_epoch)  once, before the first step (schedules in epochs)
+    #   after_step(model, step)                      after each optimizer step (e.g. an EMA teacher)
+    #   weight_decay_at(step) -> float               weight decay of the decayed param groups at ``step``
+    #   extra_state() -> dict[str, Tensor]           replicated method state (rank 0 saves it as
+    #   load_extra_state(state)                        method_state.safetensors); every rank loads it
 
 
 # ---- schedules (pure functions of the global step) ----------------------------------------------
@@ -387,6 +396,9 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
                          "lower batch_size or grad_accum")
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(cfg.optim.warmup_epochs * steps_per_epoch)
+    run_length = getattr(method, "set_run_length", None)
+    if run_length is not None:
+        run_length(total, steps_per_epoch)
     expect = {"arch": method.arch(), "config_digest": cfg.digest(), "world_size": ctx.world_size}
     return _Run(cfg, ctx, method, accelerator, model, optimizer, loader, ckpt, MetricsLog(store, ctx.rank == 0), store,
                 total, min(warmup, total), peak_lr(cfg, ctx.world_size), expect)
@@ -402,6 +414,7 @@ def _resume(run: _Run) -> None:
 
     def read(local_dir: str) -> None:
         run.accelerator.load_state(os.path.join(local_dir, "engine"))
+        _load_method_state(run, local_dir)
         path = os.path.join(local_dir, "metrics.jsonl")
         if os.path.exists(path):
             with open(path) as f:
@@ -453,8 +466,12 @@ def _micro_batches(run: _Run) -> Iterator[dict[str, Any]]:
 def _one_step(run: _Run, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, float], float]:
     """One optimizer step over ``grad_accum`` micro-batches. Returns the mean loss (a tensor)."""
     lr = lr_at(run.step, run.total_steps, run.warmup_steps, run.peak_lr, run.cfg.optim.min_lr)
+    wd_at = getattr(run.method, "weight_decay_at", None)
+    wd = wd_at(run.step) if wd_at is not None else None
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+        if wd is not None and group.setdefault("decayed", group["weight_decay"] > 0):  # no-decay groups stay 0
+            group["weight_decay"] = wd
     start = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64)
     extra: dict[str, float] = {}
@@ -502,8 +519,13 @@ def _save(run: _Run, sync: bool) -> None:
     """Checkpoint after ``run.step`` (every rank calls; the upload is asynchronous unless ``sync``)."""
     step = run.step
 
+    extra = getattr(run.method, "extra_state", None)
+    method_state = extra() if extra is not None else None
+
     def write(local_dir: str) -> None:
         run.accelerator.save_state(os.path.join(local_dir, "engine"))
+        if method_state is not None and run.ctx.rank == 0:
+            save_file(method_state, os.path.join(local_dir, METHOD_STATE))
         if run.ctx.rank == 0:
             with open(os.path.join(local_dir, "metrics.jsonl"), "w") as f:
                 f.write(run.metrics.text())
@@ -513,6 +535,18 @@ def _save(run: _Run, sync: bool) -> None:
     run.ckpt.save(step, write, meta, sync=sync)
     run.saved_step = step
     run.metrics.publish(sync=False)
+
+
+def _load_method_state(run: _Run, local_dir: str) -> None:
+    """Hand a method its ``extra_state`` back (every rank reads rank 0's file)."""
+    load = getattr(run.method, "load_extra_state", None)
+    if load is None:
+        return
+    path = os.path.join(local_dir, METHOD_STATE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint of stage {run.cfg.name!r} has no {METHOD_STATE}: it cannot resume "
+                              f"this {type(run.method).__name__} exactly; start the stage afresh")
+    load(load_file(path))
 
 
 def _export(run: _Run) -> None:

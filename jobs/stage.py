@@ -31,6 +31,7 @@ STATUS = "STATUS.json"
 # kind -> (module, config class, method class). A new method registers here.
 METHODS: dict[str, tuple[str, str, str]] = {
     "mae": ("jobs.mae", "MAEConfig", "MAEMethod"),
+    "dino": ("jobs.dino", "DINOConfig", "DINOMethod"),
 }
 
 

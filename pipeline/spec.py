@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dataprep.prep import PrepOptions
+from jobs.dino import DINOConfig
 from jobs.mae import MAEConfig
 
 
@@ -49,8 +50,8 @@ class PrepStage(PrepOptions):
     source: str = Field(description="image folder, list file or shards URL")
 
 
-Stage = Annotated[Union[PrepStage, MAEConfig], Field(discriminator="kind")]
-TRAINING_KINDS = ("mae",)
+Stage = Annotated[Union[PrepStage, MAEConfig, DINOConfig], Field(discriminator="kind")]
+TRAINING_KINDS = ("mae", "dino")
 
 
 class RunSpec(BaseModel):
@@ -133,7 +134,7 @@ def _path(loc: tuple, raw: Any) -> str:
             parts[-1:] = [f"{parts[-1] if parts else ''}[{key}]" + (f" ({name})" if name else "")]
             node = node[key] if isinstance(node, list) and key < len(node) else None
             continue
-        if i > 0 and loc[i - 1] != key and isinstance(loc[i - 1], int) and key in ("prep", "mae") and \
+        if i > 0 and loc[i - 1] != key and isinstance(loc[i - 1], int) and \
                 isinstance(node, dict) and node.get("kind") == key:
             continue  # the discriminator tag pydantic inserts
         parts.append(str(key))

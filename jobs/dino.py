@@ -1,0 +1,358 @@
+"""DINO (Caron et al., 2021): self-distillation with no labels — only what is special to DINO.
+
+The student is a timm ``VisionTransformer`` (its CLS token) plus the DINO head; DeepSpeed wraps
+the student only. The teacher is an EMA copy of the student that DeepSpeed never sees: a full
+fp32 module on every rank, updated after each optimizer step from the student's *full* weights
+(:func:`ema_update` gathers ZeRO-3 partitions chunk by chunk with ``GatheredParameters``). The
+teacher sees the two global crops, the student every crop (2 global + ``local_crops`` local,
+``dataprep.transforms.dino_transform``). The loss (``jobs/_dino_loss.py``) centres and sharpens
+the teacher; its center is a buffer all-reduced over ranks.
+
+Every schedule is a pure function of the global step (:class:`DINOSchedule`): teacher momentum
+(cosine 0.996 -> 1), teacher temperature (linear warmup 0.04 -> 0.07), weight decay (cosine
+0.04 -> 0.4, through the engine's ``weight_decay_at`` hook) and the last-layer freeze (first
+epoch). The teacher and the center are checkpointed through the engine's ``extra_state`` hook,
+so a resumed run continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+
+from dataprep.transforms import dino_transform
+from jobs._dino_loss import DINOLoss
+from jobs.engine import OptimConfig, TrainConfig
+from jobs.models import build_encoder, encoder_flops_per_token, set_grad_checkpointing
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+class DINOHeadConfig(BaseModel):
+    """The projection head: MLP -> bottleneck -> L2 normalisation -> weight-normalised linear."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out_dim: int = Field(default=65536, ge=2, description="prototypes (K)")
+    hidden_dim: int = Field(default=2048, ge=1)
+    bottleneck_dim: int = Field(default=256, ge=1)
+    layers: int = Field(default=3, ge=1)
+    norm_last_layer: bool = Field(default=True, description="fix the last layer's weight norm to 1")
+
+
+def _dino_optim() -> OptimConfig:
+    # the paper's recipe: lr 5e-4 * batch / 256 after 10 warmup epochs, cosine to 1e-6, wd from 0.04
+    return OptimConfig(base_lr=5e-4, min_lr=1e-6, weight_decay=0.04, betas=(0.9, 0.999), warmup_epochs=10,
+                       clip_grad=3.0)
+
+
+class DINOConfig(TrainConfig):
+    """A ``kind: dino`` stage: the common training fields plus DINO's own.
+
+    ``optim.weight_decay`` is where the weight-decay cosine starts; ``weight_decay_end`` where it ends.
+    """
+
+    kind: Literal["dino"] = "dino"
+    optim: OptimConfig = Field(default_factory=_dino_optim)
+    head: DINOHeadConfig = Field(default_factory=DINOHeadConfig)
+    local_crops: int = Field(default=8, ge=0)
+    local_size: int | None = Field(default=None, ge=8, description="default: img_size * 96/224")
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    student_temp: float = Field(default=0.1, gt=0)
+    teacher_temp: float = Field(default=0.07, gt=0, description="after the warmup")
+    warmup_teacher_temp: float = Field(default=0.04, gt=0)
+    warmup_teacher_temp_epochs: float = Field(default=30.0, ge=0)
+    teacher_momentum: float = Field(default=0.996, ge=0, le=1, description="start of the cosine to 1")
+    center_momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay_end: float = Field(default=0.4, ge=0)
+    freeze_last_layer_epochs: float = Field(default=1.0, ge=0)
+    export_from: Literal["student", "teacher"] = Field(default="student", description="which backbone to export")
+
+
+# ---- model --------------------------------------------------------------------------------------
+
+
+class WeightNormLinear(nn.Module):
+    """``y = x @ (g * v / ||v||)^T`` with ``g`` fixed to 1 when ``norm_fixed`` (no bias).
+
+    Written out instead of ``torch.nn.utils.weight_norm`` so its parameters are the module's own:
+    ZeRO-3 gathers exactly those around ``forward``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, norm_fixed: bool = True) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        self.weight_g = None if norm_fixed else nn.Parameter(torch.ones(out_dim, 1))
+        trunc_normal_(self.weight_v, std=0.02)
+
+    def weight(self) -> torch.Tensor:
+        w = F.normalize(self.weight_v, dim=1)  # [K, bottleneck], unit rows
+        return w if self.weight_g is None else w * self.weight_g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight())
+
+
+class DINOHead(nn.Module):
+    """[N, D] -> MLP (GELU) -> [N, bottleneck] -> L2 normalise -> weight-normalised linear -> [N, K]."""
+
+    def __init__(self, in_dim: int, cfg: DINOHeadConfig) -> None:
+        super().__init__()
+        dims = [in_dim] + [cfg.hidden_dim] * (cfg.layers - 1) + [cfg.bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, norm_fixed=cfg.norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)  # [N, bottleneck], unit norm
+        return self.last_layer(x)  # [N, K]
+
+
+class DINOModel(nn.Module):
+    """Backbone (CLS token) + head over a list of crops: crops of one size run as one batch."""
+
+    def __init__(self, backbone: VisionTransformer, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        feats = [self.backbone(torch.cat(group)) for group in _same_size_runs(crops)]  # [n_i * B, D]
+        return self.head(torch.cat(feats))  # [V * B, K], view-major
+
+
+def _same_size_runs(crops: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    start = 0
+    for i in range(1, len(crops) + 1):
+        if i == len(crops) or crops[i].shape[-2:] != crops[start].shape[-2:]:
+            yield crops[start:i]
+            start = i
+
+
+def build_dino(cfg: DINOConfig) -> DINOModel:
+    backbone = build_encoder(cfg.model, dynamic_img_size=True)  # local crops are smaller than global ones
+    if cfg.activation_checkpointing:
+        set_grad_checkpointing(backbone)
+    return DINOModel(backbone, DINOHead(backbone.embed_dim, cfg.head))
+
+
+# ---- the EMA teacher -------------------------------------------------------------------------------
+
+
+def _full_numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # a ZeRO-3 partitioned parameter keeps its full size there
+
+
+def _chunks(params: list[nn.Parameter], max_numel: int) -> Iterator[tuple[int, int]]:
+    start, size = 0, 0
+    for i, p in enumerate(params):
+        if size and size + _full_numel(p) > max_numel:
+            yield start, i
+            start, size = i, 0
+        size += _full_numel(p)
+    if start < len(params):
+        yield start, len(params)
+
+
+def _gathered(params: list[nn.Parameter]):
+    """Full parameters inside the block: ZeRO-3 partitions are all-gathered (read only), others as they are."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, max_numel: int = 1 << 26) -> None:
+    """``teacher <- momentum * teacher + (1 - momentum) * student`` over the student's full weights.
+
+    Under ZeRO-3 the student's parameters are gathered ``max_numel`` elements at a time (a collective:
+    every rank must call it, in step). Fused ``torch._foreach_*`` over each chunk; the teacher keeps
+    its own dtype (fp32).
+    """
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    if len(t_params) != len(s_params):
+        raise RuntimeError(f"teacher has {len(t_params)} parameters, student {len(s_params)}: not an EMA copy")
+    for a, b in _chunks(s_params, max_numel):
+        with _gathered(s_params[a:b]):
+            ts = t_params[a:b]
+            ss = [s.detach().to(device=t.device, dtype=t.dtype) for t, s in zip(ts, s_params[a:b])]
+            torch._foreach_mul_(ts, momentum)
+            torch._foreach_add_(ts, ss, alpha=1.0 - momentum)
+
+
+# ---- schedules (pure functions of the global step) ---------------------------------------------------
+
+
+def cosine(step: int, total: int, start: float, end: float) -> float:
+    """Half-cosine from ``start`` at step 0 to ``end`` at ``total``."""
+    progress = min(1.0, step / max(1, total))
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class DINOSchedule:
+    """DINO's per-step schedules for a run of ``total`` steps of ``per_epoch`` steps each."""
+
+    cfg: DINOConfig
+    total: int
+    per_epoch: int
+
+    def momentum(self, step: int) -> float:
+        return cosine(step, self.total, self.cfg.teacher_momentum, 1.0)
+
+    def teacher_temp(self, step: int) -> float:
+        warmup = int(self.cfg.warmup_teacher_temp_epochs * self.per_epoch)
+        if step >= warmup:
+            return self.cfg.teacher_temp
+        return self.cfg.warmup_teacher_temp + (self.cfg.teacher_temp - self.cfg.warmup_teacher_temp) * step / warmup
+
+    def weight_decay(self, step: int) -> float:
+        return cosine(step, self.total, self.cfg.optim.weight_decay, self.cfg.weight_decay_end)
+
+    def last_layer_frozen(self, step: int) -> bool:
+        return step < int(self.cfg.freeze_last_layer_epochs * self.per_epoch)
+
+
+# ---- the method ------------------------------------------------------------------------------------
+
+
+class DINOMethod:
+    """The DINO method for :func:`jobs.engine.train` (uses its ``set_run_length``, ``weight_decay_at``,
+    ``after_step`` and ``extra_state`` / ``load_extra_state`` hooks)."""
+
+    def __init__(self, cfg: DINOConfig, rank: int = 0) -> None:
+        self.cfg, self.rank = cfg, rank
+        self.loss = DINOLoss(cfg.head.out_dim, cfg.student_temp, cfg.center_momentum)
+        self.teacher: DINOModel | None = None
+        self.schedule: DINOSchedule | None = None
+        self._freeze = False
+
+    # ---- engine hooks ----------------------------------------------------------------------------
+    def build_model(self) -> DINOModel:
+        """The student (for DeepSpeed), and the teacher as its copy (kept here, never wrapped)."""
+        student = build_dino(self.cfg)
+        self.teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        for p in student.head.last_layer.parameters():  # frozen in the first epoch(s): zero gradients
+            p.register_hook(self._last_layer_grad)
+        return student
+
+    def set_run_length(self, total_steps: int, steps_per_epoch: int) -> None:
+        self.schedule = DINOSchedule(self.cfg, total_steps, steps_per_epoch)
+
+    def train_transform(self) -> Callable:
+        c = self.cfg
+        return dino_transform(self._img_size(), local_crops=c.local_crops, local_size=c.local_size,
+                              global_scale=c.global_scale, local_scale=c.local_scale)
+
+    def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        sched = self._sched()
+        param = next(model.parameters())
+        crops = [v.to(param.device, dtype=param.dtype, non_blocking=True) for v in batch["image"]]  # V x [B, 3, S, S]
+        self._freeze = sched.last_layer_frozen(step)
+        teacher = self._teacher_on(param.device)
+        temp = sched.teacher_temp(step)
+        with torch.no_grad(), self._autocast(param):
+            teacher_out = teacher(crops[:2])  # [2B, K], global crops only
+        student_out = model(crops)  # [V*B, K]
+        loss = self.loss(student_out, teacher_out, temp)
+        self.loss.update_center(teacher_out)
+        return loss, {"teacher_temp": temp, "teacher_momentum": sched.momentum(step),
+                      "weight_decay": sched.weight_decay(step)}
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """EMA of the student into the teacher, with this step's momentum (every rank; ZeRO-3 gathers)."""
+        ema_update(self._teacher_on(next(model.parameters()).device), getattr(model, "module", model),
+                   self._sched().momentum(step))
+
+    def weight_decay_at(self, step: int) -> float:
+        return self._sched().weight_decay(step)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """The teacher and the center: what a resumed run needs besides the engine's own state."""
+        state = {f"teacher.{k}": v.detach().cpu().clone().contiguous() for k, v in self.teacher.state_dict().items()}
+        state["loss.center"] = self.loss.center.detach().cpu().clone()
+        return state
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
+        self.teacher.load_state_dict(teacher, strict=True)
+        self.loss.center.copy_(state["loss.center"])
+
+    def arch(self) -> dict[str, Any]:
+        return {"encoder": self.cfg.model.arch_record(), "head": self.cfg.head.model_dump()}
+
+    def no_weight_decay(self, model: nn.Module) -> set[str]:
+        return set()  # as DINO: only biases and norms (1-D) are not decayed
+
+    def encoder(self, model: nn.Module) -> VisionTransformer:
+        if self.cfg.export_from == "teacher":
+            return self.teacher.backbone
+        return getattr(model, "module", model).backbone
+
+    def flops_per_sample(self) -> float:
+        """Student fwd + bwd on every crop, teacher fwd on the global crops (matmuls, 2 per MAC)."""
+        if not hasattr(self, "_flops"):
+            with torch.device("meta"):
+                enc = build_encoder(self.cfg.model)
+            patch, size = enc.patch_embed.patch_size[0], self._img_size()
+            local = self.cfg.local_size or max(8, round(size * 96 / 224 / 8) * 8)
+
+            def crop(s: int) -> float:
+                tokens = (s // patch) ** 2 + enc.num_prefix_tokens
+                attn = 4.0 * len(enc.blocks) * tokens * tokens * enc.embed_dim
+                return encoder_flops_per_token(enc) * tokens + attn
+
+            h = self.cfg.head
+            dims = [enc.embed_dim] + [h.hidden_dim] * (h.layers - 1) + [h.bottleneck_dim, h.out_dim]
+            head = 2.0 * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+            student = 2 * (crop(size) + head) + self.cfg.local_crops * (crop(local) + head)
+            self._flops = 3.0 * student + 2 * (crop(size) + head)
+        return self._flops
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def _sched(self) -> DINOSchedule:
+        if self.schedule is None:
+            raise RuntimeError("DINOMethod.set_run_length(total_steps, steps_per_epoch) was not called")
+        return self.schedule
+
+    def _teacher_on(self, device: torch.device) -> DINOModel:
+        if self.loss.center.device != device:
+            self.loss.to(device)
+            self.teacher.to(device)
+        return self.teacher
+
+    def _last_layer_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(grad) if self._freeze else grad
+
+    @staticmethod
+    def _autocast(param: torch.Tensor):
+        if param.dtype == torch.bfloat16 and param.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)  # the fp32 teacher at the student's precision
+        return nullcontext()
+
+    def _img_size(self) -> int:
+        if self.cfg.model.img_size:
+            return self.cfg.model.img_size
+        with torch.device("meta"):
+            return int(build_encoder(self.cfg.model).patch_embed.img_size[0])
