@@ -116,8 +116,8 @@ def check_compatible(saved: Mapping[str, Any], expected: Mapping[str, Any], wher
     diffs = [k for k in expected if saved.get(k, missing) != expected[k]]
     if not diffs:
         return
-    lines = [f"  {k}: checkpoint has {_short(saved[k]) if k in saved else '(absent)'}, this run has {_short(expected[k])}"
-             for k in diffs]
+    lines = [f"  {k}: checkpoint has {_short(saved[k]) if k in saved else '(absent)'}, "
+             f"this run has {_short(expected[k])}" for k in diffs]
     raise CheckpointMismatchError(
         f"{where} does not match this run; differing keys: {', '.join(diffs)}\n" + "\n".join(lines)
         + "\nResume with the same config, or start the stage afresh in a new run directory."

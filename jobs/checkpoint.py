@@ -169,6 +169,27 @@ def _poll(check: Callable[[], T | None], timeout_s: float, what: str) -> T:
         delay = min(delay * 2, 1.0)
 
 
+def _private_staging_dir() -> str:
+    """A fresh ``$TMPDIR/vitforge-ckpt-<pid>-*``, after removing those of processes that no longer run
+    (a worker killed with -9 cannot clean up its staged checkpoint, which may be gigabytes)."""
+    tmp = tempfile.gettempdir()
+    for entry in os.listdir(tmp):
+        parts = entry.split("-")
+        if entry.startswith("vitforge-ckpt-") and len(parts) > 3 and parts[2].isdigit() and not _alive(int(parts[2])):
+            shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"vitforge-ckpt-{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _agree_session(world_size: int) -> str:
     """A fresh id shared by all ranks: rank 0 draws it and broadcasts it (main thread, at construction)."""
     token = uuid.uuid4().hex
@@ -216,14 +237,20 @@ class CheckpointManager:
         self.store = Store(stage_url, storage_options=storage_options, retry=retry).child("checkpoints")
         self.session = session_id or _agree_session(world_size)
         self._own_local = local_dir is None
-        base = local_dir or tempfile.mkdtemp(prefix="vitforge-ckpt-")
-        self.local_dir = os.path.join(base, f"rank-{rank:05d}")
-        os.makedirs(self.local_dir, exist_ok=True)
-        self._base = base
+        self._base, self._local = local_dir, None
         self._thread: threading.Thread | None = None
         self._job: _SaveJob | None = None
         self._last_step: int | None = None
         self._last_time = time.monotonic()
+
+    @property
+    def local_dir(self) -> str:
+        """This rank's private staging directory (created on first use)."""
+        if self._local is None:
+            self._base = self._base or _private_staging_dir()
+            self._local = os.path.join(self._base, f"rank-{self.rank:05d}")
+            os.makedirs(self._local, exist_ok=True)
+        return self._local
 
     @property
     def url(self) -> str:
@@ -283,9 +310,10 @@ class CheckpointManager:
         except BaseException as exc:
             shutil.rmtree(local, ignore_errors=True)
             if _is_disk_full(exc, self.local_dir):
+                reason = getattr(exc, "strerror", None) or exc
                 raise CheckpointStagingError(
                     f"local staging disk is full: writing checkpoint {name} (rank {self.rank}) to {local} failed "
-                    f"({exc.strerror}). Nothing was uploaded or committed. Free space there, or pass local_dir= "
+                    f"({reason}). Nothing was uploaded or committed. Free space there, or pass local_dir= "
                     "on a disk with room for one checkpoint per rank on this node."
                 ) from exc
             raise
@@ -335,26 +363,31 @@ class CheckpointManager:
             log.warning("could not record the failure of %s for rank %d", job.name, self.rank)
 
     # ---- committing (rank 0, background thread) ----------------------------------------------
-    def _read_markers(self, name: str, kind: str) -> dict[int, dict[str, Any]]:
-        """This session's markers of ``kind`` under ``name/ranks`` by rank."""
-        found = {}
+    def _read_markers(self, name: str, done: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Add this session's ``.done`` markers under ``name/ranks`` to ``done`` (those already there are not
+        read again); return this session's ``.failed`` markers. One listing per call."""
+        failed = {}
         for entry in self.store.ls(f"{name}/{RANKS}"):
-            if not entry.endswith(f".{kind}"):
+            stem, _, kind = entry.rpartition(".")
+            try:
+                rank = int(stem.removeprefix("rank-"))
+            except ValueError:
+                continue
+            if kind not in ("done", "failed") or (kind == "done" and rank in done):
                 continue
             try:
                 data = self.store.get_json(f"{name}/{RANKS}/{entry}")
             except FileNotFoundError:
                 continue
             if data.get("session") == self.session:
-                found[int(data["rank"])] = data
-        return found
+                (done if kind == "done" else failed)[rank] = data
+        return failed
 
-    def _all_markers(self, name: str) -> dict[int, dict[str, Any]] | None:
-        failed = self._read_markers(name, "failed")
+    def _all_markers(self, name: str, done: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]] | None:
+        failed = self._read_markers(name, done)
         if failed:
             r, data = min(failed.items())
             raise CheckpointCommitError(f"rank {r} failed to upload its part of {name}: {data.get('error')}")
-        done = self._read_markers(name, "done")
         return done if len(done) == self.world_size else None
 
     def _verify(self, name: str, markers: dict[int, dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -379,7 +412,8 @@ class CheckpointManager:
         return dict(sorted(files.items()))
 
     def _commit(self, job: _SaveJob) -> None:
-        markers = _poll(lambda: self._all_markers(job.name), self.commit_timeout_s,
+        done: dict[int, dict[str, Any]] = {}
+        markers = _poll(lambda: self._all_markers(job.name, done), self.commit_timeout_s,
                         f"all {self.world_size} ranks' markers of {self.store.url_of(job.name)}")
         files = self._verify(job.name, markers)
         record = {"format": FORMAT, "step": job.step, "world_size": self.world_size, "session": self.session,
@@ -394,7 +428,7 @@ class CheckpointManager:
         def committed() -> bool | None:
             if is_committed(self.store, job.name):
                 return True
-            failed = self._read_markers(job.name, "failed")
+            failed = self._read_markers(job.name, dict.fromkeys(range(self.world_size), {}))  # skip .done reads
             if failed:
                 raise CheckpointCommitError(f"{job.name} was not committed: rank {min(failed)} failed")
             return None
@@ -439,8 +473,9 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
-            if self._own_local:
+            if self._own_local and self._base:
                 shutil.rmtree(self._base, ignore_errors=True)
+                self._base = self._local = None
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -470,10 +505,12 @@ class CheckpointManager:
         return [self.info(n) for _, n in names if is_committed(self.store, n)]
 
     def restore(self, read_fn: Callable[[str], Any], info: CheckpointInfo | None = None,
-                expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                expect: Mapping[str, Any] | None = None, own_files_only: bool = False) -> dict[str, Any]:
         """Download a committed checkpoint (default: the latest) and call ``read_fn(local_dir)``.
 
-        Every file of the checkpoint is downloaded (DeepSpeed's loader may read other ranks' shards).
+        Every file of the checkpoint is downloaded, unless ``own_files_only``: then only the files
+        this rank and rank 0 wrote (enough for DeepSpeed ZeRO 1-3 without elastic checkpoints at an
+        unchanged world size, and W times less traffic).
         ``expect``: keys that must equal rank 0's saved meta (e.g. ``config_digest``), else
         :class:`CheckpointMismatchError` before anything is downloaded. Returns this rank's saved
         meta (rank 0's when this rank did not exist in the saved run). ``read_fn`` may unpickle:
@@ -488,7 +525,9 @@ class CheckpointManager:
         local = os.path.join(self.local_dir, f"restore-{info.name}")
         shutil.rmtree(local, ignore_errors=True)
         try:
-            for rel in info.files:
+            for rel, rec in info.files.items():
+                if own_files_only and rec["rank"] not in (0, self.rank):
+                    continue
                 self.store.get_file(f"{info.name}/{rel}", os.path.join(local, *rel.split("/")))
             read_fn(local)
         except Exception as exc:

@@ -241,3 +241,21 @@ def test_meta_must_be_json(tmp_path):
     ckpt = CheckpointManager(f"file://{tmp_path}/s", CheckpointPolicy(every_steps=1))
     with pytest.raises(TypeError, match="JSON-able"):
         ckpt.save(1, writer(1), {"weights": torch.zeros(2)})
+
+
+def test_staging_dirs_of_dead_processes_are_swept(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"vitforge-ckpt-{int(dead.stdout)}-abc" / "rank-00000" / "step-00000003"
+    stale.mkdir(parents=True)
+    live = tmp_path / f"vitforge-ckpt-{os.getppid()}-abc"
+    live.mkdir()
+    ckpt = CheckpointManager(f"file://{tmp_path}/s", CheckpointPolicy(every_steps=1))
+    ckpt.save(1, writer(1), {"step": 1})
+    assert not stale.exists() and live.exists()
+    ckpt.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("vitforge-ckpt-")) == [live.name]

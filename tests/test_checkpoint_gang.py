@@ -70,9 +70,10 @@ def _ds_gang(rank: int, port: int, url: str, out_dir: str) -> None:
     dist.barrier()  # rank 0's close() returned only after committing step 6
 
     meta = CheckpointManager(url, policy, rank=rank, world_size=WORLD).restore(
-        lambda d: engine.load_checkpoint(d, tag="ds"))
+        lambda d: engine.load_checkpoint(d, tag="ds"), own_files_only=True)
     restore_rng_state(meta["rng"])
-    result = {"first": first, "again": [train(step) for step in (7, 8)], "meta": {k: meta[k] for k in ("step", "rank", "loader")},
+    result = {"first": first, "again": [train(step) for step in (7, 8)],
+              "meta": {k: meta[k] for k in ("step", "rank", "loader")},
               "draw_after_restore": torch.rand(4).tolist(), "draw_after_save": saved_draw, "timed_due": timed_due}
     with open(os.path.join(out_dir, f"rank-{rank}.json"), "w") as f:
         json.dump(result, f)

@@ -1,0 +1,205 @@
+"""Checkpoint stall: seconds the training loop is blocked per checkpoint, async upload vs synchronous.
+
+One run, one SeaweedFS (``cluster.localstore.LocalS3``) started here, one model: a stack of Linear
+layers trained with AdamW on CPU, whose model + optimizer state is ``--state-mb`` big. For every
+upload bandwidth in ``--mbps`` (0 = unthrottled loopback; otherwise a byte-rate-limited TCP proxy
+in front of the S3 port, in its own process), the same training run checkpoints every
+``--every`` steps twice: with ``save(sync=True)`` (write + upload + commit in the loop) and with
+``save()`` (write in the loop, upload in the background). "Blocked" is the wall time spent inside
+``save()``; "step" is the mean time of a training step *without* a checkpoint in it, which shows
+what the background upload costs the loop on the same cores.
+
+    python bench/ckpt_bench.py                   # ~150 MB state, loopback and 25 MB/s
+    python bench/ckpt_bench.py --mbps 0,50,10 --state-mb 200
+
+Prints a table per configuration and a JSON summary as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cluster.localstore import LocalS3, free_ports  # noqa: E402
+from jobs.checkpoint import CheckpointManager, CheckpointPolicy  # noqa: E402
+
+WORK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_work", "ckpt")
+
+
+# ---- an upload-throttling TCP proxy (client -> server bytes limited; replies unthrottled) ------------
+
+
+def _proxy_main(listen_port: int, upstream_port: int, bytes_per_s: float, ready) -> None:
+    async def main() -> None:
+        budget = {"t": time.monotonic(), "sent": 0.0}
+
+        async def throttle(n: int) -> None:
+            budget["sent"] += n
+            ahead = budget["sent"] / bytes_per_s - (time.monotonic() - budget["t"])
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+
+        async def pump(reader, writer, limited: bool) -> None:
+            try:
+                while data := await reader.read(64 * 1024):
+                    if limited:
+                        await throttle(len(data))
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+
+        async def handle(client_r, client_w) -> None:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", upstream_port)
+            await asyncio.gather(pump(client_r, up_w, True), pump(up_r, client_w, False))
+
+        server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
+        ready.set()
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def start_proxy(upstream_port: int, mbps: float) -> tuple[mp.Process, int]:
+    port = free_ports(1)[0]
+    ready = mp.get_context("fork").Event()
+    proc = mp.get_context("fork").Process(target=_proxy_main, args=(port, upstream_port, mbps * 1e6, ready),
+                                          daemon=True)
+    proc.start()
+    if not ready.wait(10):
+        raise RuntimeError("throttling proxy did not start")
+    return proc, port
+
+
+# ---- the training run ---------------------------------------------------------------------------
+
+
+def build(state_mb: float, width: int = 1024) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Linear layers whose fp32 params + AdamW's two moments make ``state_mb`` MB."""
+    per_layer = (width * width + width) * 4 * 3
+    layers = max(1, round(state_mb * 1e6 / per_layer))
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU())
+                                  for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, opt
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def run(url: str, model, opt, steps: int, every: int, sync: bool, storage_options: dict) -> dict:
+    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=every, keep_last=1),
+                             local_dir=os.path.join(WORK, "stage"), storage_options=storage_options)
+    x = torch.randn(8, model[0][0].in_features)
+    writes: list[float] = []
+
+    def write(d: str) -> None:
+        t0 = time.perf_counter()
+        torch.save(model.state_dict(), os.path.join(d, "model.pt"))
+        torch.save(opt.state_dict(), os.path.join(d, "optim.pt"))
+        writes.append(time.perf_counter() - t0)
+
+    blocked, plain = [], []
+    t_run = time.perf_counter()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        train_step(model, opt, x)
+        t1 = time.perf_counter()
+        if ckpt.due(step):
+            ckpt.save(step, write, {"step": step}, sync=sync)
+            blocked.append(time.perf_counter() - t1)
+        else:
+            plain.append(t1 - t0)
+    t_flush = time.perf_counter()
+    ckpt.close()
+    done = time.perf_counter()
+    info = ckpt.latest()
+    assert info is not None and info.step == steps - steps % every
+    size = sum(f["size"] for f in info.files.values())
+    return {"mode": "sync" if sync else "async", "checkpoints": len(blocked), "state_mb": round(size / 1e6, 1),
+            "blocked_s_mean": statistics.mean(blocked), "blocked_s_max": max(blocked),
+            "local_write_s_mean": statistics.mean(writes),
+            "step_s_mean": statistics.mean(plain), "final_flush_s": done - t_flush, "run_s": done - t_run}
+
+
+def upload_seconds(url: str, storage_options: dict, state_mb: float) -> float:
+    """Time of one plain synchronous upload of a file the size of the state (the yardstick)."""
+    from cluster.storage import Store
+
+    path = os.path.join(WORK, "probe.bin")
+    with open(path, "wb") as f:
+        f.write(os.urandom(int(state_mb * 1e6)))
+    store = Store(url, storage_options)
+    t0 = time.perf_counter()
+    store.put_file(path, "probe.bin")
+    seconds = time.perf_counter() - t0
+    store.delete("probe.bin")
+    os.remove(path)
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--state-mb", type=float, default=150.0, help="model + AdamW state size (MB)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--every", type=int, default=20, help="checkpoint every N steps")
+    ap.add_argument("--mbps", default="0,25", help="upload bandwidths to try, MB/s; 0 = unthrottled loopback")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shutil.rmtree(WORK, ignore_errors=True)
+    os.makedirs(WORK)
+    model, opt = build(args.state_mb)
+    results = []
+    with LocalS3(os.path.join(WORK, "s3")) as s3:
+        os.environ.update(s3.env())
+        for mbps in [float(v) for v in args.mbps.split(",")]:
+            proxy, endpoint = None, s3.endpoint
+            if mbps > 0:
+                proxy, port = start_proxy(s3.ports["s3.port"], mbps)
+                endpoint = f"http://127.0.0.1:{port}"
+            opts = {"client_kwargs": {"endpoint_url": endpoint}}
+            try:
+                url = f"s3://{s3.bucket}/bench-{int(mbps)}"
+                upload = upload_seconds(url, opts, args.state_mb)
+                for sync in (True, False):
+                    row = run(f"{url}/{'sync' if sync else 'async'}/stages/bench", model, opt, args.steps, args.every,
+                              sync, opts)
+                    row.update(upload_mbps_limit=mbps or None, plain_upload_s=upload)
+                    results.append(row)
+                    print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                          flush=True)
+            finally:
+                if proxy is not None:
+                    proxy.kill()
+    shutil.rmtree(WORK, ignore_errors=True)
+    summary = {"bench": "ckpt", "state_mb": args.state_mb, "steps": args.steps, "every": args.every,
+               "threads": args.threads, "rows": results}
+    for r in results:
+        for k, v in r.items():
+            if isinstance(v, float):
+                r[k] = round(v, 4)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
