@@ -43,10 +43,12 @@ def _worker_entry(config: dict[str, Any]) -> None:
     import ray.train
 
     os.environ.update(config["env"])
+    context = ray.train.get_context()
+    os.environ["NODE_RANK"] = str(context.get_node_rank())  # placement, for STATUS.json
     if not config["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     result = config["fn"](config["job"])
-    ray.train.report({"result": result, "rank": ray.train.get_context().get_world_rank()})
+    ray.train.report({"result": result, "rank": context.get_world_rank()})
 
 
 def run_gang(fn: Callable[[dict[str, Any]], Any], job: dict[str, Any], spec: GangSpec) -> Any:

@@ -56,7 +56,7 @@ def gather_fp32_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_config(model_cfg: ModelConfig, encoder: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """timm hub-style config for the exported encoder."""
-    kwargs = {k: v for k, v in model_cfg.timm_kwargs().items() if k != "num_classes"}
+    kwargs = model_cfg.timm_kwargs()  # num_classes=0 included: the export is headless
     size = int(encoder.patch_embed.img_size[0])
     return {
         "architecture": model_cfg.arch,

@@ -92,6 +92,7 @@ def run_worker(job: dict[str, Any]) -> str:
         before = read_status(ctx.stage_url, ctx.storage_options)
         update_status(ctx.stage_url, ctx.storage_options, state="running", kind=cfg.kind, name=cfg.name,
                       attempts=int(before.get("attempts", 0)) + 1, started_at=time.time(), world_size=world,
+                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                       launcher=ctx.launcher, config_digest=cfg.digest(), code_version=code_version())
     result = train(make_method(cfg, rank), cfg, ctx, watch)
     if rank == 0:

@@ -91,7 +91,7 @@ def test_export_loads_in_timm_with_identical_outputs(tmp_path):
         ours = model.encoder.forward_features(x)
         a = timm.create_model(config["architecture"], pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / "export" / "model.safetensors")),
-                              **config["model_args"], num_classes=0).eval()
+                              **config["model_args"]).eval()
         b = timm.create_model(f"local-dir:{dest}", pretrained=True).eval()
         c = load_export(dest).eval()
         for m in (a, b, c):
