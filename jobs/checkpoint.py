@@ -263,7 +263,7 @@ class CheckpointManager:
         then rank 0's clock decides and this is a collective every rank must call at every step."""
         if step == self._last_step:
             return False
-        by_steps = self.policy.every_steps is not None and step % self.policy.every_steps == 0
+        by_steps = self.policy.every_steps is not None and step > 0 and step % self.policy.every_steps == 0
         if self.policy.every_minutes is None:
             return by_steps
         by_time = time.monotonic() - self._last_time >= self.policy.every_minutes * 60
@@ -454,6 +454,7 @@ class CheckpointManager:
     # ---- flushing ----------------------------------------------------------------------------
     @property
     def upload_in_flight(self) -> bool:
+        """Whether a background upload (and, on rank 0, its commit) is still running."""
         return self._thread is not None and self._thread.is_alive()
 
     def _raise_pending(self) -> None:
@@ -522,6 +523,10 @@ class CheckpointManager:
         if expect:
             check_compatible(info.meta, expect, where=f"checkpoint {info.url}")
         meta = self._rank_meta(info)
+        if own_files_only and info.world_size != self.world_size:
+            log.warning("%s was written by %d ranks, this gang has %d: downloading every file",
+                        info.name, info.world_size, self.world_size)
+            own_files_only = False
         local = os.path.join(self.local_dir, f"restore-{info.name}")
         shutil.rmtree(local, ignore_errors=True)
         try:
