@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dataprep._order import sample_seed
 from dataprep.loader import StreamingLoader
 from dataprep.transforms import dino_transform, eval_transform, mae_transform
 from tests._shards_util import write_shards
@@ -63,3 +64,22 @@ def test_loader_collates_multi_crop_views_into_one_tensor_per_view(tmp_path):
     assert [tuple(v.shape) for v in batch["image"]] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
     raw = next(iter(StreamingLoader(str(tmp_path), batch_size=4, shuffle=False)))
     assert isinstance(raw["image"], (list, torch.Tensor))  # mixed sizes without a transform: a list
+
+
+@pytest.mark.parametrize("make", [lambda: mae_transform(16), lambda: dino_transform(32, local_crops=2)])
+def test_loader_images_equal_the_transform_called_with_the_per_sample_seed(tmp_path, make):
+    write_shards(str(tmp_path), [5, 6])
+    t = make()
+    loader = StreamingLoader(str(tmp_path), batch_size=4, seed=3, transform=t)
+    loader.set_epoch(2)
+    batch = next(iter(loader))
+    raw = StreamingLoader(str(tmp_path), batch_size=4, seed=3)
+    raw.set_epoch(2)
+    plain = next(iter(raw))
+    assert plain["key"] == batch["key"]
+    for i, sid in enumerate(batch["index"].tolist()):
+        expected = t(plain["image"][i], rng=random.Random(sample_seed(3, 2, sid)))
+        if isinstance(expected, list):  # multi-crop: one batch tensor per view
+            assert all(torch.equal(v[i], e) for v, e in zip(batch["image"], expected))
+        else:
+            assert torch.equal(batch["image"][i], expected)
