@@ -22,6 +22,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
@@ -77,12 +78,16 @@ def store_for(url: str) -> tuple[Store, str]:
     """(a Store rooted at the filesystem's root, the path of ``url`` in it)."""
     protocol, path = (url.split("://", 1) if "://" in url else ("file", url))
     if protocol == "file":
-        import os
-
         path = os.path.abspath(path)
     if protocol not in _STORES:
         _STORES[protocol] = Store(f"{protocol}://" if protocol != "file" else "/")
     return _STORES[protocol], path.lstrip("/") if protocol != "file" else path
+
+
+def store_at(url: str) -> Store:
+    """A Store rooted at ``url`` sharing this process's client for its filesystem."""
+    store, path = store_for(url)
+    return store.child(path)
 
 
 def read_url(url: str) -> bytes:
@@ -290,7 +295,7 @@ def _scan_tar(url: str, name: str) -> list[Entry]:
         out = []
         for key, members in samples.items():
             image = next((members[e] for e in IMAGE_EXTS if e in members), None)
-            label = int(tar.extractfile(members["cls"]).read().strip()) if "cls" in members else None
+            label = tar.extractfile(members["cls"]).read().decode().strip() if "cls" in members else None
             sample = f"{name}:{key}"
             if image is None:
                 out.append(Entry(sample, ("t", url, 0, 0), label, reject=UNSUPPORTED,

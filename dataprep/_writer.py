@@ -8,7 +8,6 @@ is written: it names the plan the shard was built from, so a rerun knows the sha
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -23,7 +22,7 @@ from typing import Any
 from cluster.storage import Store, local_staging
 
 from ._images import ImageSpec, Reject, process
-from ._sources import RefReader
+from ._sources import RefReader, store_at
 
 PROGRESS = "_progress"
 
@@ -79,7 +78,7 @@ def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec) -> dict[str, Any]:
     """Process, tar, upload and record one shard. Returns its progress record."""
     start = time.monotonic()
     outputs, rejects = _process_all(plan, spec)
-    store = _dest_store(dest)
+    store = store_at(dest)  # one S3 client per worker process: creating one costs ~0.1 s
     with local_staging("vitforge-shard-") as tmp:
         local = os.path.join(tmp, "shard.tar")
         samples = write_tar(local, plan, outputs, spec.ext)
@@ -95,12 +94,6 @@ def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec) -> dict[str, Any]:
     }
     store.put_json(plan.record, record)
     return record
-
-
-@functools.lru_cache(maxsize=4)
-def _dest_store(url: str) -> Store:
-    """One Store (one S3 client) per DEST per worker process: creating a client costs ~0.1 s."""
-    return Store(url)
 
 
 def _process_all(plan: ShardPlan, spec: ImageSpec) -> tuple[dict[str, bytes], list[dict[str, str]]]:

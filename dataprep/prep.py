@@ -102,10 +102,13 @@ class PrepResult:
     shards_reused: int = 0
     seconds: float = 0.0
     rejects_url: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step: list, ray, scan, build, finish
 
     @property
     def images_per_s(self) -> float:
-        return self.manifest.totals.get("written", 0) / self.seconds if self.seconds else 0.0
+        """Samples written per second of prep work (the embedded Ray cluster's start excluded)."""
+        work = self.seconds - self.timings.get("ray", 0.0)
+        return self.manifest.totals.get("written", 0) / work if work > 0 else 0.0
 
 
 @dataclass
@@ -131,7 +134,7 @@ def run_prep(src: str, dest: str, options: PrepOptions | None = None, address: s
     :class:`cluster.storage.StorageError` with a message naming what to fix.
     """
     options = options or PrepOptions()
-    start = time.monotonic()
+    clock = _Clock()
     listing = list_source(src, options.source_kind)
     store = Store(dest)
     _check_bucket(store)
@@ -141,15 +144,35 @@ def run_prep(src: str, dest: str, options: PrepOptions | None = None, address: s
                  done.totals.get("written", 0))
         return PrepResult(store.url_of(MANIFEST), done, skipped=True, rejects_url=store.url_of(REJECTS))
     store.put_json(RUN_RECORD, {"options": options.output_options(), "options_digest": options.digest(),
-                                "source": {"url": src, "kind": listing.kind, "fingerprint": listing.fingerprint}})
+                                "source": {"url": listing.url, "kind": listing.kind, "fingerprint": listing.fingerprint}})
+    clock.lap("list")
     with _Progress(progress) as bar:
         workers = _start_ray(address, options.workers)
+        clock.lap("ray")
         entries, classes = _scan(listing, workers, bar)
         plan = make_plan(entries, classes, options)
+        clock.lap("scan")
         records, built = _build(plan.shards, store, _image_spec(options, plan.ext), workers, bar)
+        clock.lap("build")
     manifest = _finish(store, plan, records, options, listing)
+    clock.lap("finish")
     return PrepResult(store.url_of(MANIFEST), manifest, shards_built=built, shards_reused=len(records) - built,
-                      seconds=time.monotonic() - start, rejects_url=store.url_of(REJECTS))
+                      seconds=clock.total(), rejects_url=store.url_of(REJECTS), timings=clock.laps)
+
+
+class _Clock:
+    """Seconds spent in each step of a run (list, ray, scan, build, finish)."""
+
+    def __init__(self) -> None:
+        self.start = self._last = time.monotonic()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name], self._last = round(now - self._last, 3), now
+
+    def total(self) -> float:
+        return time.monotonic() - self.start
 
 
 def _image_spec(options: PrepOptions, ext: str) -> ImageSpec:
@@ -432,8 +455,8 @@ def summary_table(result: PrepResult) -> Any:
 
     m = result.manifest
     title = "prep: nothing to do (DEST already holds this prep)" if result.skipped else \
-        f"prep: {result.shards_built} shards built, {result.shards_reused} reused, {result.seconds:.1f} s" \
-        f" ({result.images_per_s:,.0f} images/s)"
+        f"prep: {result.shards_built} shards built, {result.shards_reused} reused in {result.seconds:.1f} s " \
+        f"({result.images_per_s:,.0f} images/s; Ray start {result.timings.get('ray', 0):.1f} s)"
     table = Table(title=title)
     for col in ("", "shards", "samples", "bytes"):
         table.add_column(col, justify="right" if col else "left")

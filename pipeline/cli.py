@@ -49,6 +49,7 @@ def prep(
     workers: int = typer.Option(None, help="Shard tasks in flight (default: the cluster's CPUs)."),
     reject_threshold: float = typer.Option(0.05, help="Fail when a larger fraction of inputs is rejected."),
     min_side: int = typer.Option(8, help="Reject images with a side shorter than this (pixels)."),
+    max_pixels: int = typer.Option(89_478_485, help="Reject larger images as decompression bombs (PIL's limit)."),
     source_kind: str = typer.Option("auto", help="auto, imagefolder, flat, csv, jsonl, parquet or wds."),
     address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)."),
     overwrite: bool = typer.Option(False, help="Replace a prep with other options or another source at DEST."),
@@ -66,7 +67,7 @@ def prep(
         options = PrepOptions(
             shard_size=shard_size, shard_bytes=shard_bytes, resize=resize, format=format, quality=quality,
             val_fraction=val_fraction, seed=seed, workers=workers, reject_threshold=reject_threshold,
-            min_side=min_side, source_kind=source_kind, overwrite=overwrite,
+            min_side=min_side, max_pixels=max_pixels, source_kind=source_kind, overwrite=overwrite,
         )
         result = run_prep(src, dest, options, address=address, progress=progress)
     except ValidationError as exc:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tarfile
 
 import pytest
 from PIL import Image
@@ -68,6 +70,11 @@ def test_prep_to_s3_accounts_rejects_reads_back_with_webdataset_and_is_byte_iden
         for shard in split.shards:
             assert (len(objects[shard.name]), sha(objects[shard.name])) == (shard.bytes, shard.sha256)
     paths = download(objects, str(tmp_path / "shards"))
+    for path in paths.values():  # member names never carry input names: <sha256>.<ext>, fixed metadata
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                assert re.fullmatch(r"[0-9a-f]{64}\.(cls|jpg|json)", member.name), member.name
+                assert (member.mtime, member.uid, member.gid, member.mode) == (0, 0, 0, 0o644)
     written = {name for name in inputs if name not in expected_rejects}
     seen = []
     for split_name, split in m.splits.items():

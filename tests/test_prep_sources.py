@@ -44,11 +44,13 @@ def test_prep_reads_flat_csv_jsonl_parquet_and_webdataset_sources(tmp_path, s3_u
     store = Store(s3_url)
     store.put_bytes("remote.jpg", jpeg(seed=99))
     rows = ["path,label"] + [f"flat/{n},{'cat' if i % 2 else 'dog'}" for i, n in enumerate(sorted(images))]
-    rows.append(f"{store.url_of('remote.jpg')},cat")
+    rows += [f"{store.url_of('remote.jpg')},cat", "flat/gone.jpg,dog"]
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
-    run_prep(str(tmp_path / "list.csv"), f"{s3_url}/out-csv", OPTS, progress=False)
+    run_prep(str(tmp_path / "list.csv"), f"{s3_url}/out-csv", OPTS.model_copy(update={"reject_threshold": 0.1}),
+             progress=False)
     samples, m = _samples(f"{s3_url}/out-csv", tmp_path, "csv")
-    assert m.classes == ["cat", "dog"] and len(samples) == 11
+    assert m.classes == ["cat", "dog"] and len(samples) == 11 and m.rejects == {"unreadable": 1}
+    assert "gone.jpg" in store.get_bytes("out-csv/rejects.jsonl").decode()
     by_src = {s["json"]["src"]: s["cls"] for s in samples}
     assert by_src[store.url_of("remote.jpg")] == 0 and by_src["flat/img 00.jpg"] == 1
 
