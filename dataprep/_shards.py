@@ -16,11 +16,12 @@ import posixpath
 import re
 import tarfile
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Iterable
 
-from cluster.storage import Store, StorageNotFoundError
+from cluster.storage import Store, StorageNotFoundError, classify
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,8 @@ def parse_shard(fileobj: IO[bytes], shard: str, needed: set[int], expected: int)
                 if index in needed and key is not None:
                     out[index] = _make_sample(shard, index, key, members)
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
+        if isinstance(exc, FileNotFoundError) or classify(exc) == "transient":
+            raise  # a network fault is not a bad shard: the caller retries the read
         failure = f"shard is truncated or corrupt after {max(index, 0)} complete samples ({type(exc).__name__}: {exc})"
         if index in needed:
             out[index] = RawSample(shard, index, key, error=failure)
@@ -241,6 +242,20 @@ class ShardSource:
         return self._store
 
     def read(self, shard: ShardRef, needed: set[int]) -> dict[int, RawSample]:
+        """The needed samples of ``shard``; transient network faults re-read it (outage window)."""
+        policy = self.store.retry
+        deadline, backoff = time.monotonic() + policy.outage_window_s, policy.first_backoff_s
+        while True:
+            try:
+                return self._read_once(shard, needed)
+            except Exception as exc:  # only transient faults are retried; everything else propagates
+                if classify(exc) != "transient" or time.monotonic() + backoff > deadline:
+                    raise
+                log.warning("reading shard %s failed (%s), retrying in %.1fs", shard.name, type(exc).__name__, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, policy.max_backoff_s)
+
+    def _read_once(self, shard: ShardRef, needed: set[int]) -> dict[int, RawSample]:
         handle = self.cache.open(self.store, shard.name, shard.sha256, shard.bytes) if self.cache else None
         if handle is None:
             try:
