@@ -29,6 +29,7 @@ Contracts
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -197,7 +198,18 @@ class Store:
         opts = _s3_options(storage_options) if self.protocol == "s3" else dict(storage_options or {})
         self._storage_options = opts
         _SECRETS.update(str(opts[k]) for k in ("secret", "token") if opts.get(k))
-        self.fs = fsspec.filesystem(self.protocol, **opts)
+        self._fs = fsspec.filesystem(self.protocol, **opts)
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem (for calls Store lacks: wrap them in :func:`with_retries`).
+
+        On S3 it is prepared on first use: s3fs's own retries off (ours run for the outage
+        window), and the ``Expect: 100-continue`` header dropped (see ``_drop_expect_header``).
+        """
+        if self.protocol == "s3":
+            _prepare_s3(self._fs)
+        return self._fs
 
     # ---- naming -------------------------------------------------------------------------
     @property
@@ -236,10 +248,8 @@ class Store:
         bucket = self._bucket_of(rel)
 
         def attempt() -> T:
-            if self.protocol == "s3":
-                _prepare_s3(self.fs)
-                if bucket:
-                    self._check_bucket(bucket)
+            if self.protocol == "s3" and bucket:
+                self._check_bucket(bucket)  # also prepares the client (self.fs)
             return fn()
 
         return with_retries(attempt, what=f"{what} {self.url_of(rel)}", policy=self.retry, bucket=bucket,
@@ -291,13 +301,14 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
 
-    def open_read(self, rel: str, block_size: int | None = None):
+    def open_read(self, rel: str, block_size: int | None = None) -> "RetryingReader":
         """A seekable binary file object for streaming reads. Caller closes it.
 
-        Only opening is retried; reads on the returned object are s3fs's (it retries a few times).
+        Opening and every ``read`` are retried like any other call: after a transient fault the
+        object is reopened at the same position, so a stream survives a server restart.
         """
         kw = {"block_size": block_size} if block_size else {}
-        return self._call("open", rel, lambda: self.fs.open(self.path(rel), "rb", **kw))
+        return RetryingReader(self, rel, lambda: self.fs.open(self.path(rel), "rb", **kw))
 
     def size(self, rel: str) -> int:
         return int(self._call("stat", rel, lambda: self.fs.size(self.path(rel))))
@@ -516,6 +527,79 @@ class Store:
                 if errors:
                     raise _ObjectError(errors[0])
         self.fs.invalidate_cache(path)
+
+
+class RetryingReader(io.RawIOBase):
+    """A read-only, seekable view of one object whose reads are retried for the outage window.
+
+    Wraps the fsspec file (attributes it lacks, such as ``size``, are the fsspec file's). After a
+    transient fault the underlying file is reopened and positioned where the failed read began.
+    """
+
+    def __init__(self, store: Store, rel: str, opener: Callable[[], Any]) -> None:
+        super().__init__()
+        self._store, self._rel, self._opener = store, rel, opener
+        self._pos = 0
+        self._f: Any = store._call("open", rel, opener)
+
+    def _read_once(self, n: int) -> bytes:
+        if self._f is None:
+            self._f = self._opener()
+            self._f.seek(self._pos)
+        try:
+            return self._f.read(n)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._f.close()
+            self._f = None  # reopen on the next attempt
+            raise
+
+    def read(self, n: int | None = -1) -> bytes:
+        n = -1 if n is None else n
+        data = self._store._call(f"read (at byte {self._pos})", self._rel, lambda: self._read_once(n))
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset, whence = self._pos + offset, io.SEEK_SET
+        if self._f is None:
+            self._f = self._store._call("open", self._rel, self._opener)
+        self._pos = self._f.seek(offset, whence)  # fsspec files seek without I/O
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if self._f is not None:
+            with contextlib.suppress(Exception):
+                self._f.close()
+            self._f = None
+        super().close()
+
+    def __getattr__(self, name: str) -> Any:  # size, info, path, ... of the fsspec file
+        f = self.__dict__.get("_f")
+        if f is None:
+            raise AttributeError(name)
+        return getattr(f, name)
+
+    def __repr__(self) -> str:
+        return f"RetryingReader({self._store.url_of(self._rel)!r})"
 
 
 def _replace_local(local_path: str, dest: str) -> None:

@@ -212,6 +212,10 @@ def test_write_completes_when_server_killed_and_restarted_within_window(s3_serve
     use_server(monkeypatch, server)
     store = Store(f"s3://{server.bucket}/killed", retry=RetryPolicy(outage_window_s=60, max_backoff_s=1))
     store.put_bytes("before.txt", b"kept on disk")
+    blob = os.urandom(3 * MiB)
+    store.put_bytes("stream.bin", blob)
+    reader = store.open_read("stream.bin", block_size=MiB)
+    first = reader.read(MiB // 2)  # a stream open across the outage
     restart_errors: list[BaseException] = []
 
     def restart() -> None:
@@ -224,11 +228,17 @@ def test_write_completes_when_server_killed_and_restarted_within_window(s3_serve
     server.kill()
     restarter = threading.Timer(3.0, restart)  # a 3 s outage, then the server comes back
     restarter.start()
+    rest: list[bytes] = []
+    streamer = threading.Thread(target=lambda: rest.append(reader.read()))  # range requests while down
+    streamer.start()
     try:
         store.put_bytes("during.txt", b"written through a restart")
     finally:
+        streamer.join()
         restarter.join()
+        reader.close()
     assert restart_errors == []
+    assert first + rest[0] == blob
     assert store.get_bytes("during.txt") == b"written through a restart"
     assert store.get_bytes("before.txt") == b"kept on disk"
     assert "EndpointConnectionError" in caplog.text
