@@ -115,6 +115,7 @@ class StageContext:
     launcher: str = "torchrun"        # "ray" | "torchrun" | "local"
     kill_at_step: int | None = None   # fault injection (tests): SIGKILL self after this step
     kill_rank: int | None = None
+    refs: dict[str, str] = field(default_factory=dict)  # resolved references, e.g. {"init": <export URL>}
 
 
 @dataclass
@@ -142,6 +143,13 @@ class Method(Protocol):
     #   weight_decay_at(step) -> float               weight decay of the decayed param groups at ``step``
     #   extra_state() -> dict[str, Tensor]           replicated method state (rank 0 saves it as
     #   load_extra_state(state)                        method_state.safetensors); every rank loads it
+    #   setup(ctx)                                   once, before build_model (reads ctx.refs, ctx.data_url)
+    #   param_groups(model, optim) -> groups         instead of the two default AdamW groups; a group's
+    #                                                  ``lr_scale`` multiplies the scheduled lr (layer decay)
+    #   eval_transform() + eval_step(model, batch) -> sums with a "count" key: run over the manifest's
+    #                                                  val split at every epoch end (every rank; padded
+    #                                                  samples are the method's to skip), logged as val_<k>
+    #   export(model, dest_url, rank=, storage_options=, extra=)   replaces the encoder export
 
 
 # ---- schedules (pure functions of the global step) ----------------------------------------------
@@ -173,8 +181,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: se
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, no_decay_names: set[str]) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, no_decay_names)
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, no_decay_names: set[str],
+                    groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+    groups = groups if groups is not None else param_groups(model, cfg.weight_decay, no_decay_names)
     return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=cfg.betas, eps=cfg.eps)
 
 
@@ -351,6 +360,8 @@ class _Run:
     resumed_from: int | None = None
     saved_step: int | None = None
     losses: list[float] = field(default_factory=list)
+    val: StreamingLoader | None = None  # the val split, for a method with eval_step
+    steps_per_epoch: int = 1
 
 
 def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: PreemptionWatch | None = None) -> TrainResult:
@@ -377,8 +388,13 @@ def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: Preemption
 def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every attempt
     accelerator = make_accelerator(cfg, ctx.world_size)
+    setup = getattr(method, "setup", None)
+    if setup is not None:
+        setup(ctx)
     model = method.build_model()
-    optimizer = build_optimizer(model, cfg.optim, method.no_weight_decay(model))
+    groups = getattr(method, "param_groups", None)
+    optimizer = build_optimizer(model, cfg.optim, method.no_weight_decay(model),
+                                groups(model, cfg.optim) if groups is not None else None)
     loader = StreamingLoader(ctx.data_url, split="train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
                              world_size=ctx.world_size, transform=method.train_transform(),
                              num_workers=cfg.loader_workers, pin_memory=torch.cuda.is_available(), partial="drop",
@@ -401,7 +417,20 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
         run_length(total, steps_per_epoch)
     expect = {"arch": method.arch(), "config_digest": cfg.digest(), "world_size": ctx.world_size}
     return _Run(cfg, ctx, method, accelerator, model, optimizer, loader, ckpt, MetricsLog(store, ctx.rank == 0), store,
-                total, min(warmup, total), peak_lr(cfg, ctx.world_size), expect)
+                total, min(warmup, total), peak_lr(cfg, ctx.world_size), expect, val=_val_loader(method, cfg, ctx, loader),
+                steps_per_epoch=steps_per_epoch)
+
+
+def _val_loader(method: Method, cfg: TrainConfig, ctx: StageContext, train: StreamingLoader) -> StreamingLoader | None:
+    """The val split in a fixed order, padded so every rank runs the same number of (collective) forwards."""
+    if getattr(method, "eval_step", None) is None:
+        return None
+    if "val" not in train.manifest.splits:
+        log.warning("stage %s: the manifest has no val split; no per-epoch evaluation", cfg.name)
+        return None
+    return StreamingLoader(ctx.data_url, split="val", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
+                           world_size=ctx.world_size, transform=method.eval_transform(), shuffle=False,
+                           num_workers=cfg.loader_workers, partial="pad", storage_options=ctx.storage_options)
 
 
 def _resume(run: _Run) -> None:
@@ -436,6 +465,8 @@ def _loop(run: _Run, watch: PreemptionWatch) -> Literal["done", "preempted"]:
             loss, extra, seconds = _one_step(run, batches)
             run.step += 1
             stop = _all_agree(run, loss, watch.requested.is_set())
+            if run.val is not None and (run.step % run.steps_per_epoch == 0 or run.step == run.total_steps):
+                extra = {**extra, **_evaluate(run)}
             _log_step(run, extra, seconds)
             if bar is not None:
                 bar.update(1)
@@ -469,7 +500,7 @@ def _one_step(run: _Run, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tenso
     wd_at = getattr(run.method, "weight_decay_at", None)
     wd = wd_at(run.step) if wd_at is not None else None
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
         if wd is not None and group.setdefault("decayed", group["weight_decay"] > 0):  # no-decay groups stay 0
             group["weight_decay"] = wd
     start = time.perf_counter()
@@ -549,8 +580,36 @@ def _load_method_state(run: _Run, local_dir: str) -> None:
     load(load_file(path))
 
 
+def _evaluate(run: _Run) -> dict[str, float]:
+    """The method's ``eval_step`` over the whole val split; sums over every rank, then means per sample.
+
+    Every rank calls it (under ZeRO-3 each forward gathers parameters collectively).
+    """
+    sums: dict[str, float] = {}
+    run.model.eval()
+    with torch.no_grad():
+        run.val.set_epoch(0)
+        for batch in run.val:
+            for key, value in run.method.eval_step(run.model, batch).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+    run.model.train()
+    keys = sorted(sums)
+    buf = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=run.accelerator.device)
+    if dist.is_initialized() and run.ctx.world_size > 1:
+        dist.all_reduce(buf)
+    totals = dict(zip(keys, buf.tolist()))
+    count = totals.pop("count", 0.0)
+    return {"val_count": count, **{f"val_{k}": v / max(count, 1.0) for k, v in totals.items()}}
+
+
 def _export(run: _Run) -> None:
     """The trained encoder to ``<stage>/export/`` (every rank calls: ZeRO-3 gathers)."""
+    custom = getattr(run.method, "export", None)
+    if custom is not None:
+        custom(run.model, run.store.url_of("export"), rank=run.ctx.rank, storage_options=run.ctx.storage_options,
+               extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.cfg.digest(),
+                      "code_version": code_version()})
+        return
     encoder = getattr(run.method, "encoder", None)
     if encoder is None:
         return

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from cluster.storage import Store, local_staging
+from dataprep.transforms import IMAGENET_MEAN, IMAGENET_STD
 from jobs.models import ModelConfig, build_encoder
 
 log = logging.getLogger(__name__)
@@ -91,17 +93,102 @@ def export_encoder(encoder: nn.Module, model_cfg: ModelConfig, dest_url: str, *,
 
 
 def load_export(url: str, storage_options: dict[str, Any] | None = None, **overrides: Any) -> nn.Module:
-    """Build the exported encoder with timm and load its weights (downloads from any store URL)."""
-    import timm
+    """Build the exported model with timm and load its weights (downloads from any store URL)."""
+    return load_export_model(url, storage_options, **overrides)[0]
 
+
+def read_export_config(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An export's ``config.json``; a clear error when the export is missing or unfinished."""
     store = Store(url, storage_options)
-    config = store.get_json(CONFIG)
+    try:
+        return dict(store.get_json(CONFIG))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{store.url_of(CONFIG)} does not exist: {url} is not a finished export "
+                                "(has the stage that writes it finished?)") from None
+
+
+def load_export_model(url: str, storage_options: dict[str, Any] | None = None,
+                      **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """(timm model, config.json) of the export at ``url`` (``file://``, ``s3://``, a path, …).
+
+    Safetensors only. ``overrides`` go to ``timm.create_model`` (e.g. ``num_classes=10`` for a new
+    classifier head: timm then keeps every weight but the exported head; ``drop_path_rate=0.1``).
+    """
+    config = read_export_config(url, storage_options)
     with local_staging("vitforge-load-") as tmp:
         path = os.path.join(tmp, WEIGHTS)
-        store.get_file(WEIGHTS, path)
-        kwargs = {"num_classes": 0, **config["model_args"], **overrides}
-        return timm.create_model(config["architecture"], pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=path, num_classes=0), **kwargs)
+        Store(url, storage_options).get_file(WEIGHTS, path)
+        return load_timm_weights(config["architecture"], path, {**config["model_args"], **overrides},
+                                 saved_classes=int(config.get("num_classes", 0))), config
+
+
+def load_timm_weights(arch: str, weights: str, model_args: dict[str, Any], saved_classes: int) -> nn.Module:
+    """``timm.create_model(arch, **model_args)`` with the weights of a local ``.safetensors`` file.
+
+    ``saved_classes``: the classifier size in the file (0: none). When ``model_args`` asks for
+    another ``num_classes``, timm drops the saved classifier and keeps every other weight.
+    """
+    import timm
+
+    if not weights.endswith(".safetensors"):
+        raise ValueError(f"{weights}: only .safetensors weights are loaded (no pickle); convert it with "
+                         "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')")
+    kwargs = {"num_classes": saved_classes, **model_args}
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": weights, "num_classes": saved_classes},
+                             **kwargs)
+
+
+def timm_export_config(architecture: str, model_args: dict[str, Any], img_size: int,
+                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """timm hub-style config for any timm model (``model_args`` includes ``num_classes``)."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(architecture, pretrained=False, **model_args)
+    base = dict(getattr(model, "pretrained_cfg", None) or {})
+    num_classes = int(model_args.get("num_classes", getattr(model, "num_classes", 0)))
+    return {
+        "architecture": architecture,
+        "num_classes": num_classes,
+        "num_features": int(model.num_features),
+        "model_args": dict(model_args),
+        "pretrained_cfg": {
+            "input_size": [3, img_size, img_size], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "interpolation": "bicubic", "crop_pct": 0.875, "num_classes": num_classes,
+            "first_conv": base.get("first_conv"), "classifier": base.get("classifier"),
+        },
+        "vitforge": {"format": "vitforge-export/1", **(extra or {})},
+    }
+
+
+def export_timm_model(module: nn.Module, architecture: str, model_args: dict[str, Any], dest_url: str, *,
+                      img_size: int, rank: int = 0, storage_options: dict[str, Any] | None = None,
+                      extra: dict[str, Any] | None = None,
+                      convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+    """Export any timm model (a classifier, a CNN, …): ``timm.create_model(architecture, **model_args)``
+    must accept the state dict of ``module`` after ``convert`` (e.g. merging LoRA weights, folding a
+    BatchNorm into a head). Every rank calls it (ZeRO gathers); rank 0 converts and writes.
+    """
+    state = gather_fp32_state_dict(module)
+    if rank != 0:
+        return
+    if convert is not None:
+        state = convert(state)
+    _write_export(state, timm_export_config(architecture, model_args, img_size, extra), dest_url, storage_options)
+
+
+def _write_export(state: dict[str, torch.Tensor], config: dict[str, Any], dest_url: str,
+                  storage_options: dict[str, Any] | None) -> None:
+    """Weights first, ``config.json`` last (an export without it is unfinished)."""
+    store = Store(dest_url, storage_options)
+    with local_staging("vitforge-export-") as tmp:
+        path = os.path.join(tmp, WEIGHTS)
+        save_file({k: v.contiguous() for k, v in state.items()}, path,
+                  metadata={"format": "pt", "architecture": config["architecture"]})
+        store.put_file(path, WEIGHTS)
+    store.put_json(CONFIG, config)
+    log.info("exported %s (%d tensors, %d classes) to %s", config["architecture"], len(state),
+             config["num_classes"], store.url)
 
 
 def build_from_config(config: dict[str, Any]) -> nn.Module:

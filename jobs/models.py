@@ -11,13 +11,16 @@ flash / memory-efficient kernels on GPU.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import timm
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from timm.models.vision_transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -108,3 +111,88 @@ def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))  # [D/2]
     out = np.einsum("m,d->md", pos, omega)  # [M, D/2]
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # [M, D]
+
+
+# ---- any timm model (distillation students, CNNs included) ---------------------------------------
+
+
+class TimmModelConfig(BaseModel):
+    """Any timm model by name — a ViT or a CNN — plus shape overrides and extra constructor args.
+
+    ViT shape fields (``patch_size``, ``depth``, ``embed_dim``, ``num_heads``, ``mlp_ratio``,
+    ``reg_tokens``) go to timm only when set and only for architectures whose constructor takes
+    them; ``img_size`` is the input resolution (passed to timm when the constructor takes it, as
+    ViTs' does). ``args`` holds any other constructor argument, e.g. a tiny ResNet:
+    ``{arch: resnet18, img_size: 32, args: {channels: [16, 32, 64, 128], stem_width: 16}}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field(description="timm model name, e.g. vit_tiny_patch16_224 or resnet18")
+    img_size: int = Field(default=224, ge=8, description="input resolution")
+    patch_size: int | None = Field(default=None, ge=1)
+    depth: int | None = Field(default=None, ge=1)
+    embed_dim: int | None = Field(default=None, ge=8)
+    num_heads: int | None = Field(default=None, ge=1)
+    mlp_ratio: float | None = Field(default=None, gt=0)
+    reg_tokens: int = Field(default=0, ge=0)
+    drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
+    args: dict[str, Any] = Field(default_factory=dict, description="other timm constructor arguments")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_model(cls, arch: str) -> str:
+        if not timm.is_model(arch):
+            raise ValueError(f"unknown timm model {arch!r}: give a name from timm.list_models(), "
+                             "e.g. vit_tiny_patch16_224, resnet18, convnext_atto")
+        return arch
+
+    @model_validator(mode="after")
+    def _fields_the_model_takes(self) -> "TimmModelConfig":
+        for name in ("patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "reg_tokens"):
+            value = getattr(self, name)
+            if value and not takes_kwarg(self.arch, name):
+                raise ValueError(f"{name}: {self.arch} has no {name!r} (it applies to ViTs; "
+                                 "give other constructor arguments under args)")
+        return self
+
+    def timm_kwargs(self, num_classes: int = 0) -> dict[str, Any]:
+        """Keyword arguments for ``timm.create_model(self.arch, **kwargs)`` (also what an export records)."""
+        kw: dict[str, Any] = {"num_classes": num_classes, **self.args}
+        if takes_kwarg(self.arch, "img_size"):
+            kw["img_size"] = self.img_size
+        for name in ("patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "reg_tokens"):
+            value = getattr(self, name)
+            if value:
+                kw[name] = value
+        return kw
+
+
+def takes_kwarg(arch: str, name: str) -> bool:
+    """Whether timm model ``arch``'s class constructor takes ``name`` (cheap: built on the meta device)."""
+    return name in _constructor_params(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _constructor_params(arch: str) -> frozenset[str]:
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False)
+    return frozenset(inspect.signature(type(model).__init__).parameters)
+
+
+def build_timm_model(cfg: TimmModelConfig, num_classes: int = 0) -> torch.nn.Module:
+    """A randomly initialised timm model for ``cfg`` with ``num_classes`` outputs (0: features only)."""
+    return timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate,
+                             **cfg.timm_kwargs(num_classes))
+
+
+def forward_flops(build: Callable[[], torch.nn.Module], img_size: int) -> float:
+    """Forward FLOPs per ``img_size`` image of the model ``build()`` makes (built and run on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build().eval()
+        x = torch.empty(1, 3, img_size, img_size)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    return float(counter.get_total_flops())

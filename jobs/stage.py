@@ -32,7 +32,13 @@ STATUS = "STATUS.json"
 METHODS: dict[str, tuple[str, str, str]] = {
     "mae": ("jobs.mae", "MAEConfig", "MAEMethod"),
     "dino": ("jobs.dino", "DINOConfig", "DINOMethod"),
+    "distill": ("jobs.distill", "DistillConfig", "DistillMethod"),
+    "finetune": ("jobs.finetune", "FinetuneConfig", "FinetuneMethod"),
 }
+
+# Stage fields that name an earlier stage's export (or an export URL); a stage job carries each one
+# resolved as ``<field>_url`` (pipeline/spec.py), which reaches the method as ``ctx.refs[<field>]``.
+REFERENCE_FIELDS = ("init", "teacher")
 
 
 def stage_config_class(kind: str) -> type:
@@ -85,7 +91,8 @@ def run_worker(job: dict[str, Any]) -> str:
     fault = job.get("fault") or {}
     ctx = StageContext(stage_url=job["stage_url"], data_url=job["data_url"], rank=rank, world_size=world,
                        storage_options=job.get("storage_options") or {}, launcher=job.get("launcher", "torchrun"),
-                       kill_at_step=fault.get("kill_at_step"), kill_rank=fault.get("kill_rank"))
+                       kill_at_step=fault.get("kill_at_step"), kill_rank=fault.get("kill_rank"),
+                       refs={f: job[f"{f}_url"] for f in REFERENCE_FIELDS if job.get(f"{f}_url")})
     # stop requests are honoured from here on (start-up takes a while; a SIGTERM must not be lost)
     watch = PreemptionWatch(Store(ctx.stage_url, ctx.storage_options) if rank == 0 else None)
     if rank == 0:

@@ -24,7 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dataprep.prep import PrepOptions
 from jobs.dino import DINOConfig
+from jobs.distill import DistillConfig
+from jobs.finetune import FinetuneConfig
 from jobs.mae import MAEConfig
+from jobs.stage import REFERENCE_FIELDS
 
 
 class SpecError(ValueError):
@@ -50,8 +53,8 @@ class PrepStage(PrepOptions):
     source: str = Field(description="image folder, list file or shards URL")
 
 
-Stage = Annotated[Union[PrepStage, MAEConfig, DINOConfig], Field(discriminator="kind")]
-TRAINING_KINDS = ("mae", "dino")
+Stage = Annotated[Union[PrepStage, MAEConfig, DINOConfig, DistillConfig, FinetuneConfig], Field(discriminator="kind")]
+TRAINING_KINDS = ("mae", "dino", "distill", "finetune")
 
 
 class RunSpec(BaseModel):
@@ -77,6 +80,7 @@ class RunSpec(BaseModel):
                 if seen[data] != "prep":
                     raise ValueError(f"stages[{i}] ({stage.name}) > data: stage {data!r} is a {seen[data]} stage, "
                                      "not a prep stage")
+            _check_references(i, stage, seen)
             seen[stage.name] = stage.kind
         return self
 
@@ -104,13 +108,35 @@ class RunSpec(BaseModel):
             return data if "://" in data else os.path.abspath(data)
         return posixpath.join(self.stage_url(data), "shards")
 
+    def export_url(self, ref: str) -> str:
+        """Where a reference (``init: pretrain``, ``teacher: s3://…/export``) points: a stage's export dir, or the URL."""
+        if _is_url(ref):
+            return ref if "://" in ref else os.path.abspath(os.path.expanduser(ref))
+        return posixpath.join(self.stage_url(ref), "export")
+
     def stage_job(self, name: str, launcher: str) -> dict[str, Any]:
         """The JSON-able job every worker of training stage ``name`` runs (see ``jobs/stage.py``)."""
         stage = self.stage(name)
         if stage.kind not in TRAINING_KINDS:
             raise ValueError(f"stage {name!r} is a {stage.kind} stage, not a training stage")
+        refs = {f"{f}_url": self.export_url(getattr(stage, f)) for f in REFERENCE_FIELDS
+                if isinstance(getattr(stage, f, None), str)}
         return {"stage": stage.model_dump(mode="json"), "stage_url": self.stage_url(name),
-                "data_url": self.data_url(stage), "storage_options": self.storage_options, "launcher": launcher}
+                "data_url": self.data_url(stage), "storage_options": self.storage_options, "launcher": launcher, **refs}
+
+
+def _check_references(i: int, stage: Any, seen: dict[str, str]) -> None:
+    """``init`` / ``teacher`` name an earlier training stage (its export) or an export URL/path."""
+    for field in REFERENCE_FIELDS:
+        ref = getattr(stage, field, None)
+        if not isinstance(ref, str) or _is_url(ref):
+            continue
+        if ref not in seen:
+            raise ValueError(f"stages[{i}] ({stage.name}) > {field}: {ref!r} is neither an earlier stage nor an "
+                             "export URL/path (use s3://…, file://…, /abs/path or ./rel/path)")
+        if seen[ref] not in TRAINING_KINDS:
+            raise ValueError(f"stages[{i}] ({stage.name}) > {field}: stage {ref!r} is a {seen[ref]} stage; it "
+                             "exports no model (name a training stage)")
 
 
 def _is_url(value: str) -> bool:

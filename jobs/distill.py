@@ -1,0 +1,275 @@
+"""Knowledge distillation (``kind: distill``): a frozen teacher into any timm student, ViT or CNN.
+
+The teacher is an earlier stage's export (``teacher: pretrain``), an export URL, or any timm
+model with a local ``.safetensors`` file (``teacher: {arch: resnet50, weights: ./r50.safetensors,
+num_classes: 1000}``). It is frozen, in eval mode, run under ``no_grad``, held by the method and
+*not* handed to DeepSpeed (so ZeRO never partitions or checkpoints it), in bf16 on GPU.
+
+Losses (weights configurable; ``None`` picks by the teacher):
+
+* a classifier teacher (``num_classes > 0``): KL divergence between temperature-softened
+  distributions, scaled by ``T**2`` (Hinton et al. 2015); the student gets the same head size.
+* a self-supervised teacher (no classifier, e.g. MAE/DINO): feature distillation on the
+  teacher's CLS and patch tokens, through a learned projector from the student's width to the
+  teacher's, by cosine distance or smooth-L1. A ViT student's patch grid is interpolated to the
+  teacher's; a CNN student's feature map is resized to the teacher's grid (its pooled features
+  stand in for the CLS token).
+
+The student's export is a plain timm model (the projector is not exported).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.storage import Store, local_staging
+from dataprep.transforms import mae_transform
+from jobs.engine import StageContext, TrainConfig, use_bf16
+from jobs.export import export_timm_model, load_export_model, load_timm_weights
+from jobs.models import TimmModelConfig, build_timm_model, forward_flops
+
+log = logging.getLogger(__name__)
+
+
+class TeacherWeights(BaseModel):
+    """Any timm model with a weights file (``.safetensors``; a path or a store URL)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str
+    weights: str
+    num_classes: int = Field(default=0, ge=0, description="the classifier size in the file (0: none)")
+    img_size: int | None = Field(default=None, ge=8, description="its input resolution; default: the student's")
+    args: dict[str, Any] = Field(default_factory=dict, description="other timm constructor arguments")
+
+
+class DistillLoss(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    logits_weight: float | None = Field(default=None, ge=0, description="KL on logits; default 1 for classifier teachers")
+    temperature: float = Field(default=4.0, gt=0)
+    cls_weight: float | None = Field(default=None, ge=0, description="default 1 for teachers without classifier")
+    patch_weight: float | None = Field(default=None, ge=0, description="default 1 for teachers without classifier")
+    feature_loss: Literal["cosine", "smooth_l1"] = "cosine"
+
+
+class DistillConfig(TrainConfig):
+    """A ``kind: distill`` stage: ``model`` is the student (any timm model), ``teacher`` the frozen teacher."""
+
+    kind: Literal["distill"] = "distill"
+    teacher: str | TeacherWeights = Field(description="an earlier training stage, an export URL/path, or timm + weights")
+    model: TimmModelConfig
+    loss: DistillLoss = Field(default_factory=DistillLoss)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+
+
+# ---- features of any timm model -------------------------------------------------------------------
+
+
+def split_features(model: nn.Module, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """``forward_features`` output -> (global [N, D], spatial [N, D, H, W], grid (H, W)).
+
+    Token models (ViTs): global = the CLS token (the mean patch token without one), spatial = the
+    patch tokens on their square grid. CNNs (NCHW maps): global = the average-pooled map.
+    """
+    if feats.ndim == 3:  # [N, P + L, D]
+        prefix = int(getattr(model, "num_prefix_tokens", 0))
+        patches = feats[:, prefix:]  # [N, L, D]
+        side = int(round(patches.shape[1] ** 0.5))
+        spatial = patches.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], side, side)  # [N, D, g, g]
+        has_cls = getattr(model, "cls_token", None) is not None
+        return (feats[:, 0] if has_cls else patches.mean(1)), spatial, (side, side)
+    if feats.ndim == 4:  # [N, C, H, W]
+        return feats.mean(dim=(2, 3)), feats, (feats.shape[2], feats.shape[3])
+    raise ValueError(f"{type(model).__name__}.forward_features gave shape {tuple(feats.shape)}: "
+                     "expected tokens [N, T, D] or a feature map [N, C, H, W]")
+
+
+class FeatureProjector(nn.Module):
+    """Student width -> teacher width for the global feature and for every grid cell."""
+
+    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.cls = nn.Linear(student_dim, teacher_dim)
+        self.patch = nn.Linear(student_dim, teacher_dim)
+
+    def forward(self, global_feat: torch.Tensor, spatial: torch.Tensor,
+                grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, Ds], [N, Ds, h, w] -> [N, Dt], [N, H*W, Dt] on the teacher's grid (H, W)."""
+        if tuple(spatial.shape[-2:]) != tuple(grid):
+            spatial = F.interpolate(spatial, size=grid, mode="bilinear", align_corners=False)
+        cells = spatial.flatten(2).transpose(1, 2)  # [N, H*W, Ds]
+        return self.cls(global_feat), self.patch(cells)
+
+
+class DistillStudent(nn.Module):
+    """What DeepSpeed trains: the timm student, plus the projector for feature distillation."""
+
+    def __init__(self, student: nn.Module, projector: FeatureProjector | None) -> None:
+        super().__init__()
+        self.student, self.projector = student, projector
+
+    def forward(self, imgs: torch.Tensor, grid: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+        feats = self.student.forward_features(imgs)
+        out: dict[str, torch.Tensor] = {}
+        if getattr(self.student, "num_classes", 0):
+            out["logits"] = self.student.forward_head(feats)  # [N, C]
+        if self.projector is not None and grid is not None:
+            global_feat, spatial, _ = split_features(self.student, feats)
+            out["cls"], out["patch"] = self.projector(global_feat, spatial, grid)  # [N, Dt], [N, L, Dt]
+        return out
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+
+
+def kl_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened logits, times T**2 (gradient scale of Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+def feature_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean over samples (and tokens) of the cosine distance or smooth-L1 between features [..., D]."""
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    return F.smooth_l1_loss(student, teacher)
+
+
+# ---- the teacher ----------------------------------------------------------------------------------
+
+
+def load_teacher(teacher: str | TeacherWeights, url: str | None, img_size: int,
+                 storage_options: dict[str, Any] | None = None) -> tuple[nn.Module, int, int]:
+    """(frozen eval-mode teacher, its num_classes, its input size)."""
+    if isinstance(teacher, TeacherWeights):
+        model = _timm_with_weights(teacher, storage_options)
+        classes, size = teacher.num_classes, teacher.img_size or img_size
+    else:
+        model, config = load_export_model(url or teacher, storage_options)
+        classes, size = int(config.get("num_classes", 0)), int(config["pretrained_cfg"]["input_size"][-1])
+    return model.eval().requires_grad_(False), classes, size
+
+
+def _timm_with_weights(teacher: TeacherWeights, storage_options: dict[str, Any] | None) -> nn.Module:
+    if "://" not in teacher.weights:
+        return load_timm_weights(teacher.arch, os.path.expanduser(teacher.weights), teacher.args, teacher.num_classes)
+    parent, name = teacher.weights.rsplit("/", 1)
+    with local_staging("vitforge-teacher-") as tmp:
+        Store(parent, storage_options).get_file(name, os.path.join(tmp, name))
+        return load_timm_weights(teacher.arch, os.path.join(tmp, name), teacher.args, teacher.num_classes)
+
+
+# ---- the method -----------------------------------------------------------------------------------
+
+
+class DistillMethod:
+    """Distillation for :func:`jobs.engine.train`; ``setup`` loads the teacher (kept off DeepSpeed)."""
+
+    def __init__(self, cfg: DistillConfig, rank: int = 0) -> None:
+        self.cfg, self.rank = cfg, rank
+        self.teacher: nn.Module | None = None
+        self.teacher_classes, self.teacher_size = 0, cfg.model.img_size
+
+    def setup(self, ctx: StageContext) -> None:
+        self.teacher, self.teacher_classes, self.teacher_size = load_teacher(
+            self.cfg.teacher, ctx.refs.get("teacher"), self.cfg.model.img_size, ctx.storage_options)
+        self.weights = self._loss_weights()
+        log.info("distilling %s (%d classes, %d px) into %s; loss weights %s", type(self.teacher).__name__,
+                 self.teacher_classes, self.teacher_size, self.cfg.model.arch, self.weights)
+
+    def _loss_weights(self) -> dict[str, float]:
+        loss, classifier = self.cfg.loss, self.teacher_classes > 0
+        weights = {"logits": loss.logits_weight if loss.logits_weight is not None else float(classifier),
+                   "cls": loss.cls_weight if loss.cls_weight is not None else float(not classifier),
+                   "patch": loss.patch_weight if loss.patch_weight is not None else float(not classifier)}
+        if weights["logits"] and not classifier:
+            raise ValueError(f"stage {self.cfg.name!r}: loss.logits_weight needs a teacher with a classifier")
+        if not any(weights.values()):
+            raise ValueError(f"stage {self.cfg.name!r}: every distillation loss weight is 0")
+        return weights
+
+    @property
+    def num_classes(self) -> int:
+        return self.teacher_classes if self.weights["logits"] else 0
+
+    def build_model(self) -> DistillStudent:
+        student = build_timm_model(self.cfg.model, num_classes=self.num_classes)
+        projector = None
+        if self.weights["cls"] or self.weights["patch"]:
+            projector = FeatureProjector(int(student.num_features), int(self.teacher.num_features))
+        return DistillStudent(student, projector)
+
+    def train_transform(self) -> Callable:
+        return mae_transform(self.cfg.model.img_size, scale=self.cfg.crop_scale)  # RandomResizedCrop + flip
+
+    def _teacher_targets(self, imgs: torch.Tensor) -> dict[str, Any]:
+        """The frozen teacher's logits / CLS / patch tokens (fp32), on its own device and dtype."""
+        p = next(self.teacher.parameters())
+        if p.device != imgs.device:
+            dtype = torch.bfloat16 if use_bf16(self.cfg, imgs.is_cuda) else torch.float32
+            self.teacher.to(imgs.device, dtype=dtype)
+            p = next(self.teacher.parameters())
+        x = imgs.to(p.dtype)
+        if x.shape[-1] != self.teacher_size:
+            x = F.interpolate(x, size=(self.teacher_size, self.teacher_size), mode="bicubic", align_corners=False)
+        with torch.no_grad():
+            feats = self.teacher.forward_features(x)
+            out: dict[str, Any] = {}
+            if self.weights["logits"]:
+                out["logits"] = self.teacher.forward_head(feats).float()  # [N, C]
+            if self.weights["cls"] or self.weights["patch"]:
+                global_feat, spatial, grid = split_features(self.teacher, feats)
+                out["cls"], out["grid"] = global_feat.float(), grid  # [N, Dt]
+                out["patch"] = spatial.flatten(2).transpose(1, 2).float()  # [N, L, Dt]
+        return out
+
+    def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        p = next(model.parameters())
+        imgs = batch["image"].to(p.device, dtype=p.dtype, non_blocking=True)  # [N, 3, S, S]
+        target = self._teacher_targets(imgs)
+        out = model(imgs, target.get("grid"))
+        w, parts = self.weights, {}
+        if w["logits"]:
+            parts["logits"] = kl_logits(out["logits"].float(), target["logits"], self.cfg.loss.temperature)
+        for key in ("cls", "patch"):
+            if w[key]:
+                parts[key] = feature_distance(out[key].float(), target[key], self.cfg.loss.feature_loss)
+        loss = sum(w[k] * v for k, v in parts.items())
+        return loss, {f"loss_{k}": float(v.detach()) for k, v in parts.items()}
+
+    def arch(self) -> dict[str, Any]:
+        teacher = self.cfg.teacher if isinstance(self.cfg.teacher, str) else self.cfg.teacher.model_dump()
+        return {"student": self.cfg.model.model_dump(), "teacher": teacher, "loss": self.cfg.loss.model_dump()}
+
+    def no_weight_decay(self, model: nn.Module) -> set[str]:
+        return {"pos_embed", "cls_token", "reg_token", "dist_token"}
+
+    def export(self, model: nn.Module, dest_url: str, *, rank: int, storage_options: dict[str, Any],
+               extra: dict[str, Any]) -> None:
+        """The student alone, as a plain timm model (every rank calls: ZeRO gathers)."""
+        student = getattr(model, "module", model).student
+        export_timm_model(student, self.cfg.model.arch, self.cfg.model.timm_kwargs(self.num_classes), dest_url,
+                          img_size=self.cfg.model.img_size, rank=rank, storage_options=storage_options,
+                          extra={**extra, "teacher": self.arch()["teacher"]})
+
+    def flops_per_sample(self) -> float:
+        """3x the student's forward plus the teacher's forward."""
+        if not hasattr(self, "_flops"):
+            student = forward_flops(lambda: build_timm_model(self.cfg.model, self.num_classes), self.cfg.model.img_size)
+            teacher = 2.0 * sum(p.numel() for p in self.teacher.parameters()) * self._teacher_tokens()
+            self._flops = 3.0 * student + teacher
+        return self._flops
+
+    def _teacher_tokens(self) -> int:
+        embed = getattr(self.teacher, "patch_embed", None)
+        return int(embed.num_patches + self.teacher.num_prefix_tokens) if embed is not None else 1

@@ -1,0 +1,378 @@
+"""Fine-tuning (``kind: finetune``) of an earlier stage's export on labeled shards.
+
+Modes (as in MAE's fine-tuning and linear-probing recipes):
+
+* ``full``   every weight trains: layer-wise lr decay (a block ``i`` of ``L`` gets
+             ``lr * layer_decay ** (L + 1 - (i + 1))``), drop path, label smoothing, mixup/cutmix.
+* ``linear`` the encoder is frozen (eval mode, no grad); ``BatchNorm1d(affine=False)`` + a linear
+             head train on its pooled features. The export folds the BatchNorm into the head.
+* ``lora``   ``peft`` LoRA adapters on the attention ``qkv`` and ``proj`` of every block, plus the
+             head; the export merges the adapters (``W + B A * alpha / r``) into plain timm weights.
+
+Every export is a plain timm classifier (backbone + head, ``num_classes`` from the manifest),
+loadable with ``timm.create_model("local-dir:<export>", pretrained=True)``. Top-1/top-5 on the
+manifest's val split are logged at every epoch end (``val_top1``, ``val_top5``, ``val_loss``).
+
+Mixup/cutmix draw from a generator seeded by (seed, step, rank): a pure function of the step,
+so a resumed run mixes exactly as an uninterrupted one.
+
+Library entry (e.g. a low-label fine-tune inside an evaluation): :func:`run_finetune`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import socket
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.storage import Store
+from dataprep.manifest import load_manifest
+from dataprep.transforms import eval_transform, mae_transform
+from jobs.engine import OptimConfig, StageContext, TrainConfig, TrainResult, train
+from jobs.export import export_timm_model, load_export_model
+from jobs.models import forward_flops
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = r".*\.attn\.(qkv|proj)$"
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: str = Field(default=LORA_TARGETS, description="regex over module names (peft)")
+
+
+class FinetuneConfig(TrainConfig):
+    """A ``kind: finetune`` stage. ``None`` recipe fields take the mode's defaults (see :data:`RECIPES`)."""
+
+    kind: Literal["finetune"] = "finetune"
+    init: str = Field(description="an earlier training stage's name, or an export URL/path")
+    model: None = Field(default=None, description="not used: the architecture is the init export's")
+    mode: Literal["full", "linear", "lora"] = "full"
+    num_classes: int | None = Field(default=None, ge=1, description="default: the manifest's class count")
+    layer_decay: float | None = Field(default=None, gt=0, le=1)
+    drop_path_rate: float | None = Field(default=None, ge=0, lt=1)
+    label_smoothing: float | None = Field(default=None, ge=0, lt=1)
+    mixup: float | None = Field(default=None, ge=0, description="mixup alpha; 0 disables")
+    cutmix: float | None = Field(default=None, ge=0, description="cutmix alpha; 0 disables")
+    mix_prob: float = Field(default=1.0, ge=0, le=1)
+    switch_prob: float = Field(default=0.5, ge=0, le=1, description="cutmix instead of mixup when both are on")
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(base_lr=1e-3, betas=(0.9, 0.999)))
+
+    @model_validator(mode="after")
+    def _mode_defaults(self) -> "FinetuneConfig":
+        for name, value in RECIPES[self.mode].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        return self
+
+
+# MAE's recipes: full fine-tuning (ViT-B: layer decay 0.65-0.75, drop path 0.1, mixup 0.8, cutmix 1.0,
+# smoothing 0.1) and linear probing (no augmentation beyond crops, no regularisation).
+RECIPES: dict[str, dict[str, float]] = {
+    "full": {"layer_decay": 0.75, "drop_path_rate": 0.1, "label_smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0},
+    "linear": {"layer_decay": 1.0, "drop_path_rate": 0.0, "label_smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0},
+    "lora": {"layer_decay": 1.0, "drop_path_rate": 0.0, "label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0},
+}
+
+
+# ---- models per mode -------------------------------------------------------------------------------
+
+
+class LinearProbe(nn.Module):
+    """A frozen encoder, then ``BatchNorm1d(affine=False)`` and a linear head on its pooled features."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        dim = int(encoder.num_features)
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.encoder.eval()  # frozen: no dropout, no drop path, BatchNorm statistics untouched
+        return self
+
+    def features(self, imgs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.encoder.forward_head(self.encoder.forward_features(imgs), pre_logits=True)  # [N, D]
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.features(imgs)))  # [N, C]
+
+
+def fold_batchnorm_into_head(state: dict[str, torch.Tensor], classifier: str,
+                             eps: float = 1e-6) -> dict[str, torch.Tensor]:
+    """A :class:`LinearProbe` state -> a plain timm classifier state: ``head(bn(x)) = W' x + b'``."""
+    mean, var = state["bn.running_mean"].double(), state["bn.running_var"].double()
+    scale = 1.0 / torch.sqrt(var + eps)  # [D]
+    w, b = state["head.weight"].double(), state["head.bias"].double()  # [C, D], [C]
+    out = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    out[f"{classifier}.weight"] = (w * scale).float()
+    out[f"{classifier}.bias"] = (b - (w * scale) @ mean).float()
+    return out
+
+
+def add_lora(model: nn.Module, settings: LoraSettings, trainable: tuple[str, ...]) -> nn.Module:
+    """Inject LoRA adapters (peft); only the adapters and the modules named in ``trainable`` train."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=settings.target_modules)
+    model = inject_adapter_in_model(config, model)
+    if not any("lora_" in name for name, _ in model.named_parameters()):
+        raise ValueError(f"lora: no module of {type(model).__name__} matches target_modules "
+                         f"{settings.target_modules!r}")
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.split(".")[0] in trainable)
+    return model
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """Fold every adapter into its base weight (``W + B @ A * scaling``) and restore timm's names."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        m = re.match(r"(.*)\.base_layer\.(weight|bias)$", name)
+        if m is None:
+            out[name] = value
+            continue
+        prefix, kind = m.groups()
+        if kind == "weight":
+            a = state[next(k for k in state if k.startswith(f"{prefix}.lora_A.") and k.endswith(".weight"))]  # [r, in]
+            b = state[next(k for k in state if k.startswith(f"{prefix}.lora_B.") and k.endswith(".weight"))]  # [out, r]
+            value = (value.double() + (b.double() @ a.double()) * scaling).float()
+        out[f"{prefix}.{kind}"] = value
+    return out
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float,
+                       no_decay_names: set[str]) -> list[dict[str, Any]]:
+    """AdamW groups with ``lr_scale = layer_decay ** (L + 1 - layer)``: embeddings are layer 0,
+    block ``i`` is layer ``i + 1``, everything after the blocks (norm, head) layer ``L + 1``."""
+    depth = len(getattr(model, "blocks", []))
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = _layer_id(name, depth)
+        decay = not (p.ndim <= 1 or name in no_decay_names or name.split(".")[-1] in no_decay_names)
+        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                   "lr_scale": layer_decay ** (depth + 1 - layer)})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _layer_id(name: str, depth: int) -> int:
+    if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed", "mask_token", "dist_token")):
+        return 0
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return int(m.group(1)) + 1 if m else depth + 1
+
+
+# ---- mixup / cutmix --------------------------------------------------------------------------------
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """[N] -> [N, C] one-hot with label smoothing (``smoothing / C`` off, ``1 - smoothing + smoothing / C`` on)."""
+    off = smoothing / num_classes
+    out = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return out.scatter_(1, labels.unsqueeze(1), 1.0 - smoothing + off)
+
+
+def mix_batch(imgs: torch.Tensor, targets: torch.Tensor, cfg: FinetuneConfig,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix of a batch with its flipped self (timm's ``Mixup``, mode ``batch``)."""
+    if not (cfg.mixup or cfg.cutmix) or rng.random() >= cfg.mix_prob:
+        return imgs, targets
+    use_cutmix = bool(cfg.cutmix) and (not cfg.mixup or rng.random() < cfg.switch_prob)
+    lam = float(rng.beta(cfg.cutmix, cfg.cutmix) if use_cutmix else rng.beta(cfg.mixup, cfg.mixup))
+    flipped = imgs.flip(0)
+    if use_cutmix:
+        h, w = imgs.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        imgs = imgs.clone()
+        imgs[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually pasted
+    else:
+        imgs = imgs * lam + flipped * (1.0 - lam)
+    return imgs, targets * lam + targets.flip(0) * (1.0 - lam)
+
+
+def step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
+    """The mixing randomness of ``step`` on ``rank``: a pure function of (seed, step, rank)."""
+    return np.random.default_rng([seed, step, rank, 0x6D6978])
+
+
+# ---- the method ------------------------------------------------------------------------------------
+
+
+class FinetuneMethod:
+    """Fine-tuning for :func:`jobs.engine.train` (``setup`` reads the init export and the manifest)."""
+
+    def __init__(self, cfg: FinetuneConfig, rank: int = 0) -> None:
+        self.cfg, self.rank = cfg, rank
+        self.init_url: str | None = None
+        self.export_cfg: dict[str, Any] = {}
+        self.num_classes = cfg.num_classes or 0
+
+    def setup(self, ctx: StageContext) -> None:
+        self.storage_options = ctx.storage_options
+        self.init_url = ctx.refs.get("init") or self.cfg.init
+        if not self.cfg.num_classes:
+            classes = load_manifest(ctx.data_url, ctx.storage_options)[0].classes
+            if not classes:
+                raise ValueError(f"stage {self.cfg.name!r}: the manifest at {ctx.data_url} has no classes; "
+                                 "fine-tuning needs labeled shards (or give num_classes)")
+            self.num_classes = len(classes)
+
+    def build_model(self) -> nn.Module:
+        cfg, url = self.cfg, self.init_url
+        if cfg.mode == "linear":
+            encoder, self.export_cfg = load_export_model(url, self.storage_options, num_classes=0)
+            return LinearProbe(encoder, self.num_classes)
+        model, self.export_cfg = load_export_model(url, self.storage_options, num_classes=self.num_classes,
+                                                   drop_path_rate=cfg.drop_path_rate)
+        if cfg.mode == "lora":
+            model = add_lora(model, cfg.lora, trainable=(self.classifier,))
+        return model
+
+    @property
+    def classifier(self) -> str:
+        return self.export_cfg.get("pretrained_cfg", {}).get("classifier") or "head"
+
+    @property
+    def img_size(self) -> int:
+        return int(self.export_cfg["pretrained_cfg"]["input_size"][-1])
+
+    def train_transform(self) -> Callable:
+        return mae_transform(self.img_size, scale=self.cfg.crop_scale)  # RandomResizedCrop + flip
+
+    def eval_transform(self) -> Callable:
+        return eval_transform(self.img_size)
+
+    def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        imgs, labels = _inputs(model, batch)
+        targets = soft_targets(labels, self.num_classes, self.cfg.label_smoothing)  # [N, C]
+        if self.cfg.mode == "full":
+            imgs, targets = mix_batch(imgs, targets, self.cfg, step_rng(self.cfg.seed, step, self.rank))
+        logits = model(imgs).float()  # [N, C]
+        loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return loss, {}
+
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
+        """Sums over this rank's real (non-padded) val samples."""
+        imgs, labels = _inputs(model, batch)
+        keep = ~batch["pad"].to(labels.device)
+        logits = model(imgs).float()[keep]  # [n, C]
+        labels = labels[keep]
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # [n, k]
+        hits = top == labels.unsqueeze(1)
+        return {"top1": float(hits[:, 0].sum()), "top5": float(hits.any(dim=1).sum()),
+                "loss": float(F.cross_entropy(logits, labels, reduction="sum")), "count": float(keep.sum())}
+
+    def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+        return layer_decay_groups(model, optim.weight_decay, self.cfg.layer_decay, self.no_weight_decay(model))
+
+    def no_weight_decay(self, model: nn.Module) -> set[str]:
+        return {"pos_embed", "cls_token", "reg_token", "dist_token"}
+
+    def arch(self) -> dict[str, Any]:
+        return {"init": self.cfg.init, "mode": self.cfg.mode, "num_classes": self.cfg.num_classes,
+                "lora": self.cfg.lora.model_dump() if self.cfg.mode == "lora" else None}
+
+    def export(self, model: nn.Module, dest_url: str, *, rank: int, storage_options: dict[str, Any],
+               extra: dict[str, Any]) -> None:
+        """The fine-tuned classifier as a plain timm model (every rank calls: ZeRO gathers)."""
+        inner = getattr(model, "module", model)
+        args = {**self.export_cfg["model_args"], "num_classes": self.num_classes}
+        args.pop("drop_path_rate", None)
+        convert = None
+        if self.cfg.mode == "linear":
+            convert = lambda state: fold_batchnorm_into_head(state, self.classifier, inner.bn.eps)  # noqa: E731
+        elif self.cfg.mode == "lora":
+            convert = lambda state: merge_lora_state(state, self.cfg.lora.alpha / self.cfg.lora.r)  # noqa: E731
+        export_timm_model(inner, self.export_cfg["architecture"], args, dest_url, img_size=self.img_size, rank=rank,
+                          storage_options=storage_options, extra={**extra, "mode": self.cfg.mode}, convert=convert)
+
+    def flops_per_sample(self) -> float:
+        if not hasattr(self, "_flops"):
+            import timm
+
+            args = {**self.export_cfg["model_args"], "num_classes": self.num_classes}
+            fwd = forward_flops(lambda: timm.create_model(self.export_cfg["architecture"], **args), self.img_size)
+            self._flops = fwd * (1.0 if self.cfg.mode == "linear" else 3.0)  # linear: no encoder backward
+        return self._flops
+
+
+def _inputs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    p = next(model.parameters())
+    return (batch["image"].to(p.device, dtype=p.dtype, non_blocking=True),
+            batch["label"].to(p.device, non_blocking=True))
+
+
+# ---- library entry -----------------------------------------------------------------------------------
+
+
+def run_finetune(cfg: FinetuneConfig | dict[str, Any], *, data_url: str, init_url: str, stage_url: str,
+                 storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune ``init_url``'s export on ``data_url`` in this process (one rank, no gang), e.g. the
+    low-label fine-tune of an evaluation. Writes checkpoints, ``metrics.jsonl`` and ``export/`` under
+    ``stage_url`` (resuming from its checkpoints if any) and returns the last epoch's val metrics
+    (``val_top1``, ``val_top5``, ``val_loss``, ``val_count``, ``step``).
+
+    Inside an existing process group every rank must call it; otherwise it makes a 1-process gloo group.
+    """
+    cfg = cfg if isinstance(cfg, FinetuneConfig) else FinetuneConfig.model_validate(cfg)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        _single_process_env()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    ctx = StageContext(stage_url=stage_url, data_url=data_url, rank=rank, world_size=world,
+                       storage_options=storage_options or {}, launcher="local", refs={"init": init_url})
+    result: TrainResult = train(FinetuneMethod(cfg, rank=rank), cfg, ctx)
+    records = [json.loads(line) for line in Store(stage_url, storage_options).get_bytes("metrics.jsonl").decode().splitlines()]
+    evaluated = [r for r in records if "val_top1" in r]
+    last = evaluated[-1] if evaluated else {}
+    return {"state": result.state, "step": result.step,
+            **{k: v for k, v in last.items() if k.startswith("val_")}}
+
+
+def _single_process_env() -> None:
+    """The environment a 1-process torch.distributed group needs (what torchrun would set)."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
