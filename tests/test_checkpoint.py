@@ -259,3 +259,43 @@ def test_staging_dirs_of_dead_processes_are_swept(tmp_path, monkeypatch):
     assert not stale.exists() and live.exists()
     ckpt.close()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("vitforge-ckpt-")) == [live.name]
+
+
+def rank_writer(rank: int, step: int, name: str | None = None):
+    def write(d: str) -> None:
+        torch.save(tensors_for(100 * rank + step), os.path.join(d, name or f"optim-rank-{rank}.pt"))
+    return write
+
+
+def gang_of_two(url: str, session: str, **kwargs) -> list[CheckpointManager]:
+    """Both ranks of a 2-rank gang in this process (the commit protocol needs only the store)."""
+    return [CheckpointManager(url, CheckpointPolicy(every_steps=1), rank=r, world_size=2, session_id=session, **kwargs)
+            for r in (0, 1)]
+
+
+def test_markers_of_an_earlier_attempt_never_count_towards_a_commit(tmp_path):
+    url = f"file://{tmp_path}/s"
+    _, old1 = gang_of_two(url, "killed-attempt")
+    old1.save(2, rank_writer(1, 2), {"step": 2})           # rank 1 of an attempt whose rank 0 died
+    old1.wait()
+    new0, _ = gang_of_two(url, "attempt-2", commit_timeout_s=0.5)
+    with pytest.raises(CheckpointCommitError, match="timed out"):
+        new0.save(2, rank_writer(0, 2), {"step": 2}, sync=True)
+    assert new0.latest() is None
+
+    r0, r1 = gang_of_two(url, "attempt-3")
+    r0.save(2, rank_writer(0, 2), {"step": 2})              # rank 0 commits in the background ...
+    r1.save(2, rank_writer(1, 2), {"step": 2}, sync=True)   # ... and sync rank 1 returns once it did
+    info = r0.latest()
+    assert info.step == 2 and {f: rec["rank"] for f, rec in info.files.items()} == {
+        "optim-rank-0.pt": 0, "optim-rank-1.pt": 1}
+    r0.close()
+
+
+def test_two_ranks_writing_the_same_file_name_is_refused(tmp_path):
+    r0, r1 = gang_of_two(f"file://{tmp_path}/s", "same-name")
+    r1.save(1, rank_writer(1, 1, name="model.pt"), {"step": 1})
+    r1.wait()
+    with pytest.raises(CheckpointCommitError, match="ranks 0 and 1 both wrote 'model.pt'"):
+        r0.save(1, rank_writer(0, 1, name="model.pt"), {"step": 1}, sync=True)
+    assert r0.latest() is None
