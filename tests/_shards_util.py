@@ -39,7 +39,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shards(dest: str, counts: dict[str, list[int]] | list[int], ext: str = "png", size: tuple[int, int] = (32, 32),
                  classes: int | None = 3, sizes: list[tuple[int, int]] | None = None,
-                 corrupt: set[int] = frozenset()) -> Manifest:
+                 corrupt: set[int] = frozenset(), storage_options: dict | None = None) -> Manifest:
     """Write shards with ``counts[split][i]`` samples in shard i, then the manifest (last).
 
     Keys are content hashes; labels are ``sample_number % classes`` (no ``.cls`` when ``classes`` is
@@ -48,7 +48,7 @@ def write_shards(dest: str, counts: dict[str, list[int]] | list[int], ext: str =
     """
     if isinstance(counts, list):
         counts = {"train": counts}
-    store = Store(dest)
+    store = Store(dest, storage_options)
     splits: dict[str, SplitInfo] = {}
     number = 0
     with tempfile.TemporaryDirectory(prefix="vf-shards-") as tmp:

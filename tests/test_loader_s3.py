@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
 
 import pytest
 
@@ -85,3 +87,24 @@ def test_missing_shard_object_on_s3_is_a_clear_error(s3_url, tmp_path, cached):
     loader = make(s3_url, cache_dir=str(tmp_path) if cached else None)
     with pytest.raises(MissingShardError, match=r"s3://.*train/shard-000001\.tar.*does not exist"):
         list(loader)
+
+
+@pytest.mark.faults
+def test_s3_outage_mid_epoch_is_waited_out_and_no_sample_is_lost(s3_server):
+    server = s3_server()
+    opts = {"key": server.admin.access_key, "secret": server.admin.secret_key,
+            "client_kwargs": {"endpoint_url": server.endpoint}}
+    url = f"s3://{server.bucket}/outage"
+    write_shards(url, [4] * 8, storage_options=opts)
+    loader = StreamingLoader(url, batch_size=4, seed=1, window_shards=1, readahead_shards=1, storage_options=opts)
+    it = iter(loader)
+    keys = list(next(it)["key"])
+    server.kill()
+    restart = threading.Timer(2.0, server.start)
+    restart.start()
+    try:
+        keys += [k for batch in it for k in batch["key"]]
+    finally:
+        restart.join()
+    assert loader.stats["skipped"] == 0
+    assert len(keys) == 32 and max(collections.Counter(keys).values()) == 1
