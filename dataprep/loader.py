@@ -206,7 +206,8 @@ class StreamingLoader:
     ``partial``: ``"pad"`` fills the last batches of short ranks with repeats from their own
     chunk (flagged in ``batch["pad"]``), ``"drop"`` drops each rank's tail (< batch_size + 1).
     ``on_error``: ``"skip"`` replaces an unreadable sample by a repeat of a readable one from the
-    same batch (flagged in ``pad``; counted in ``stats["skipped"]``; logged with shard and key),
+    same batch (flagged in ``pad``; counted in ``stats["skipped"]``; logged with shard and key; a
+    batch without a single readable sample raises :class:`ShardError`),
     ``"fail"`` raises :class:`ShardError` naming shard and key. A shard missing from the store
     always raises :class:`MissingShardError`.
     ``cache_dir``: shards are downloaded whole into it (shared by workers and by ranks on one
