@@ -225,6 +225,18 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[st
     return _deep_merge(ours, cfg.deepspeed)
 
 
+def _skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-building its shared-memory op at process-group start.
+
+    The op serves only ``inference_all_reduce``; training never calls it. Building it costs a C++
+    compile on a fresh machine, and its build lock (``~/.cache/torch_extensions/…/lock``) survives a
+    ``kill -9`` during the build, after which every later start waits on that lock forever.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def make_accelerator(cfg: TrainConfig, world_size: int):
     """An ``Accelerator`` driving DeepSpeed. Every rank calls it once per process."""
     from accelerate import Accelerator, DeepSpeedPlugin
@@ -233,6 +245,7 @@ def make_accelerator(cfg: TrainConfig, world_size: int):
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+        _skip_deepspeed_shm_op()
     ds_cfg = deepspeed_config(cfg, world_size, on_gpu)
     plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg)
     # accelerate only knows DeepSpeed on accelerators; naming the gloo backend makes it take the
