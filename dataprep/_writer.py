@@ -21,7 +21,7 @@ from typing import Any
 
 from cluster.storage import Store, local_staging
 
-from ._images import ImageSpec, Reject, process
+from ._images import UNREADABLE, ImageSpec, Reject, process
 from ._sources import RefReader, store_at
 
 PROGRESS = "_progress"
@@ -88,7 +88,6 @@ def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec) -> dict[str, Any]:
         "digest": plan.digest,
         "shard": {"name": plan.name, "samples": samples, "bytes": size, "sha256": sha},
         "rejects": rejects,
-        "labels": _label_counts(plan, outputs),
         "seconds": round(time.monotonic() - start, 3),
         "written_at": time.time(),
     }
@@ -106,7 +105,7 @@ def _process_all(plan: ShardPlan, spec: ImageSpec) -> tuple[dict[str, bytes], li
             except Reject as r:
                 rejects.append({"input": name, "reason": r.reason, "detail": r.detail})
             except OSError as exc:  # the file vanished or became unreadable since the scan
-                rejects.append({"input": name, "reason": "unreadable", "detail": f"{type(exc).__name__}: {exc}"})
+                rejects.append({"input": name, "reason": UNREADABLE, "detail": f"{type(exc).__name__}: {exc}"})
     finally:
         reader.close()
     return outputs, sorted(rejects, key=lambda r: r["input"])
@@ -133,14 +132,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def _label_counts(plan: ShardPlan, outputs: dict[str, bytes]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for key, _, _, label in plan.items:
-        if key in outputs and label is not None:
-            counts[str(label)] = counts.get(str(label), 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
 
 
 def _sha256_file(path: str) -> str:

@@ -277,13 +277,13 @@ def make_plan(entries: list[Entry], classes: list[str] | None, options: PrepOpti
     kept.sort(key=lambda e: hashlib.sha256(f"{options.seed}:{e.key}".encode()).digest())
     n_val = round(len(kept) * options.val_fraction)
     splits = {"train": kept[n_val:], **({"val": kept[:n_val]} if n_val else {})}
-    digest = options.digest()
+    ext = options.format if options.format != "keep" else _dominant_format(kept)
+    digest = f"{options.digest()}:{ext}"
     shards = [
         ShardPlan(split, i, tuple(items), plan_digest(digest, split, i, items))
         for split, members in splits.items()
         for i, items in enumerate(_cut(members, options))
     ]
-    ext = options.format if options.format != "keep" else _dominant_format(kept)
     content = hashlib.sha256("".join(sorted(first_of)).encode()).hexdigest()
     return _Plan(shards, early, len(entries), classes, ext, content)
 
