@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
@@ -79,6 +79,12 @@ class DINOConfig(TrainConfig):
     weight_decay_end: float = Field(default=0.4, ge=0)
     freeze_last_layer_epochs: float = Field(default=1.0, ge=0)
     export_from: Literal["student", "teacher"] = Field(default="student", description="which backbone to export")
+
+    @field_validator("optim", mode="before")
+    @classmethod
+    def _over_dino_defaults(cls, value: Any) -> Any:
+        """``optim: {base_lr: …}`` changes that field only; the rest stays DINO's recipe, not the generic one."""
+        return {**_dino_optim().model_dump(), **value} if isinstance(value, dict) else value
 
 
 # ---- model --------------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def test_dino_loss_centres_sharpens_skips_same_view_pairs_and_all_ranks_share_th
 def test_schedules_are_pure_functions_of_the_step():
     cfg = tiny_cfg(warmup_teacher_temp_epochs=2, freeze_last_layer_epochs=1)
     sched = DINOSchedule(cfg, total=100, per_epoch=10)
+    partial = tiny_cfg(optim={"base_lr": 1e-3})  # other optimizer fields keep DINO's recipe
+    assert (partial.optim.base_lr, partial.optim.weight_decay, partial.optim.betas) == (1e-3, 0.04, (0.9, 0.999))
     assert sched.momentum(0) == pytest.approx(0.996) and sched.momentum(100) == pytest.approx(1.0)
     assert sched.momentum(50) == pytest.approx(0.998)
     assert sched.weight_decay(0) == pytest.approx(0.04) and sched.weight_decay(100) == pytest.approx(0.4)
