@@ -258,18 +258,24 @@ class CheckpointManager:
         return self.store.url
 
     # ---- policy ------------------------------------------------------------------------------
-    def due(self, step: int) -> bool:
+    def due(self, step: int, time_flag: bool | None = None) -> bool:
         """Whether to checkpoint after ``step``. Pure function of the step unless ``every_minutes`` is set;
-        then rank 0's clock decides and this is a collective every rank must call at every step."""
+        then rank 0's clock decides and this is a collective every rank must call at every step, unless
+        the caller passes ``time_flag``: :meth:`time_due` already agreed on by all ranks (e.g. folded into
+        the engine's own per-step all-reduce, as a max), which saves one collective per step."""
         if step == self._last_step:
             return False
         by_steps = self.policy.every_steps is not None and step > 0 and step % self.policy.every_steps == 0
         if self.policy.every_minutes is None:
             return by_steps
-        by_time = time.monotonic() - self._last_time >= self.policy.every_minutes * 60
-        if self.world_size > 1:
-            by_time = _broadcast_flag(by_time)
-        return by_steps or by_time
+        if time_flag is None:
+            time_flag = _broadcast_flag(self.time_due()) if self.world_size > 1 else self.time_due()
+        return by_steps or time_flag
+
+    def time_due(self) -> bool:
+        """This process's clock only: ``every_minutes`` have passed since the last save (or start/restore)."""
+        return self.policy.every_minutes is not None and \
+            time.monotonic() - self._last_time >= self.policy.every_minutes * 60
 
     # ---- saving ------------------------------------------------------------------------------
     def save(self, step: int, write_fn: Callable[[str], Any], meta: Mapping[str, Any] | None = None,

@@ -234,7 +234,9 @@ def test_policy_is_strict_and_due_follows_steps(tmp_path):
     ckpt = CheckpointManager(f"file://{tmp_path}/s", CheckpointPolicy(every_steps=3))
     assert [s for s in range(1, 10) if ckpt.due(s)] == [3, 6, 9]
     by_time = CheckpointManager(f"file://{tmp_path}/s", CheckpointPolicy(every_minutes=1e-9))
-    assert by_time.due(1)
+    assert by_time.time_due() and by_time.due(1) and not by_time.due(1, time_flag=False)
+    both = CheckpointManager(f"file://{tmp_path}/s", CheckpointPolicy(every_steps=3, every_minutes=60))
+    assert not both.time_due() and [s for s in range(1, 7) if both.due(s)] == [3, 6] and both.due(4, time_flag=True)
 
 
 def test_meta_must_be_json(tmp_path):
