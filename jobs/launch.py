@@ -5,6 +5,8 @@
 Every rank resolves the same stage job from the spec and runs it; the process group comes from
 the environment torchrun sets. Exit status: 0 done, 75 preempted (SIGTERM/SIGINT: the step was
 finished and a checkpoint committed; run the same command again to continue), 1 failed.
+torchrun gives its workers ``--shutdown-timeout`` seconds (default 30) after forwarding SIGTERM
+before it SIGKILLs them; raise it when a synchronous checkpoint takes longer than that.
 """
 
 from __future__ import annotations

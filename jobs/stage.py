@@ -106,8 +106,18 @@ def run_worker(job: dict[str, Any]) -> str:
         update_status(ctx.stage_url, ctx.storage_options, state=result.state, step=result.step,
                       total_steps=result.total_steps, resumed_from=result.resumed_from,
                       **({"finished_at": time.time()} if result.state == "done" else {}))
+    # no rank leaves before STATUS.json is written: a launcher (torchrun) that sees one rank exit
+    # with the preempted status tears the others down at once
+    _barrier()
     log.info("stage %s %s at step %d/%d", cfg.name, result.state, result.step, result.total_steps)
     return result.state
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _has_cuda() -> bool:
