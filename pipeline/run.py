@@ -69,14 +69,17 @@ def record_spec(spec: RunSpec) -> None:
 
 def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | None = None) -> RunResult:
     """Run every stage of ``spec`` in order (skipping finished ones). Returns each stage's state."""
-    unsupported = [s.name for s in spec.stages if s.kind not in TRAINING_KINDS]
+    unsupported = [s.name for s in spec.stages if s.kind not in (*TRAINING_KINDS, "eval")]
     if unsupported:
         raise SpecError(f"stages {unsupported} are prep stages: this runner takes training stages reading a "
                         "manifest URL; run `vitforge prep SRC DEST` first and give `data: DEST`")
     record_spec(spec)
     result = RunResult(spec.run_root)
     for stage in spec.stages:
-        state = run_training_stage(spec, stage.name, address=address, fault=fault)
+        if stage.kind == "eval":
+            state = run_eval_stage(spec, stage.name, address=address)
+        else:
+            state = run_training_stage(spec, stage.name, address=address, fault=fault)
         result.states[stage.name] = state
         if state != "done":
             break
@@ -109,6 +112,29 @@ def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
             update_status(stage_url, opts, state="failed", error=str(exc)[-2000:])
             raise
     return read_status(stage_url, opts).get("state", "failed")
+
+
+def run_eval_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
+    """Run an eval stage as one Ray task with one gang worker's resources (see ``jobs/evaluate.py``)."""
+    import ray
+
+    from jobs.evaluate import format_table, run_eval
+
+    job = spec.eval_job(name)
+    status = read_status(job["stage_url"], spec.storage_options)
+    if status.get("state") == "done" and status.get("config_digest") == spec.stage(name).digest():
+        log.info("stage %s is done; skipping", name)
+        return "done"
+    ensure_ray(address)
+    task = ray.remote(run_eval).options(num_cpus=spec.compute.cpus_per_worker, num_gpus=spec.compute.gpus_per_worker,
+                                        max_retries=spec.compute.max_failures, name=f"{spec.name}-{name}")
+    try:
+        report = ray.get(task.remote(job))
+    except ray.exceptions.RayError as exc:  # the task's own error, or its worker died
+        update_status(job["stage_url"], spec.storage_options, state="failed", error=str(exc)[-2000:])
+        raise GangFailedError(f"eval stage {name!r} failed: {exc}") from exc
+    log.info("stage %s (%s/eval.json):\n%s", name, job["stage_url"], format_table(report))
+    return read_status(job["stage_url"], spec.storage_options).get("state", "failed")
 
 
 def _preflight(spec: RunSpec, name: str) -> None:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dataprep.prep import PrepOptions
 from jobs.dino import DINOConfig
 from jobs.distill import DistillConfig
+from jobs.evaluate import EvalConfig
 from jobs.finetune import FinetuneConfig
 from jobs.mae import MAEConfig
 from jobs.stage import REFERENCE_FIELDS
@@ -53,7 +54,8 @@ class PrepStage(PrepOptions):
     source: str = Field(description="image folder, list file or shards URL")
 
 
-Stage = Annotated[Union[PrepStage, MAEConfig, DINOConfig, DistillConfig, FinetuneConfig], Field(discriminator="kind")]
+Stage = Annotated[Union[PrepStage, MAEConfig, DINOConfig, DistillConfig, FinetuneConfig, EvalConfig],
+                  Field(discriminator="kind")]
 TRAINING_KINDS = ("mae", "dino", "distill", "finetune")
 
 
@@ -81,6 +83,7 @@ class RunSpec(BaseModel):
                     raise ValueError(f"stages[{i}] ({stage.name}) > data: stage {data!r} is a {seen[data]} stage, "
                                      "not a prep stage")
             _check_references(i, stage, seen)
+            _check_models(i, stage, seen)
             seen[stage.name] = stage.kind
         return self
 
@@ -123,6 +126,34 @@ class RunSpec(BaseModel):
                 if isinstance(getattr(stage, f, None), str)}
         return {"stage": stage.model_dump(mode="json"), "stage_url": self.stage_url(name),
                 "data_url": self.data_url(stage), "storage_options": self.storage_options, "launcher": launcher, **refs}
+
+    def eval_job(self, name: str) -> dict[str, Any]:
+        """The JSON-able job of eval stage ``name`` (see ``jobs/evaluate.py``): its models resolved to export URLs."""
+        stage = self.stage(name)
+        if stage.kind != "eval":
+            raise ValueError(f"stage {name!r} is a {stage.kind} stage, not an eval stage")
+        return {"stage": stage.model_dump(mode="json"), "stage_url": self.stage_url(name),
+                "data_url": self.data_url(stage), "storage_options": self.storage_options,
+                "models": [self._model_ref(ref) for ref in stage.models]}
+
+    def _model_ref(self, ref: str) -> dict[str, Any]:
+        """An eval model: its export URL, plus the stage's kind and place when ``ref`` names a stage."""
+        if _is_url(ref):
+            return {"name": ref, "url": self.export_url(ref)}
+        return {"name": ref, "url": self.export_url(ref), "kind": self.stage(ref).kind, "stage_url": self.stage_url(ref)}
+
+
+def _check_models(i: int, stage: Any, seen: dict[str, str]) -> None:
+    """An eval stage's ``models`` name earlier training stages (their export) or export URLs/paths."""
+    for j, ref in enumerate(getattr(stage, "models", None) or []):
+        if _is_url(ref):
+            continue
+        if ref not in seen:
+            raise ValueError(f"stages[{i}] ({stage.name}) > models[{j}]: {ref!r} is neither an earlier stage nor "
+                             "an export URL/path (use s3://…, file://…, /abs/path or ./rel/path)")
+        if seen[ref] not in TRAINING_KINDS:
+            raise ValueError(f"stages[{i}] ({stage.name}) > models[{j}]: stage {ref!r} is a {seen[ref]} stage; "
+                             "it exports no model (name a training stage)")
 
 
 def _check_references(i: int, stage: Any, seen: dict[str, str]) -> None:

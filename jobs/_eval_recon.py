@@ -1,0 +1,114 @@
+"""MAE's reconstruction loss on held-out images, against trivial baselines (for ``kind: eval``).
+
+An MAE stage's export holds only the encoder; the decoder lives in its checkpoints. This reads
+the stage's newest *committed* checkpoint (DeepSpeed files: ``torch.load`` unpickles them, so
+only evaluate runs from a store you trust), rebuilds the full model from the config saved with
+it, and measures, on every sample of a split read with the eval transform (center crop, no
+augmentation), with the same masks for every model (noise of batch ``b`` seeded by (seed, b)):
+
+* ``loss``: MAE's own objective (per-patch MSE over the masked patches; with ``norm_pix_loss``
+  the target is each patch normalised by its own mean and variance);
+* ``baseline_mean_patch``: predicting every masked patch as a flat patch of its own true mean
+  colour. In norm-pix space that is the all-zero prediction; without ``norm_pix_loss`` it is the
+  patch's per-channel mean. It knows each hidden patch's mean, so it is not a weak baseline;
+* ``baseline_visible_mean``: predicting every masked patch as the mean of the image's visible
+  patch targets (the best guess from the visible patches without a model).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from cluster.storage import Store, local_staging, read_latest
+from dataprep.loader import StreamingLoader
+from dataprep.transforms import eval_transform
+
+log = logging.getLogger(__name__)
+
+
+def load_mae_from_checkpoint(stage_url: str, storage_options: dict[str, Any] | None = None):
+    """(model, MAEConfig, step) from the newest committed checkpoint of MAE stage ``stage_url``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from jobs.mae import MAEConfig, build_mae
+
+    store = Store(stage_url, storage_options).child("checkpoints")
+    latest = read_latest(store, "", "step-")
+    if latest is None:
+        raise FileNotFoundError(f"{store.url}: no committed checkpoint; has the MAE stage run?")
+    committed = store.get_json(f"{latest}/COMMITTED")
+    meta = committed.get("meta", {})
+    cfg = MAEConfig.model_validate(meta["config"])
+    with local_staging("vitforge-recon-") as tmp:
+        for name in committed["files"]:
+            if name.startswith("engine/"):
+                store.get_file(f"{latest}/{name}", os.path.join(tmp, name))
+        state = get_fp32_state_dict_from_zero_checkpoint(os.path.join(tmp, "engine", "pytorch_model"))
+    torch.manual_seed(cfg.seed)
+    model = build_mae(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # fixed sin-cos embeddings
+    if set(missing) - frozen or unexpected:
+        raise ValueError(f"{store.url_of(latest)} does not match {cfg.model.arch}: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    return model.eval(), cfg, int(meta.get("step", 0))
+
+
+def _norm_targets(model, imgs: torch.Tensor) -> torch.Tensor:
+    target = model.patchify(imgs).float()  # [N, L, p*p*C]
+    if model.norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    return target
+
+
+def _flat_patches(model, imgs: torch.Tensor) -> torch.Tensor:
+    """Each patch replaced by its own per-channel mean colour, as a target-space prediction."""
+    patches = model.patchify(imgs).float()  # [N, L, p*p*C], pixels (p, q, c)
+    if model.norm_pix_loss:
+        return torch.zeros_like(patches)
+    n, length, _ = patches.shape
+    per_channel = patches.view(n, length, -1, model.in_chans).mean(dim=2, keepdim=True)  # [N, L, 1, C]
+    return per_channel.expand(-1, -1, patches.shape[-1] // model.in_chans, -1).reshape(patches.shape)
+
+
+@torch.no_grad()
+def reconstruction_report(model, data_url: str, split: str = "val", seed: int = 0, batch_size: int = 256,
+                          storage_options: dict[str, Any] | None = None, num_workers: int = 0) -> dict[str, float]:
+    """MAE loss and the two baselines (module docstring), averaged over every masked patch of ``split``."""
+    size = int(model.encoder.patch_embed.img_size[0])
+    loader = StreamingLoader(data_url, split=split, batch_size=batch_size, seed=seed, transform=eval_transform(size),
+                             num_workers=num_workers, partial="pad", shuffle=False, storage_options=storage_options)
+    sums = {"loss": 0.0, "baseline_mean_patch": 0.0, "baseline_visible_mean": 0.0}
+    masked = samples = 0.0
+    for b, batch in enumerate(loader):
+        imgs = batch["image"][~batch["pad"]]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        noise = torch.rand(imgs.shape[0], model.grid ** 2, generator=gen)
+        latent, mask, ids_restore = model.forward_encoder(imgs, noise)
+        pred = model.forward_decoder(latent, ids_restore).float()  # [N, L, p*p*C]
+        target = _norm_targets(model, imgs)
+        visible = (1 - mask).unsqueeze(-1)  # [N, L, 1]
+        visible_mean = (target * visible).sum(dim=1, keepdim=True) / visible.sum(dim=1, keepdim=True)
+        for key, guess in (("loss", pred), ("baseline_mean_patch", _flat_patches(model, imgs)),
+                           ("baseline_visible_mean", visible_mean.expand_as(target))):
+            sums[key] += float((((guess - target) ** 2).mean(dim=-1) * mask).sum())
+        masked += float(mask.sum())
+        samples += imgs.shape[0]
+    out = {k: v / masked for k, v in sums.items()}
+    return {**out, "samples": int(samples), "mask_ratio": float(model.mask_ratio), "norm_pix_loss": model.norm_pix_loss}
+
+
+def mae_reconstruction(stage_url: str, data_url: str, split: str = "val", seed: int = 0,
+                       storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`reconstruction_report` of the MAE stage at ``stage_url`` (its newest checkpoint)."""
+    model, cfg, step = load_mae_from_checkpoint(stage_url, storage_options)
+    report = reconstruction_report(model, data_url, split, seed, storage_options=storage_options)
+    log.info("MAE %s (step %d) on %s/%s: loss %.4f, mean-patch baseline %.4f, visible-mean baseline %.4f",
+             cfg.name, step, data_url, split, report["loss"], report["baseline_mean_patch"],
+             report["baseline_visible_mean"])
+    return {**report, "step": step}

@@ -1,0 +1,320 @@
+"""``kind: eval``: weighted kNN and linear-probe accuracy of frozen encoders, for any list of exports.
+
+    - {name: report, kind: eval, data: data, models: [pretrain, student, s3://bucket/other/export]}
+
+For every model (an earlier stage's ``export/`` or any export URL, loaded with timm), in named steps:
+
+1. ``extract_features``: the train and val splits read through :class:`~dataprep.loader.StreamingLoader`
+   with the eval transform (resize, center crop, the export's mean/std), no shuffling, padding
+   dropped; pooled (``pool``: the CLS token, or the mean of the patch tokens; CNNs: global average).
+2. ``knn_accuracy``: DINO's weighted kNN on L2-normalised features: the ``k`` (20) most similar
+   train features vote for their class with weight ``exp(cos / T)`` (T = 0.07); top-1 on val.
+3. ``linear_probe``: a linear layer on frozen features, standardised with the train statistics
+   (MAE's BatchNorm without affine), AdamW with a cosine schedule, seeded; top-1 on val.
+
+``label_fraction`` < 1 keeps a stratified, seeded subset of the train labels for both (a
+low-label evaluation). For a model that is an MAE stage of the run, ``reconstruction`` adds its
+val reconstruction loss next to trivial baselines (``jobs/_eval_recon.py``). Results go to
+``<run>/stages/<name>/eval.json`` and a table in the log.
+
+Where it runs: one process, one Ray task (:func:`run_eval`), not a gang. Evaluation needs no
+gradients through the encoder and the kNN needs every train feature in one place, so a gang
+would only add an all-gather; a single task with a gang worker's resources lands on a GPU
+node when the cluster has one (the driver of ``ray job submit`` often has none) and keeps
+model weights and features out of the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.storage import Store
+from dataprep.loader import StreamingLoader
+from dataprep.transforms import eval_transform
+from jobs._eval_recon import mae_reconstruction
+from jobs.checkpoint import code_version, json_digest
+
+log = logging.getLogger(__name__)
+
+EVAL_JSON = "eval.json"
+
+
+class ProbeConfig(BaseModel):
+    """The linear probe: AdamW on standardised frozen features, cosine schedule, fixed seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+
+
+class EvalConfig(BaseModel):
+    """A ``kind: eval`` stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: Literal["eval"] = "eval"
+    data: str = Field(description="a prep stage's name, or a manifest URL / prep output directory (labelled)")
+    models: list[str] = Field(min_length=1, description="earlier training stages (their export) or export URLs")
+    train_split: str = "train"
+    val_split: str = "val"
+    pool: Literal["token", "avg"] = Field(default="token", description="ViTs: the CLS token, or the mean patch token")
+    img_size: int | None = Field(default=None, ge=8, description="default: each export's own input size")
+    knn_k: int = Field(default=20, ge=1)
+    knn_temperature: float = Field(default=0.07, gt=0)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    label_fraction: float = Field(default=1.0, gt=0, le=1, description="stratified share of train labels used")
+    reconstruction: bool = Field(default=True, description="MAE stages: val reconstruction loss vs trivial baselines")
+    batch_size: int = Field(default=256, ge=1, description="images per forward pass when extracting features")
+    loader_workers: int = Field(default=2, ge=0)
+    seed: int = 0
+
+    def digest(self) -> str:
+        return json_digest(self.model_dump(mode="json", exclude={"loader_workers", "batch_size"}))
+
+
+# ---- 1. features ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Features:
+    """Pooled features ``[N, D]`` (not normalised) and labels ``[N]`` of one split."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def pool_features(model: torch.nn.Module, images: torch.Tensor, pool: str) -> torch.Tensor:
+    """[N, 3, H, W] -> [N, D]: a ViT's CLS token or mean patch token; a CNN's global average."""
+    out = model.forward_features(images)
+    if out.ndim == 4:  # CNN: [N, C, h, w]
+        return out.mean(dim=(2, 3))
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    if pool == "token" and prefix > 0:
+        return out[:, 0]  # [N, D]
+    return out[:, prefix:].mean(dim=1)  # [N, D]
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, loader: StreamingLoader, pool: str, device: torch.device) -> Features:
+    """Every (unpadded) sample of ``loader``'s split, once, in stream order."""
+    model.eval()
+    xs, ys = [], []
+    for batch in loader:
+        keep = ~batch["pad"]
+        images = batch["image"][keep].to(device, non_blocking=True)
+        xs.append(pool_features(model, images, pool).float().cpu())
+        ys.append(batch["label"][keep])
+    return Features(torch.cat(xs), torch.cat(ys))
+
+
+def label_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of a stratified random ``fraction`` of ``labels`` (at least one per class), sorted."""
+    if fraction >= 1.0:
+        return torch.arange(len(labels))
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        take = max(1, round(len(idx) * fraction))
+        keep.append(idx[torch.randperm(len(idx), generator=gen)[:take]])
+    return torch.sort(torch.cat(keep)).values
+
+
+# ---- 2. weighted kNN ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query: torch.Tensor, num_classes: int, k: int = 20,
+                temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """DINO's weighted kNN: class scores ``[Q, C]`` for ``query`` ([Q, D]) against ``train_x`` ([N, D]).
+
+    Features must be L2-normalised; each of the ``k`` most similar train samples adds
+    ``exp(similarity / temperature)`` to its class.
+    """
+    k = min(k, train_x.shape[0])
+    scores = []
+    for start in range(0, query.shape[0], chunk):
+        sim = query[start:start + chunk] @ train_x.T  # [q, N] cosine similarities
+        top_sim, top_idx = sim.topk(k, dim=1)  # [q, k]
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
+        scores.append(votes.scatter_add_(1, train_y[top_idx], weights))  # [q, C]
+    return torch.cat(scores)
+
+
+def knn_accuracy(train: Features, val: Features, num_classes: int, k: int, temperature: float) -> float:
+    """Top-1 of the weighted kNN on L2-normalised features."""
+    scores = knn_predict(F.normalize(train.x, dim=1), train.y, F.normalize(val.x, dim=1), num_classes, k, temperature)
+    return float((scores.argmax(dim=1) == val.y).float().mean())
+
+
+# ---- 3. linear probe ------------------------------------------------------------------------------------
+
+
+def linear_probe(train: Features, val: Features, num_classes: int, cfg: ProbeConfig, seed: int,
+                 device: torch.device | None = None) -> float:
+    """Top-1 on val of a linear layer trained on standardised frozen train features."""
+    device = device or torch.device("cpu")
+    mean, std = train.x.mean(dim=0), train.x.std(dim=0, unbiased=False) + 1e-6  # BatchNorm without affine
+    x, xv = ((train.x - mean) / std).to(device), ((val.x - mean) / std).to(device)
+    y = train.y.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], num_classes).to(device)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.01, generator=gen)
+        head.bias.zero_()
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    for step in range(total):
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(x), generator=gen).to(device)
+        idx = order[(step % steps_per_epoch) * cfg.batch_size:][:cfg.batch_size]
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+        loss = F.cross_entropy(head(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((head(xv).argmax(dim=1).cpu() == val.y).float().mean())
+
+
+# ---- one model, then the stage ----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelResult:
+    model: str
+    url: str
+    architecture: str
+    feature_dim: int
+    train_samples: int
+    val_samples: int
+    knn_top1: float
+    linear_top1: float
+    seconds: float
+
+
+def evaluate_features(name: str, url: str, architecture: str, train: Features, val: Features, num_classes: int,
+                      cfg: EvalConfig, seconds: float = 0.0) -> ModelResult:
+    """kNN and linear probe of one model's features (``train`` cut to ``label_fraction`` here)."""
+    keep = label_subset(train.y, cfg.label_fraction, cfg.seed)
+    train = Features(train.x[keep], train.y[keep])
+    start = time.perf_counter()
+    knn = knn_accuracy(train, val, num_classes, cfg.knn_k, cfg.knn_temperature)
+    linear = linear_probe(train, val, num_classes, cfg.probe, cfg.seed)
+    return ModelResult(name, url, architecture, int(train.x.shape[1]), int(len(train.y)), int(len(val.y)), knn, linear,
+                       seconds + time.perf_counter() - start)
+
+
+def _loader(cfg: EvalConfig, data_url: str, split: str, img_size: int, pretrained_cfg: dict[str, Any],
+            storage_options: dict[str, Any] | None) -> StreamingLoader:
+    transform = eval_transform(img_size, crop_fraction=float(pretrained_cfg.get("crop_pct", 0.875)),
+                               mean=pretrained_cfg.get("mean", (0.485, 0.456, 0.406)),
+                               std=pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
+    return StreamingLoader(data_url, split=split, batch_size=cfg.batch_size, seed=cfg.seed, transform=transform,
+                           num_workers=cfg.loader_workers, partial="pad", shuffle=False,
+                           storage_options=storage_options)
+
+
+def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_classes: int,
+                   storage_options: dict[str, Any] | None = None, device: torch.device | None = None) -> ModelResult:
+    """Load the export at ``url`` and evaluate it on ``data_url``'s train/val splits."""
+    from jobs.export import load_export, read_export_config
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    config = read_export_config(url, storage_options)
+    model = load_export(url, storage_options, **({"img_size": cfg.img_size} if cfg.img_size else {})).to(device)
+    pretrained = config.get("pretrained_cfg", {})
+    size = cfg.img_size or int(pretrained.get("input_size", [3, 224, 224])[-1])
+    feats = {split: extract_features(model, _loader(cfg, data_url, split, size, pretrained, storage_options),
+                                     cfg.pool, device)
+             for split in (cfg.train_split, cfg.val_split)}
+    for split, f in feats.items():
+        if len(f.y) == 0 or int(f.y.min()) < 0:
+            raise ValueError(f"eval {cfg.name!r}: the {split} split of {data_url} has unlabelled samples; "
+                             "eval needs a labelled prep (an ImageFolder or a list with labels)")
+    return evaluate_features(name, url, config.get("architecture", "?"), feats[cfg.train_split],
+                             feats[cfg.val_split], num_classes, cfg, time.perf_counter() - start)
+
+
+def run_eval(job: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate every model of an eval stage job; write ``eval.json`` and ``STATUS.json``.
+
+    ``job``: ``{"stage": {...}, "stage_url", "data_url", "storage_options", "models": [{"name", "url"}]}``
+    (built by ``pipeline.spec.RunSpec.eval_job``). Returns the ``eval.json`` contents.
+    """
+    from dataprep.manifest import load_manifest
+    from jobs.stage import read_status, update_status
+
+    cfg = EvalConfig.model_validate(job["stage"])
+    opts = job.get("storage_options") or {}
+    stage_url, data_url = job["stage_url"], job["data_url"]
+    before = read_status(stage_url, opts)
+    update_status(stage_url, opts, state="running", kind="eval", name=cfg.name, attempts=int(before.get("attempts", 0)) + 1,
+                  started_at=time.time(), config_digest=cfg.digest(), code_version=code_version())
+    manifest, _ = load_manifest(data_url, opts)
+    if not manifest.classes:
+        raise ValueError(f"eval {cfg.name!r}: {data_url} has no class labels; eval needs a labelled prep")
+    results = [evaluate_model(m["name"], m["url"], cfg, data_url, len(manifest.classes), opts) for m in job["models"]]
+    report = eval_report(cfg, data_url, manifest.classes, results)
+    for m in job["models"]:
+        if cfg.reconstruction and m.get("kind") == "mae":
+            report["models"][m["name"]]["reconstruction"] = mae_reconstruction(m["stage_url"], data_url, cfg.val_split,
+                                                                               cfg.seed, opts)
+    Store(stage_url, opts).put_json(EVAL_JSON, report)
+    log.info("eval %s on %s:\n%s", cfg.name, data_url, format_table(report))
+    update_status(stage_url, opts, state="done", finished_at=time.time())
+    return report
+
+
+def eval_report(cfg: EvalConfig, data_url: str, classes: list[str], results: list[ModelResult]) -> dict[str, Any]:
+    """The ``eval.json`` document: the settings, then one entry per model (in the spec's order)."""
+    return {
+        "stage": cfg.name, "data": data_url, "classes": len(classes), "pool": cfg.pool,
+        "knn": {"k": cfg.knn_k, "temperature": cfg.knn_temperature}, "probe": cfg.probe.model_dump(),
+        "label_fraction": cfg.label_fraction, "seed": cfg.seed, "config_digest": cfg.digest(),
+        "models": {r.model: {k: v for k, v in asdict(r).items() if k != "model"} for r in results},
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """``eval.json`` as a plain-text table (rich), one row per model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"eval {report['stage']}: kNN (k={report['knn']['k']}, T={report['knn']['temperature']}) "
+                        f"and linear probe, {report['label_fraction']:.0%} of train labels")
+    for col in ("model", "architecture", "dim", "train", "val", "kNN top-1", "linear top-1", "MAE val loss (mean-patch)"):
+        table.add_column(col, justify="left" if col in ("model", "architecture") else "right", no_wrap=True)
+    for name, r in report["models"].items():
+        rec = r.get("reconstruction")
+        table.add_row(name, r["architecture"], str(r["feature_dim"]), str(r["train_samples"]), str(r["val_samples"]),
+                      f"{100 * r['knn_top1']:.1f}%", f"{100 * r['linear_top1']:.1f}%",
+                      f"{rec['loss']:.4f} ({rec['baseline_mean_patch']:.4f})" if rec else "-")
+    console = Console(width=400, record=True, file=_Discard())
+    console.print(table)
+    return console.export_text()
+
+
+class _Discard:
+    def write(self, _text: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
