@@ -75,6 +75,7 @@ def test_save_commit_latest_restore_round_trip(stage_url, tmp_path):
     assert not os.listdir(tmp_path / "stage" / "rank-00000"), "local staging copies are removed after upload"
 
 
+@pytest.mark.faults
 def test_save_returns_while_upload_is_blocked_and_commits_after_thaw(s3_server, tmp_path):
     server = s3_server()
     url = f"s3://{server.bucket}/run/stages/pretrain"
@@ -122,6 +123,7 @@ def test_second_save_waits_for_the_upload_in_flight(s3_server):
     assert [c.step for c in ckpt.committed()] == [2, 3]
 
 
+@pytest.mark.faults
 def test_upload_error_is_raised_on_the_next_call_not_dropped(s3_server):
     server = s3_server()
     url = f"s3://{server.bucket}/run/stages/pretrain"
@@ -139,6 +141,7 @@ def test_upload_error_is_raised_on_the_next_call_not_dropped(s3_server):
     assert ckpt.latest().step == 4
 
 
+@pytest.mark.faults
 def test_permission_error_surfaces_on_wait(s3):
     url = f"s3://{s3.bucket}/readonly-{os.getpid()}/stages/pretrain"
     ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=1), storage_options=private_opts(s3, s3.reader))
@@ -148,6 +151,7 @@ def test_permission_error_surfaces_on_wait(s3):
     ckpt.close()
 
 
+@pytest.mark.faults
 def test_retention_keeps_last_k_and_never_deletes_before_a_newer_commit(tmp_path):
     url = f"file://{tmp_path}/stages/pretrain"
     policy = CheckpointPolicy(every_steps=1, keep_last=2)
@@ -170,6 +174,7 @@ def test_retention_keeps_last_k_and_never_deletes_before_a_newer_commit(tmp_path
     assert sorted(os.listdir(tmp_path / "stages/pretrain/checkpoints")) == ["latest", "step-00000004", "step-00000006"]
 
 
+@pytest.mark.faults
 def test_latest_ignores_uncommitted_dirs_and_distrusts_the_pointer(s3_url):
     ckpt = CheckpointManager(s3_url, CheckpointPolicy(every_steps=1))
     ckpt.save(1, writer(1), {"step": 1}, sync=True)
@@ -206,6 +211,7 @@ def test_disk_full_while_staging_raises_clearly_and_commits_nothing(tmp_path, ho
     assert ckpt.latest().step == 1
 
 
+@pytest.mark.faults
 def test_restore_refuses_a_checkpoint_of_another_config(tmp_path):
     ckpt = CheckpointManager(f"file://{tmp_path}/s", CheckpointPolicy(every_steps=1))
     ckpt.save(1, writer(1), {"step": 1, "config_digest": "aaa", "arch": {"depth": 12}}, sync=True)
@@ -245,6 +251,7 @@ def test_meta_must_be_json(tmp_path):
         ckpt.save(1, writer(1), {"weights": torch.zeros(2)})
 
 
+@pytest.mark.faults
 def test_staging_dirs_of_dead_processes_are_swept(tmp_path, monkeypatch):
     import subprocess
     import sys
@@ -275,6 +282,7 @@ def gang_of_two(url: str, session: str, **kwargs) -> list[CheckpointManager]:
             for r in (0, 1)]
 
 
+@pytest.mark.faults
 def test_markers_of_an_earlier_attempt_never_count_towards_a_commit(tmp_path):
     url = f"file://{tmp_path}/s"
     _, old1 = gang_of_two(url, "killed-attempt")

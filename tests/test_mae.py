@@ -99,6 +99,7 @@ def test_export_loads_in_timm_with_identical_outputs(tmp_path):
     assert config["model_args"]["reg_tokens"] == 1 and config["architecture"] == "vit_tiny_patch16_224"
 
 
+@pytest.mark.faults
 def test_spec_errors_name_the_field_path():
     raw = {"name": "r", "storage": "/tmp/r", "compute": {"workers": 2, "gpu_per_worker": 1},
            "stages": [{"name": "data", "kind": "prep", "source": "./d", "shard_size": 256},

@@ -44,6 +44,7 @@ def _source_files(root: str) -> dict[str, bytes]:
     return out
 
 
+@pytest.mark.faults
 def test_prep_to_s3_accounts_rejects_reads_back_with_webdataset_and_is_byte_identical(
         messy_imagefolder, s3_url, ray_local, tmp_path):
     src, expected_rejects = messy_imagefolder
@@ -109,6 +110,7 @@ def test_prep_to_s3_accounts_rejects_reads_back_with_webdataset_and_is_byte_iden
     assert result.shards_built == len(objects) - 2
 
 
+@pytest.mark.faults
 def test_prep_reject_threshold_fails_pointing_at_rejects_then_a_higher_one_reuses_every_shard(
         messy_imagefolder, tmp_path, ray_local):
     src, expected = messy_imagefolder

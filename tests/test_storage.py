@@ -99,6 +99,7 @@ def test_recursive_delete_spares_siblings_sharing_a_name_prefix(any_url):
     assert store.ls() == ["step-1.json", "step-10"]
 
 
+@pytest.mark.faults
 def test_multipart_round_trip_leaves_no_upload_behind(s3, s3_url, tmp_path):
     store = Store(s3_url, transfer=SMALL_PARTS)
     data = os.urandom(13 * MiB)
@@ -124,6 +125,7 @@ def test_listing_and_exists_see_writes_and_deletes_made_by_another_client(s3, s3
 # ---- whole-object writes -----------------------------------------------------------------------
 
 
+@pytest.mark.faults
 def test_exception_inside_open_write_leaves_nothing_visible(any_url):
     store = Store(any_url)
     store.put_bytes("keep.txt", b"old")
@@ -139,6 +141,7 @@ def test_exception_inside_open_write_leaves_nothing_visible(any_url):
     assert store.get_bytes("keep.txt") == b"old"
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("fail_after", [1 * MiB, 12 * MiB], ids=["single-put", "multipart"])
 def test_source_failing_mid_read_leaves_nothing_visible_and_no_upload_behind(s3, s3_url, fail_after):
     store = Store(s3_url, transfer=SMALL_PARTS)
@@ -244,6 +247,7 @@ def test_write_completes_when_server_killed_and_restarted_within_window(s3_serve
     assert "EndpointConnectionError" in caplog.text
 
 
+@pytest.mark.faults
 def test_outage_longer_than_window_fails_with_clear_error_and_no_secret(monkeypatch, caplog, capsys):
     (dead_port,) = free_ports(1)
     secret = "dead-endpoint-secret-" + "q" * 20
@@ -270,6 +274,7 @@ def test_outage_window_env_var_is_validated(monkeypatch):
 # ---- permissions and missing buckets ----------------------------------------------------------
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("who", ["wrong-secret", "unknown-key"])
 def test_bad_credentials_fail_fast_naming_bucket_and_source_never_the_secret(s3, s3_url, monkeypatch, caplog,
                                                                              capsys, who):
@@ -293,6 +298,7 @@ def test_bad_credentials_fail_fast_naming_bucket_and_source_never_the_secret(s3,
     assert bad not in printed and s3.admin.secret_key not in printed
 
 
+@pytest.mark.faults
 def test_read_only_identity_reads_but_writes_and_deletes_fail_fast(s3, s3_url, monkeypatch, caplog, capsys):
     Store(s3_url).put_bytes("data.txt", b"readable")
     use_server(monkeypatch, s3, s3.reader)
@@ -313,6 +319,7 @@ def test_read_only_identity_reads_but_writes_and_deletes_fail_fast(s3, s3_url, m
     assert s3.reader.secret_key not in printed and s3.admin.secret_key not in printed
 
 
+@pytest.mark.faults
 def test_missing_bucket_fails_fast_with_clear_error_and_is_not_created(s3):
     store = Store("s3://no-such-bucket-vf/run")
     for op in (lambda: store.put_bytes("x", b"1"), lambda: store.get_bytes("x"), lambda: store.ls(),
@@ -325,6 +332,7 @@ def test_missing_bucket_fails_fast_with_clear_error_and_is_not_created(s3):
         s3.client().head_bucket(Bucket="no-such-bucket-vf")
 
 
+@pytest.mark.faults
 def test_secret_in_storage_options_stays_out_of_repr_and_errors(s3, s3_url, caplog, capsys):
     caplog.set_level(logging.DEBUG)
     store = Store(s3_url, {"key": s3.reader.access_key, "secret": s3.reader.secret_key})
@@ -359,6 +367,7 @@ def test_classify_maps_botocore_errors_to_retry_decisions():
 # ---- commit protocol ---------------------------------------------------------------------------
 
 
+@pytest.mark.faults
 def test_uncommitted_dirs_are_invisible_and_latest_is_checked_against_markers(any_url):
     store = Store(any_url).child("checkpoints")
     assert read_latest(store, "") is None and committed_dirs(store, "") == []
