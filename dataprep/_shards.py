@@ -55,8 +55,16 @@ def _split_name(name: str) -> tuple[str, str]:
     return posixpath.join(posixpath.dirname(name), stem), ext.lower()
 
 
+def unsafe_member_name(name: str) -> bool:
+    """Whether a tar member name is absolute or climbs with ``..`` (never trusted, even as a key)."""
+    return name.startswith("/") or ".." in name.split("/")
+
+
 def _make_sample(shard: str, index: int, key: str, members: dict[str, bytes]) -> RawSample:
     sample = RawSample(shard, index, key)
+    if unsafe_member_name(key):
+        sample.error = "unsafe member name (absolute or containing '..'): refused"
+        return sample
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None:
         sample.error = f"no image member (has {sorted(members) or 'nothing'})"

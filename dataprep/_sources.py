@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator
 from cluster.storage import Store, StorageError, with_retries
 
 from ._images import EMPTY, UNREADABLE, UNSUPPORTED, sniff_format
+from ._shards import unsafe_member_name
 
 KINDS = ("imagefolder", "flat", "csv", "jsonl", "parquet", "wds")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
@@ -295,8 +296,12 @@ def _scan_tar(url: str, name: str) -> list[Entry]:
         out = []
         for key, members in samples.items():
             image = next((members[e] for e in IMAGE_EXTS if e in members), None)
-            label = tar.extractfile(members["cls"]).read().decode().strip() if "cls" in members else None
             sample = f"{name}:{key}"
+            if unsafe_member_name(key):
+                out.append(Entry(sample, ("t", url, 0, 0), None, reject=UNSUPPORTED,
+                                 detail="unsafe member name (absolute or containing '..'): not read"))
+                continue
+            label = tar.extractfile(members["cls"]).read().decode().strip() if "cls" in members else None
             if image is None:
                 out.append(Entry(sample, ("t", url, 0, 0), label, reject=UNSUPPORTED,
                                  detail=f"no image member (has {', '.join(sorted(members))})"))
