@@ -47,7 +47,7 @@ def load_mae_from_checkpoint(stage_url: str, storage_options: dict[str, Any] | N
         for name in committed["files"]:
             if name.startswith("engine/"):
                 store.get_file(f"{latest}/{name}", os.path.join(tmp, name))
-        state = get_fp32_state_dict_from_zero_checkpoint(os.path.join(tmp, "engine", "pytorch_model"))
+        state = get_fp32_state_dict_from_zero_checkpoint(os.path.join(tmp, "engine"))  # engine/latest names the tag
     torch.manual_seed(cfg.seed)
     model = build_mae(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from jobs.evaluate import (EvalConfig, Features, ProbeConfig, format_table, knn_
                            run_eval)
 from pipeline.spec import SpecError, parse_spec
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32,
               "num_heads": 2}
 
@@ -194,3 +196,36 @@ def test_reconstruction_report_scores_mae_and_both_baselines_on_the_same_masks(l
     assert report["baseline_mean_patch"] == pytest.approx(zero, rel=1e-5)
     assert 0.9 < report["baseline_mean_patch"] < 1.0  # (n - 1) / n for a non-flat normalised patch
     assert report["baseline_visible_mean"] > 0
+
+
+@pytest.mark.slow
+def test_mae_reconstruction_rebuilds_the_full_model_from_the_stages_committed_checkpoint(labelled_manifest, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from jobs._eval_recon import load_mae_from_checkpoint, mae_reconstruction
+    from jobs.export import load_export
+
+    stage = {"name": "pretrain", "kind": "mae", "data": labelled_manifest,
+             "model": {**TINY_MODEL, "img_size": 16, "patch_size": 4}, "decoder": {"embed_dim": 16, "depth": 1, "num_heads": 2},
+             "max_steps": 3, "batch_size": 8, "zero_stage": 2, "loader_workers": 0,
+             "checkpoint": {"every_steps": 100, "keep_last": 1}}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "ck", "storage": str(tmp_path / "runs"), "compute": {"workers": 2},
+                                    "stages": [stage]}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "jobs.launch",
+           "--spec", str(spec), "--stage", "pretrain"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+    stage_url = str(tmp_path / "runs" / "ck" / "stages" / "pretrain")
+    model, cfg, step = load_mae_from_checkpoint(stage_url)
+    assert step == 3 and cfg.name == "pretrain"
+    exported = load_export(f"{stage_url}/export").state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in model.encoder.state_dict().items())  # the trained weights
+    report = mae_reconstruction(stage_url, labelled_manifest, "val")
+    assert report["step"] == 3 and report["samples"] == 15
+    assert report["loss"] > 0 and 0.9 < report["baseline_mean_patch"] < 1.0
