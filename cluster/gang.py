@@ -44,7 +44,9 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     os.environ.update(config["env"])
     context = ray.train.get_context()
-    os.environ["NODE_RANK"] = str(context.get_node_rank())  # placement, for STATUS.json
+    # placement, for STATUS.json (Ray Train's local ranks group workers by IP, which simulated
+    # nodes on one machine share; the node id tells real placement)
+    os.environ["VITFORGE_NODE_ID"] = ray.get_runtime_context().get_node_id()
     if not config["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     result = config["fn"](config["job"])

@@ -95,11 +95,12 @@ def run_worker(job: dict[str, Any]) -> str:
                        refs={f: job[f"{f}_url"] for f in REFERENCE_FIELDS if job.get(f"{f}_url")})
     # stop requests are honoured from here on (start-up takes a while; a SIGTERM must not be lost)
     watch = PreemptionWatch(Store(ctx.stage_url, ctx.storage_options) if rank == 0 else None)
+    nodes = _gather_node_ids(world)
     if rank == 0:
         before = read_status(ctx.stage_url, ctx.storage_options)
         update_status(ctx.stage_url, ctx.storage_options, state="running", kind=cfg.kind, name=cfg.name,
                       attempts=int(before.get("attempts", 0)) + 1, started_at=time.time(), world_size=world,
-                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), worker_nodes=nodes,
                       launcher=ctx.launcher, config_digest=cfg.digest(), code_version=code_version())
     result = train(make_method(cfg, rank), cfg, ctx, watch)
     if rank == 0:
@@ -111,6 +112,18 @@ def run_worker(job: dict[str, Any]) -> str:
     _barrier()
     log.info("stage %s %s at step %d/%d", cfg.name, result.state, result.step, result.total_steps)
     return result.state
+
+
+def _gather_node_ids(world: int) -> list[str | None]:
+    """Each rank's Ray node id (None outside Ray), gathered to every rank when a process group exists."""
+    import torch.distributed as dist
+
+    mine = os.environ.get("VITFORGE_NODE_ID")
+    if not (dist.is_available() and dist.is_initialized()) or world == 1:
+        return [mine]
+    out: list[str | None] = [None] * world
+    dist.all_gather_object(out, mine)
+    return out
 
 
 def _barrier() -> None:
