@@ -106,6 +106,116 @@ def run(
         raise typer.Exit(code=PREEMPTED_EXIT_CODE)
 
 
+@app.command()
+def status(
+    run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name> (s3://…, file://… or a path)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show each stage's state, progress, latest checkpoint, attempts, duration and key metrics.
+
+    Reads only the store: works from any machine, while the run goes on.
+    """
+    import json
+    import sys
+
+    from rich.console import Console
+
+    from pipeline.status import failures, run_status, status_table
+
+    result = _guard(run_status, run_root)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    Console(width=None if sys.stdout.isatty() else 200).print(status_table(result))  # pipes: no wrapping
+    for line in failures(result):
+        typer.echo(f"failed: {line}", err=True)
+
+
+@app.command()
+def report(
+    run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name>."),
+    out: str = typer.Option(None, help="Output folder or URL (default: <run_root>/report)."),
+) -> None:
+    """Write PNG plots (loss, throughput, eval accuracy) and an index.html for a run."""
+    from pipeline.report import write_report
+
+    result = _guard(write_report, run_root, out)
+    typer.echo(f"report: {result.url} ({', '.join(result.files)})")
+
+
+@app.command()
+def export(
+    run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name>."),
+    stage: str = typer.Argument(..., help="A finished training stage."),
+    dest: str = typer.Argument(..., help="Folder or URL to copy model.safetensors + config.json to."),
+) -> None:
+    """Copy a finished stage's export (timm-loadable model.safetensors + config.json) to DEST."""
+    from pipeline.runstore import RunView, copy_export
+
+    names = _guard(lambda: copy_export(RunView(run_root), stage, dest))
+    typer.echo(f"copied {', '.join(names)} to {dest}")
+
+
+@app.command()
+def submit(
+    spec: str = typer.Argument(..., help="Run spec YAML (see configs/)."),
+    address: str = typer.Option(None, envvar="RAY_JOB_ADDRESS",
+                                help="The cluster's job server, http://HEAD:8265 (default: RAY_JOB_ADDRESS)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream the job's logs; exit with its exit status."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a spec value, e.g. stages.pretrain.epochs=2 "
+                                   "(forwarded to `vitforge run`; repeatable)."),
+    restart_from: str = typer.Option(None, help="Forwarded to `vitforge run --restart-from`."),
+    env_from_local: bool = typer.Option(False, "--env-from-local", help="Copy this shell's storage credentials "
+                                        "(AWS_*) into the job's env_vars. Off by default: they become visible to "
+                                        "anyone who can list the cluster's jobs; prefer node credentials."),
+) -> None:
+    """Submit SPEC to a Ray cluster (Jobs API) with this checkout's code; print the job id.
+
+    The job runs `python -m pipeline.cli run SPEC` with this checkout's packages shipped as py_modules (the cluster needs only the dependencies). Without --follow it returns at once: follow it with `vitforge status RUN_ROOT` or `ray job logs JOB_ID --address ADDRESS`. With --follow the exit status is the job's.
+    """
+    from cluster.jobs_api import JobsAPIError, follow_job
+    from pipeline.spec import SpecError
+    from pipeline.submit import submit_spec
+
+    if not address:
+        _fail("give the job server: --address http://HEAD:8265 (or set RAY_JOB_ADDRESS)")
+    try:
+        job = submit_spec(spec, address, overrides=set_ or (), restart_from=restart_from,
+                          env_from_local=env_from_local)
+    except SpecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2)
+    except (JobsAPIError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(job.job_id)
+    typer.echo(f"submitted to {job.address}; run root {job.run_root}\n"
+               f"  follow: ray job logs {job.job_id} --address {job.address} --follow\n"
+               f"  status: vitforge status {job.run_root}\n"
+               f"  stop:   ray job stop {job.job_id} --address {job.address}", err=True)
+    if not follow:
+        return
+    try:
+        outcome = follow_job(job.address, job.job_id)
+    except KeyboardInterrupt:
+        typer.echo(f"\nstopped following; job {job.job_id} goes on", err=True)
+        raise typer.Exit(code=130)
+    except JobsAPIError as exc:
+        _fail(str(exc))
+    typer.echo(f"job {job.job_id}: {outcome.status}" + (f" ({outcome.message})" if outcome.message else ""), err=True)
+    raise typer.Exit(code=outcome.exit_code)
+
+
+def _guard(fn, *args):
+    """Run a read/report call; turn the errors a user can act on into `error: …` and exit status 1."""
+    from cluster.storage import StorageError
+    from pipeline.runstore import ExportNotReadyError, RunNotFoundError
+
+    try:
+        return fn(*args)
+    except (RunNotFoundError, ExportNotReadyError, StorageError) as exc:
+        _fail(str(exc))
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=1)
