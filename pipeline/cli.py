@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import typer
 
@@ -82,25 +84,30 @@ def prep(
 @app.command()
 def run(
     spec: str = typer.Argument(..., help="Run spec YAML (see configs/)."),
+    set_: list[str] = typer.Option(None, "--set", metavar="PATH=VALUE",
+                                   help="Override a spec value: a dotted path (stages addressed by name) and a "
+                                   "YAML value, e.g. --set stages.pretrain.epochs=2 --set compute.workers=4. "
+                                   "Repeatable."),
+    restart_from: str = typer.Option(None, "--restart-from", metavar="STAGE",
+                                     help="Clear STAGE and every stage downstream of it, then re-run them (needed "
+                                     "when the spec of a started run changed)."),
     address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)."),
 ) -> None:
-    """Run a spec's stages; finished stages are skipped, an interrupted one resumes.
+    """Run a spec's stages in order; finished stages are skipped, an interrupted one resumes.
 
-    Exit status: 0 done, 75 preempted (SIGTERM/SIGINT; run again to continue), 1 failed.
+    The spec is validated first (nothing is written to storage when it is invalid). Storage
+    credentials come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... or a profile).
+
+    Exit status: 0 done, 2 invalid spec or changed spec (see --restart-from), 75 preempted
+    (SIGTERM/SIGINT; run again to continue), 1 failed.
     """
-    from cluster.gang import GangFailedError
-    from cluster.storage import StorageError
-    from jobs.checkpoint import CheckpointMismatchError
     from jobs.engine import PREEMPTED_EXIT_CODE
     from pipeline.run import run_spec
-    from pipeline.spec import SpecError, load_spec
 
-    try:
-        result = run_spec(load_spec(spec), address=address)
-    except (SpecError, StorageError, CheckpointMismatchError, GangFailedError) as exc:
-        _fail(str(exc))
+    loaded = _load_spec_or_exit(spec, set_ or ())
+    result = _run_or_exit(lambda: run_spec(loaded, address=address, restart_from=restart_from))
     for name, state in result.states.items():
-        typer.echo(f"{name}: {state}")
+        typer.echo(f"{name}: {state}{' (finished earlier, skipped)' if name in result.skipped else ''}")
     if result.preempted:
         typer.echo(f"preempted: run `vitforge run {spec}` again to continue", err=True)
         raise typer.Exit(code=PREEMPTED_EXIT_CODE)
@@ -213,6 +220,35 @@ def _guard(fn, *args):
     try:
         return fn(*args)
     except (RunNotFoundError, ExportNotReadyError, StorageError) as exc:
+        _fail(str(exc))
+
+
+def _load_spec_or_exit(path: str, overrides: Sequence[str]) -> Any:
+    """Load and validate a spec with ``--set`` overrides; an invalid one exits with status 2."""
+    from pipeline.spec import SpecError, load_spec
+
+    try:
+        return load_spec(path, overrides=list(overrides))
+    except SpecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2)
+
+
+def _run_or_exit(fn: Callable[[], Any]) -> Any:
+    """Run a pipeline call: a refused spec (changed run, missing input) exits 2, a failure exits 1."""
+    from cluster.gang import GangFailedError
+    from cluster.storage import StorageError
+    from dataprep._sources import SourceError
+    from dataprep.prep import PrepError
+    from jobs.checkpoint import CheckpointMismatchError
+    from pipeline.spec import SpecError
+
+    try:
+        return fn()
+    except SpecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2)
+    except (StorageError, CheckpointMismatchError, GangFailedError, SourceError, PrepError) as exc:
         _fail(str(exc))
 
 

@@ -1,89 +1,131 @@
-"""``vitforge run SPEC``: run a spec's stages, each training stage on a Ray Train gang.
+"""``vitforge run SPEC``: run a spec's stages in order, each training stage on a Ray Train gang.
 
-For now a spec whose stages are training stages reading a manifest URL (prep stages are
-validated but run by the multi-stage runner of a later issue). The run root gets::
+Stages: ``prep`` (images -> shards, Ray tasks), training kinds (``mae``, ``dino``, ``distill``,
+``finetune``: a Ray Train gang each) and ``eval`` (one Ray task). The run root gets::
 
     run.yaml                      the spec as first launched; a different spec is refused
-    stages/<name>/STATUS.json     state: running | done | preempted | failed, attempts, digests
+    stages/<name>/STATUS.json     state: running | done | preempted | failed, attempts, history
+                                  (per attempt: start, end, seconds, outcome), config digest
+    stages/<name>/shards/…        prep stages (manifest.json last)
     stages/<name>/metrics.jsonl   per-step metrics (rank 0)
     stages/<name>/checkpoints/…   committed checkpoints (the stage resumes from the newest)
-    stages/<name>/export/…        the trained encoder (timm-loadable)
+    stages/<name>/export/…        the trained model (timm-loadable; config.json last)
+    stages/<name>/eval.json       eval stages
 
-A stage whose ``STATUS.json`` says ``done`` with the same config digest is skipped. SIGTERM or
-SIGINT while a gang runs asks it to stop (a ``PREEMPT`` marker in the stage directory): the
-workers finish their step, checkpoint synchronously and the run ends ``preempted``; running the
-same command again continues.
+A stage whose STATUS says ``done`` for its config digest *and* whose output exists is skipped
+(``pipeline/_plan.py``); an interrupted one resumes from its newest committed checkpoint, so
+killing ``vitforge run`` at any moment and running it again redoes no finished stage. A changed
+spec is refused unless ``--restart-from STAGE`` (that stage and its downstream are cleared).
+SIGTERM or SIGINT while a gang runs asks it to stop (a ``PREEMPT`` marker in the stage
+directory): the workers finish their step, checkpoint synchronously and the run ends
+``preempted``; running the same command again continues.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
 
 from cluster.gang import GangFailedError, GangSpec, run_gang
 from cluster.runtime import ensure_ray
 from cluster.storage import Store, read_latest
-from jobs.checkpoint import check_compatible
+from jobs.checkpoint import check_compatible, code_version
 from jobs.engine import PREEMPT_MARKER
 from jobs.stage import make_method, read_status, run_worker, update_status
-from pipeline.spec import TRAINING_KINDS, RunSpec, SpecError, dump_spec
+from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_sources, clear_stage,  # noqa: F401
+                            is_done, plan_run, record_spec)
+from pipeline.spec import RunSpec
 
 log = logging.getLogger(__name__)
-
-RUN_YAML = "run.yaml"
-
-
-class RunConflictError(SpecError):
-    """The run root already holds a different spec."""
 
 
 @dataclass
 class RunResult:
     run_root: str
     states: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)   # finished earlier (verified), not run again
 
     @property
     def preempted(self) -> bool:
         return "preempted" in self.states.values()
 
 
-def record_spec(spec: RunSpec) -> None:
-    """Write ``run.yaml`` on first launch; refuse a later, different spec for the same run root."""
-    store = Store(spec.run_root, spec.storage_options)
-    text = dump_spec(spec)
-    if store.exists(RUN_YAML):
-        old = yaml.safe_load(store.get_bytes(RUN_YAML))
-        if old != yaml.safe_load(text):
-            changed = sorted(k for k in set(old) | set(yaml.safe_load(text)) if old.get(k) != yaml.safe_load(text).get(k))
-            raise RunConflictError(
-                f"{store.url_of(RUN_YAML)} holds a different spec (differs in: {', '.join(changed)}). "
-                "Use a new run name, or delete the run root to start over.")
-        return
-    store.put_bytes(RUN_YAML, text.encode())
+def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | None = None,
+             restart_from: str | None = None) -> RunResult:
+    """Run the stages of ``spec`` in order: finished ones are skipped, an interrupted one resumes.
 
-
-def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | None = None) -> RunResult:
-    """Run every stage of ``spec`` in order (skipping finished ones). Returns each stage's state."""
-    unsupported = [s.name for s in spec.stages if s.kind not in (*TRAINING_KINDS, "eval")]
-    if unsupported:
-        raise SpecError(f"stages {unsupported} are prep stages: this runner takes training stages reading a "
-                        "manifest URL; run `vitforge prep SRC DEST` first and give `data: DEST`")
-    record_spec(spec)
+    Before anything is written: remote inputs must exist, and the run root's ``run.yaml`` must hold
+    the same spec (else :class:`RunConflictError` names the changed keys) unless ``restart_from``
+    names a stage, which is then cleared and re-run with every stage downstream of it.
+    Stops at the first stage that does not finish (``preempted``); raises when one fails.
+    """
+    check_sources(spec)
+    plan = plan_run(spec, restart_from)
+    for name in plan.reset:
+        clear_stage(spec, name)
+    record_spec(spec, replace=bool(plan.reset))
     result = RunResult(spec.run_root)
     for stage in spec.stages:
-        if stage.kind == "eval":
-            state = run_eval_stage(spec, stage.name, address=address)
-        else:
-            state = run_training_stage(spec, stage.name, address=address, fault=fault)
+        if stage.name in plan.done:
+            log.info("stage %s (%s) is done; skipping", stage.name, stage.kind)
+            result.states[stage.name] = "done"
+            result.skipped.append(stage.name)
+            continue
+        state = _timed(spec, stage.name, lambda s=stage: _run_stage(spec, s, address, fault))
         result.states[stage.name] = state
         if state != "done":
             break
     return result
+
+
+def _run_stage(spec: RunSpec, stage: Any, address: str | None, fault: dict[str, Any] | None) -> str:
+    if stage.kind == "prep":
+        return run_prep_stage(spec, stage.name, address=address)
+    if stage.kind == "eval":
+        return run_eval_stage(spec, stage.name, address=address)
+    return run_training_stage(spec, stage.name, address=address, fault=fault)
+
+
+def _timed(spec: RunSpec, name: str, fn: Any) -> str:
+    """Run a stage; append ``{attempt, started_at, ended_at, seconds, state}`` to its STATUS ``history``."""
+    t0 = time.time()
+    state = "failed"
+    try:
+        state = fn()
+        return state
+    finally:
+        status = read_status(spec.stage_url(name), spec.storage_options)
+        history = [*status.get("history", []), {"attempt": status.get("attempts"), "started_at": t0,
+                                                "ended_at": time.time(), "seconds": round(time.time() - t0, 3),
+                                                "state": state}]
+        update_status(spec.stage_url(name), spec.storage_options, history=history)
+
+
+def run_prep_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
+    """Build a prep stage's shards at ``<stage>/shards`` (``run_prep`` resumes a half-built prep)."""
+    from dataprep.prep import PrepOptions, run_prep
+
+    stage, url, opts = spec.stage(name), spec.stage_url(name), spec.storage_options
+    before = read_status(url, opts)
+    update_status(url, opts, state="running", kind="prep", name=name, attempts=int(before.get("attempts", 0)) + 1,
+                  started_at=time.time(), config_digest=stage.digest(), code_version=code_version())
+    options = PrepOptions.model_validate(stage.model_dump(include=set(PrepOptions.model_fields)))
+    source = stage.source if "://" in stage.source else os.path.abspath(os.path.expanduser(stage.source))
+    try:
+        result = run_prep(source, posixpath.join(url, SHARDS), options, address=address)
+    except Exception as exc:
+        update_status(url, opts, state="failed", error=f"{type(exc).__name__}: {exc}"[-2000:])
+        raise
+    totals = result.manifest.totals
+    update_status(url, opts, state="done", finished_at=time.time(), samples=totals.get("written"),
+                  rejected=totals.get("rejected"), shards_built=result.shards_built)
+    return "done"
 
 
 def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
@@ -91,11 +133,13 @@ def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
     """Run one training stage on a gang; ``done`` | ``preempted``. Raises when the gang gives up."""
     job = spec.stage_job(name, launcher="ray")
     stage_url, opts = job["stage_url"], spec.storage_options
-    status = read_status(stage_url, opts)
-    digest = spec.stage(name).digest()
-    if status.get("state") == "done" and status.get("config_digest") == digest:
+    if is_done(spec, name):
         log.info("stage %s is done; skipping", name)
         return "done"
+    status = read_status(stage_url, opts)
+    if status.get("state") in ("running", "preempted", "failed"):
+        log.info("stage %s was interrupted (%s, attempt %s); resuming from its newest committed checkpoint",
+                 name, status.get("state"), status.get("attempts"))
     _preflight(spec, name)
     store = Store(stage_url, opts)
     store.delete(PREEMPT_MARKER)  # a stop request belongs to the attempt it was made for
@@ -121,8 +165,7 @@ def run_eval_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
     from jobs.evaluate import format_table, run_eval
 
     job = spec.eval_job(name)
-    status = read_status(job["stage_url"], spec.storage_options)
-    if status.get("state") == "done" and status.get("config_digest") == spec.stage(name).digest():
+    if is_done(spec, name):
         log.info("stage %s is done; skipping", name)
         return "done"
     ensure_ray(address)

@@ -53,6 +53,12 @@ class PrepStage(PrepOptions):
     kind: Literal["prep"] = "prep"
     source: str = Field(description="image folder, list file or shards URL")
 
+    def digest(self) -> str:
+        """Digest of what shapes the shards: the output options and the source (not ``workers``)."""
+        from jobs.checkpoint import json_digest
+
+        return json_digest({"options": self.output_options(), "source": self.source})
+
 
 Stage = Annotated[Union[PrepStage, MAEConfig, DINOConfig, DistillConfig, FinetuneConfig, EvalConfig],
                   Field(discriminator="kind")]
@@ -70,6 +76,7 @@ class RunSpec(BaseModel):
 
     @model_validator(mode="after")
     def _stage_graph(self) -> "RunSpec":
+        _check_cycles(self.stages)
         seen: dict[str, str] = {}
         for i, stage in enumerate(self.stages):
             if stage.name in seen:
@@ -143,6 +150,33 @@ class RunSpec(BaseModel):
         return {"name": ref, "url": self.export_url(ref), "kind": self.stage(ref).kind, "stage_url": self.stage_url(ref)}
 
 
+def stage_inputs(stage: Any) -> list[str]:
+    """The stage names or URLs a stage reads: ``data``, ``init``, ``teacher`` and ``models``."""
+    refs = [getattr(stage, f, None) for f in ("data", *REFERENCE_FIELDS)]
+    return [r for r in [*refs, *(getattr(stage, "models", None) or [])] if isinstance(r, str)]
+
+
+def _check_cycles(stages: list[Any]) -> None:
+    """Refuse a cycle (``a`` reads ``b`` reads ``a``) with the loop spelled out; stages run in spec order."""
+    names = {s.name for s in stages}
+    graph = {s.name: [r for r in stage_inputs(s) if r in names and not _is_url(r)] for s in stages}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if name in trail:
+            loop = trail[trail.index(name):] + [name]
+            raise ValueError(f"stages form a cycle: {' -> '.join(loop)} (each stage may only read earlier stages)")
+        for dep in graph[name]:
+            visit(dep, [*trail, name])
+
+    for s in stages:
+        visit(s.name, [])
+    for i, s in enumerate(stages):
+        later = [r for r in graph[s.name] if r in {t.name for t in stages[i + 1:]}]
+        if later:
+            raise ValueError(f"stages[{i}] ({s.name}) reads {later[0]!r}, a later stage: stages run in spec "
+                             f"order, so move {later[0]!r} before {s.name!r}")
+
+
 def _check_models(i: int, stage: Any, seen: dict[str, str]) -> None:
     """An eval stage's ``models`` name earlier training stages (their export) or export URLs/paths."""
     for j, ref in enumerate(getattr(stage, "models", None) or []):
@@ -174,12 +208,31 @@ def _is_url(value: str) -> bool:
     return "://" in value or value.startswith(("/", "./", "../", "~"))
 
 
-def format_errors(exc: ValidationError, raw: Any) -> str:
-    """One line per problem: ``stages[1] (pretrain) > model > img_siz: Extra inputs are not permitted``."""
-    lines = []
+def format_errors(exc: ValidationError, raw: Any, lines: dict[tuple, int] | None = None) -> str:
+    """One line per problem: ``stages[1] (pretrain) > model > img_siz (line 12): Extra inputs are not permitted``."""
+    from pipeline._specfile import line_of
+
+    out = []
     for err in exc.errors():
-        lines.append(f"  {_path(err['loc'], raw)}: {err['msg']}")
-    return "\n".join(lines)
+        line = line_of(lines, _data_loc(err["loc"], raw)) if lines else None
+        where = "" if line is None else " (--set)" if line == 0 else f" (line {line})"
+        out.append(f"  {_path(err['loc'], raw)}{where}: {err['msg']}")
+    return "\n".join(out)
+
+
+def _data_loc(loc: tuple, raw: Any) -> tuple:
+    """``loc`` without the discriminator tags pydantic inserts (``stages, 1, mae, epochs`` -> ``stages, 1, epochs``)."""
+    out: list[Any] = []
+    node = raw
+    for i, key in enumerate(loc):
+        if i > 0 and isinstance(loc[i - 1], int) and isinstance(node, dict) and node.get("kind") == key:
+            continue
+        out.append(key)
+        if isinstance(key, int):
+            node = node[key] if isinstance(node, list) and key < len(node) else None
+        else:
+            node = node.get(key) if isinstance(node, dict) else None
+    return tuple(out)
 
 
 def _path(loc: tuple, raw: Any) -> str:
@@ -199,25 +252,57 @@ def _path(loc: tuple, raw: Any) -> str:
     return " > ".join(parts) or "(spec)"
 
 
-def parse_spec(raw: Any, source: str = "the spec") -> RunSpec:
+def parse_spec(raw: Any, source: str = "the spec", lines: dict[tuple, int] | None = None) -> RunSpec:
+    """Validate a spec mapping. ``lines`` (from :func:`pipeline._specfile.read_yaml`) adds file lines to errors."""
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return RunSpec.model_validate(raw)
+        spec = RunSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(f"{source} is invalid:\n{format_errors(exc, raw)}") from None
+        raise SpecError(f"{source} is invalid:\n{format_errors(exc, raw, lines)}") from None
+    check_local_sources(spec, source)
+    return spec
 
 
-def load_spec(path: str) -> RunSpec:
-    """Read and validate a YAML run spec; :class:`SpecError` names every bad field."""
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise SpecError(f"run spec {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path} is not valid YAML: {exc}") from None
-    return parse_spec(raw, source=path)
+def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
+    """Read and validate a YAML run spec, with ``--set`` ``overrides`` (``stages.pretrain.epochs=2``) applied.
+
+    :class:`SpecError` names every bad field (with its line in ``path`` where it has one).
+    """
+    from pipeline._specfile import apply_overrides, read_yaml
+
+    raw, lines = read_yaml(path)
+    raw = apply_overrides(raw, overrides, source=path, lines=lines)
+    return parse_spec(raw, source=path, lines=lines)
+
+
+def check_local_sources(spec: RunSpec, source: str = "the spec") -> None:
+    """Local paths a spec reads (prep ``source``, ``data``/``init``/``teacher``/``models`` paths) must exist.
+
+    Remote URLs are checked by the runner before it writes anything (``pipeline.run.check_sources``).
+    """
+    missing = [f"  {where}: {path} does not exist" for where, path in input_paths(spec)
+               if "://" not in path and not os.path.exists(os.path.expanduser(path))]
+    if missing:
+        raise SpecError(f"{source} names missing inputs (fix the path, or run the stage that makes them):\n"
+                        + "\n".join(missing))
+
+
+def input_paths(spec: RunSpec) -> list[tuple[str, str]]:
+    """``(field path, URL or path)`` of every input that is not an earlier stage of the run."""
+    found = []
+    for i, stage in enumerate(spec.stages):
+        where = f"stages[{i}] ({stage.name})"
+        if stage.kind == "prep":
+            found.append((f"{where} > source", stage.source))
+        for field in ("data", *REFERENCE_FIELDS):
+            ref = getattr(stage, field, None)
+            if isinstance(ref, str) and _is_url(ref):
+                found.append((f"{where} > {field}", ref))
+        for j, ref in enumerate(getattr(stage, "models", None) or []):
+            if _is_url(ref):
+                found.append((f"{where} > models[{j}]", ref))
+    return found
 
 
 def dump_spec(spec: RunSpec) -> str:
