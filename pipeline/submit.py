@@ -74,14 +74,10 @@ def runtime_env(working_dir: str, env_from_local: bool = False) -> dict[str, Any
 
 
 def validate(spec_path: str, overrides: Sequence[str] = ()) -> Any:
-    """Load and validate the spec (with ``--set`` overrides where the spec loader takes them)."""
-    import inspect
-
+    """Load and validate the spec with its ``--set`` overrides, as ``vitforge run`` will on the cluster."""
     from pipeline.spec import load_spec
 
-    if overrides and "overrides" in inspect.signature(load_spec).parameters:
-        return load_spec(spec_path, overrides=list(overrides))
-    return load_spec(spec_path)
+    return load_spec(spec_path, overrides=list(overrides))
 
 
 def submit_spec(spec_path: str, address: str, overrides: Sequence[str] = (), restart_from: str | None = None,
