@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,6 +112,8 @@ class RayHead:
                     pass
             time.sleep(0.5)
         self.log.close()
+        if not self.pids():
+            shutil.rmtree(self.temp_dir, ignore_errors=True)  # Ray's session logs
 
     def _log_tail(self, n: int = 3000) -> str:
         with open(os.path.join(self.temp_dir, "head.log"), "rb") as f:
@@ -216,3 +219,28 @@ def test_report_of_the_submitted_run_is_uploaded_beside_it(submitted):
     assert report.exists("throughput.png")
     page = report.get_bytes("index.html").decode()
     assert "loss.png" in page and "pretrain" in page and "eval.png" not in page
+
+
+def test_runtime_env_ships_the_packages_and_no_credentials_unless_asked(monkeypatch, tmp_path):
+    from pipeline.submit import PACKAGES, entrypoint, runtime_env
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+    env = runtime_env(str(tmp_path))
+    assert [os.path.basename(p) for p in env["py_modules"]] == list(PACKAGES)
+    assert all(os.path.isfile(os.path.join(p, "__init__.py")) for p in env["py_modules"])
+    assert env["working_dir"] == str(tmp_path) and "env_vars" not in env
+    assert "not-a-real-secret" not in json.dumps(env)
+    forwarded = runtime_env(str(tmp_path), env_from_local=True)["env_vars"]
+    assert forwarded["AWS_SECRET_ACCESS_KEY"] == "not-a-real-secret"
+    assert entrypoint("my spec.yaml", ["stages.pretrain.epochs=2"], "pretrain") == (
+        "python -m pipeline.cli run 'my spec.yaml' --set stages.pretrain.epochs=2 --restart-from pretrain")
+
+
+def test_submit_refuses_an_invalid_spec_with_exit_2_before_contacting_the_cluster(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "storage": "s3://b/r", "stages": [{**TINY_MAE, "data": "s3://b/d",
+                                                                                   "bogus": 1}]}))
+    proc = cli("submit", str(bad), "--address", "http://127.0.0.1:9", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "bogus" in proc.stderr and "cannot reach" not in proc.stderr
