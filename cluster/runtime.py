@@ -13,17 +13,22 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Environment variables forwarded to Ray workers when we connect to an existing cluster from a
-# driver that has them (a cluster's own nodes normally carry their own credentials).
-STORAGE_ENV_VARS = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+# Storage settings forwarded to Ray workers when we connect to an existing cluster. Only settings
+# that are not secrets: Ray's runtime-env agent writes a job's ``env_vars`` in plain text to
+# ``<session>/logs/runtime_env_agent.log`` on every node, so keys must reach a cluster's nodes
+# the way the cluster provides them (instance roles, a mounted profile, the nodes' environment).
+STORAGE_SETTINGS_ENV_VARS = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_EC2_METADATA_DISABLED", "VITFORGE_STORAGE_OUTAGE_S",
 )
+STORAGE_SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+STORAGE_ENV_VARS = STORAGE_SETTINGS_ENV_VARS + STORAGE_SECRET_ENV_VARS
 
 
-def storage_env() -> dict[str, str]:
-    """The storage-related environment of this process (to forward to workers). Never logged."""
-    return {k: os.environ[k] for k in STORAGE_ENV_VARS if k in os.environ}
+def storage_env(include_secrets: bool = True) -> dict[str, str]:
+    """The storage-related environment of this process. Never log the result."""
+    names = STORAGE_ENV_VARS if include_secrets else STORAGE_SETTINGS_ENV_VARS
+    return {k: os.environ[k] for k in names if k in os.environ}
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False,
@@ -31,7 +36,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
     """Connect to Ray once per process; return ``ray.cluster_resources()``.
 
     ``address`` (or ``RAY_ADDRESS``) names an existing cluster; otherwise an embedded local
-    cluster starts on 127.0.0.1. Calling again when already connected does nothing.
+    cluster starts on 127.0.0.1. Calling again when already connected does nothing. On an
+    existing cluster, this process's non-secret storage settings (endpoint, region, profile name)
+    are forwarded to the workers; credentials never are (see ``STORAGE_SETTINGS_ENV_VARS``).
     """
     import ray
 
@@ -41,8 +48,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         log.info("connecting to Ray cluster at %s", address)
-        if forward_storage_env and storage_env():
-            kwargs["runtime_env"] = {"env_vars": storage_env()}
+        settings = storage_env(include_secrets=False) if forward_storage_env else {}
+        if settings:
+            kwargs["runtime_env"] = {"env_vars": settings}
         ray.init(address=address, **kwargs)
     else:
         log.info("starting an embedded local Ray cluster")

@@ -138,11 +138,10 @@ def test_secret_key_is_never_in_store_objects_status_metrics_checkpoints_or_outp
     assert [k for k, text in printed.items() if secret in text] == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cluster/runtime.py ensure_ray(address=...) forwards AWS_SECRET_ACCESS_KEY "
-                   "to workers as runtime_env env_vars, which Ray's runtime_env_agent logs in plain text "
-                   "(<session>/logs/runtime_env_agent.log on every node)")
 def test_secret_key_is_never_in_the_ray_session_logs(prepped, s3):
-    secret = s3.admin.secret_key.encode()  # prepped ran `vitforge prep --address` (storage env forwarded)
+    # prepped ran `vitforge prep --address`: only non-secret storage settings may travel in runtime_env,
+    # which Ray's runtime_env_agent writes in plain text to <session>/logs/runtime_env_agent.log.
+    secret = s3.admin.secret_key.encode()
     assert [k for k, text in _ray_logs().items() if secret in text] == []
 
 
