@@ -114,6 +114,47 @@ def run(
 
 
 @app.command()
+def demo(
+    storage: str = typer.Option(None, help="Run on this storage (s3://bucket/prefix, file:///…, a path) instead of "
+                                "an embedded S3 server with its data in .demo/s3. Credentials: AWS_* env."),
+    set_: list[str] = typer.Option(None, "--set", metavar="PATH=VALUE",
+                                   help="Override a value of configs/demo.yaml, e.g. stages.pretrain.epochs=5."),
+    restart_from: str = typer.Option(None, "--restart-from", metavar="STAGE",
+                                     help="Clear STAGE and its downstream stages, then re-run them."),
+    address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)."),
+    workdir: str = typer.Option(None, help="Folder for the digits, the embedded S3 data and the report "
+                                "(default: .demo in the repository)."),
+) -> None:
+    """The whole pipeline on scikit-learn's handwritten digits, on this machine (CPU, a few minutes).
+
+    prep -> MAE pretrain (2 workers, ZeRO-2) -> distil into a smaller ViT -> fine-tune (from scratch,
+    from MAE, from the student) and a linear probe -> eval. Prints the accuracy table, where the
+    checkpoints are and the report. Running it again skips every finished stage.
+    """
+    from rich.console import Console
+
+    from pipeline.demo import DEMO_DIR, accuracy_table, locations, run_demo
+    from pipeline.status import status_table
+
+    result = _run_or_exit(lambda: run_demo(storage, set_ or (), restart_from, workdir=workdir or DEMO_DIR,
+                                           address=address))
+    console = Console()
+    if result.skipped and len(result.skipped) == len(result.states):
+        typer.echo("nothing to do: every stage of the demo finished earlier")
+    if result.preempted:
+        typer.echo("preempted: run `vitforge demo` again to continue", err=True)
+        raise typer.Exit(code=75)
+    console.print(accuracy_table(result.rows))
+    for line in locations(result.spec):
+        typer.echo(line)
+    if result.report_url:
+        typer.echo(f"report: {result.local_report or result.report_url}"
+                   + (f"  (also {result.report_url})" if result.local_report else ""))
+    if result.status is not None:
+        console.print(status_table(result.status))
+
+
+@app.command()
 def status(
     run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name> (s3://…, file://… or a path)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
