@@ -11,6 +11,7 @@ re-run.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,12 +117,22 @@ def record_spec(spec: RunSpec, replace: bool = False) -> None:
 
 
 def check_sources(spec: RunSpec) -> None:
-    """Every remote input (``s3://…``, ``file://…``) exists; refuses before the run writes anything."""
+    """Every input that is not an earlier stage (a local path, ``s3://…``, ``file://…``) exists.
+
+    Checked by the runner before the run writes anything, not by spec validation: a spec validated
+    on one machine (``vitforge submit``) may name paths that exist only on the cluster.
+    """
     missing = [f"  {where}: {url} does not exist (or is empty)" for where, url in input_paths(spec)
-               if "://" in url and not _url_exists(url, spec.storage_options)]
+               if not _input_exists(url, spec.storage_options)]
     if missing:
-        raise SpecError("the spec names missing inputs (fix the URL, or run the stage that makes them):\n"
+        raise SpecError("the spec names missing inputs (fix the path or URL, or run the stage that makes them):\n"
                         + "\n".join(missing))
+
+
+def _input_exists(url: str, storage_options: dict[str, Any]) -> bool:
+    if "://" in url:
+        return _url_exists(url, storage_options)
+    return os.path.exists(os.path.expanduser(url))
 
 
 def spec_diff(old: Any, new: Any, prefix: str = "") -> list[str]:

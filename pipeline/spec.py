@@ -171,10 +171,19 @@ def _check_cycles(stages: list[Any]) -> None:
     for s in stages:
         visit(s.name, [])
     for i, s in enumerate(stages):
-        later = [r for r in graph[s.name] if r in {t.name for t in stages[i + 1:]}]
+        later_names = {t.name for t in stages[i + 1:]}
+        later = [(field, ref) for field, ref in _named_inputs(s) if ref in later_names]
         if later:
-            raise ValueError(f"stages[{i}] ({s.name}) reads {later[0]!r}, a later stage: stages run in spec "
-                             f"order, so move {later[0]!r} before {s.name!r}")
+            field, ref = later[0]
+            raise ValueError(f"stages[{i}] ({s.name}) > {field}: {ref!r} is a later stage: stages run in spec "
+                             f"order, so move {ref!r} before {s.name!r}")
+
+
+def _named_inputs(stage: Any) -> list[tuple[str, str]]:
+    """``(field path, value)`` of every input field of a stage (``models[1]`` for list items)."""
+    found = [(f, getattr(stage, f, None)) for f in ("data", *REFERENCE_FIELDS)]
+    found += [(f"models[{j}]", m) for j, m in enumerate(getattr(stage, "models", None) or [])]
+    return [(f, v) for f, v in found if isinstance(v, str)]
 
 
 def _check_models(i: int, stage: Any, seen: dict[str, str]) -> None:
@@ -260,7 +269,6 @@ def parse_spec(raw: Any, source: str = "the spec", lines: dict[tuple, int] | Non
         spec = RunSpec.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(f"{source} is invalid:\n{format_errors(exc, raw, lines)}") from None
-    check_local_sources(spec, source)
     return spec
 
 
@@ -274,18 +282,6 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec
     raw, lines = read_yaml(path)
     raw = apply_overrides(raw, overrides, source=path, lines=lines)
     return parse_spec(raw, source=path, lines=lines)
-
-
-def check_local_sources(spec: RunSpec, source: str = "the spec") -> None:
-    """Local paths a spec reads (prep ``source``, ``data``/``init``/``teacher``/``models`` paths) must exist.
-
-    Remote URLs are checked by the runner before it writes anything (``pipeline.run.check_sources``).
-    """
-    missing = [f"  {where}: {path} does not exist" for where, path in input_paths(spec)
-               if "://" not in path and not os.path.exists(os.path.expanduser(path))]
-    if missing:
-        raise SpecError(f"{source} names missing inputs (fix the path, or run the stage that makes them):\n"
-                        + "\n".join(missing))
 
 
 def input_paths(spec: RunSpec) -> list[tuple[str, str]]:

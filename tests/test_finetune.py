@@ -131,7 +131,7 @@ def test_spec_references_resolve_to_exports_and_dangling_ones_name_the_field():
     assert "init_url" not in spec.stage_job("pretrain", "ray")
     with pytest.raises(SpecError, match=r"stages\[1\] \(probe\) > init: 'pretrian' is neither an earlier stage"):
         parse_spec({"name": "r", "storage": "/tmp/r", "stages": [stages[0], {**stages[1], "init": "pretrian"}]})
-    with pytest.raises(SpecError, match=r"stages\[0\] \(probe\) > init: 'pretrain' is neither"):  # a later stage
+    with pytest.raises(SpecError, match=r"stages\[0\] \(probe\) > init: 'pretrain' is a later stage"):
         parse_spec({"name": "r", "storage": "/tmp/r", "stages": [stages[1], stages[0]]})
     prep = {"name": "data", "kind": "prep", "source": "./d"}
     with pytest.raises(SpecError, match=r"stages\[1\] \(probe\) > init: stage 'data' is a prep stage"):
