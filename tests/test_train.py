@@ -12,12 +12,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import yaml
 
 from cluster.storage import Store
+from tests._train_util import finish, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
@@ -62,21 +62,6 @@ def torchrun(spec: str, **popen) -> subprocess.Popen:
            "--shutdown-timeout", "300",
            "-m", "jobs.launch", "--spec", spec, "--stage", "pretrain"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def wait_for(check, timeout: float = 300, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def assert_same_losses(got: list[float], want: list[float]) -> None:
@@ -144,7 +129,7 @@ def test_torchrun_sigterm_checkpoints_and_exits_preempted_then_rerun_matches_uni
     storage = f"s3://{s3.bucket}/{tmp_path.name}"
     spec = write_spec(tmp_path, storage, "pre", manifest)
     proc = torchrun(spec)
-    wait_for(lambda: status(storage, "pre").get("state") == "running", what="STATUS running")
+    wait_for(lambda: status(storage, "pre").get("state") == "running", timeout=300, what="STATUS running")
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
     rc, out = finish(proc)
     st = status(storage, "pre")
@@ -199,7 +184,7 @@ def test_driver_killed_then_rerun_resumes_and_matches_uninterrupted(reference, m
         return ckpt.exists("latest")
 
     try:
-        wait_for(committed, what="a committed checkpoint")
+        wait_for(committed, timeout=300, what="a committed checkpoint")
     finally:
         driver.kill()  # SIGKILL: no handler, no cleanup; Ray reaps the job's workers
         driver.wait()
