@@ -72,22 +72,27 @@ class Entry:
 
 # ---- filesystem access (cached per process: Ray workers reuse one client per protocol) ----------
 
-_STORES: dict[str, Store] = {}
+_STORES: dict[tuple[str, str], Store] = {}
 
 
-def store_for(url: str) -> tuple[Store, str]:
-    """(a Store rooted at the filesystem's root, the path of ``url`` in it)."""
+def store_for(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Store, str]:
+    """(a Store rooted at the filesystem's root, the path of ``url`` in it).
+
+    ``storage_options``: extra fsspec options for that filesystem (one cached client per
+    protocol and options).
+    """
     protocol, path = (url.split("://", 1) if "://" in url else ("file", url))
     if protocol == "file":
         path = os.path.abspath(path)
-    if protocol not in _STORES:
-        _STORES[protocol] = Store(f"{protocol}://" if protocol != "file" else "/")
-    return _STORES[protocol], path.lstrip("/") if protocol != "file" else path
+    key = (protocol, json.dumps(storage_options or {}, sort_keys=True, default=str))
+    if key not in _STORES:
+        _STORES[key] = Store(f"{protocol}://" if protocol != "file" else "/", storage_options)
+    return _STORES[key], path.lstrip("/") if protocol != "file" else path
 
 
-def store_at(url: str) -> Store:
+def store_at(url: str, storage_options: dict[str, Any] | None = None) -> Store:
     """A Store rooted at ``url`` sharing this process's client for its filesystem."""
-    store, path = store_for(url)
+    store, path = store_for(url, storage_options)
     return store.child(path)
 
 

@@ -74,11 +74,12 @@ def is_finished(store: Store, plan: ShardPlan) -> dict[str, Any] | None:
         return None
 
 
-def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec) -> dict[str, Any]:
+def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec,
+                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Process, tar, upload and record one shard. Returns its progress record."""
     start = time.monotonic()
     outputs, rejects = _process_all(plan, spec)
-    store = store_at(dest)  # one S3 client per worker process: creating one costs ~0.1 s
+    store = store_at(dest, storage_options)  # one S3 client per worker process: creating one costs ~0.1 s
     with local_staging("vitforge-shard-") as tmp:
         local = os.path.join(tmp, "shard.tar")
         samples = write_tar(local, plan, outputs, spec.ext)

@@ -125,18 +125,20 @@ class _Plan:
 
 
 def run_prep(src: str, dest: str, options: PrepOptions | None = None, address: str | None = None,
-             progress: bool | None = None) -> PrepResult:
+             progress: bool | None = None, storage_options: dict[str, Any] | None = None) -> PrepResult:
     """Turn the images at ``src`` into shards + ``manifest.json`` at ``dest``; idempotent and resumable.
 
     ``address`` (or ``RAY_ADDRESS``) names a Ray cluster; otherwise an embedded one starts.
     ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
+    ``storage_options``: extra fsspec options for DEST's filesystem (a run spec's
+    ``storage_options``); ``src`` is read with the environment's settings.
     Raises :class:`SourceError`, :class:`DestConflictError`, :class:`TooManyRejectsError` or
     :class:`cluster.storage.StorageError` with a message naming what to fix.
     """
     options = options or PrepOptions()
     clock = _Clock()
     listing = list_source(src, options.source_kind)
-    store = Store(dest)
+    store = Store(dest, storage_options)
     _check_bucket(store)
     done = _check_dest(store, options, listing)
     if done is not None:
@@ -152,7 +154,7 @@ def run_prep(src: str, dest: str, options: PrepOptions | None = None, address: s
         entries, classes = _scan(listing, workers, bar)
         plan = make_plan(entries, classes, options)
         clock.lap("scan")
-        records, built = _build(plan.shards, store, _image_spec(options, plan.ext), workers, bar)
+        records, built = _build(plan.shards, store, _image_spec(options, plan.ext), workers, bar, storage_options)
         clock.lap("build")
     manifest = _finish(store, plan, records, options, listing)
     clock.lap("finish")
@@ -312,8 +314,8 @@ def _dominant_format(kept: list[Entry]) -> str:
 # ---- build -------------------------------------------------------------------------------------------
 
 
-def _build(shards: list[ShardPlan], store: Store, spec: ImageSpec, workers: int,
-           bar: "_Progress") -> tuple[list[dict[str, Any]], int]:
+def _build(shards: list[ShardPlan], store: Store, spec: ImageSpec, workers: int, bar: "_Progress",
+           storage_options: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], int]:
     """Progress records of every shard (finished ones reused), and how many were built now."""
     import ray
 
@@ -323,7 +325,7 @@ def _build(shards: list[ShardPlan], store: Store, spec: ImageSpec, workers: int,
         log.info("resuming: %d of %d shards are already finished", len(shards) - len(todo), len(shards))
     on_done = bar.shard_step(len(shards), len(shards) - len(todo))
     task = ray.remote(num_cpus=1, max_retries=2)(build_shard)
-    results = run_bounded(lambda i: task.remote(shards[i], store.url, spec), todo, workers, on_done)
+    results = run_bounded(lambda i: task.remote(shards[i], store.url, spec, storage_options), todo, workers, on_done)
     for i, record in zip(todo, results):
         records[i] = record
     return records, len(todo)  # type: ignore[return-value]

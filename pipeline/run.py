@@ -118,7 +118,7 @@ def run_prep_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
     options = PrepOptions.model_validate(stage.model_dump(include=set(PrepOptions.model_fields)))
     source = stage.source if "://" in stage.source else os.path.abspath(os.path.expanduser(stage.source))
     try:
-        result = run_prep(source, posixpath.join(url, SHARDS), options, address=address)
+        result = run_prep(source, posixpath.join(url, SHARDS), options, address=address, storage_options=opts)
     except Exception as exc:
         update_status(url, opts, state="failed", error=f"{type(exc).__name__}: {exc}"[-2000:])
         raise

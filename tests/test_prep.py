@@ -125,3 +125,21 @@ def test_prep_reject_threshold_fails_pointing_at_rejects_then_a_higher_one_reuse
     result = run_prep(src, dest, options.model_copy(update={"reject_threshold": 0.5}), progress=False)
     assert result.shards_built == 0 and result.shards_reused == len(result.manifest.splits["train"].shards)
     assert result.manifest.totals["rejected"] == len(expected)
+
+
+def test_prep_stage_of_a_run_writes_through_the_specs_storage_options(tmp_path, s3, s3_server, images_dir, ray_local):
+    """A spec's ``storage_options`` reach prep's driver and its Ray shard tasks: the run's storage
+    lives on a second server named only there (the environment points at the first)."""
+    from pipeline.run import run_spec
+    from pipeline.spec import parse_spec
+
+    other = s3_server(bucket="elsewhere", admin=s3.admin)
+    opts = {"client_kwargs": {"endpoint_url": other.endpoint}}
+    spec = parse_spec({"name": "opts", "storage": "s3://elsewhere/runs", "storage_options": opts,
+                       "stages": [{"name": "data", "kind": "prep", "source": images_dir, "format": "png",
+                                   "shard_size": 16}]})
+    assert run_spec(spec).states == {"data": "done"}
+
+    manifest, _ = load_manifest(f"{spec.stage_url('data')}/shards/manifest.json", opts)
+    assert manifest.totals["written"] == 60 and manifest.splits["train"].samples == 60
+    assert not Store(f"s3://{s3.bucket}/").exists("runs")  # nothing went to the environment's server
