@@ -1,0 +1,224 @@
+"""The engine's configuration and the pure pieces built from it.
+
+Stage configs (:class:`TrainConfig`, :class:`OptimConfig`), where a worker runs
+(:class:`StageContext`), what a method supplies (:class:`Method`), the schedules (pure functions of
+the global step), the AdamW parameter groups, and the DeepSpeed config handed to ``accelerate``.
+Public names are re-exported by :mod:`jobs.engine`; import them from there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.checkpoint import CheckpointPolicy, json_digest
+from jobs.models import ModelConfig
+
+PREEMPT_MARKER = "PREEMPT"
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" — a preempted stage continues on rerun
+METHOD_STATE = "method_state.safetensors"  # a method's extra_state() inside each checkpoint
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+class OptimConfig(BaseModel):
+    """AdamW and its schedule. ``lr = base_lr * global_batch / 256`` (Goyal et al. linear scaling)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_lr: float = Field(default=1.5e-4, gt=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    warmup_steps: int | None = Field(default=None, ge=0, description="overrides warmup_epochs")
+    clip_grad: float | None = Field(default=None, gt=0, description="global grad-norm clipping")
+
+
+class TrainConfig(BaseModel):
+    """What every training stage has. Methods subclass it with their own fields and a ``kind``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: str = Field(description="an earlier stage's name, or a manifest URL / prep output directory")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many steps (overrides epochs)")
+    batch_size: int = Field(default=64, ge=1, description="images per worker per micro-step")
+    grad_accum: int = Field(default=1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 on GPU, fp32 on CPU")
+    activation_checkpointing: bool = False
+    compile: bool = False
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointPolicy = Field(default_factory=lambda: CheckpointPolicy(every_minutes=15.0))
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed settings merged over ours")
+    seed: int = 0
+    loader_workers: int = Field(default=2, ge=0)
+    progress: bool | None = Field(default=None, description="progress bar on rank 0; default: only on a TTY")
+
+    def digest(self) -> str:
+        """Digest of everything that shapes the result (not how often we checkpoint or show progress)."""
+        return json_digest(self.model_dump(mode="json", exclude={"checkpoint", "progress", "loader_workers"}))
+
+
+@dataclass
+class StageContext:
+    """Where a worker runs: its rank and the stage's place in the store."""
+
+    stage_url: str                    # <run_root>/stages/<name>
+    data_url: str                     # resolved manifest URL
+    rank: int = 0
+    world_size: int = 1
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    launcher: str = "torchrun"        # "ray" | "torchrun" | "local"
+    kill_at_step: int | None = None   # fault injection (tests): SIGKILL self after this step
+    kill_rank: int | None = None
+    refs: dict[str, str] = field(default_factory=dict)  # resolved references, e.g. {"init": <export URL>}
+
+
+@dataclass
+class TrainResult:
+    state: Literal["done", "preempted"]
+    step: int
+    total_steps: int
+    resumed_from: int | None
+    losses: list[float]
+
+
+class Method(Protocol):
+    """What a training method supplies to :func:`train`."""
+
+    def build_model(self) -> torch.nn.Module: ...
+    def train_transform(self) -> Callable: ...
+    def step(self, model: torch.nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def arch(self) -> dict[str, Any]: ...
+    def no_weight_decay(self, model: torch.nn.Module) -> set[str]: ...
+    def flops_per_sample(self) -> float: ...  # training FLOPs (fwd + bwd) per image, for MFU
+
+    # Optional hooks, called only when a method defines them (see jobs/dino.py):
+    #   set_run_length(total_steps, steps_per_epoch)  once, before the first step (schedules in epochs)
+    #   after_step(model, step)                      after each optimizer step (e.g. an EMA teacher)
+    #   weight_decay_at(step) -> float               weight decay of the decayed param groups at ``step``
+    #   extra_state() -> dict[str, Tensor]           replicated method state (rank 0 saves it as
+    #   load_extra_state(state)                        method_state.safetensors); every rank loads it
+    #   setup(ctx)                                   once, before build_model (reads ctx.refs, ctx.data_url)
+    #   param_groups(model, optim) -> groups         instead of the two default AdamW groups; a group's
+    #                                                  ``lr_scale`` multiplies the scheduled lr (layer decay)
+    #   eval_transform() + eval_step(model, batch) -> sums with a "count" key: run over the manifest's
+    #                                                  val split at every epoch end (every rank; padded
+    #                                                  samples are the method's to skip), logged as val_<k>
+    #   export(model, dest_url, rank=, storage_options=, extra=)   replaces the encoder export
+
+
+# ---- schedules (pure functions of the global step) ----------------------------------------------
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.0) -> float:
+    """Linear warmup over ``warmup`` steps, then half-cosine from ``peak`` down to ``floor`` at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def peak_lr(cfg: TrainConfig, world_size: int) -> float:
+    return cfg.optim.base_lr * cfg.batch_size * cfg.grad_accum * world_size / 256
+
+
+# ---- optimizer ------------------------------------------------------------------------------------
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: set[str]) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed weights, and the rest (biases, norms, position embeddings, tokens)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name in no_decay_names or name.split(".")[-1] in no_decay_names
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, no_decay_names: set[str],
+                    groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+    groups = groups if groups is not None else param_groups(model, cfg.weight_decay, no_decay_names)
+    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=cfg.betas, eps=cfg.eps)
+
+
+# ---- DeepSpeed through accelerate -----------------------------------------------------------------
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def use_bf16(cfg: TrainConfig, on_gpu: bool) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """Our DeepSpeed config for ``cfg``, with the stage's ``deepspeed:`` mapping merged over it."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    ours = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.clip_grad or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(cfg, on_gpu)},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        # we pass torch's AdamW; with offload DeepSpeed would otherwise insist on its CPU Adam build
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ours, cfg.deepspeed)
+
+
+def _skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-building its shared-memory op at process-group start.
+
+    The op serves only ``inference_all_reduce``; training never calls it. Building it costs a C++
+    compile on a fresh machine, and its build lock (``~/.cache/torch_extensions/…/lock``) survives a
+    ``kill -9`` during the build, after which every later start waits on that lock forever.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def make_accelerator(cfg: TrainConfig, world_size: int):
+    """An ``Accelerator`` driving DeepSpeed. Every rank calls it once per process."""
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+        _skip_deepspeed_shm_op()
+    ds_cfg = deepspeed_config(cfg, world_size, on_gpu)
+    plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg)
+    # accelerate only knows DeepSpeed on accelerators; naming the gloo backend makes it take the
+    # DeepSpeed path on CPU too (it then adopts an existing process group, e.g. Ray Train's).
+    handlers = [] if on_gpu else [InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=cfg.grad_accum,
+                       mixed_precision="bf16" if ds_cfg["bf16"]["enabled"] else "no", kwargs_handlers=handlers)

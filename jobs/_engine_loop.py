@@ -1,0 +1,338 @@
+"""The training loop behind :func:`jobs.engine.train`: set-up, resume, steps, checkpoints, export.
+
+:func:`train` is re-exported by :mod:`jobs.engine`; import it from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from cluster.storage import Store
+from dataprep.loader import StreamingLoader
+from jobs._engine_config import (METHOD_STATE, Method, StageContext, TrainConfig, TrainResult, build_optimizer, lr_at,
+                                 make_accelerator, peak_lr)
+from jobs._engine_watch import MetricsLog, PreemptionWatch, peak_flops
+from jobs.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, code_version, restore_rng_state
+from jobs.export import export_encoder
+
+log = logging.getLogger(__name__)
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """Everything the loop touches, built once by :func:`_setup`."""
+
+    cfg: TrainConfig
+    ctx: StageContext
+    method: Method
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    loader: StreamingLoader
+    ckpt: CheckpointManager
+    metrics: MetricsLog
+    store: Store
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    meta_expect: dict[str, Any]
+    step: int = 0
+    resumed_from: int | None = None
+    saved_step: int | None = None
+    losses: list[float] = field(default_factory=list)
+    val: StreamingLoader | None = None  # the val split, for a method with eval_step
+    steps_per_epoch: int = 1
+
+
+def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: PreemptionWatch | None = None) -> TrainResult:
+    """Train ``method`` per ``cfg``; resume from the stage's newest committed checkpoint if any.
+
+    Every rank calls it. Returns when the stage is done or preempted (after a synchronous
+    checkpoint); raises on errors, leaving the last committed checkpoint to resume from.
+    ``watch``: a caller that must catch stop requests earlier (during start-up) passes its own.
+    """
+    watch = watch or PreemptionWatch(Store(ctx.stage_url, ctx.storage_options) if ctx.rank == 0 else None)
+    try:
+        run = _setup(method, cfg, ctx)
+        _resume(run)
+        state = _loop(run, watch)
+        run.ckpt.close()
+        if state == "done":
+            _export(run)
+        run.metrics.publish(sync=True)
+        return TrainResult(state, run.step, run.total_steps, run.resumed_from, run.losses)
+    finally:
+        watch.close()
+
+
+def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every attempt
+    accelerator = make_accelerator(cfg, ctx.world_size)
+    setup = getattr(method, "setup", None)
+    if setup is not None:
+        setup(ctx)
+    model = method.build_model()
+    groups = getattr(method, "param_groups", None)
+    optimizer = build_optimizer(model, cfg.optim, method.no_weight_decay(model),
+                                groups(model, cfg.optim) if groups is not None else None)
+    loader = StreamingLoader(ctx.data_url, split="train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
+                             world_size=ctx.world_size, transform=method.train_transform(),
+                             num_workers=cfg.loader_workers, pin_memory=torch.cuda.is_available(), partial="drop",
+                             storage_options=ctx.storage_options)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.compile:
+        model.compile()
+    store = Store(ctx.stage_url, ctx.storage_options)
+    ckpt = CheckpointManager(ctx.stage_url, cfg.checkpoint, rank=ctx.rank, world_size=ctx.world_size,
+                             storage_options=ctx.storage_options)
+    steps_per_epoch = loader.batches_per_epoch // cfg.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"stage {cfg.name!r}: {loader.num_samples} training samples give no full step of "
+                         f"{cfg.batch_size} x {cfg.grad_accum} per worker on {ctx.world_size} workers; "
+                         "lower batch_size or grad_accum")
+    total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(cfg.optim.warmup_epochs * steps_per_epoch)
+    run_length = getattr(method, "set_run_length", None)
+    if run_length is not None:
+        run_length(total, steps_per_epoch)
+    expect = {"arch": method.arch(), "config_digest": cfg.digest(), "world_size": ctx.world_size}
+    return _Run(cfg, ctx, method, accelerator, model, optimizer, loader, ckpt, MetricsLog(store, ctx.rank == 0), store,
+                total, min(warmup, total), peak_lr(cfg, ctx.world_size), expect, val=_val_loader(method, cfg, ctx, loader),
+                steps_per_epoch=steps_per_epoch)
+
+
+def _val_loader(method: Method, cfg: TrainConfig, ctx: StageContext, train: StreamingLoader) -> StreamingLoader | None:
+    """The val split in a fixed order, padded so every rank runs the same number of (collective) forwards."""
+    if getattr(method, "eval_step", None) is None:
+        return None
+    if "val" not in train.manifest.splits:
+        log.warning("stage %s: the manifest has no val split; no per-epoch evaluation", cfg.name)
+        return None
+    return StreamingLoader(ctx.data_url, split="val", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
+                           world_size=ctx.world_size, transform=method.eval_transform(), shuffle=False,
+                           num_workers=cfg.loader_workers, partial="pad", storage_options=ctx.storage_options)
+
+
+def _resume(run: _Run) -> None:
+    """Continue from the newest committed checkpoint, if there is one (every rank calls)."""
+    info = run.ckpt.latest()
+    if info is None:
+        return
+    log.info("resuming stage %s from %s", run.cfg.name, info.url)
+    metrics_text: list[str] = []
+
+    def read(local_dir: str) -> None:
+        run.accelerator.load_state(os.path.join(local_dir, "engine"))
+        _load_method_state(run, local_dir)
+        path = os.path.join(local_dir, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                metrics_text.append(f.read())
+
+    meta = run.ckpt.restore(read, info, expect=run.meta_expect)
+    run.loader.load_state_dict(meta["loader"])
+    restore_rng_state(meta["rng"])
+    run.step = run.resumed_from = run.saved_step = int(meta["step"])
+    if metrics_text:
+        run.metrics.restore(metrics_text[0], run.step)
+
+
+def _loop(run: _Run, watch: PreemptionWatch) -> Literal["done", "preempted"]:
+    bar = _progress_bar(run)
+    try:
+        batches = _micro_batches(run)
+        while run.step < run.total_steps:
+            loss, extra, seconds = _one_step(run, batches)
+            run.step += 1
+            stop = _all_agree(run, loss, watch.requested.is_set())
+            if run.val is not None and (run.step % run.steps_per_epoch == 0 or run.step == run.total_steps):
+                extra = {**extra, **_evaluate(run)}
+            _log_step(run, extra, seconds)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{run.losses[-1]:.4f}")
+            _maybe_fault(run)
+            if stop:
+                _save(run, sync=True)
+                return "preempted"
+            if run.step < run.total_steps and run.ckpt.due(run.step):
+                _save(run, sync=False)
+        if run.saved_step != run.step:
+            _save(run, sync=True)
+        return "done"
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _micro_batches(run: _Run) -> Iterator[dict[str, Any]]:
+    """Endless micro-batches across epochs, starting at the loader's (possibly restored) position."""
+    epoch = run.loader.epoch
+    while True:
+        run.loader.set_epoch(epoch)
+        yield from run.loader
+        epoch += 1
+
+
+def _one_step(run: _Run, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, float], float]:
+    """One optimizer step over ``grad_accum`` micro-batches. Returns the mean loss (a tensor)."""
+    lr = lr_at(run.step, run.total_steps, run.warmup_steps, run.peak_lr, run.cfg.optim.min_lr)
+    wd_at = getattr(run.method, "weight_decay_at", None)
+    wd = wd_at(run.step) if wd_at is not None else None
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if wd is not None and group.setdefault("decayed", group["weight_decay"] > 0):  # no-decay groups stay 0
+            group["weight_decay"] = wd
+    start = time.perf_counter()
+    total = torch.zeros((), dtype=torch.float64)
+    extra: dict[str, float] = {}
+    run.model.train()
+    for _ in range(run.cfg.grad_accum):
+        batch = next(batches)
+        with run.accelerator.accumulate(run.model):
+            loss, extra = run.method.step(run.model, batch, run.step)
+            run.accelerator.backward(loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        total += loss.detach().double().cpu()
+    after = getattr(run.method, "after_step", None)
+    if after is not None:
+        after(run.model, run.step)
+    seconds = time.perf_counter() - start
+    extra = {**extra, "lr": lr}
+    norm = getattr(run.model, "get_global_grad_norm", lambda: None)()
+    if norm is not None:
+        extra["grad_norm"] = float(norm)
+    return total / run.cfg.grad_accum, extra, seconds
+
+
+def _all_agree(run: _Run, loss: torch.Tensor, stop_requested: bool) -> bool:
+    """One collective per step: the mean loss over ranks, and whether any rank must stop."""
+    device = run.accelerator.device
+    buf = torch.tensor([float(loss), 1.0 if stop_requested else 0.0], dtype=torch.float64, device=device)
+    if dist.is_initialized() and run.ctx.world_size > 1:
+        dist.all_reduce(buf)
+    run.losses.append(float(buf[0]) / run.ctx.world_size)
+    return bool(buf[1] > 0)
+
+
+def _log_step(run: _Run, extra: dict[str, float], seconds: float) -> None:
+    images = run.cfg.batch_size * run.cfg.grad_accum * run.ctx.world_size
+    record = {"step": run.step, "epoch": run.loader.epoch, "loss": run.losses[-1], "step_time_s": seconds,
+              "images_per_s": images / seconds if seconds > 0 else None, **extra}
+    peak = peak_flops()
+    if peak and seconds > 0:
+        record["mfu"] = run.method.flops_per_sample() * images / seconds / (peak * run.ctx.world_size)
+    run.metrics.add(record)
+
+
+def _save(run: _Run, sync: bool) -> None:
+    """Checkpoint after ``run.step`` (every rank calls; the upload is asynchronous unless ``sync``)."""
+    step = run.step
+
+    extra = getattr(run.method, "extra_state", None)
+    method_state = extra() if extra is not None else None
+
+    def write(local_dir: str) -> None:
+        run.accelerator.save_state(os.path.join(local_dir, "engine"))
+        if method_state is not None and run.ctx.rank == 0:
+            save_file(method_state, os.path.join(local_dir, METHOD_STATE))
+        if run.ctx.rank == 0:
+            with open(os.path.join(local_dir, "metrics.jsonl"), "w") as f:
+                f.write(run.metrics.text())
+
+    meta = {"step": step, "epoch": run.loader.epoch, "loader": run.loader.state_dict(), "rng": capture_rng_state(),
+            "config": run.cfg.model_dump(mode="json"), "code_version": code_version(), **run.meta_expect}
+    run.ckpt.save(step, write, meta, sync=sync)
+    run.saved_step = step
+    run.metrics.publish(sync=False)
+
+
+def _load_method_state(run: _Run, local_dir: str) -> None:
+    """Hand a method its ``extra_state`` back (every rank reads rank 0's file)."""
+    load = getattr(run.method, "load_extra_state", None)
+    if load is None:
+        return
+    path = os.path.join(local_dir, METHOD_STATE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint of stage {run.cfg.name!r} has no {METHOD_STATE}: it cannot resume "
+                              f"this {type(run.method).__name__} exactly; start the stage afresh")
+    load(load_file(path))
+
+
+def _evaluate(run: _Run) -> dict[str, float]:
+    """The method's ``eval_step`` over the whole val split; sums over every rank, then means per sample.
+
+    Every rank calls it (under ZeRO-3 each forward gathers parameters collectively).
+    """
+    sums: dict[str, float] = {}
+    run.model.eval()
+    with torch.no_grad():
+        run.val.set_epoch(0)
+        for batch in run.val:
+            for key, value in run.method.eval_step(run.model, batch).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+    run.model.train()
+    keys = sorted(sums)
+    buf = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=run.accelerator.device)
+    if dist.is_initialized() and run.ctx.world_size > 1:
+        dist.all_reduce(buf)
+    totals = dict(zip(keys, buf.tolist()))
+    count = totals.pop("count", 0.0)
+    return {"val_count": count, **{f"val_{k}": v / max(count, 1.0) for k, v in totals.items()}}
+
+
+def _export(run: _Run) -> None:
+    """The trained encoder to ``<stage>/export/`` (every rank calls: ZeRO-3 gathers)."""
+    custom = getattr(run.method, "export", None)
+    if custom is not None:
+        custom(run.model, run.store.url_of("export"), rank=run.ctx.rank, storage_options=run.ctx.storage_options,
+               extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.cfg.digest(),
+                      "code_version": code_version()})
+        return
+    encoder = getattr(run.method, "encoder", None)
+    if encoder is None:
+        return
+    export_encoder(encoder(run.model), run.cfg.model, run.store.url_of("export"), rank=run.ctx.rank,
+                   storage_options=run.ctx.storage_options,
+                   extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.cfg.digest(),
+                          "code_version": code_version()})
+
+
+def _progress_bar(run: _Run):
+    show = run.cfg.progress if run.cfg.progress is not None else sys.stderr.isatty()
+    if run.ctx.rank != 0 or not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.total_steps, initial=run.step, desc=run.cfg.name, unit="step", dynamic_ncols=True)
+
+
+def _maybe_fault(run: _Run) -> None:
+    """Fault injection for tests: SIGKILL this worker once, right after step ``kill_at_step``."""
+    ctx = run.ctx
+    if ctx.kill_at_step is not None and run.step == ctx.kill_at_step and ctx.rank == (ctx.kill_rank or 0) \
+            and run.resumed_from is None:
+        run.ckpt.wait()
+        deadline = time.monotonic() + 120
+        while run.saved_step and time.monotonic() < deadline:
+            latest = run.ckpt.latest()
+            if latest is not None and latest.step >= run.saved_step:
+                break
+            time.sleep(0.2)
+        log.warning("fault injection: SIGKILL rank %d after step %d", ctx.rank, run.step)
+        os.kill(os.getpid(), signal.SIGKILL)
