@@ -25,8 +25,6 @@ from cluster.storage import Store
 from pipeline.cli import app
 from tests._train_util import ROOT, TINY_MODEL, finish, wait_for
 
-pytestmark = pytest.mark.slow
-
 TRAIN = {"batch_size": 8, "loader_workers": 0, "zero_stage": 2}
 
 
@@ -89,6 +87,7 @@ def run_to_end(spec: str, *args: str) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_run_killed_during_prep_during_training_and_between_stages_finishes_without_redoing_stages(
         tmp_path, s3_url, tmp_path_factory):
     from dataprep.digits import write_digits_imagefolder
@@ -132,6 +131,7 @@ def test_run_killed_during_prep_during_training_and_between_stages_finishes_with
     assert status(root, "probe") == probe
 
 
+@pytest.mark.slow
 def test_changed_spec_is_refused_naming_keys_and_restart_from_reruns_only_downstream(
         tmp_path, s3_url, images_dir, ray_local):
     spec = write_spec(tmp_path, s3_url, images_dir, pretrain_steps=4)
