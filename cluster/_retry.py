@@ -1,0 +1,198 @@
+"""Storage retries: which faults are transient, the outage window, and secret-free errors.
+
+See :mod:`cluster.storage` for the contracts; everything here is re-exported from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+log = logging.getLogger("cluster.storage")
+
+T = TypeVar("T")
+
+OUTAGE_ENV = "VITFORGE_STORAGE_OUTAGE_S"
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed in a way the user must act on. The message is secret-free."""
+
+
+class StorageAuthError(StorageError):
+    """Credentials were refused or lack permission (HTTP 401/403). Never retried."""
+
+
+class StorageNotFoundError(StorageError):
+    """A bucket does not exist. (A missing *object* raises the builtin ``FileNotFoundError``.)"""
+
+
+def _default_outage_s() -> float:
+    raw = os.environ.get(OUTAGE_ENV)
+    if raw is None or raw.strip() == "":
+        return 120.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{OUTAGE_ENV}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise ValueError(f"{OUTAGE_ENV}={raw!r} must be >= 0 seconds")
+    return value
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long transient faults are retried before a :class:`StorageError` is raised.
+
+    ``outage_window_s`` defaults to ``$VITFORGE_STORAGE_OUTAGE_S`` or 120 s.
+    """
+
+    outage_window_s: float = field(default_factory=_default_outage_s)
+    first_backoff_s: float = 0.25
+    max_backoff_s: float = 5.0
+
+
+def credential_source(storage_options: dict[str, Any] | None = None) -> str:
+    """Where S3 credentials come from, in words safe to print (never the secret)."""
+    opts = storage_options or {}
+    if opts.get("key") or opts.get("secret"):
+        return "storage_options 'key'/'secret'"
+    if opts.get("profile"):
+        return f"AWS profile {opts['profile']!r} (storage_options)"
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return "environment variables AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+    if os.environ.get("AWS_PROFILE"):
+        return f"AWS profile {os.environ['AWS_PROFILE']!r} (AWS_PROFILE)"
+    return "the default AWS credential chain (~/.aws/credentials, ~/.aws/config, instance metadata)"
+
+
+# ---- retries ----------------------------------------------------------------------------
+
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed",
+                    "Throttling", "ThrottlingException", "TooManyRequests", "OperationAborted",
+                    "XAmzContentSHA256Mismatch", "BadDigest", "IncompleteBody"}
+_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "InvalidToken",
+               "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem",
+               "InvalidSecurity", "UnauthorizedAccess"}
+_TRANSIENT_TYPES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                    "ConnectionError", "ProxyConnectionError", "ClientConnectorError", "ServerDisconnectedError",
+                    "ClientOSError", "ClientPayloadError", "ServerTimeoutError", "SocketTimeoutError",
+                    "ConnectionTimeoutError", "IncompleteReadError", "ResponseStreamingError", "FSTimeoutError"}
+_AUTH_TYPES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+               "ProfileNotFound", "UnauthorizedSSOTokenError", "SSOTokenLoadError"}
+
+
+def _error_code(exc: BaseException) -> tuple[str | None, int | None]:
+    """(S3 error code, HTTP status) of a botocore-style error, else (None, None)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None, None
+    code = (response.get("Error") or {}).get("Code")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    if code is not None and str(code).isdigit() and status is None:
+        status = int(code)
+    return (str(code) if code else None), (int(status) if status else None)
+
+
+def classify(exc: BaseException) -> str:
+    """'auth', 'missing', 'transient' or 'fatal' for an exception raised by fsspec/s3fs/botocore.
+
+    What s3fs 2026.9 / aiobotocore 3.10 raise against a real server (SeaweedFS), checked by hand:
+
+    * wrong secret / unknown key / read-only key writing: ``PermissionError`` from a botocore
+      ``ClientError`` (SignatureDoesNotMatch, InvalidAccessKeyId, AccessDenied, or a bare 403 on
+      HEAD requests, which carry no body) -> 'auth'
+    * missing bucket: ``FileNotFoundError`` from ``NoSuchBucket`` (GET/LIST) or a bare 404 (HEAD);
+      SeaweedFS *creates* a missing bucket on PutObject, hence :meth:`Store._check_bucket`
+    * server killed: botocore ``EndpointConnectionError`` (from aiohttp ``ClientConnectorError``);
+      connections pooled from before a restart: ``ServerDisconnectedError`` / ``ClientOSError``
+    * server frozen (SIGSTOP): botocore ``ReadTimeoutError`` (from aiohttp ``SocketTimeoutError``)
+      -- uploads only once the Expect: 100-continue header is dropped (see ``_drop_expect_header``)
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        code, status = _error_code(cur)
+        name = type(cur).__name__
+        if code in _AUTH_CODES or status in (401, 403) or name in _AUTH_TYPES or isinstance(cur, PermissionError):
+            return "auth"
+        if code == "NoSuchBucket":
+            return "missing"
+        if code in _TRANSIENT_CODES or (status is not None and (status >= 500 or status == 429)):
+            return "transient"
+        if name in _TRANSIENT_TYPES or isinstance(cur, (ConnectionError, TimeoutError)):
+            return "transient"
+        if isinstance(cur, FileNotFoundError) or code in ("NoSuchKey", "404") or status == 404:
+            return "missing"
+        cur = cur.__cause__ or cur.__context__
+    return "fatal"
+
+
+def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, bucket: str | None = None,
+                 source: str | None = None) -> T:
+    """Run ``fn``, retrying transient faults with exponential backoff for the outage window.
+
+    Raises :class:`StorageAuthError` at once on 401/403 (naming ``bucket`` and where the
+    credentials came from, ``source`` or :func:`credential_source`), :class:`StorageNotFoundError`
+    for a missing bucket, the original ``FileNotFoundError`` for a missing object, and
+    :class:`StorageError` when the window is used up or the fault is not transient.
+    """
+    deadline = time.monotonic() + policy.outage_window_s
+    backoff = policy.first_backoff_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as exc:  # classify, then retry or translate
+            kind = classify(exc)
+            if kind == "auth":
+                raise StorageAuthError(_auth_message(exc, what, bucket, source)) from None
+            if kind == "missing":
+                if bucket and "NoSuchBucket" in repr(exc) + repr(exc.__cause__):
+                    raise StorageNotFoundError(
+                        f"bucket {bucket!r} does not exist (while trying to {what}); create it or fix the URL"
+                    ) from None
+                raise
+            if kind != "transient" or time.monotonic() + backoff > deadline:
+                hint = (f" (still failing after the {policy.outage_window_s:.0f} s outage window; raise it with "
+                        f"{OUTAGE_ENV})") if kind == "transient" else ""
+                raise StorageError(
+                    f"could not {what} after {attempt} attempt(s): {type(exc).__name__}: {_redact(str(exc))}{hint}"
+                ) from None
+            level = logging.WARNING if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
+            log.log(level, "storage: %s failed (%s, attempt %d), retrying in %.1fs for up to %.0fs more",
+                    what, type(exc).__name__, attempt, backoff, max(0.0, deadline - time.monotonic()))
+            time.sleep(backoff)
+            backoff = min(backoff * 2, policy.max_backoff_s)
+
+
+def _auth_message(exc: BaseException, what: str, bucket: str | None, source: str | None) -> str:
+    code = None
+    cur: BaseException | None = exc
+    while cur is not None and code is None:
+        code = _error_code(cur)[0]
+        cur = cur.__cause__ or cur.__context__
+    if bucket is None:  # local files
+        return f"permission denied while trying to {what}: {_redact(str(exc))}. Check the path's permissions."
+    reason = f" ({code})" if code and not code.isdigit() else ""
+    return (f"permission denied{reason} while trying to {what} (bucket {bucket!r}); credentials came from "
+            f"{source or credential_source()}. Check the key and secret, and that this identity may read and "
+            f"write bucket {bucket!r}.")
+
+
+_SECRETS: set[str] = set()  # secrets handed to a Store through storage_options
+
+
+def _redact(text: str) -> str:
+    """``text`` with every known secret (environment or storage_options) replaced by ***."""
+    secrets = {os.environ.get(v) for v in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")} | _SECRETS
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
