@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.checkpoint import CheckpointPolicy, json_digest
 from jobs.models import ModelConfig
@@ -56,7 +56,8 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(default=64, ge=1, description="images per worker per micro-step")
     grad_accum: int = Field(default=1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
+    offload_optimizer: bool = Field(default=False, description="ZeRO-Offload: optimizer state and step on the CPU "
+                                    "(torch AdamW; needs zero_stage >= 1)")
     precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 on GPU, fp32 on CPU")
     activation_checkpointing: bool = False
     compile: bool = False
@@ -66,6 +67,20 @@ class TrainConfig(BaseModel):
     seed: int = 0
     loader_workers: int = Field(default=2, ge=0)
     progress: bool | None = Field(default=None, description="progress bar on rank 0; default: only on a TTY")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> TrainConfig:
+        """DeepSpeed offloads only a ZeRO optimizer: at stage 0 the option would silently do nothing."""
+        zero = self.deepspeed.get("zero_optimization") or {}
+        stage = zero.get("stage", self.zero_stage) if isinstance(zero, dict) else self.zero_stage
+        passthrough = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+        offload = self.offload_optimizer or (isinstance(passthrough, dict)
+                                             and passthrough.get("device", "none") not in (None, "none"))
+        if offload and stage == 0:
+            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3: DeepSpeed offloads the optimizer state "
+                             "of a ZeRO optimizer only, so with zero_stage 0 it would stay on the device; set "
+                             "zero_stage to 1 or higher, or drop offload_optimizer")
+        return self
 
     def digest(self) -> str:
         """Digest of everything that shapes the result (not how often we checkpoint or show progress)."""

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cluster.storage import Store
-from tests._train_util import download_checkpoint, finish, wait_for, zero_fp32_state_dict
+from tests._train_util import download_checkpoint, finish, wait_for, write_digit_shards, zero_fp32_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
@@ -68,43 +68,6 @@ def assert_same_losses(got: list[float], want: list[float]) -> None:
     assert len(got) == len(want) == STEPS
     for step, (a, b) in enumerate(zip(got, want), start=1):
         assert abs(a - b) <= 1e-6, f"step {step}: {a} != {b}"
-
-
-def write_digit_shards(dest: str, images: int = 130, per_shard: int = 40) -> str:
-    """Real digit scans (learnable), 32 px RGB PNG, written as shards + manifest without Ray."""
-    import hashlib
-    import io
-    import tarfile
-    import tempfile
-
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    from dataprep.manifest import Manifest, ShardInfo, SplitInfo, save_manifest
-
-    digits = load_digits()
-    store, infos = Store(dest), []
-    with tempfile.TemporaryDirectory(prefix="vf-digits-") as tmp:
-        for start in range(0, images, per_shard):
-            name, local = f"train/shard-{start // per_shard:06d}.tar", os.path.join(tmp, "shard.tar")
-            with tarfile.open(local, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for i in range(start, min(images, start + per_shard)):
-                    pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
-                    buf = io.BytesIO()
-                    Image.fromarray(pixels, "L").resize((32, 32), Image.BICUBIC).convert("RGB").save(buf, "PNG")
-                    key = hashlib.sha256(buf.getvalue()).hexdigest()[:24]
-                    for member, data in ((f"{key}.png", buf.getvalue()), (f"{key}.cls", str(digits.target[i]).encode())):
-                        info = tarfile.TarInfo(member)
-                        info.size = len(data)
-                        tar.addfile(info, io.BytesIO(data))
-            blob = open(local, "rb").read()
-            store.put_file(local, name)
-            infos.append(ShardInfo(name=name, samples=min(images, start + per_shard) - start, bytes=len(blob),
-                                   sha256=hashlib.sha256(blob).hexdigest()))
-    save_manifest(store, Manifest(splits={"train": SplitInfo(shards=infos)}, classes=[str(c) for c in range(10)],
-                                  image_ext="png"))
-    return f"{dest}/manifest.json"
 
 
 @pytest.fixture(scope="module")
