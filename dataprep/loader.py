@@ -25,10 +25,11 @@ process counts the batches it hands out; that count is the position.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -210,6 +211,10 @@ class StreamingLoader:
     batch without a single readable sample raises :class:`ShardError`),
     ``"fail"`` raises :class:`ShardError` naming shard and key. A shard missing from the store
     always raises :class:`MissingShardError`.
+    ``subset``: serve only these sample ids of the split (indices in manifest order, e.g. a
+    labelled subset from :func:`dataprep.labels.label_subset`). The epoch order is the full one
+    with every other id left out, so order, resume and re-splitting work as without it; the
+    state records a digest of the subset and refuses a position saved for another one.
     ``cache_dir``: shards are downloaded whole into it (shared by workers and by ranks on one
     node; LRU-evicted to ``cache_limit_bytes``); without it they are streamed with ``block_size``
     read-ahead, each DataLoader worker reading the shards of its own batches.
@@ -221,7 +226,8 @@ class StreamingLoader:
                  shuffle: bool = True, cache_dir: str | None = None, cache_limit_bytes: int | None = None,
                  storage_options: dict | None = None, window_shards: int = 4, readahead_shards: int = 4,
                  block_size: int = 8 << 20, image_type: str = "tensor", prefetch_factor: int = 2,
-                 timeout: float = 0, multiprocessing_context: Any = None) -> None:
+                 timeout: float = 0, multiprocessing_context: Any = None,
+                 subset: Sequence[int] | np.ndarray | None = None) -> None:
         _check_args(batch_size, rank, world_size, partial, on_error, image_type, window_shards)
         manifest, store = load_manifest(manifest_url, storage_options)
         shards = tuple(ShardRef(s.name, s.samples, s.bytes, s.sha256) for s in manifest.split(split).shards)
@@ -229,7 +235,8 @@ class StreamingLoader:
         self.spec = _ReadSpec(store.url, storage_options, shards, cache_dir, cache_limit_bytes, block_size,
                               readahead_shards)
         self.counts = [s.samples for s in shards]
-        self.num_samples = int(sum(self.counts))
+        self._keep, self.subset_digest = _subset_mask(subset, int(sum(self.counts)), split, resample)
+        self.num_samples = int(sum(self.counts)) if self._keep is None else int(self._keep.sum())
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.transform, self.num_workers, self.pin_memory = transform, num_workers, pin_memory
         self.partial, self.on_error, self.resample, self.shuffle = partial, on_error, resample, shuffle
@@ -285,14 +292,16 @@ class StreamingLoader:
             "version": STATE_VERSION, "epoch": epoch, "segments": segments, "consumed": consumed,
             "world_size": plan.world_size, "batch_size": self.batch_size, "partial": self.partial,
             "samples": self.num_samples, "seed": self.seed, "shuffle": self.shuffle,
-            "window_shards": self.window_shards, "resample": self.resample,
+            "window_shards": self.window_shards, "resample": self.resample, "subset": self.subset_digest,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the identical stream on the same world size; on another one,
         every sample of the epoch not yet served is served exactly once, then epochs run normally."""
-        for name in ("samples", "seed", "shuffle", "window_shards", "resample"):
-            mine = self.num_samples if name == "samples" else getattr(self, name)
+        order_defining = {"samples": self.num_samples, "seed": self.seed, "shuffle": self.shuffle,
+                          "window_shards": self.window_shards, "resample": self.resample,
+                          "subset": self.subset_digest}
+        for name, mine in order_defining.items():
             if state.get(name) != mine:
                 raise ValueError(f"loader state has {name}={state.get(name)!r} but this loader has {mine!r}: "
                                  "the saved position belongs to a different data order")
@@ -310,6 +319,8 @@ class StreamingLoader:
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
             order = epoch_order(self.counts, self.seed, epoch, self.shuffle, self.window_shards, self.resample)
+            if self._keep is not None:
+                order = order[self._keep[order]]  # the subset, in the full order's sequence
             self._order_cache = (epoch, order)
         return self._order_cache[1]
 
@@ -353,6 +364,24 @@ class StreamingLoader:
         self.stats["samples"] += len(batch["key"])
         self.stats["padded"] += int(batch["pad"].sum())
         self.stats["skipped"] += len(skipped)
+
+
+def _subset_mask(subset: Sequence[int] | np.ndarray | None, total: int, split: str,
+                 resample: bool) -> tuple[np.ndarray | None, str | None]:
+    """(boolean mask over the split's sample ids, digest of the subset) — (None, None) without one."""
+    if subset is None:
+        return None, None
+    ids = np.unique(np.asarray(subset, dtype=np.int64))
+    if len(ids) == 0:
+        raise ValueError(f"subset of split {split!r} is empty: give at least one sample id")
+    if ids[0] < 0 or ids[-1] >= total:
+        raise ValueError(f"subset of split {split!r} names sample id {int(ids[0] if ids[0] < 0 else ids[-1])}, "
+                         f"outside [0, {total}): ids are indices in the split's manifest order")
+    if resample:
+        raise ValueError("subset and resample=True do not combine: resampling draws from the whole split")
+    mask = np.zeros(total, dtype=bool)
+    mask[ids] = True
+    return mask, hashlib.sha256(ids.tobytes()).hexdigest()[:16]
 
 
 def _check_args(batch_size: int, rank: int, world_size: int, partial: str, on_error: str, image_type: str,

@@ -13,9 +13,10 @@ For every model (an earlier stage's ``export/`` or any export URL, loaded with t
    (MAE's BatchNorm without affine), AdamW with a cosine schedule, seeded; top-1 on val.
 
 ``label_fraction`` < 1 keeps a stratified, seeded subset of the train labels for both (a
-low-label evaluation). For a model that is an MAE stage of the run, ``reconstruction`` adds its
-val reconstruction loss next to trivial baselines (``jobs/_eval_recon.py``). Results go to
-``<run>/stages/<name>/eval.json`` and a table in the log.
+low-label evaluation; ``dataprep/labels.py``, the same subset a ``kind: finetune`` stage with the
+same ``label_fraction`` and ``seed`` trains on). For a model that is an MAE stage of the run,
+``reconstruction`` adds its val reconstruction loss next to trivial baselines
+(``jobs/_eval_recon.py``). Results go to ``<run>/stages/<name>/eval.json`` and a table in the log.
 
 Where it runs: one process, one Ray task (:func:`run_eval`), not a gang. Evaluation needs no
 gradients through the encoder and the kNN needs every train feature in one place, so a gang
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.storage import Store
+from dataprep.labels import label_subset
 from dataprep.loader import StreamingLoader
 from dataprep.transforms import eval_transform
 from jobs._eval_recon import mae_reconstruction
@@ -118,19 +120,6 @@ def extract_features(model: torch.nn.Module, loader: StreamingLoader, pool: str,
         xs.append(pool_features(model, images, pool).float().cpu())
         ys.append(batch["label"][keep])
     return Features(torch.cat(xs), torch.cat(ys))
-
-
-def label_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Indices of a stratified random ``fraction`` of ``labels`` (at least one per class), sorted."""
-    if fraction >= 1.0:
-        return torch.arange(len(labels))
-    gen = torch.Generator().manual_seed(seed)
-    keep = []
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        take = max(1, round(len(idx) * fraction))
-        keep.append(idx[torch.randperm(len(idx), generator=gen)[:take]])
-    return torch.sort(torch.cat(keep)).values
 
 
 # ---- 2. weighted kNN ----------------------------------------------------------------------------------
