@@ -134,6 +134,8 @@ class Method(Protocol):
     #                                                  val split at every epoch end (every rank; padded
     #                                                  samples are the method's to skip), logged as val_<k>
     #   export(model, dest_url, rank=, storage_options=, extra=)   replaces the encoder export
+    #   train_sample_ids() -> ids | None             the train sample ids the loader serves (None: all),
+    #                                                  the same on every rank (e.g. a label fraction)
 
 
 # ---- schedules (pure functions of the global step) ----------------------------------------------

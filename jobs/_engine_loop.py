@@ -92,7 +92,7 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
     loader = StreamingLoader(ctx.data_url, split="train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
                              world_size=ctx.world_size, transform=method.train_transform(),
                              num_workers=cfg.loader_workers, pin_memory=torch.cuda.is_available(), partial="drop",
-                             storage_options=ctx.storage_options)
+                             storage_options=ctx.storage_options, subset=_train_subset(method))
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.compile:
         model.compile()
@@ -113,6 +113,11 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
     return _Run(cfg, ctx, method, accelerator, model, optimizer, loader, ckpt, MetricsLog(store, ctx.rank == 0), store,
                 total, min(warmup, total), peak_lr(cfg, ctx.world_size), expect, val=_val_loader(method, cfg, ctx, loader),
                 steps_per_epoch=steps_per_epoch)
+
+
+def _train_subset(method: Method) -> Any:
+    ids = getattr(method, "train_sample_ids", None)
+    return ids() if ids is not None else None
 
 
 def _val_loader(method: Method, cfg: TrainConfig, ctx: StageContext, train: StreamingLoader) -> StreamingLoader | None:

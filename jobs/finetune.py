@@ -1,4 +1,9 @@
-"""Fine-tuning (``kind: finetune``) of an earlier stage's export on labeled shards.
+"""Fine-tuning (``kind: finetune``) of an earlier stage's export, or of a randomly initialised
+timm model (the from-scratch baseline), on labeled shards.
+
+    - {name: ft, kind: finetune, data: data, init: pretrain}                     # an export
+    - {name: scratch, kind: finetune, data: data, model: {arch: vit_tiny_patch16_224, img_size: 32}}
+    - {name: ft-10pct, kind: finetune, data: data, init: pretrain, label_fraction: 0.1}
 
 Modes (as in MAE's fine-tuning and linear-probing recipes):
 
@@ -8,6 +13,17 @@ Modes (as in MAE's fine-tuning and linear-probing recipes):
              head train on its pooled features. The export folds the BatchNorm into the head.
 * ``lora``   ``peft`` LoRA adapters on the attention ``qkv`` and ``proj`` of every block, plus the
              head; the export merges the adapters (``W + B A * alpha / r``) into plain timm weights.
+
+Without ``init``, ``model`` names the timm architecture (any timm model, as a distillation
+student) and its weights are timm's own random initialisation under the stage's ``seed`` (the
+engine seeds torch before building), identical on every rank and attempt.
+
+``label_fraction`` < 1 trains on a stratified, seeded subset of the train split's labels
+(:func:`dataprep.labels.label_subset`: per class ``max(1, round(n_c * f))``, the subset a
+``kind: eval`` stage with the same fraction and seed uses). The loader serves only those samples
+(``StreamingLoader(subset=)``), so the order, the epochs and exact resume are as without it.
+``label_fraction`` and ``labeled_samples`` are in every step record of ``metrics.jsonl`` and in
+the export's ``config.json``.
 
 Every export is a plain timm classifier (backbone + head, ``num_classes`` from the manifest),
 loadable with ``timm.create_model("local-dir:<export>", pretrained=True)``. Top-1/top-5 on the
@@ -37,11 +53,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.storage import Store
+from dataprep.labels import label_subset, split_labels
 from dataprep.manifest import load_manifest
 from dataprep.transforms import eval_transform, mae_transform
 from jobs.engine import OptimConfig, StageContext, TrainConfig, TrainResult, train
-from jobs.export import export_timm_model, load_export_model
-from jobs.models import forward_flops
+from jobs.export import export_timm_model, load_export_model, timm_export_config
+from jobs.models import TimmModelConfig, forward_flops
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +75,15 @@ class LoraSettings(BaseModel):
 
 
 class FinetuneConfig(TrainConfig):
-    """A ``kind: finetune`` stage. ``None`` recipe fields take the mode's defaults (see :data:`RECIPES`)."""
+    """A ``kind: finetune`` stage: ``init`` (an export) or ``model`` (random init), exactly one.
+    ``None`` recipe fields take the mode's defaults (see :data:`RECIPES`)."""
 
     kind: Literal["finetune"] = "finetune"
-    init: str = Field(description="an earlier training stage's name, or an export URL/path")
-    model: None = Field(default=None, description="not used: the architecture is the init export's")
+    init: str | None = Field(default=None, description="an earlier training stage's name, or an export URL/path")
+    model: TimmModelConfig | None = Field(default=None, description="without init: the timm model to train from "
+                                          "random initialisation (seeded by seed)")
     mode: Literal["full", "linear", "lora"] = "full"
+    label_fraction: float = Field(default=1.0, gt=0, le=1, description="stratified share of the train labels used")
     num_classes: int | None = Field(default=None, ge=1, description="default: the manifest's class count")
     layer_decay: float | None = Field(default=None, gt=0, le=1)
     drop_path_rate: float | None = Field(default=None, ge=0, lt=1)
@@ -75,6 +95,20 @@ class FinetuneConfig(TrainConfig):
     crop_scale: tuple[float, float] = (0.08, 1.0)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(base_lr=1e-3, betas=(0.9, 0.999)))
+
+    @model_validator(mode="after")
+    def _init_or_model(self) -> "FinetuneConfig":
+        if self.init is None and self.model is None:
+            raise ValueError("give init (an earlier training stage or an export URL/path) to fine-tune pretrained "
+                             "weights, or model (a timm model, e.g. {arch: vit_tiny_patch16_224, img_size: 32}) to "
+                             "train from random initialisation")
+        if self.init is not None and self.model is not None:
+            raise ValueError(f"init ({self.init!r}) and model are both given: the architecture comes from init's "
+                             "export; drop model, or drop init to train model from random initialisation")
+        if self.model is not None and self.model.drop_path_rate:
+            raise ValueError("model > drop_path_rate: set the stage's drop_path_rate instead (the fine-tune recipe "
+                             "owns it)")
+        return self
 
     @model_validator(mode="after")
     def _mode_defaults(self) -> "FinetuneConfig":
@@ -233,34 +267,67 @@ def step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
 
 
 class FinetuneMethod:
-    """Fine-tuning for :func:`jobs.engine.train` (``setup`` reads the init export and the manifest)."""
+    """Fine-tuning for :func:`jobs.engine.train` (``setup`` reads the manifest and, for a label
+    fraction, the train labels; ``build_model`` the init export or timm's random init)."""
 
     def __init__(self, cfg: FinetuneConfig, rank: int = 0) -> None:
         self.cfg, self.rank = cfg, rank
         self.init_url: str | None = None
         self.export_cfg: dict[str, Any] = {}
         self.num_classes = cfg.num_classes or 0
+        self.train_ids: np.ndarray | None = None  # None: every train sample
+        self.labeled_samples = 0
 
     def setup(self, ctx: StageContext) -> None:
         self.storage_options = ctx.storage_options
         self.init_url = ctx.refs.get("init") or self.cfg.init
+        manifest = load_manifest(ctx.data_url, ctx.storage_options)[0]
         if not self.cfg.num_classes:
-            classes = load_manifest(ctx.data_url, ctx.storage_options)[0].classes
-            if not classes:
+            if not manifest.classes:
                 raise ValueError(f"stage {self.cfg.name!r}: the manifest at {ctx.data_url} has no classes; "
                                  "fine-tuning needs labeled shards (or give num_classes)")
-            self.num_classes = len(classes)
+            self.num_classes = len(manifest.classes)
+        self._choose_labels(ctx, manifest.split("train").samples)
+
+    def _choose_labels(self, ctx: StageContext, train_samples: int) -> None:
+        """Every train sample, or (``label_fraction`` < 1) a stratified seeded subset: the same on every rank."""
+        cfg = self.cfg
+        if cfg.label_fraction >= 1.0:
+            self.train_ids, self.labeled_samples = None, train_samples
+            return
+        labels = split_labels(ctx.data_url, "train", ctx.storage_options)
+        unlabeled = int((labels < 0).sum())
+        if unlabeled:
+            raise ValueError(f"stage {cfg.name!r}: {unlabeled} of {len(labels)} train samples at {ctx.data_url} have "
+                             "no (readable) label; label_fraction draws from a fully labeled train split")
+        self.train_ids = label_subset(labels, cfg.label_fraction, cfg.seed).numpy()
+        self.labeled_samples = len(self.train_ids)
+        log.info("stage %s: training on %d of %d train labels (label_fraction %g, stratified, seed %d)", cfg.name,
+                 self.labeled_samples, len(labels), cfg.label_fraction, cfg.seed)
+
+    def train_sample_ids(self) -> np.ndarray | None:
+        """The train sample ids the engine's loader serves (None: all of them)."""
+        return self.train_ids
 
     def build_model(self) -> nn.Module:
-        cfg, url = self.cfg, self.init_url
+        cfg = self.cfg
         if cfg.mode == "linear":
-            encoder, self.export_cfg = load_export_model(url, self.storage_options, num_classes=0)
-            return LinearProbe(encoder, self.num_classes)
-        model, self.export_cfg = load_export_model(url, self.storage_options, num_classes=self.num_classes,
-                                                   drop_path_rate=cfg.drop_path_rate)
+            return LinearProbe(self._backbone(num_classes=0), self.num_classes)
+        model = self._backbone(num_classes=self.num_classes, drop_path_rate=cfg.drop_path_rate)
         if cfg.mode == "lora":
             model = add_lora(model, cfg.lora, trainable=(self.classifier,))
         return model
+
+    def _backbone(self, **overrides: Any) -> nn.Module:
+        """The init export's model, or (no init) timm's random init of ``model`` (torch is seeded by the engine)."""
+        if self.init_url:
+            model, self.export_cfg = load_export_model(self.init_url, self.storage_options, **overrides)
+            return model
+        import timm
+
+        m = self.cfg.model
+        self.export_cfg = timm_export_config(m.arch, m.timm_kwargs(num_classes=0), m.img_size)
+        return timm.create_model(m.arch, pretrained=False, **{**self.export_cfg["model_args"], **overrides})
 
     @property
     def classifier(self) -> str:
@@ -283,7 +350,7 @@ class FinetuneMethod:
             imgs, targets = mix_batch(imgs, targets, self.cfg, step_rng(self.cfg.seed, step, self.rank))
         logits = model(imgs).float()  # [N, C]
         loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        return loss, {}
+        return loss, {"label_fraction": self.cfg.label_fraction, "labeled_samples": float(self.labeled_samples)}
 
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
         """Sums over this rank's real (non-padded) val samples."""
@@ -303,8 +370,9 @@ class FinetuneMethod:
         return {"pos_embed", "cls_token", "reg_token", "dist_token"}
 
     def arch(self) -> dict[str, Any]:
-        return {"init": self.cfg.init, "mode": self.cfg.mode, "num_classes": self.cfg.num_classes,
-                "lora": self.cfg.lora.model_dump() if self.cfg.mode == "lora" else None}
+        out = {"init": self.cfg.init, "mode": self.cfg.mode, "num_classes": self.cfg.num_classes,
+               "lora": self.cfg.lora.model_dump() if self.cfg.mode == "lora" else None}
+        return out if self.cfg.model is None else {**out, "model": self.cfg.model.model_dump()}
 
     def export(self, model: nn.Module, dest_url: str, *, rank: int, storage_options: dict[str, Any],
                extra: dict[str, Any]) -> None:
@@ -318,7 +386,9 @@ class FinetuneMethod:
         elif self.cfg.mode == "lora":
             convert = lambda state: merge_lora_state(state, self.cfg.lora.alpha / self.cfg.lora.r)  # noqa: E731
         export_timm_model(inner, self.export_cfg["architecture"], args, dest_url, img_size=self.img_size, rank=rank,
-                          storage_options=storage_options, extra={**extra, "mode": self.cfg.mode}, convert=convert)
+                          storage_options=storage_options, convert=convert,
+                          extra={**extra, "mode": self.cfg.mode, "init": self.cfg.init or "random",
+                                 "label_fraction": self.cfg.label_fraction, "labeled_samples": self.labeled_samples})
 
     def flops_per_sample(self) -> float:
         if not hasattr(self, "_flops"):
@@ -339,12 +409,13 @@ def _inputs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torc
 # ---- library entry -----------------------------------------------------------------------------------
 
 
-def run_finetune(cfg: FinetuneConfig | dict[str, Any], *, data_url: str, init_url: str, stage_url: str,
+def run_finetune(cfg: FinetuneConfig | dict[str, Any], *, data_url: str, stage_url: str, init_url: str | None = None,
                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune ``init_url``'s export on ``data_url`` in this process (one rank, no gang), e.g. the
-    low-label fine-tune of an evaluation. Writes checkpoints, ``metrics.jsonl`` and ``export/`` under
-    ``stage_url`` (resuming from its checkpoints if any) and returns the last epoch's val metrics
-    (``val_top1``, ``val_top5``, ``val_loss``, ``val_count``, ``step``).
+    """Fine-tune ``init_url``'s export (else ``cfg.init``, else ``cfg.model`` from random init) on
+    ``data_url`` in this process (one rank, no gang), e.g. the low-label fine-tune of an evaluation.
+    Writes checkpoints, ``metrics.jsonl`` and ``export/`` under ``stage_url`` (resuming from its
+    checkpoints if any) and returns the last epoch's val metrics (``val_top1``, ``val_top5``,
+    ``val_loss``, ``val_count``), ``step`` and ``labeled_samples``.
 
     Inside an existing process group every rank must call it; otherwise it makes a 1-process gloo group.
     """
@@ -356,12 +427,13 @@ def run_finetune(cfg: FinetuneConfig | dict[str, Any], *, data_url: str, init_ur
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     ctx = StageContext(stage_url=stage_url, data_url=data_url, rank=rank, world_size=world,
-                       storage_options=storage_options or {}, launcher="local", refs={"init": init_url})
+                       storage_options=storage_options or {}, launcher="local",
+                       refs={"init": init_url} if init_url else {})
     result: TrainResult = train(FinetuneMethod(cfg, rank=rank), cfg, ctx)
     records = [json.loads(line) for line in Store(stage_url, storage_options).get_bytes("metrics.jsonl").decode().splitlines()]
     evaluated = [r for r in records if "val_top1" in r]
     last = evaluated[-1] if evaluated else {}
-    return {"state": result.state, "step": result.step,
+    return {"state": result.state, "step": result.step, "labeled_samples": records[-1].get("labeled_samples") if records else None,
             **{k: v for k, v in last.items() if k.startswith("val_")}}
 
 

@@ -1,5 +1,7 @@
-"""Fine-tuning: the three modes' models, exports and recipes in one process, then a 2-worker
-DeepSpeed gang per mode (ZeRO-2 and ZeRO-3) from a spec whose stages reference an earlier export."""
+"""Fine-tuning: the three modes' models, exports and recipes in one process; a label fraction
+(stratified, seeded, the same on every rank and after a resume) and random init without an
+export; then a 2-worker DeepSpeed gang per mode (ZeRO-2 and ZeRO-3) from a spec whose stages
+reference an earlier export, and one from random init on a label fraction."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import torch
 import yaml
 
 from _train_util import TINY_MODEL, finish, metrics, stage_store, status, torchrun
+from dataprep.labels import label_subset, split_labels
+from dataprep.loader import StreamingLoader
 from jobs.engine import StageContext
 from jobs.export import export_encoder, load_export_model
 from jobs.finetune import (FinetuneConfig, FinetuneMethod, layer_decay_groups, merge_lora_state, mix_batch,
@@ -20,6 +24,22 @@ from jobs.mae import MAEConfig, build_mae
 from pipeline.spec import SpecError, parse_spec
 
 TINY_DECODER = {"embed_dim": 32, "depth": 1, "num_heads": 4}
+
+
+@pytest.fixture(scope="module")
+def local_shards(tmp_path_factory) -> str:
+    """48 train samples (labels ``i % 3``: 16 per class) in two shards, 10 val, on local disk."""
+    from _shards_util import write_shards
+
+    dest = str(tmp_path_factory.mktemp("ft-local-shards"))
+    write_shards(dest, {"train": [24, 24], "val": [10]}, classes=3)
+    return dest
+
+
+def set_up(cfg: FinetuneConfig, data_url: str, rank: int = 0, world: int = 1, **refs: str) -> FinetuneMethod:
+    method = FinetuneMethod(cfg, rank=rank)
+    method.setup(StageContext(stage_url="/unused", data_url=data_url, rank=rank, world_size=world, refs=refs))
+    return method
 
 
 def write_mae_export(dest: str, seed: int = 0) -> None:
@@ -44,11 +64,10 @@ def train_a_few_steps(method: FinetuneMethod, model: torch.nn.Module, steps: int
 
 
 @pytest.mark.parametrize("mode", ["full", "linear", "lora"])
-def test_each_mode_trains_and_exports_a_plain_timm_classifier_with_the_same_outputs(tmp_path, mode):
+def test_each_mode_trains_and_exports_a_plain_timm_classifier_with_the_same_outputs(tmp_path, local_shards, mode):
     write_mae_export(str(tmp_path / "mae"))
     cfg = FinetuneConfig(name="ft", data="/x", init="pretrain", mode=mode, num_classes=3)
-    method = FinetuneMethod(cfg)
-    method.setup(StageContext(stage_url=str(tmp_path / "st"), data_url="/x", refs={"init": str(tmp_path / "mae")}))
+    method = set_up(cfg, local_shards, init=str(tmp_path / "mae"))
     model = method.build_model()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if mode == "linear":
@@ -140,6 +159,122 @@ def test_spec_references_resolve_to_exports_and_dangling_ones_name_the_field():
         parse_spec({"name": "r", "storage": "/tmp/r", "stages": [{**stages[1], "init": "/x", "mode": "partial"}]})
 
 
+# ---- label fraction and random init -----------------------------------------------------------------
+
+
+def test_label_fraction_is_a_stratified_seeded_subset_identical_on_every_rank_and_as_eval_draws_it(local_shards):
+    labels = split_labels(local_shards, "train")
+    assert labels.tolist() == [i % 3 for i in range(48)]  # write_shards labels sample i with i % 3
+
+    def chosen(rank: int = 0, seed: int = 0, fraction: float = 0.25) -> FinetuneMethod:
+        cfg = FinetuneConfig(name="ft", data="/x", model=TINY_MODEL, label_fraction=fraction, seed=seed)
+        return set_up(cfg, local_shards, rank=rank, world=2)
+
+    rank0, rank1 = chosen(0), chosen(1)
+    ids = rank0.train_sample_ids()
+    assert rank0.labeled_samples == len(ids) == 12 and np.bincount(labels[ids]).tolist() == [4, 4, 4]
+    assert np.array_equal(ids, rank1.train_sample_ids()) and np.array_equal(ids, chosen(0).train_sample_ids())
+    assert not np.array_equal(ids, chosen(0, seed=1).train_sample_ids())
+    assert np.array_equal(ids, label_subset(labels, 0.25, seed=0).numpy())  # what `kind: eval` uses
+    assert np.bincount(labels[chosen(fraction=0.1).train_sample_ids()]).tolist() == [2, 2, 2]  # round(1.6)
+    everything = chosen(fraction=1.0)
+    assert everything.train_sample_ids() is None and everything.labeled_samples == 48
+
+    _, logged = rank0.step(rank0.build_model(), {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])}, 0)
+    assert logged == {"label_fraction": 0.25, "labeled_samples": 12.0}
+
+
+def test_loader_on_a_label_subset_serves_it_once_per_epoch_and_resumes_exactly_also_on_another_world_size(
+        local_shards):
+    labels = split_labels(local_shards, "train")
+    ids = label_subset(labels, 0.25, seed=0).numpy()
+
+    def loader(rank: int, world: int, subset=ids) -> StreamingLoader:
+        return StreamingLoader(local_shards, batch_size=3, seed=0, rank=rank, world_size=world, subset=subset,
+                               partial="drop")
+
+    for epoch in (0, 1):
+        served = []
+        for rank in (0, 1):
+            part = loader(rank, 2)
+            part.set_epoch(epoch)
+            for batch in part:
+                assert batch["label"].tolist() == labels[batch["index"].numpy()].tolist()
+                served += batch["index"].tolist()
+        assert sorted(served) == ids.tolist(), epoch  # every chosen sample once, nothing else
+
+    reference = [b["index"].tolist() for b in loader(0, 1)]
+    first = loader(0, 1)
+    taken = [b["index"].tolist() for _, b in zip(range(2), first)]  # range first: zip takes no 3rd batch
+    resumed = loader(0, 1)
+    resumed.load_state_dict(first.state_dict())
+    assert taken + [b["index"].tolist() for b in resumed] == reference
+
+    ranks = [loader(r, 2) for r in (0, 1)]
+    consumed = [i for part in ranks for i in next(iter(part))["index"].tolist()]
+    alone = loader(0, 1)  # the same subset on 1 worker: the rest of the epoch, exactly once
+    alone.load_state_dict(ranks[0].state_dict())
+    rest = [i for b in alone for i in b["index"].tolist()]
+    assert sorted(consumed + rest) == ids.tolist()
+
+    other = loader(0, 1, subset=label_subset(labels, 0.25, seed=1).numpy())
+    with pytest.raises(ValueError, match="subset="):
+        other.load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match=r"sample id 48, outside \[0, 48\)"):
+        loader(0, 1, subset=[0, 48])
+
+
+def test_random_init_is_seeded_timm_init_of_model_and_exports_a_timm_classifier(tmp_path, local_shards):
+    cfg = FinetuneConfig(name="scratch", data="/x", model=TINY_MODEL, mode="full", drop_path_rate=0.0)
+
+    def built(seed: int) -> tuple[FinetuneMethod, torch.nn.Module]:
+        torch.manual_seed(seed)  # what the engine does before building, with the stage's seed
+        method = set_up(cfg, local_shards)
+        return method, method.build_model()
+
+    method, model = built(0)
+    same, other = built(0)[1].state_dict(), built(1)[1].state_dict()
+    assert all(torch.equal(v, same[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
+    assert model.num_classes == 3 and len(model.blocks) == TINY_MODEL["depth"]  # classes from the manifest
+    assert method.arch()["init"] is None and method.arch()["model"]["arch"] == TINY_MODEL["arch"]
+
+    train_a_few_steps(method, model)
+    method.export(model, str(tmp_path / "export"), rank=0, storage_options={}, extra={})
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    config = load_export_model(str(tmp_path / "export"))[1]
+    assert config["vitforge"]["init"] == "random" and config["vitforge"]["labeled_samples"] == 48
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+
+    linear = set_up(FinetuneConfig(name="probe", data="/x", model=TINY_MODEL, mode="linear"), local_shards)
+    probe = linear.build_model()  # a frozen random encoder: the random-features baseline
+    assert {n for n, p in probe.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+
+
+def test_finetune_spec_needs_exactly_one_of_init_and_model_and_a_fraction_in_0_1():
+    data = "s3://b/shards"
+    pretrain = {"name": "pretrain", "kind": "mae", "data": data, "model": TINY_MODEL}
+
+    def spec(**stage):
+        return parse_spec({"name": "r", "storage": "s3://b/runs",
+                           "stages": [pretrain, {"name": "scratch", "kind": "finetune", "data": data, **stage}]})
+
+    job = spec(model=TINY_MODEL, label_fraction=0.1).stage_job("scratch", "ray")
+    assert "init_url" not in job and job["stage"]["model"]["arch"] == TINY_MODEL["arch"]
+    assert job["stage"]["label_fraction"] == 0.1 and spec(init="pretrain").stage("scratch").label_fraction == 1.0
+    with pytest.raises(SpecError, match=r"stages\[1\] \(scratch\).*give init .* or model"):
+        spec()
+    with pytest.raises(SpecError, match=r"stages\[1\] \(scratch\).*init \('pretrain'\) and model are both given"):
+        spec(init="pretrain", model=TINY_MODEL)
+    with pytest.raises(SpecError, match=r"model > drop_path_rate: set the stage's drop_path_rate"):
+        spec(model={**TINY_MODEL, "drop_path_rate": 0.1})
+    for bad in (0, 1.5):
+        with pytest.raises(SpecError, match=r"stages\[1\] \(scratch\) > label_fraction"):
+            spec(init="pretrain", label_fraction=bad)
+
+
 # ---- on a 2-worker DeepSpeed gang --------------------------------------------------------------------
 
 
@@ -188,3 +323,24 @@ def test_gang_finetunes_an_earlier_stage_export_logs_val_top1_per_epoch_and_expo
     model = timm.create_model(f"local-dir:{local}", pretrained=True).eval()
     assert model.num_classes == 3
     assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+
+
+@pytest.mark.slow  # one more torchrun gang (~30-90 s); the cheap tests above cover the pieces
+def test_gang_trains_from_random_init_on_a_label_fraction_and_logs_the_labeled_count(labeled_shards, s3, tmp_path):
+    storage = f"s3://{s3.bucket}/{tmp_path.name}"
+    stage = {"name": "scratch", "kind": "finetune", "data": labeled_shards, "model": TINY_MODEL, "mode": "full",
+             "label_fraction": 0.25, "epochs": 2, "batch_size": 3, "zero_stage": 2, "loader_workers": 0,
+             "checkpoint": {"every_steps": 100, "keep_last": 1}, "optim": {"base_lr": 5e-3}}
+    path = tmp_path / "scratch.yaml"
+    path.write_text(yaml.safe_dump({"name": "ft", "storage": storage, "compute": {"workers": 2}, "stages": [stage]}))
+    rc, out = finish(torchrun(str(path), "scratch"))
+    assert rc == 0, out[-4000:]
+    assert status(storage, "ft", "scratch")["state"] == "done"
+    records = metrics(storage, "ft", "scratch")
+    # 12 of 48 labels (4 per class) / (2 workers x 3) = 2 steps an epoch; all 48 would give 8
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["labeled_samples"] == 12 and r["label_fraction"] == 0.25 for r in records)
+    assert [r["step"] for r in records if "val_top1" in r] == [2, 4]
+    config = stage_store(storage, "ft", "scratch").child("export").get_json("config.json")
+    assert config["vitforge"]["init"] == "random" and config["vitforge"]["labeled_samples"] == 12
+    assert config["num_classes"] == 3 and config["model_args"]["depth"] == TINY_MODEL["depth"]
