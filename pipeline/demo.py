@@ -3,13 +3,12 @@
 What it does (``configs/demo.yaml`` holds the stages):
 
 1. writes the 1,797 digit scans as an image folder under ``<repo>/.demo/digits`` (``dataprep/digits.py``);
-2. writes a *random-init* export of the pretrain stage's encoder (``.demo/scratch-init-<digest>``): the
-   from-scratch baseline fine-tunes it with the same recipe as the pretrained and distilled models;
-3. starts an embedded S3 server (SeaweedFS) whose data lives in ``.demo/s3``, so a later demo finds its
+2. starts an embedded S3 server (SeaweedFS) whose data lives in ``.demo/s3``, so a later demo finds its
    run, unless a storage URL is given (``--storage s3://bucket/prefix``, ``file:///…`` or a path;
    credentials from the environment, ``AWS_*``);
-4. runs the spec: prep -> MAE (2 workers, ZeRO-2) -> distil -> fine-tune / linear probe -> eval;
-5. prints the accuracy table, where the exports and checkpoints are, and writes the report.
+3. runs the spec: prep -> MAE (2 workers, ZeRO-2) -> distil -> fine-tune (from scratch: the pretrain
+   architecture from random init; from MAE; from the student) / linear probe -> eval;
+4. prints the accuracy table, where the exports and checkpoints are, and writes the report.
 
 Running it again finds every stage done: it skips them all and shows the same table.
 """
@@ -32,7 +31,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SPEC = ROOT / "configs" / "demo.yaml"
 DEMO_DIR = ROOT / ".demo"
-PRETRAIN, SCRATCH, DATA = "pretrain", "scratch", "data"
+DATA = "data"
 DIGITS_SIZE = 16  # the scans are 8x8; 16x16 keeps 4x4 patches meaningful
 
 
@@ -72,33 +71,14 @@ def run_demo(storage: str | None = None, overrides: Sequence[str] = (), restart_
 
 
 def prepare(storage: str, overrides: Sequence[str], workdir: Path, spec_path: str | Path = DEMO_SPEC) -> RunSpec:
-    """Write the digits and the scratch init, then load the demo spec with them (and ``overrides``)."""
+    """Write the digits, then load the demo spec with them (and ``overrides``)."""
     from dataprep.digits import write_digits_imagefolder
     from pipeline.spec import load_spec
 
     base = [f"storage={storage}"]
     digits = write_digits_imagefolder(str(workdir / f"digits-{DIGITS_SIZE}"), size=DIGITS_SIZE)
     base.append(f"stages.{DATA}.source={digits}")
-    if _raw_stage(spec_path, [*base, *overrides], SCRATCH) is not None:
-        base.append(f"stages.{SCRATCH}.init={scratch_init(spec_path, [*base, *overrides], workdir)}")
     return load_spec(str(spec_path), overrides=[*base, *overrides])
-
-
-def scratch_init(spec_path: str | Path, overrides: Sequence[str], workdir: Path) -> str:
-    """A random-init export of the pretrain stage's encoder (its seed), made once per architecture."""
-    import torch
-
-    from jobs.checkpoint import json_digest
-    from jobs.export import export_encoder
-    from jobs.mae import MAEConfig, build_mae
-
-    stage = _raw_stage(spec_path, overrides, PRETRAIN) or {}
-    cfg = MAEConfig.model_validate({**stage, "kind": "mae", "data": "unused"})
-    dest = workdir / f"scratch-init-{json_digest({'model': cfg.model.model_dump(), 'seed': cfg.seed})[:12]}"
-    if not (dest / "config.json").exists():
-        torch.manual_seed(cfg.seed)  # the pretrain stage's encoder at step 0
-        export_encoder(build_mae(cfg).encoder, cfg.model, str(dest))
-    return str(dest)
 
 
 def accuracy_rows(spec: RunSpec) -> list[dict[str, Any]]:
@@ -110,7 +90,7 @@ def accuracy_rows(spec: RunSpec) -> list[dict[str, Any]]:
     for stage in spec.stages:
         if stage.kind == "finetune":
             st = view.stage(stage.name, evals={})
-            init = stage.init if stage.name != SCRATCH else "random init"
+            init = stage.init or "random init"
             rows.append({"model": stage.name, "from": init, "how": f"{stage.mode} fine-tune" if stage.mode != "linear"
                          else "linear probe (frozen)", "top1": st.val_top1, "export": st.export_url})
         elif stage.kind == "eval":
@@ -146,14 +126,6 @@ def locations(spec: RunSpec) -> list[str]:
 
 
 # ---- internals ------------------------------------------------------------------------------------
-
-
-def _raw_stage(spec_path: str | Path, overrides: Sequence[str], name: str) -> dict[str, Any] | None:
-    from pipeline._specfile import apply_overrides, read_yaml
-
-    raw, _ = read_yaml(str(spec_path))
-    raw = apply_overrides(raw, overrides, source=str(spec_path))
-    return next((s for s in raw.get("stages") or [] if isinstance(s, dict) and s.get("name") == name), None)
 
 
 @contextlib.contextmanager

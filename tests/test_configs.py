@@ -44,5 +44,5 @@ def test_demo_spec_validates_as_the_demo_prepares_it(tmp_path):
     assert spec.compute.workers == 2 and spec.stage("pretrain").zero_stage == 2
     assert [s.kind for s in spec.stages] == ["prep", "mae", "distill", "finetune", "finetune", "finetune",
                                                "finetune", "eval"]
-    assert load_spec(str(DEMO_SPEC), overrides=[f"stages.data.source={tmp_path}",
-                                                 f"stages.scratch.init={tmp_path}"]).name == "demo"
+    assert spec.stage("scratch").init is None and spec.stage("scratch").model.depth == spec.stage("pretrain").model.depth
+    assert load_spec(str(DEMO_SPEC), overrides=[f"stages.data.source={tmp_path}"]).name == "demo"
