@@ -165,19 +165,23 @@ def test_driver_killed_then_rerun_resumes_and_matches_uninterrupted(reference, m
 # Two simulated Ray nodes of one CPU each (the head is one of them: a third raylet would only add
 # start-up time), so a gang of two 1-CPU workers must put one worker on each node.
 TWO_NODES = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import ray
     from ray.cluster_utils import Cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, logging_level="WARNING")
-    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
-    from pipeline.run import run_spec
-    from pipeline.spec import load_spec
-    result = run_spec(load_spec(sys.argv[1]))
-    print("RESULT", json.dumps({"states": result.states, "cpu_nodes": len(nodes)}))
-    ray.shutdown()
-    cluster.shutdown()
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, logging_level="WARNING")
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+        from pipeline.run import run_spec
+        from pipeline.spec import load_spec
+        result = run_spec(load_spec(sys.argv[1]))
+        print("RESULT", json.dumps({"states": result.states, "cpu_nodes": len(nodes)}), flush=True)
+    finally:  # no raylet outlives the test, whatever happened
+        ray.shutdown()
+        cluster.shutdown()
+    sys.stderr.flush()
+    os._exit(0)  # everything is shut down: skip seconds of interpreter teardown of torch/DeepSpeed/Ray
 """)
 
 
@@ -191,10 +195,11 @@ def test_zero3_gang_spans_two_nodes_loss_goes_down_and_export_equals_fp32_weight
     spec = write_spec(tmp_path, storage, "nodes", manifest, zero_stage=3, max_steps=steps,
                       checkpoint={"every_steps": 1000, "keep_last": 1})
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", TWO_NODES, spec], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = subprocess.Popen([sys.executable, "-c", TWO_NODES, spec], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    rc, out = finish(proc, timeout=600)  # on timeout its whole process group goes, Ray's processes with it
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    assert rc == 0 and line, out[-6000:]
     result = json.loads(line[0][7:])
     assert result == {"states": {"pretrain": "done"}, "cpu_nodes": 2}
     st = status(storage, "nodes")
