@@ -38,6 +38,9 @@ def _ds_gang(rank: int, port: int, url: str, out_dir: str) -> None:
     _init_gang(rank, port)
     import deepspeed
 
+    from jobs._engine_config import _skip_deepspeed_shm_op
+    _skip_deepspeed_shm_op()  # as the engine does on CPU: no minutes-long C++ build on a fresh machine
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
