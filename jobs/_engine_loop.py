@@ -23,8 +23,10 @@ from dataprep.loader import StreamingLoader
 from jobs._engine_config import (METHOD_STATE, Method, StageContext, TrainConfig, TrainResult, build_optimizer, lr_at,
                                  make_accelerator, peak_lr)
 from jobs._engine_watch import MetricsLog, PreemptionWatch, peak_flops
-from jobs.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, code_version, restore_rng_state
+from jobs.checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, code_version, latest_committed,
+                             restore_rng_state)
 from jobs.export import export_encoder
+from jobs.reshard import batch_shape, load_engine_state, seed_new_rank
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: Preemption
 
 def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every attempt
+    digest = cfg.digest()
+    cfg = _resume_shape(cfg, ctx)
     accelerator = make_accelerator(cfg, ctx.world_size)
     setup = getattr(method, "setup", None)
     if setup is not None:
@@ -109,7 +113,7 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
     run_length = getattr(method, "set_run_length", None)
     if run_length is not None:
         run_length(total, steps_per_epoch)
-    expect = {"arch": method.arch(), "config_digest": cfg.digest(), "world_size": ctx.world_size}
+    expect = {"arch": method.arch(), "config_digest": digest}  # not world_size: see jobs/reshard.py
     return _Run(cfg, ctx, method, accelerator, model, optimizer, loader, ckpt, MetricsLog(store, ctx.rank == 0), store,
                 total, min(warmup, total), peak_lr(cfg, ctx.world_size), expect, val=_val_loader(method, cfg, ctx, loader),
                 steps_per_epoch=steps_per_epoch)
@@ -118,6 +122,17 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
 def _train_subset(method: Method) -> Any:
     ids = getattr(method, "train_sample_ids", None)
     return ids() if ids is not None else None
+
+
+def _resume_shape(cfg: TrainConfig, ctx: StageContext) -> TrainConfig:
+    """``cfg`` with the per-worker batch_size/grad_accum that keep the newest checkpoint's global batch on
+    this many workers (itself when nothing changes; see :func:`jobs.reshard.batch_shape`)."""
+    info = latest_committed(ctx.stage_url, ctx.storage_options)
+    batch, accum = batch_shape(info.meta if info else None, ctx.world_size, (cfg.batch_size, cfg.grad_accum),
+                               where=f"checkpoint {info.url}" if info else "")
+    if (batch, accum) == (cfg.batch_size, cfg.grad_accum):
+        return cfg
+    return cfg.model_copy(update={"batch_size": batch, "grad_accum": accum})
 
 
 def _val_loader(method: Method, cfg: TrainConfig, ctx: StageContext, train: StreamingLoader) -> StreamingLoader | None:
@@ -138,10 +153,16 @@ def _resume(run: _Run) -> None:
     if info is None:
         return
     log.info("resuming stage %s from %s", run.cfg.name, info.url)
+    if info.world_size != run.ctx.world_size and run.ctx.rank == 0:
+        log.warning("resuming %d-worker checkpoint step %d on %d workers: global batch %d kept as batch_size %d x "
+                    "grad_accum %d per worker", info.world_size, info.step, run.ctx.world_size,
+                    run.cfg.batch_size * run.cfg.grad_accum * run.ctx.world_size, run.cfg.batch_size,
+                    run.cfg.grad_accum)
     metrics_text: list[str] = []
 
     def read(local_dir: str) -> None:
-        run.accelerator.load_state(os.path.join(local_dir, "engine"))
+        load_engine_state(run.accelerator, run.model, os.path.join(local_dir, "engine"), info.world_size,
+                          run.ctx.world_size)
         _load_method_state(run, local_dir)
         path = os.path.join(local_dir, "metrics.jsonl")
         if os.path.exists(path):
@@ -152,6 +173,8 @@ def _resume(run: _Run) -> None:
     run.loader.load_state_dict(meta["loader"])
     restore_rng_state(meta["rng"])
     run.step = run.resumed_from = run.saved_step = int(meta["step"])
+    if run.ctx.rank >= info.world_size:  # no stream of its own in the checkpoint
+        seed_new_rank(run.cfg.seed, run.step, run.ctx.rank)
     if metrics_text:
         run.metrics.restore(metrics_text[0], run.step)
 
@@ -261,7 +284,8 @@ def _save(run: _Run, sync: bool) -> None:
                 f.write(run.metrics.text())
 
     meta = {"step": step, "epoch": run.loader.epoch, "loader": run.loader.state_dict(), "rng": capture_rng_state(),
-            "config": run.cfg.model_dump(mode="json"), "code_version": code_version(), **run.meta_expect}
+            "config": run.cfg.model_dump(mode="json"), "code_version": code_version(), **run.meta_expect,
+            "world_size": run.ctx.world_size}
     run.ckpt.save(step, write, meta, sync=sync)
     run.saved_step = step
     run.metrics.publish(sync=False)
@@ -306,7 +330,7 @@ def _export(run: _Run) -> None:
     custom = getattr(run.method, "export", None)
     if custom is not None:
         custom(run.model, run.store.url_of("export"), rank=run.ctx.rank, storage_options=run.ctx.storage_options,
-               extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.cfg.digest(),
+               extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.meta_expect["config_digest"],
                       "code_version": code_version()})
         return
     encoder = getattr(run.method, "encoder", None)
@@ -314,7 +338,7 @@ def _export(run: _Run) -> None:
         return
     export_encoder(encoder(run.model), run.cfg.model, run.store.url_of("export"), rank=run.ctx.rank,
                    storage_options=run.ctx.storage_options,
-                   extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.cfg.digest(),
+                   extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.meta_expect["config_digest"],
                           "code_version": code_version()})
 
 

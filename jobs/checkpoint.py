@@ -57,7 +57,7 @@ from jobs._ckpt_state import (CheckpointError, CheckpointMismatchError, capture_
 __all__ = [
     "CheckpointPolicy", "CheckpointManager", "CheckpointInfo", "CheckpointError", "CheckpointMismatchError",
     "CheckpointStagingError", "CheckpointCommitError", "CheckpointNotFoundError", "capture_rng_state",
-    "restore_rng_state", "check_compatible", "json_digest", "code_version",
+    "restore_rng_state", "check_compatible", "json_digest", "code_version", "latest_committed",
 ]
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,23 @@ def _broadcast_flag(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def _read_info(store: Store, name: str) -> CheckpointInfo:
+    try:
+        rec = store.get_json(f"{name}/{COMMITTED}")
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{store.url_of(name)} is not a committed checkpoint") from None
+    return CheckpointInfo(step=int(rec["step"]), name=name, url=store.url_of(name), world_size=int(rec["world_size"]),
+                          files=rec["files"], meta=rec.get("meta", {}), committed_at=float(rec.get("committed_at", 0.0)))
+
+
+def latest_committed(stage_url: str, storage_options: dict[str, Any] | None = None) -> CheckpointInfo | None:
+    """The newest committed checkpoint of the stage at ``stage_url``, or None, read without a manager
+    (no collective, no staging directory): for a driver, or a rank deciding before its gang is set up."""
+    store = Store(stage_url, storage_options=storage_options).child("checkpoints")
+    name = read_latest(store, "", PREFIX)
+    return _read_info(store, name) if name else None
 
 
 class CheckpointManager:
@@ -498,13 +515,7 @@ class CheckpointManager:
 
     def info(self, name: str) -> CheckpointInfo:
         """The committed checkpoint ``name`` (``step-XXXXXXXX``)."""
-        try:
-            rec = self.store.get_json(f"{name}/{COMMITTED}")
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(f"{self.store.url_of(name)} is not a committed checkpoint") from None
-        return CheckpointInfo(step=int(rec["step"]), name=name, url=self.store.url_of(name),
-                              world_size=int(rec["world_size"]), files=rec["files"], meta=rec.get("meta", {}),
-                              committed_at=float(rec.get("committed_at", 0.0)))
+        return _read_info(self.store, name)
 
     def committed(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest first."""

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 RUN_YAML = "run.yaml"
 SHARDS = "shards"      # a prep stage's output folder
 EXPORT = "export"      # a training stage's output folder
+# spec keys that only say where stages run: they may change between launches of one run (a training
+# stage then resumes on another number of workers, see jobs/reshard.py); gpus_per_worker is not among
+# them (it changes the precision a stage trains in)
+PLACEMENT = ("compute.workers", "compute.cpus_per_worker", "compute.max_failures")
 
 
 class RunConflictError(SpecError):
@@ -80,6 +84,11 @@ def plan_run(spec: RunSpec, restart_from: str | None = None) -> Plan:
     new = yaml.safe_load(dump_spec(spec))
     plan = Plan(first_launch=old is None, reset=downstream(spec, restart_from) if restart_from else [])
     changed = spec_diff(old, new) if old is not None else []
+    moved = [k for k in changed if k in PLACEMENT]
+    if moved:
+        log.info("%s changed since the run started (%s): only where stages run; an interrupted training stage "
+                 "continues from its checkpoint on the new gang", store.url_of(RUN_YAML), _fmt(moved))
+        changed = [k for k in changed if k not in PLACEMENT]
     if changed and restart_from is None:
         raise RunConflictError(
             f"{store.url_of(RUN_YAML)} holds a different spec; changed: {_fmt(changed)}.\n"

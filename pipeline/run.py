@@ -34,9 +34,10 @@ from typing import Any
 
 from cluster.gang import GangFailedError, GangSpec, run_gang
 from cluster.runtime import ensure_ray
-from cluster.storage import Store, read_latest
-from jobs.checkpoint import check_compatible, code_version
+from cluster.storage import Store
+from jobs.checkpoint import check_compatible, code_version, latest_committed
 from jobs.engine import PREEMPT_MARKER
+from jobs.reshard import batch_shape
 from jobs.stage import make_method, read_status, run_worker, update_status
 from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_sources, clear_stage,  # noqa: F401
                             is_done, plan_run, record_spec)
@@ -181,15 +182,19 @@ def run_eval_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
 
 
 def _preflight(spec: RunSpec, name: str) -> None:
-    """Refuse, before any gang starts, to resume a checkpoint of another architecture or config."""
-    store = Store(spec.stage_url(name), spec.storage_options).child("checkpoints")
-    latest = read_latest(store, "", "step-")
-    if latest is None:
+    """Refuse, before any gang starts, to resume a checkpoint of another architecture or config, or one
+    whose global batch this many workers cannot split (another number of workers is fine otherwise)."""
+    info = latest_committed(spec.stage_url(name), spec.storage_options)
+    if info is None:
         return
     stage = spec.stage(name)
-    saved = store.get_json(f"{latest}/COMMITTED").get("meta", {})
-    expect = {"arch": make_method(stage, 0).arch(), "config_digest": stage.digest(), "world_size": spec.compute.workers}
-    check_compatible(saved, expect, where=f"checkpoint {store.url_of(latest)}")
+    expect = {"arch": make_method(stage, 0).arch(), "config_digest": stage.digest()}
+    check_compatible(info.meta, expect, where=f"checkpoint {info.url}")
+    workers = spec.compute.workers
+    batch, accum = batch_shape(info.meta, workers, (stage.batch_size, stage.grad_accum), where=f"checkpoint {info.url}")
+    if info.world_size != workers:
+        log.info("stage %s: resuming %d-worker checkpoint step %d on %d workers (batch_size %d x grad_accum %d "
+                 "per worker keeps its global batch)", name, info.world_size, info.step, workers, batch, accum)
 
 
 class _forward_stop_signals:

@@ -1,5 +1,6 @@
 """Fault suite, refusals: bad specs, wrong or read-only credentials, a missing bucket and a resume on
-another number of workers are refused before any side effect (the run root stays absent).
+a number of workers that cannot split the checkpoint's global batch are refused before any side
+effect (the run root stays absent).
 
 ``vitforge run`` runs in-process (typer's runner) against the session SeaweedFS; no gang starts.
 """
@@ -75,27 +76,29 @@ def test_missing_bucket_is_refused_and_not_created(s3, manifest, tmp_path):
     assert "no-such-bucket-refusals" not in [b["Name"] for b in s3.client().list_buckets()["Buckets"]]
 
 
-def test_resume_on_another_number_of_workers_is_refused_before_a_gang_starts(s3, s3_url, manifest, tmp_path):
-    """A committed checkpoint of a 2-worker run; the same spec on 1 worker names world_size and starts nothing.
+def test_resume_on_workers_that_cannot_split_the_global_batch_is_refused_before_a_gang_starts(s3, s3_url, manifest,
+                                                                                                tmp_path):
+    """A committed checkpoint of a 2-worker run (global batch 2 x 4 = 8); the same spec on 3 workers
+    names the numbers of workers that would work and starts nothing.
 
-    (The loader re-splits a partial epoch over a new world size exactly, see tests/test_loader.py; the
-    engine refuses because ZeRO optimizer partitions, the lr scaling and the per-rank RNG streams
-    were saved for 2 ranks.)"""
+    (Another number of workers that divides the global batch resumes: tests/test_faults_workers.py.)"""
     from jobs.checkpoint import CheckpointManager, CheckpointPolicy
     from jobs.stage import make_method
     from pipeline.spec import load_spec
 
     two = load_spec(_spec(tmp_path, s3_url, manifest, workers=2))
     stage = two.stage("pretrain")
-    meta = {"step": 2, "arch": make_method(stage, 0).arch(), "config_digest": stage.digest(), "world_size": 2}
+    meta = {"step": 2, "arch": make_method(stage, 0).arch(), "config_digest": stage.digest(), "world_size": 2,
+            "config": stage.model_dump(mode="json")}
     ckpt = CheckpointManager(two.stage_url("pretrain"), CheckpointPolicy(every_steps=2), session_id="two-ranks")
     ckpt.world_size = 1  # stand-in writer of a committed checkpoint; only its COMMITTED meta matters here
     ckpt.save(2, lambda d: open(os.path.join(d, "engine.bin"), "wb").write(b"x"), meta, sync=True)
     before = sorted(Store(s3_url).fs.find(Store(s3_url).path()))
 
-    result = CliRunner().invoke(app, ["run", _spec(tmp_path, s3_url, manifest, workers=1)])
+    result = CliRunner().invoke(app, ["run", _spec(tmp_path, s3_url, manifest, workers=3)])
     assert result.exit_code == 1, result.output
-    assert "world_size" in result.output and "checkpoint has 2" in result.output and "this run has 1" in result.output
+    assert "written by 2 workers" in result.output and "global batch of 8" in result.output, result.output
+    assert "3 workers cannot split it" in result.output and "(1, 2, 4, 8)" in result.output, result.output
     after = sorted(Store(s3_url).fs.find(Store(s3_url).path()))
     assert [p for p in after if p not in before and not p.endswith(("run.yaml", "STATUS.json"))] == []
     assert not Store(two.stage_url("pretrain")).exists("PREEMPT")
