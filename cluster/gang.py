@@ -8,12 +8,19 @@ so after a worker dies ``FailureConfig(max_failures=k)`` restarts the whole gang
 function itself continues from the last committed checkpoint. ``storage_path`` holds only Ray's
 bookkeeping.
 
+Placement is bounded: a gang that cannot be placed (e.g. after a node was lost and the cluster
+has too few CPUs/GPUs left) raises :class:`GangPlacementError` after ``start_timeout_s``
+(``VITFORGE_GANG_START_TIMEOUT_S``, default 600 s) instead of waiting forever. Ray Train waits
+``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (default 60 s) per try and, by default, retries
+without end; we cap its retries to fit the bound.
+
     run_gang(run_worker, job, GangSpec(workers=2, cpus_per_worker=1))
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -23,8 +30,17 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+START_TIMEOUT_ENV = "VITFORGE_GANG_START_TIMEOUT_S"
+RAY_START_TRY_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's wait per placement try
+_RAY_START_TRY_DEFAULT_S = 60.0
+
+
 class GangFailedError(RuntimeError):
     """The gang failed more often than ``max_failures`` allows."""
+
+
+class GangPlacementError(GangFailedError):
+    """The gang's workers could not be placed on the cluster within ``start_timeout_s``."""
 
 
 @dataclass
@@ -36,6 +52,7 @@ class GangSpec:
     name: str = "vitforge"
     storage_path: str | None = None     # Ray's bookkeeping; default: a local temp directory
     env: dict[str, str] = field(default_factory=dict)  # set in every worker before ``fn`` runs
+    start_timeout_s: float = field(default_factory=lambda: float(os.environ.get(START_TIMEOUT_ENV, 600)))
 
 
 def _worker_entry(config: dict[str, Any]) -> None:
@@ -69,17 +86,46 @@ def run_gang(fn: Callable[[dict[str, Any]], Any], job: dict[str, Any], spec: Gan
         train_loop_config={"fn": fn, "job": job, "env": dict(spec.env), "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=spec.name, storage_path=spec.storage_path or _default_storage(),
-                             failure_config=FailureConfig(max_failures=spec.max_failures)),
+                             failure_config=FailureConfig(max_failures=spec.max_failures,
+                                                          controller_failure_limit=_placement_retries(spec))),
     )
     log.info("launching a gang of %d worker(s) (%s each) for %s", spec.workers, resources, spec.name)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        if _is_placement_timeout(exc):
+            raise GangPlacementError(_placement_message(spec, resources)) from exc
         raise GangFailedError(f"gang {spec.name!r} failed {spec.max_failures + 1} time(s): {exc}") from exc
     error = getattr(result, "error", None)
     if error is not None:
         raise GangFailedError(f"gang {spec.name!r} failed: {error}") from error
     return (result.metrics or {}).get("result")
+
+
+def _placement_retries(spec: GangSpec) -> int:
+    """Ray Train's placement retries that fit ``spec.start_timeout_s`` (each try waits its own timeout)."""
+    per_try = float(os.environ.get(RAY_START_TRY_ENV, _RAY_START_TRY_DEFAULT_S))
+    return max(0, math.ceil(spec.start_timeout_s / max(per_try, 1e-3)) - 1)
+
+
+def _is_placement_timeout(exc: BaseException) -> bool:
+    cause = getattr(exc, "controller_failure", None)
+    return cause is not None and type(cause).__name__ == "WorkerGroupStartupTimeoutError"
+
+
+def _placement_message(spec: GangSpec, resources: dict[str, float]) -> str:
+    import ray
+
+    try:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        have = ", ".join(f"{k} {free.get(k, 0):g} free of {total[k]:g}" for k in sorted(resources) if k in total)
+    except Exception:  # the cluster itself may be the problem
+        have = "unknown"
+    need = ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()))
+    return (f"gang {spec.name!r}: {spec.workers} worker(s) of {need} each could not be placed within "
+            f"{spec.start_timeout_s:.0f}s (cluster: {have or 'none of ' + ', '.join(resources)}). Add nodes, or "
+            f"run with fewer workers (compute.workers; a training stage resumes from its last checkpoint on another "
+            f"number of workers); {START_TIMEOUT_ENV} sets how long to wait.")
 
 
 def _default_storage() -> str:
