@@ -7,8 +7,10 @@ light decoder (width 512, depth 8 by default) over all tokens with mask tokens; 
 position embeddings in encoder and decoder; per-patch pixel targets, optionally normalised
 (``norm_pix_loss``); the loss averaged over masked patches only.
 
-The masking noise of step ``s`` on rank ``r`` comes from a generator seeded by (seed, s, r): a
-pure function of the step, so a resumed run draws exactly the masks an uninterrupted one would.
+The masking noise of sample ``i`` (its global index in the shards) at step ``s`` comes from a
+generator seeded by (seed, s, i): a resumed run draws exactly the masks an uninterrupted one
+would, and neither the rank, the micro-batch of a gradient-accumulation step nor the number of
+workers changes a sample's mask.
 """
 
 from __future__ import annotations
@@ -191,10 +193,11 @@ def build_mae(cfg: MAEConfig) -> MaskedAutoencoder:
     return model
 
 
-def mask_noise(batch_size: int, length: int, seed: int, step: int, rank: int) -> torch.Tensor:
-    """[N, L] uniform noise for step ``step`` on ``rank``: a pure function of (seed, step, rank)."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
-    return torch.rand(batch_size, length, generator=gen)
+def mask_noise(indices: torch.Tensor, length: int, seed: int, step: int) -> torch.Tensor:
+    """[N, L] uniform noise; row ``n`` is a pure function of (seed, step, indices[n])."""
+    base = (seed * 1_000_003 + step) * 2_147_483_659
+    gens = [torch.Generator().manual_seed((base + int(i)) % 2**63) for i in indices.tolist()]
+    return torch.stack([torch.rand(length, generator=g) for g in gens])
 
 
 class MAEMethod:
@@ -214,7 +217,7 @@ class MAEMethod:
         dtype = next(model.parameters()).dtype
         imgs = batch["image"].to(device, dtype=dtype, non_blocking=True)
         inner = getattr(model, "module", model)
-        noise = mask_noise(imgs.shape[0], inner.grid ** 2, self.cfg.seed, step, self.rank).to(device)
+        noise = mask_noise(batch["index"], inner.grid ** 2, self.cfg.seed, step).to(device)
         loss, _, _ = model(imgs, noise)
         return loss, {}
 

@@ -137,7 +137,7 @@ def _load_untrained(engine: Any, source: str) -> None:
         saved = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(source), tag=os.path.basename(source))
     else:  # ZeRO-1/2: rank 0 saved the whole module
         saved = torch.load(os.path.join(source, "mp_rank_00_model_states.pt"), map_location="cpu",
-                           weights_only=False)["module"]
+                           weights_only=True)["module"]
     missing = sorted(n for n in frozen if n not in saved)
     if missing:
         raise CheckpointMismatchError(f"{source} has no saved value for the frozen parameter(s) {', '.join(missing)}")

@@ -207,6 +207,18 @@ def test_embedded_ray_listens_on_loopback_only(ray_local):
     assert _exposed(sockets) == [], f"listening beyond loopback (pid, ip, port): {_exposed(sockets)}"
 
 
+def _calls(text: str, opening: str) -> list[str]:
+    """Every ``opening…)`` call in ``text`` up to its matching parenthesis (nested calls included)."""
+    calls = []
+    for m in re.finditer(re.escape(opening), text):
+        depth, i = 1, m.end()
+        while depth and i < len(text):
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        calls.append(text[m.start():i])
+    return calls
+
+
 def test_library_never_unpickles_exports_and_torch_load_is_weights_only(tmp_path):
     """Static check of our packages; DeepSpeed/accelerate checkpoint loading is the documented exception."""
     from jobs.export import load_timm_weights
@@ -216,9 +228,9 @@ def test_library_never_unpickles_exports_and_torch_load_is_weights_only(tmp_path
         for dirpath, _, files in os.walk(os.path.join(ROOT, pkg)):
             for f in (f for f in files if f.endswith(".py")):
                 text = open(os.path.join(dirpath, f)).read()
-                for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
-                    if "weights_only=True" not in m.group(1):
-                        offenders.append(f"{pkg}/{f}: {m.group(0)}")
+                for call in _calls(text, "torch.load("):
+                    if "weights_only=True" not in call:
+                        offenders.append(f"{pkg}/{f}: {call}")
                 offenders += [f"{pkg}/{f}: {w}" for w in ("pickle.load", "allow_pickle=True") if w in text]
     assert offenders == []
     (tmp_path / "model.bin").write_bytes(b"\x80\x04pickled")

@@ -27,9 +27,12 @@ def test_mae_masks_per_sample_and_averages_loss_over_masked_patches_only():
     torch.manual_seed(0)
     model = build_mae(tiny_cfg())
     imgs = torch.randn(4, 3, 32, 32)
-    noise = mask_noise(4, 64, seed=0, step=3, rank=1)
-    assert torch.equal(noise, mask_noise(4, 64, seed=0, step=3, rank=1))  # a pure function of the step
-    assert not torch.equal(noise, mask_noise(4, 64, seed=0, step=4, rank=1))
+    noise = mask_noise(torch.tensor([7, 8, 9, 10]), 64, seed=0, step=3)
+    # a pure function of (seed, step, sample index): the same sample gets the same mask in any batch,
+    # on any rank and micro-batch; another step or another sample gets another one
+    assert torch.equal(noise[1:3], mask_noise(torch.tensor([8, 9]), 64, seed=0, step=3))
+    assert not torch.equal(noise, mask_noise(torch.tensor([7, 8, 9, 10]), 64, seed=0, step=4))
+    assert not torch.equal(noise[0], noise[1])
     latent, mask, ids_restore = model.forward_encoder(imgs, noise)
     assert latent.shape == (4, 1 + 16, 64)  # cls + 25% of 64 patches: visible tokens only
     assert mask.shape == (4, 64) and torch.all(mask.sum(1) == 48)
