@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import typer
+
+def _console():
+    """A rich console for tables: the terminal's width, or 200 columns in pipes and logs (not 80)."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
 
 app = typer.Typer(
     name="vitforge",
@@ -59,7 +67,6 @@ def prep(
 ) -> None:
     """Turn images into WebDataset shards + manifest.json at DEST (idempotent, resumable)."""
     from pydantic import ValidationError
-    from rich.console import Console
 
     from cluster.storage import StorageError
     from dataprep.prep import PrepError, PrepOptions, run_prep, summary_table
@@ -76,7 +83,7 @@ def prep(
         _fail("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()))
     except (SourceError, PrepError, StorageError) as exc:
         _fail(str(exc))
-    Console().print(summary_table(result))
+    _console().print(summary_table(result))
     if result.skipped:
         typer.echo(f"nothing to do: {result.manifest_url} already holds this prep")
 
@@ -131,14 +138,12 @@ def demo(
     from MAE, from the student) and a linear probe -> eval. Prints the accuracy table, where the
     checkpoints are and the report. Running it again skips every finished stage.
     """
-    from rich.console import Console
-
     from pipeline.demo import DEMO_DIR, accuracy_table, locations, run_demo
     from pipeline.status import status_table
 
     result = _run_or_exit(lambda: run_demo(storage, set_ or (), restart_from, workdir=workdir or DEMO_DIR,
                                            address=address))
-    console = Console()
+    console = _console()
     if result.skipped and len(result.skipped) == len(result.states):
         typer.echo("nothing to do: every stage of the demo finished earlier")
     if result.preempted:
@@ -164,17 +169,13 @@ def status(
     Reads only the store: works from any machine, while the run goes on.
     """
     import json
-    import sys
-
-    from rich.console import Console
-
     from pipeline.status import failures, run_status, status_table
 
     result = _guard(run_status, run_root)
     if json_out:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
-    Console(width=None if sys.stdout.isatty() else 200).print(status_table(result))  # pipes: no wrapping
+    _console().print(status_table(result))
     for line in failures(result):
         typer.echo(f"failed: {line}", err=True)
 
