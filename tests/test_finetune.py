@@ -180,7 +180,8 @@ def test_label_fraction_is_a_stratified_seeded_subset_identical_on_every_rank_an
     everything = chosen(fraction=1.0)
     assert everything.train_sample_ids() is None and everything.labeled_samples == 48
 
-    _, logged = rank0.step(rank0.build_model(), {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])}, 0)
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])}
+    _, logged = rank0.step(rank0.build_model(), batch, 0)
     assert logged == {"label_fraction": 0.25, "labeled_samples": 12.0}
 
 
@@ -299,7 +300,10 @@ def labeled_shards(s3, tmp_path_factory) -> str:
     return dest
 
 
-@pytest.mark.parametrize("mode", ["full", "linear", "lora"])
+# one gang per mode costs ~1 min each on 2 cores; every mode's maths is covered in-process above, so
+# the default tier runs the full mode on a gang and the slow tier the other two
+@pytest.mark.parametrize("mode", ["full", pytest.param("linear", marks=pytest.mark.slow),
+                                  pytest.param("lora", marks=pytest.mark.slow)])
 def test_gang_finetunes_an_earlier_stage_export_logs_val_top1_per_epoch_and_exports(labeled_shards, s3, tmp_path,
                                                                                       mode):
     storage = f"s3://{s3.bucket}/{tmp_path.name}"

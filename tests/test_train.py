@@ -133,6 +133,7 @@ def test_ray_gang_restarts_after_a_worker_is_killed_and_matches_uninterrupted(re
 
 
 @pytest.mark.faults
+@pytest.mark.slow  # ~2 min; in the default tier the killed-worker test proves the same resume path
 def test_driver_killed_then_rerun_resumes_and_matches_uninterrupted(reference, manifest, s3, tmp_path, ray_local):
     storage = f"s3://{s3.bucket}/{tmp_path.name}"
     spec = write_spec(tmp_path, storage, "dkill", manifest)
