@@ -433,7 +433,8 @@ def run_finetune(cfg: FinetuneConfig | dict[str, Any], *, data_url: str, stage_u
     records = [json.loads(line) for line in Store(stage_url, storage_options).get_bytes("metrics.jsonl").decode().splitlines()]
     evaluated = [r for r in records if "val_top1" in r]
     last = evaluated[-1] if evaluated else {}
-    return {"state": result.state, "step": result.step, "labeled_samples": records[-1].get("labeled_samples") if records else None,
+    labeled = records[-1].get("labeled_samples") if records else None
+    return {"state": result.state, "step": result.step, "labeled_samples": labeled,
             **{k: v for k, v in last.items() if k.startswith("val_")}}
 
 

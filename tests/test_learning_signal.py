@@ -1,24 +1,52 @@
-"""A real learning signal: MAE pretraining on scikit-learn's handwritten digits, then ``kind: eval``.
+"""A real learning signal on scikit-learn's handwritten digits, through ``run_spec`` (slow tier).
 
-1,797 real 8x8 scans (10 classes), upscaled to 16x16 and prepped into train/val shards. The
-pipeline as a user runs it: an MAE stage on a 2-worker Ray Train gang (DeepSpeed ZeRO-2, gloo),
-then eval stages over the MAE export and over the *same* encoder at its initial weights (the
-MAE init under the same seed, exported before training), both on the val split:
+1,797 real 8x8 scans (10 classes), upscaled to 16x16 and prepped into train/val shards (1437 /
+359). One run spec, as a user runs it, every training stage a 2-worker Ray Train gang (DeepSpeed
+ZeRO-2, gloo):
 
-1. MAE's val reconstruction loss (eval transform, fixed masks, ratio 0.75, norm-pix targets)
-   ends well below the mean-patch baseline (each masked patch predicted as a flat patch of its
-   own true mean colour, i.e. zero in norm-pix space) and the visible-mean baseline;
-2. the pretrained encoder beats the random-init one on weighted kNN (k=20, T=0.07, all train
-   labels) and on a low-label linear probe (10% of the train labels, stratified).
+* ``pretrain``  MAE, 25 epochs;
+* ``dino``      DINO on the same digits and encoder shape, a short run (2 global + 2 local crops);
+* ``ft-mae`` / ``ft-scratch``  ``kind: finetune``, ``mode: linear``, ``label_fraction: 0.1`` (the
+  same 143 stratified labels for both): the MAE export vs the same architecture from random
+  init (timm's init under the stage seed, no export);
+* ``eval``  weighted kNN (k=20, T=0.07, all train labels, avg-pooled) of the MAE and DINO exports
+  and of *the same encoders at their initial weights* (each method's model at step 0 under the
+  stage seed, exported here by hand: the strictest control), plus MAE's val reconstruction.
 
-Measured, seed 0, 1437 train / 359 val, avg-pooled features:
-* this test through the pipeline (2-worker gang, 550 steps): val reconstruction 0.611 vs
-  mean-patch baseline 0.979 (visible-mean baseline 1.206); kNN top-1 78.8% pretrained vs 71.6%
-  at init; 10%-label linear probe 75.5% vs 70.2% (all labels: 91.6% vs 93.0%, no claim);
-* a single-process loop over the same MAE code, kNN and probe: 0.613 vs 0.979; kNN 79.7% vs
-  67.1%; 10% probe 76.0% vs 68.8%.
-Asserted with room for seed noise: loss < 0.8 x mean-patch baseline and below the visible-mean
-one; kNN +4 points; 10% probe +2 points.
+Shown with numbers:
+
+1. MAE's val reconstruction loss (fixed masks, ratio 0.75, norm-pix targets) ends well below the
+   mean-patch baseline (each masked patch predicted as a flat patch of its own true mean colour)
+   and below the visible-mean baseline;
+2. the MAE encoder beats its initial weights on kNN, and beats random init on the 10%-label
+   fine-tune stage;
+3. DINO's encoder against its initial weights on kNN: measured and printed; see below.
+
+Measured with ``.venv/bin/python -m pytest tests/test_learning_signal.py -m slow -s -p no:cacheprovider``
+(the ``LEARNING-SIGNAL`` JSON line; 1438 train / 359 val; a run is deterministic: two seed-0 runs gave
+identical numbers). Seed 0 / seed 1 (``SEED = 1``: another val split too):
+
+* MAE val reconstruction 0.616 / 0.590 vs mean-patch baseline 0.979 / 0.979 (visible-mean 1.206 / 1.202);
+* kNN top-1, MAE 76.0% / 80.5% vs its initial weights 71.6% / 61.6%;
+* 10%-label linear fine-tune stage (143 / 144 labels): from MAE 52.1% / 60.4% vs from random init
+  38.7% / 38.4%;
+* kNN top-1, DINO 55.4% / 56.3% vs its initial weights 54.6% / 50.1% (linear probe on all labels:
+  74.7% / 71.6% vs 76.9% / 70.8%). No reliable gain: DINO is printed, not claimed. Its recipe is the
+  best of a one-process search at this scale (same model, loss, EMA and schedules; 10 epochs, batch
+  64, 2 local crops; teacher temperature 0.01-0.04, centre momentum 0.9/0.99, 1024/4096 prototypes,
+  base lr 2e-3..4e-2): teacher kNN 54.3-58.5% vs 54.6% at init, the loss stuck near ln(K) (uniform
+  collapse) or at 0 (one-prototype collapse); a 15-epoch run with 4 local crops and 4096 prototypes
+  through the engine: 54.6% vs 54.6%.
+
+The MAE init (fixed sin-cos position embeddings) alone gives 62-72% kNN, timm's default init (DINO,
+and the fine-tune's random init) 50-55%: hence each kNN control is the method's own step-0 weights.
+Asserted with room for seed noise: reconstruction < 0.8 x mean-patch and < visible-mean; MAE kNN
++2 points over its init; 10%-label fine-tune +5 points over random init; DINO's kNN not more than 5
+points below its init (its export is not broken; no gain claimed).
+
+Wall time (2 cores, load ~2-3 from other work): 7.7 min; training-stage attempts pretrain 98 s,
+dino 173 s, ft-mae 66 s, ft-scratch 72 s, eval 17 s (each gang start costs ~30 s). DINO's CPU cost is
+mostly augmentation (colour jitter's hue and the blur take ~2-4 ms per 16 px view in torchvision).
 """
 
 from __future__ import annotations
@@ -34,15 +62,30 @@ from cluster.storage import Store
 log = logging.getLogger(__name__)
 
 SEED = 0
+ENCODER = {"arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 4, "embed_dim": 128,
+           "num_heads": 4}
 MAE_STAGE = {
-    "name": "pretrain", "kind": "mae",
-    "model": {"arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 4, "embed_dim": 128,
-              "num_heads": 4},
+    "name": "pretrain", "kind": "mae", "model": ENCODER,
     "decoder": {"embed_dim": 64, "depth": 1, "num_heads": 4},
     "mask_ratio": 0.75, "norm_pix_loss": True, "epochs": 25, "batch_size": 32, "zero_stage": 2, "loader_workers": 0,
     "seed": SEED, "optim": {"base_lr": 6e-3, "warmup_epochs": 2.5, "weight_decay": 0.05},
     "checkpoint": {"every_steps": 100000, "keep_last": 1},
 }
+DINO_STAGE = {  # the best of a small recipe search at this scale (see the docstring): no reliable gain yet
+    "name": "dino", "kind": "dino", "model": ENCODER,
+    "head": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64},
+    "local_crops": 2, "epochs": 10, "batch_size": 32, "zero_stage": 2, "loader_workers": 0, "seed": SEED,
+    "optim": {"base_lr": 1e-2, "warmup_epochs": 1}, "warmup_teacher_temp": 0.04, "teacher_temp": 0.04,
+    "warmup_teacher_temp_epochs": 0, "teacher_momentum": 0.99, "export_from": "teacher",
+    "checkpoint": {"every_steps": 100000, "keep_last": 1},
+}
+FINETUNE = {  # a linear probe stage (frozen encoder, BatchNorm + linear head) on 10% of the train labels
+    "kind": "finetune", "mode": "linear", "label_fraction": 0.1, "epochs": 30, "batch_size": 16, "zero_stage": 2,
+    "loader_workers": 0, "seed": SEED, "crop_scale": [0.5, 1.0],
+    "optim": {"base_lr": 1.6, "warmup_epochs": 2, "weight_decay": 0.05},
+    "checkpoint": {"every_steps": 100000, "keep_last": 1},
+}
+KNN_MARGIN, FINETUNE_MARGIN = 0.02, 0.05  # measured +4.5 / +18.9 and +13.4 / +22.0 points (seeds 0 / 1)
 
 
 @pytest.fixture(scope="module")
@@ -57,47 +100,64 @@ def digits(ray_local, tmp_path_factory) -> str:
                                                             seed=SEED)).manifest_url
 
 
-def export_initial_encoder(dest: str) -> None:
-    """The MAE stage's encoder at step 0: the engine seeds with ``seed`` and builds the model."""
+def export_initial_encoder(stage: dict, dest: str) -> None:
+    """A training stage's encoder at step 0: the engine seeds torch with ``seed``, then builds the model."""
     from jobs.export import export_encoder
-    from jobs.mae import MAEConfig, build_mae
+    from jobs.stage import make_method, stage_config_class
 
-    cfg = MAEConfig.model_validate({**MAE_STAGE, "data": "/unused"})
+    cfg = stage_config_class(stage["kind"]).model_validate({**stage, "data": "/unused"})
     torch.manual_seed(cfg.seed)
-    export_encoder(build_mae(cfg).encoder, cfg.model, dest)
+    method = make_method(cfg, 0)
+    export_encoder(method.encoder(method.build_model()), cfg.model, dest)
+
+
+def last_val_top1(spec, stage: str) -> tuple[float, dict]:
+    text = Store(spec.stage_url(stage)).get_bytes("metrics.jsonl").decode()
+    records = [json.loads(line) for line in text.splitlines()]
+    return [r for r in records if "val_top1" in r][-1]["val_top1"], records[-1]
 
 
 @pytest.mark.slow
-def test_mae_on_digits_beats_mean_patch_baseline_and_random_init_on_knn_and_low_label_probe(digits, tmp_path):
+def test_pretraining_on_digits_beats_baselines_on_reconstruction_knn_and_a_low_label_finetune(digits, tmp_path):
     from pipeline.run import run_spec
     from pipeline.spec import parse_spec
 
-    scratch = str(tmp_path / "scratch" / "export")
-    export_initial_encoder(scratch)
-    common = {"kind": "eval", "data": digits, "models": ["pretrain", scratch], "pool": "avg", "loader_workers": 0,
-              "probe": {"epochs": 100, "lr": 1e-2}}
+    inits = {kind: str(tmp_path / f"init-{kind}" / "export") for kind in ("mae", "dino")}
+    export_initial_encoder(MAE_STAGE, inits["mae"])
+    export_initial_encoder(DINO_STAGE, inits["dino"])
     spec = parse_spec({
         "name": "signal", "storage": str(tmp_path / "runs"),
         "compute": {"workers": 2, "cpus_per_worker": 1, "max_failures": 0},
-        "stages": [{**MAE_STAGE, "data": digits},
-                   {"name": "eval", **common},
-                   {"name": "eval-10pct", **common, "label_fraction": 0.1, "reconstruction": False}],
+        "stages": [{**MAE_STAGE, "data": digits}, {**DINO_STAGE, "data": digits},
+                   {**FINETUNE, "name": "ft-mae", "data": digits, "init": "pretrain"},
+                   {**FINETUNE, "name": "ft-scratch", "data": digits, "model": ENCODER},
+                   {"name": "eval", "kind": "eval", "data": digits, "models": ["pretrain", "dino", *inits.values()],
+                    "pool": "avg", "loader_workers": 0, "probe": {"epochs": 100, "lr": 1e-2}}],
     })
-    assert run_spec(spec).states == {"pretrain": "done", "eval": "done", "eval-10pct": "done"}
-    full = Store(spec.stage_url("eval")).get_json("eval.json")
-    low = Store(spec.stage_url("eval-10pct")).get_json("eval.json")
-    pre, init = full["models"]["pretrain"], full["models"][scratch]
-    pre_low, init_low = low["models"]["pretrain"], low["models"][scratch]
-    rec = pre["reconstruction"]
+    states = run_spec(spec).states
+    assert set(states.values()) == {"done"}, states
+    models = Store(spec.stage_url("eval")).get_json("eval.json")["models"]
+    mae, dino = models["pretrain"], models["dino"]
+    mae_init, dino_init = models[inits["mae"]], models[inits["dino"]]
+    rec = mae["reconstruction"]
+    ft_mae, ft_mae_last = last_val_top1(spec, "ft-mae")
+    ft_scratch, ft_scratch_last = last_val_top1(spec, "ft-scratch")
     print("LEARNING-SIGNAL", json.dumps({
-        "recon": rec, "knn": [pre["knn_top1"], init["knn_top1"]], "linear": [pre["linear_top1"], init["linear_top1"]],
-        "linear_10pct": [pre_low["linear_top1"], init_low["linear_top1"]]}))
+        "recon": rec, "knn_mae_vs_init": [mae["knn_top1"], mae_init["knn_top1"]],
+        "knn_dino_vs_init": [dino["knn_top1"], dino_init["knn_top1"]],
+        "linear_all_labels": {"mae": mae["linear_top1"], "mae_init": mae_init["linear_top1"],
+                              "dino": dino["linear_top1"], "dino_init": dino_init["linear_top1"]},
+        "finetune_10pct_mae_vs_scratch": [ft_mae, ft_scratch], "labeled": ft_mae_last["labeled_samples"]}))
 
     # 1. reconstruction: well below both trivial baselines on held-out images
-    assert rec["samples"] == pre["val_samples"] and rec["mask_ratio"] == 0.75 and rec["norm_pix_loss"]
+    assert rec["samples"] == mae["val_samples"] and rec["mask_ratio"] == 0.75 and rec["norm_pix_loss"]
     assert rec["loss"] < 0.8 * rec["baseline_mean_patch"], rec
     assert rec["loss"] < rec["baseline_visible_mean"], rec
-    # 2. pretrained beats the same encoder at its initial weights
-    assert pre["knn_top1"] >= init["knn_top1"] + 0.04, (pre, init)
-    assert pre_low["linear_top1"] >= init_low["linear_top1"] + 0.02, (pre_low, init_low)
-    assert pre_low["train_samples"] == init_low["train_samples"] < 0.12 * pre["train_samples"]
+    # 2. MAE beats the same encoder at its initial weights on kNN, and random init on a 10%-label fine-tune
+    assert mae["knn_top1"] >= mae_init["knn_top1"] + KNN_MARGIN, (mae, mae_init)
+    assert ft_mae_last["labeled_samples"] == ft_scratch_last["labeled_samples"] < 0.12 * mae["train_samples"]
+    assert ft_mae_last["label_fraction"] == ft_scratch_last["label_fraction"] == 0.1
+    assert ft_mae >= ft_scratch + FINETUNE_MARGIN, (ft_mae, ft_scratch)
+    # 3. DINO
+    # 3. DINO: no gain is claimed at this scale (measured above); its exported teacher must not be broken
+    assert dino["knn_top1"] >= dino_init["knn_top1"] - 0.05, (dino, dino_init)
