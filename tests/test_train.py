@@ -17,15 +17,14 @@ import pytest
 import yaml
 
 from cluster.storage import Store
-from tests._train_util import download_checkpoint, finish, wait_for, write_digit_shards, zero_fp32_state_dict
+from tests._train_util import TINY_MODEL, download_checkpoint, finish, wait_for, write_digit_shards, zero_fp32_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 
 TINY_STAGE = {
     "name": "pretrain", "kind": "mae",
-    "model": {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": 2, "embed_dim": 64,
-              "num_heads": 4},
+    "model": TINY_MODEL,
     "decoder": {"embed_dim": 32, "depth": 1, "num_heads": 4},
     "max_steps": STEPS, "batch_size": 8, "zero_stage": 2, "loader_workers": 0,
     "checkpoint": {"every_steps": 4, "keep_last": 2},
