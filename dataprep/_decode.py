@@ -1,5 +1,6 @@
 """Image bytes -> ``uint8 [3, H, W]`` tensor (or PIL image). libjpeg-turbo / libpng via torchvision
-first (about 2x PIL's decode + conversion), PIL for anything else, numpy for ``.npy``."""
+first (about 2x PIL's decode + conversion), PIL for anything else, numpy for ``.npy`` (any C and
+dtype: ``[C, H, W]`` exactly as prep wrote it)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 def decode(data: bytes, ext: str, image_type: str = "tensor"):
     """Decode one image. Raises ValueError (or the codec's error) on corrupt bytes."""
-    if ext == "npy":
+    if ext == "npy":  # prep's ``format: npy``: [C, H, W] (or [H, W]) at the source dtype, no PIL round trip
         arr = np.load(io.BytesIO(data), allow_pickle=False)
         t = torch.from_numpy(np.ascontiguousarray(arr))
-        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1) if t.shape[-1] in (1, 3, 4) else t
+        t = t.unsqueeze(0) if t.ndim == 2 else t
+        if t.ndim != 3:
+            raise ValueError(f".npy member of shape {list(arr.shape)}: expected [C, H, W]")
         return _to_pil(t) if image_type == "pil" else t
     if image_type == "pil":
         from PIL import Image

@@ -25,7 +25,8 @@ from PIL import Image, UnidentifiedImageError
 # Reasons a sample is rejected (the values written to rejects.jsonl).
 CORRUPT, TRUNCATED, EMPTY, TOO_SMALL, TOO_LARGE = "corrupt", "truncated", "empty", "too_small", "too_large"
 UNSUPPORTED, DUPLICATE, UNREADABLE = "unsupported", "duplicate", "unreadable"
-REASONS = (CORRUPT, TRUNCATED, EMPTY, TOO_SMALL, TOO_LARGE, UNSUPPORTED, DUPLICATE, UNREADABLE)
+CHANNELS, NON_FINITE = "channels", "non_finite"  # format npy: a layout unlike the rest; NaN or Inf values
+REASONS = (CORRUPT, TRUNCATED, EMPTY, TOO_SMALL, TOO_LARGE, UNSUPPORTED, DUPLICATE, UNREADABLE, CHANNELS, NON_FINITE)
 
 EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png"}
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")

@@ -11,8 +11,13 @@ Source kinds
                  img2dataset writes) and an optional integer ``label``/``cls`` column
 ``wds``          a tar or a folder of WebDataset tars (``<key>.jpg|png|…`` + optional ``<key>.cls``)
 
+With ``channels`` (e.g. ``DNA,ER,RNA,AGP,Mito``) a CSV / JSONL / Parquet list names **one file
+per channel**: a header row (CSV) or keys / columns naming those channels, plus an optional label
+column; the channels are read in the order given and stacked into one ``[C, H, W]`` sample.
+
 Every sample is named by a *ref*, a small tuple a Ray task can read it back from:
-``("f", url)``, ``("t", tar_url, data_offset, size)``, ``("p", parquet_url, row_group, row)``.
+``("f", url)``, ``("t", tar_url, data_offset, size)``, ``("p", parquet_url, row_group, row)``,
+``("m", (url, …))`` (one file per channel).
 Hidden files and folders (``.name``) are skipped.
 """
 
@@ -30,6 +35,7 @@ from typing import Any, Iterable, Iterator
 
 from cluster.storage import Store, StorageError, with_retries
 
+from ._arrays import Layout, probe
 from ._images import EMPTY, UNREADABLE, UNSUPPORTED, sniff_format
 from ._shards import unsafe_member_name
 
@@ -50,7 +56,7 @@ class Listing:
 
     kind: str
     url: str
-    files: list[tuple[str, str, Any]] = field(default_factory=list)  # (name, url, raw label) per file
+    files: list[tuple[str, Any, Any]] = field(default_factory=list)  # (name, url or (url, …) per channel, raw label)
     containers: list[str] = field(default_factory=list)  # tar / parquet URLs
     classes: list[str] | None = None
     fingerprint: str = ""
@@ -68,6 +74,7 @@ class Entry:
     fmt: str | None = None
     reject: str | None = None
     detail: str = ""
+    layout: Layout | None = None  # from the header (None: not told cheaply; the full decode decides)
 
 
 # ---- filesystem access (cached per process: Ray workers reuse one client per protocol) ----------
@@ -110,8 +117,11 @@ def _join(base: str, rel: str) -> str:
 # ---- listing (driver) ----------------------------------------------------------------------------
 
 
-def list_source(src: str, kind: str = "auto") -> Listing:
-    """List SRC and decide its kind. Raises :class:`SourceError` with an actionable message."""
+def list_source(src: str, kind: str = "auto", channels: list[str] | None = None) -> Listing:
+    """List SRC and decide its kind. Raises :class:`SourceError` with an actionable message.
+
+    ``channels``: for a CSV / JSONL / Parquet list, the columns naming one file per channel.
+    """
     store, path = store_for(src)
     try:
         found = with_retries(lambda: store.fs.find(path, detail=True, withdirs=False), what=f"list {src}",
@@ -130,7 +140,11 @@ def list_source(src: str, kind: str = "auto") -> Listing:
     kind = _detect_kind(src, rels, is_file) if kind == "auto" else kind
     if kind not in KINDS:
         raise SourceError(f"unknown source kind {kind!r}; expected one of {', '.join(KINDS)} or 'auto'")
-    listing = _LISTERS[kind](store.url_of(path) if "://" in src else path, rels, is_file)  # local: absolute
+    where = store.url_of(path) if "://" in src else path  # local: absolute
+    if channels and kind in ("csv", "jsonl", "parquet"):
+        listing = _list_channel_table(where, is_file, kind, channels)
+    else:
+        listing = _LISTERS[kind](where, rels, is_file)
     listing.fingerprint = _fingerprint(kind, rels, listing)
     if not listing.files and not listing.containers:
         raise SourceError(f"SRC {src!r} holds no inputs for a {kind!r} source (hidden files are skipped).")
@@ -221,6 +235,52 @@ def _list_containers(src: str, rels: list[tuple[str, int]], is_file: bool, kind:
     return listing
 
 
+def _list_channel_table(src: str, is_file: bool, kind: str, channels: list[str]) -> Listing:
+    """A list whose rows name one file per channel: ``(name, (url per channel), label)`` per row."""
+    if not is_file:
+        raise SourceError(f"a {kind} list of per-channel files must be a single file, got the folder {src!r}")
+    base = posixpath.dirname(src.rstrip("/")) or "."
+    rows = _table_records(src, kind)
+    if not rows:
+        raise SourceError(f"{src}: the list has no rows")
+    missing = [c for c in channels if c not in rows[0]]
+    if missing:
+        raise SourceError(f"{src}: no column(s) {missing} for the channels {channels}; its columns are "
+                          f"{list(rows[0])}. Fix --channels (names are case-sensitive).")
+    label_col = next((c for c in _LABEL_COLUMNS if c in rows[0]), None)
+    files = []
+    for n, row in enumerate(rows, 1):
+        paths = [row.get(c) for c in channels]
+        if any(not isinstance(p, str) or not p.strip() for p in paths):
+            raise SourceError(f"{src} row {n}: an empty path for a channel of {channels}")
+        label = row.get(label_col) if label_col else None
+        files.append((paths[0].strip(), tuple(_join(base, p.strip()) for p in paths),
+                      None if label in (None, "") else label))
+    return Listing(kind, src, files=files)
+
+
+def _table_records(src: str, kind: str) -> list[dict[str, Any]]:
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        store, path = store_for(src)
+        with store.open_read(path) as f:
+            return pq.read_table(f).to_pylist()
+    text = read_url(src).decode("utf-8-sig")
+    if kind == "csv":
+        dialect = "excel-tab" if src.endswith(".tsv") else "excel"
+        return [{k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
+                for row in csv.DictReader(io.StringIO(text), dialect=dialect)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{src} line {n}: not JSON ({exc.msg})") from None
+    return out
+
+
 _LISTERS = {
     "imagefolder": _list_imagefolder,
     "flat": _list_flat,
@@ -236,8 +296,10 @@ def _fingerprint(kind: str, rels: list[tuple[str, int]], listing: Listing) -> st
     h = hashlib.sha256(kind.encode())
     for rel, size in rels:
         h.update(f"\0{rel}\0{size}".encode())
-    for name, _, label in listing.files:
+    for name, url, label in listing.files:
         h.update(f"\1{name}\0{label}".encode())
+        if isinstance(url, tuple):  # one file per channel: which files, in which order
+            h.update("\2".join(url).encode())
     return h.hexdigest()
 
 
@@ -266,18 +328,43 @@ def _entry(name: str, ref: tuple, label: Any, data: bytes | None, error: str = "
         return Entry(name, ref, label, reject=UNREADABLE, detail=error)
     if not data:
         return Entry(name, ref, label, size=0, reject=EMPTY, detail="0 bytes")
-    return Entry(name, ref, label, key=hashlib.sha256(data).hexdigest(), size=len(data), fmt=sniff_format(data))
+    return Entry(name, ref, label, key=hashlib.sha256(data).hexdigest(), size=len(data), fmt=sniff_format(data),
+                 layout=probe(data))
 
 
-def scan_files(files: list[tuple[str, str, Any]]) -> list[Entry]:
+def scan_files(files: list[tuple[str, Any, Any]]) -> list[Entry]:
     out = []
     for name, url, label in files:
+        if isinstance(url, tuple):
+            out.append(_scan_channel_files(name, url, label))
+            continue
         try:
             data, error = read_url(url), ""
         except (OSError, StorageError) as exc:
             data, error = None, f"{type(exc).__name__}: {exc}"
         out.append(_entry(name, ("f", url), label, data, error))
     return out
+
+
+def _scan_channel_files(name: str, urls: tuple[str, ...], label: Any) -> Entry:
+    """One sample made of one file per channel: its key hashes every part's hash, in channel order."""
+    parts = []
+    for url in urls:
+        try:
+            parts.append(read_url(url))
+        except (OSError, StorageError) as exc:
+            return Entry(name, ("m", urls), label, reject=UNREADABLE, detail=f"{url}: {type(exc).__name__}: {exc}")
+    if any(not p for p in parts):
+        return Entry(name, ("m", urls), label, reject=EMPTY, detail=f"{urls[[bool(p) for p in parts].index(False)]}: 0 bytes")
+    key = hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in parts)).hexdigest()
+    layouts = [probe(p) for p in parts]
+    layout = None
+    if all(lay is not None for lay in layouts):
+        first = layouts[0]
+        same = all((lay.channels, lay.dtype, lay.height, lay.width) == (1, first.dtype, first.height, first.width)
+                   for lay in layouts)
+        layout = Layout(len(parts) if same else -1, first.dtype, first.height, first.width, False)
+    return Entry(name, ("m", urls), label, key=key, size=sum(map(len, parts)), layout=layout)
 
 
 def scan_container(url: str, kind: str, src: str) -> tuple[list[Entry], list[str] | None]:
@@ -381,6 +468,10 @@ class RefReader:
     def __init__(self) -> None:
         self._files: dict[str, Any] = {}
         self._groups: dict[tuple[str, int], list[bytes | None]] = {}
+
+    def read_parts(self, ref: tuple) -> list[bytes]:
+        """The bytes of a sample: one part, or one per channel for a ``("m", urls)`` ref."""
+        return [read_url(url) for url in ref[1]] if ref[0] == "m" else [self.read(ref)]
 
     def read(self, ref: tuple) -> bytes:
         kind = ref[0]

@@ -21,8 +21,10 @@ from typing import Any
 
 from cluster.storage import Store, local_staging
 
+from ._arrays import ArraySpec, process_array
 from ._images import UNREADABLE, ImageSpec, Reject, process
 from ._sources import RefReader, store_at
+from ._stats import ChannelStats
 
 PROGRESS = "_progress"
 
@@ -74,11 +76,12 @@ def is_finished(store: Store, plan: ShardPlan) -> dict[str, Any] | None:
         return None
 
 
-def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec,
+def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec | ArraySpec,
                 storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Process, tar, upload and record one shard. Returns its progress record."""
     start = time.monotonic()
-    outputs, rejects = _process_all(plan, spec)
+    stats = ChannelStats(spec.channels, spec.dtype) if isinstance(spec, ArraySpec) and spec.channels else None
+    outputs, rejects = _process_all(plan, spec, stats if plan.split == "train" else None)
     store = store_at(dest, storage_options)  # one S3 client per worker process: creating one costs ~0.1 s
     with local_staging("vitforge-shard-") as tmp:
         local = os.path.join(tmp, "shard.tar")
@@ -89,6 +92,7 @@ def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec,
         "digest": plan.digest,
         "shard": {"name": plan.name, "samples": samples, "bytes": size, "sha256": sha},
         "rejects": rejects,
+        **({"stats": stats.to_json()} if stats is not None and plan.split == "train" else {}),
         "seconds": round(time.monotonic() - start, 3),
         "written_at": time.time(),
     }
@@ -96,13 +100,20 @@ def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec,
     return record
 
 
-def _process_all(plan: ShardPlan, spec: ImageSpec) -> tuple[dict[str, bytes], list[dict[str, str]]]:
-    """Encoded image per key. Inputs are read in ref order (tar offsets, Parquet row groups)."""
+def _process_all(plan: ShardPlan, spec: ImageSpec | ArraySpec,
+                 stats: ChannelStats | None = None) -> tuple[dict[str, bytes], list[dict[str, str]]]:
+    """Encoded image per key. Inputs are read in ref order (tar offsets, Parquet row groups).
+    ``npy``: every array written is also counted into ``stats`` (train shards)."""
     reader, outputs, rejects = RefReader(), {}, []
     try:
         for key, name, ref, _ in sorted(plan.items, key=lambda it: it[2]):
             try:
-                outputs[key] = process(reader.read(ref), spec)
+                if isinstance(spec, ArraySpec):
+                    outputs[key], arr = process_array(reader.read_parts(ref), spec)
+                    if stats is not None:
+                        stats.add(arr)
+                else:
+                    outputs[key] = process(reader.read(ref), spec)
             except Reject as r:
                 rejects.append({"input": name, "reason": r.reason, "detail": r.detail})
             except OSError as exc:  # the file vanished or became unreadable since the scan

@@ -4,13 +4,16 @@
 without it is an unfinished prep. The reader trusts the manifest's per-shard sample counts,
 which is what makes exact, world-size-independent resume possible.
 
-Shard members follow WebDataset conventions: ``<key>.jpg|png|npy`` (the image), optionally
+Shard members follow WebDataset conventions: ``<key>.jpg|png|npy`` (the image; ``.npy`` is one
+``[C, H, W]`` array at the source dtype, described by ``channels``), optionally
 ``<key>.cls`` (ASCII integer label) and ``<key>.json`` (per-sample metadata). Keys are content
 hashes of the original image bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 from typing import Any, Literal
 
@@ -41,6 +44,38 @@ class SplitInfo(BaseModel):
         return sum(s.samples for s in self.shards)
 
 
+class ChannelInfo(BaseModel):
+    """``format: npy``: what each ``[C, H, W]`` sample holds, and the train split's statistics.
+
+    ``mean`` / ``std`` (population, ddof 0) / ``p01`` / ``p99`` have one value per channel, in the
+    order of ``names``; see :mod:`dataprep._stats` for how exact each is. ``digest`` is the sha256
+    of the rest (names, dtype, statistics), so a change in any of them changes the digest.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    names: list[str]
+    dtype: str
+    mean: list[float]
+    std: list[float]
+    p01: list[float]
+    p99: list[float]
+    digest: str = ""
+
+    @classmethod
+    def build(cls, names: list[str], dtype: str, stats: dict[str, list[float]]) -> "ChannelInfo":
+        info = cls(names=names, dtype=dtype, **stats)
+        return info.model_copy(update={"digest": info.content_digest()})
+
+    def content_digest(self) -> str:
+        body = self.model_dump(mode="json", exclude={"digest"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+
 class Manifest(BaseModel):
     """What a prep run wrote. ``splits`` maps 'train' / 'val' to their shards."""
 
@@ -55,6 +90,8 @@ class Manifest(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     options_digest: str = ""
     source: dict[str, Any] = Field(default_factory=dict, description="source URL and fingerprint")
+    channels: ChannelInfo | None = Field(default=None, description="npy shards: channel names, dtype, statistics; "
+                                                                   "None: 8-bit RGB images")
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:

@@ -30,10 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.storage import Store, StorageNotFoundError, with_retries
 
+from ._arrays import CHANNELS, ArraySpec
 from ._images import DUPLICATE, REASONS, ImageSpec
+from ._stats import ChannelStats
 from ._sources import Entry, Listing, SourceError, list_source, normalise_labels, scan_container, scan_files
 from ._writer import PROGRESS, ShardPlan, build_shard, finished_records, plan_digest
-from .manifest import MANIFEST, Manifest, ShardInfo, SplitInfo, save_manifest
+from .manifest import MANIFEST, ChannelInfo, Manifest, ShardInfo, SplitInfo, save_manifest
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,13 @@ class PrepOptions(BaseModel):
     shard_size: int | None = Field(None, ge=1, description=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
     shard_bytes: int | None = Field(None, ge=1, description="input bytes per shard instead of a sample count")
     resize: int | None = Field(None, ge=1, description="shrink the shorter side to this many pixels (never enlarges)")
-    format: Literal["jpg", "png", "keep"] = Field("jpg", description="keep: the inputs' dominant format, jpg or png")
+    format: Literal["jpg", "png", "keep", "npy"] = Field(
+        "jpg", description="keep: the inputs' dominant format, jpg or png; npy: [C, H, W] arrays at the source dtype")
+    channels: list[str] | None = Field(
+        None, min_length=1, description="channel names, in order: the columns of a one-file-per-channel list, or "
+                                        "names for the channels of each input")
+    to_rgb: bool = Field(False, description="under jpg/png, convert inputs that would lose channels or bit depth "
+                                            "(otherwise they are refused at planning time)")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 0
@@ -85,6 +93,7 @@ class PrepOptions(BaseModel):
 
     def output_options(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _OUTPUT_OPTIONS}
+        out.update({k: v for k in ("channels", "to_rgb") if (v := getattr(self, k))})  # only when set: old digests hold
         if out["shard_size"] is None and out["shard_bytes"] is None:
             out["shard_size"] = DEFAULT_SHARD_SIZE
         return out
@@ -119,6 +128,8 @@ class _Plan:
     classes: list[str] | None
     ext: str
     content_digest: str
+    layout: tuple[int, str] | None = None  # npy: the expected (channels, dtype)
+    channel_names: list[str] | None = None
 
 
 # ---- the entry point ------------------------------------------------------------------------------
@@ -137,7 +148,7 @@ def run_prep(src: str, dest: str, options: PrepOptions | None = None, address: s
     """
     options = options or PrepOptions()
     clock = _Clock()
-    listing = list_source(src, options.source_kind)
+    listing = list_source(src, options.source_kind, options.channels)
     store = Store(dest, storage_options)
     _check_bucket(store)
     done = _check_dest(store, options, listing)
@@ -154,7 +165,7 @@ def run_prep(src: str, dest: str, options: PrepOptions | None = None, address: s
         entries, classes = _scan(listing, workers, bar)
         plan = make_plan(entries, classes, options)
         clock.lap("scan")
-        records, built = _build(plan.shards, store, _image_spec(options, plan.ext), workers, bar, storage_options)
+        records, built = _build(plan.shards, store, _image_spec(options, plan), workers, bar, storage_options)
         clock.lap("build")
     manifest = _finish(store, plan, records, options, listing)
     clock.lap("finish")
@@ -177,8 +188,12 @@ class _Clock:
         return time.monotonic() - self.start
 
 
-def _image_spec(options: PrepOptions, ext: str) -> ImageSpec:
-    return ImageSpec(ext=ext, resize=options.resize, quality=options.quality, min_side=options.min_side,
+def _image_spec(options: PrepOptions, plan: "_Plan") -> ImageSpec | ArraySpec:
+    if plan.ext == "npy":
+        channels, dtype = plan.layout or (None, None)
+        return ArraySpec(channels=channels, dtype=dtype, resize=options.resize, min_side=options.min_side,
+                         max_pixels=options.max_pixels)
+    return ImageSpec(ext=plan.ext, resize=options.resize, quality=options.quality, min_side=options.min_side,
                      max_pixels=options.max_pixels)
 
 
@@ -262,7 +277,8 @@ def _scan(listing: Listing, workers: int, bar: "_Progress") -> tuple[list[Entry]
         labels, classes = normalise_labels([e.label for e in entries], classes)
     except SourceError as exc:
         raise SourceError(f"{listing.url}: {exc}") from None
-    return [Entry(e.name, e.ref, lb, e.key, e.size, e.fmt, e.reject, e.detail) for e, lb in zip(entries, labels)], classes
+    return [Entry(e.name, e.ref, lb, e.key, e.size, e.fmt, e.reject, e.detail, e.layout)
+            for e, lb in zip(entries, labels)], classes
 
 
 def make_plan(entries: list[Entry], classes: list[str] | None, options: PrepOptions) -> _Plan:
@@ -276,10 +292,16 @@ def make_plan(entries: list[Entry], classes: list[str] | None, options: PrepOpti
         else:
             first_of[e.key] = e.name
             kept.append(e)
+    ext = options.format if options.format != "keep" else _dominant_format(kept)
+    layout = None
+    if ext == "npy":
+        kept, layout = _check_layouts(kept, early)
+    elif not options.to_rgb:
+        _refuse_lossy(kept, ext)
+    names = _channel_names(options.channels, layout)
     kept.sort(key=lambda e: hashlib.sha256(f"{options.seed}:{e.key}".encode()).digest())
     n_val = round(len(kept) * options.val_fraction)
     splits = {"train": kept[n_val:], **({"val": kept[:n_val]} if n_val else {})}
-    ext = options.format if options.format != "keep" else _dominant_format(kept)
     digest = f"{options.digest()}:{ext}"
     shards = [
         ShardPlan(split, i, tuple(items), plan_digest(digest, split, i, items))
@@ -287,7 +309,51 @@ def make_plan(entries: list[Entry], classes: list[str] | None, options: PrepOpti
         for i, items in enumerate(_cut(members, options))
     ]
     content = hashlib.sha256("".join(sorted(first_of)).encode()).hexdigest()
-    return _Plan(shards, early, len(entries), classes, ext, content)
+    return _Plan(shards, early, len(entries), classes, ext, content, layout, names)
+
+
+def _check_layouts(kept: list[Entry], early: list[dict[str, str]]) -> tuple[list[Entry], tuple[int, str] | None]:
+    """``format: npy``: the layout most inputs share; every other one is rejected as ``channels``."""
+    counts: dict[tuple[int, str], int] = {}
+    for e in kept:
+        if e.layout is not None and e.layout.channels > 0:
+            counts[(e.layout.channels, e.layout.dtype)] = counts.get((e.layout.channels, e.layout.dtype), 0) + 1
+    if not counts:
+        return kept, None
+    expected = max(sorted(counts), key=lambda k: counts[k])  # ties: the smaller layout, deterministically
+    out = []
+    for e in kept:
+        if e.layout is None or (e.layout.channels, e.layout.dtype) == expected:
+            out.append(e)
+        elif e.layout.channels < 0:
+            early.append({"input": e.name, "reason": CHANNELS, "detail": "one file per channel must each hold 1 "
+                          f"channel of one shape and dtype; expected {expected[0]} x {expected[1]}"})
+        else:
+            early.append({"input": e.name, "reason": CHANNELS,
+                          "detail": f"had {e.layout.channels} x {e.layout.dtype}, expected {expected[0]} x "
+                                    f"{expected[1]} (the layout of most inputs)"})
+    return out, expected
+
+
+def _refuse_lossy(kept: list[Entry], ext: str) -> None:
+    """Under jpg/png, refuse inputs that would lose channels or bit depth (unless ``to_rgb``)."""
+    lossy = [e for e in kept if (e.layout is not None and not e.layout.rgb_safe) or (e.ref[0] == "m")]
+    if lossy:
+        shown = "; ".join(f"{e.name} ({e.layout.describe() if e.layout else 'one file per channel'})"
+                          for e in lossy[:3])
+        raise PrepError(
+            f"{len(lossy)} input(s) would lose channels or bit depth as 8-bit RGB {ext} (e.g. {shown}). "
+            "Use `format: npy` (--format npy) to keep every channel at its dtype, or pass --to-rgb "
+            "(`to_rgb: true`) to convert them to 8-bit RGB on purpose.")
+
+
+def _channel_names(names: list[str] | None, layout: tuple[int, str] | None) -> list[str] | None:
+    if layout is None:
+        return names
+    if names is not None and len(names) != layout[0]:
+        raise PrepError(f"channels names {len(names)} channel(s) {names}, but the inputs have {layout[0]}; "
+                        f"give {layout[0]} names or none")
+    return names or [str(i) for i in range(layout[0])]
 
 
 def _cut(members: list[Entry], options: PrepOptions) -> Iterable[list[tuple]]:
@@ -384,6 +450,7 @@ def _finish(store: Store, plan: _Plan, records: list[dict[str, Any]], options: P
     _check_threshold(store, plan.inputs, len(rejects), by_reason, options.reject_threshold)
     manifest = Manifest(
         splits=splits, classes=plan.classes, image_ext=plan.ext, rejects=by_reason,
+        channels=_channel_info(plan, records),
         totals={"inputs": plan.inputs, "written": written, "rejected": len(rejects),
                 "duplicates": by_reason.get(DUPLICATE, 0), **{s: v.samples for s, v in splits.items()}},
         options=options.output_options(), options_digest=options.digest(),
@@ -392,6 +459,22 @@ def _finish(store: Store, plan: _Plan, records: list[dict[str, Any]], options: P
     )
     save_manifest(store, manifest)
     return manifest
+
+
+def _channel_info(plan: _Plan, records: list[dict[str, Any]]) -> ChannelInfo | None:
+    """``format: npy``: names, dtype and the train split's per-channel statistics (merged shard records)."""
+    if plan.ext != "npy":
+        return None
+    stats = None
+    for shard, rec in zip(plan.shards, records):
+        if shard.split == "train" and rec.get("stats"):
+            part = ChannelStats.from_json(rec["stats"])
+            stats = part if stats is None else (stats.merge(part) or stats)
+    if stats is None:
+        layout = plan.layout or (len(plan.channel_names or []), "uint8")
+        stats = ChannelStats(*layout)
+    names = plan.channel_names or [str(i) for i in range(stats.channels)]
+    return ChannelInfo.build(names, stats.dtype, stats.summary())
 
 
 def _check_threshold(store: Store, inputs: int, rejected: int, by_reason: dict[str, int], threshold: float) -> None:

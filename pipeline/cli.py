@@ -52,7 +52,11 @@ def prep(
     shard_size: int = typer.Option(None, help="Samples per shard (default 1000)."),
     shard_bytes: int = typer.Option(None, help="Input bytes per shard, instead of --shard-size."),
     resize: int = typer.Option(None, help="Shrink the shorter side to this many pixels (never enlarges)."),
-    format: str = typer.Option("jpg", help="jpg, png, or keep (the inputs' dominant format)."),
+    format: str = typer.Option("jpg", help="jpg, png, keep (the inputs' dominant format), or npy ([C, H, W] arrays "
+                                           "at the source dtype: multi-channel, 16-bit, float)."),
+    channels: str = typer.Option(None, help="Channel names in order, e.g. DNA,ER,RNA,AGP,Mito: the columns of a "
+                                            "one-file-per-channel list."),
+    to_rgb: bool = typer.Option(False, help="Under jpg/png, convert inputs that would lose channels or bit depth."),
     quality: int = typer.Option(90, help="JPEG quality."),
     val_fraction: float = typer.Option(0.0, help="Fraction of the samples for the val split."),
     seed: int = typer.Option(0, help="Seed of the split and shuffle."),
@@ -77,6 +81,7 @@ def prep(
             shard_size=shard_size, shard_bytes=shard_bytes, resize=resize, format=format, quality=quality,
             val_fraction=val_fraction, seed=seed, workers=workers, reject_threshold=reject_threshold,
             min_side=min_side, max_pixels=max_pixels, source_kind=source_kind, overwrite=overwrite,
+            channels=[c.strip() for c in channels.split(",") if c.strip()] if channels else None, to_rgb=to_rgb,
         )
         result = run_prep(src, dest, options, address=address, progress=progress)
     except ValidationError as exc:

@@ -48,7 +48,8 @@ def _source_files(root: str) -> dict[str, bytes]:
 def test_prep_to_s3_accounts_rejects_reads_back_with_webdataset_and_is_byte_identical(
         messy_imagefolder, s3_url, ray_local, tmp_path):
     src, expected_rejects = messy_imagefolder
-    options = PrepOptions(shard_size=16, resize=16, val_fraction=0.2, seed=3, reject_threshold=0.2)
+    options = PrepOptions(shard_size=16, resize=16, val_fraction=0.2, seed=3, reject_threshold=0.2,
+                          to_rgb=True)  # the 16-bit PNG among the odd inputs becomes 8-bit RGB on purpose
     result = run_prep(src, s3_url, options, progress=False)
     m, _ = load_manifest(s3_url)
 
@@ -115,7 +116,7 @@ def test_prep_reject_threshold_fails_pointing_at_rejects_then_a_higher_one_reuse
         messy_imagefolder, tmp_path, ray_local):
     src, expected = messy_imagefolder
     dest = str(tmp_path / "out")
-    options = PrepOptions(shard_size=32, resize=16, reject_threshold=0.05)
+    options = PrepOptions(shard_size=32, resize=16, reject_threshold=0.05, to_rgb=True)
     with pytest.raises(TooManyRejectsError, match=r"7 of \d+ inputs .* rejected.*rejects\.jsonl"):
         run_prep(src, dest, options, progress=False)
     assert not os.path.exists(os.path.join(dest, "manifest.json"))
