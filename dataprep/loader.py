@@ -39,6 +39,7 @@ from dataprep._decode import decode
 from dataprep._order import Plan, epoch_order, rank_stream, sample_seed, shard_offsets
 from dataprep._shards import MissingShardError, ShardCache, ShardError, ShardRef, ShardSource, SampleFetcher
 from dataprep.manifest import load_manifest
+from dataprep.transforms import bind_channels
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,8 @@ class StreamingLoader:
         self._keep, self.subset_digest = _subset_mask(subset, int(sum(self.counts)), split, resample)
         self.num_samples = int(sum(self.counts)) if self._keep is None else int(self._keep.sum())
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.transform, self.num_workers, self.pin_memory = transform, num_workers, pin_memory
+        self.transform = bind_channels(transform, manifest.channels)  # [C, H, W] data: per-channel normalisation
+        self.num_workers, self.pin_memory = num_workers, pin_memory
         self.partial, self.on_error, self.resample, self.shuffle = partial, on_error, resample, shuffle
         self.window_shards, self.image_type = window_shards, image_type
         self._dl_kwargs = {"timeout": timeout, "multiprocessing_context": multiprocessing_context}

@@ -227,3 +227,139 @@ class EvalTransform:
 def eval_transform(img_size: int, crop_fraction: float = 0.875, mean: Sequence[float] = IMAGENET_MEAN,
                    std: Sequence[float] = IMAGENET_STD) -> EvalTransform:
     return EvalTransform(img_size, crop_fraction, mean, std)
+
+
+# ---- channel-generic path: [C, H, W] at any dtype (prep's ``format: npy``) ---------------------------
+#
+# A manifest with ``channels`` (names, dtype, per-channel statistics) binds each transform above
+# to its data: :func:`bind_channels` (the loader calls it) returns a :class:`ChannelTransform`
+# that normalises per channel from the manifest, applies geometric augmentations that hold for
+# any C, per-channel intensity jitter and channel dropout, and the RGB-only colour operations
+# only when the data is 8-bit with C == 3. Every random choice is drawn from the per-sample
+# ``rng``, so exact resume holds as on the RGB path.
+
+
+class ChannelNormalize:
+    """``[C, H, W]`` any dtype -> float32, per channel.
+
+    ``meanstd``: ``(x - mean_c) / std_c`` with the manifest's train statistics.
+    ``percentile``: ``clip((x - p01_c) / (p99_c - p01_c), 0, 1)``, robust to hot pixels.
+    """
+
+    def __init__(self, info, scaling: str = "meanstd") -> None:
+        if scaling not in ("meanstd", "percentile"):
+            raise ValueError(f"scaling must be 'meanstd' or 'percentile', got {scaling!r}")
+        if scaling == "meanstd":
+            lo, scale = info.mean, [s if s > 0 else 1.0 for s in info.std]
+        else:
+            lo, scale = info.p01, [(b - a) if b > a else 1.0 for a, b in zip(info.p01, info.p99)]
+        self.scaling = scaling
+        self.offset = torch.tensor(lo, dtype=torch.float32).view(-1, 1, 1)
+        self.inv_scale = (1.0 / torch.tensor(scale, dtype=torch.float64)).float().view(-1, 1, 1)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if img.shape[0] != self.offset.shape[0]:
+            raise ValueError(f"image has {img.shape[0]} channels, the manifest's statistics {self.offset.shape[0]}")
+        out = (img.to(torch.float32) - self.offset).mul_(self.inv_scale)  # a new tensor: never the input
+        return out.clamp_(0.0, 1.0) if self.scaling == "percentile" else out
+
+
+def channel_geometry(img: torch.Tensor, rng: random.Random, flips: bool = True, rot90: bool = True) -> torch.Tensor:
+    """Horizontal / vertical flip and a multiple of 90 degrees, for any C (microscopy and satellite
+    images have no up)."""
+    if flips and rng.random() < 0.5:
+        img = img.flip(-1)
+    if flips and rng.random() < 0.5:
+        img = img.flip(-2)
+    if rot90:
+        k = rng.randrange(4)
+        if k and img.shape[-1] == img.shape[-2]:
+            img = torch.rot90(img, k, (-2, -1))
+    return img
+
+
+def channel_jitter(img: torch.Tensor, rng: random.Random, scale: float, shift: float) -> torch.Tensor:
+    """Per channel ``x * U(1-scale, 1+scale) + U(-shift, shift)`` (normalised units)."""
+    c = img.shape[0]
+    gains = torch.tensor([rng.uniform(1 - scale, 1 + scale) for _ in range(c)]).view(-1, 1, 1)
+    offsets = torch.tensor([rng.uniform(-shift, shift) for _ in range(c)]).view(-1, 1, 1)
+    return img * gains + offsets
+
+
+def channel_dropout(img: torch.Tensor, rng: random.Random, p: float) -> torch.Tensor:
+    """Zero each channel with probability ``p`` (after normalisation: the mean), keeping at least one."""
+    drop = [rng.random() < p for _ in range(img.shape[0])]
+    if all(drop):
+        drop[rng.randrange(len(drop))] = False
+    if not any(drop):
+        return img
+    keep = torch.tensor([0.0 if d else 1.0 for d in drop]).view(-1, 1, 1)
+    return img * keep
+
+
+class ChannelTransform:
+    """A transform bound to a manifest's channels: per sample ``[C, H, W]`` any dtype -> float32.
+
+    ``kind``: ``mae`` (random resized crop + geometry), ``dino`` (multi-crop views + geometry,
+    intensity jitter, channel dropout, blur; colour ops only for 8-bit C == 3) or ``eval``
+    (resize + center crop). Built by :func:`bind_channels` from the RGB transform it replaces.
+    """
+
+    takes_rng = True
+    normalize_batched = False  # normalised per sample: the batch is already float
+
+    def __init__(self, base, info, scaling: str = "meanstd", rot90: bool = True, jitter: tuple[float, float] = (0.0, 0.0),
+                 channel_drop: float = 0.0) -> None:
+        self.base, self.info = base, info
+        self.normalize = ChannelNormalize(info, scaling)
+        self.rot90, self.jitter, self.channel_drop = rot90, jitter, channel_drop
+        self.rgb8 = info.dtype == "uint8" and len(info.names) == 3
+
+    def _tensor(self, img) -> torch.Tensor:
+        if not isinstance(img, torch.Tensor):
+            raise TypeError("channel data needs tensors (image_type='tensor'), not PIL images")
+        return img.unsqueeze(0) if img.ndim == 2 else img
+
+    def _train_view(self, x: torch.Tensor, crop: RandomResizedCropFlip, rng: random.Random,
+                    rgb_ops: "_DinoView | None" = None) -> torch.Tensor:
+        if rgb_ops is not None and self.rgb8:  # DINO's colour ops on 8-bit RGB, as on the RGB path
+            out = rgb_ops(x, rng)
+            return self.normalize(channel_geometry(out, rng, flips=False, rot90=self.rot90))
+        top, left, h, w = random_resized_crop_params(x.shape[-2], x.shape[-1], crop.scale, crop.ratio, rng)
+        v = F.resized_crop(self.normalize(x), top, left, h, w, [crop.size, crop.size],
+                           interpolation=crop.interpolation, antialias=True)
+        v = channel_geometry(v, rng, rot90=self.rot90)
+        if self.jitter != (0.0, 0.0) and rng.random() < 0.8:
+            v = channel_jitter(v, rng, *self.jitter)
+        if self.channel_drop:
+            v = channel_dropout(v, rng, self.channel_drop)
+        if rgb_ops is not None and rng.random() < rgb_ops.blur_p:
+            sigma = rng.uniform(*rgb_ops.blur_sigma)
+            v = F.gaussian_blur(v, [rgb_ops.blur_kernel, rgb_ops.blur_kernel], [sigma, sigma])
+        return v
+
+    def __call__(self, img, rng: random.Random | None = None):
+        rng = rng or random.Random()
+        x = self._tensor(img)
+        base = self.base
+        if isinstance(base, MAETransform):
+            return self._train_view(x, base.crop, rng)  # [C, S, S]
+        if isinstance(base, DINOTransform):
+            views = [self._train_view(x, v.crop, rng, v) for v in (base.global1, base.global2)]
+            return views + [self._train_view(x, base.local.crop, rng, base.local) for _ in range(base.local_crops)]
+        y = F.resize(self.normalize(x), [base.resize], antialias=True)
+        return F.center_crop(y, [base.img_size, base.img_size])  # [C, S, S]
+
+    def augment(self, img, rng: random.Random):
+        return self(img, rng)
+
+
+def bind_channels(transform, info, scaling: str = "meanstd", **options):
+    """The transform for data described by ``info`` (a manifest's ``channels``): the channel-generic
+    :class:`ChannelTransform` for one of our transforms, ``transform`` itself when ``info`` is None
+    (8-bit RGB images) or when it is not one of ours (a user's own transform sees raw tensors)."""
+    if info is None or not isinstance(transform, (MAETransform, DINOTransform, EvalTransform)):
+        return transform
+    if isinstance(transform, DINOTransform):
+        options = {"jitter": (0.4, 0.1), "channel_drop": 0.2, **options}
+    return ChannelTransform(transform, info, scaling, **options)

@@ -1,0 +1,123 @@
+"""The loader and transforms on ``[C, H, W]`` data at any dtype: decode without PIL, per-channel
+normalisation from the manifest, geometry / jitter / dropout for any C, exact resume."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from _cells import cells
+from cluster.storage import Store
+from dataprep._arrays import encode_npy
+from dataprep._stats import ChannelStats
+from dataprep.loader import StreamingLoader
+from dataprep.manifest import ChannelInfo, Manifest, ShardInfo, SplitInfo, save_manifest
+from dataprep.transforms import (ChannelNormalize, ChannelTransform, bind_channels, channel_dropout, dino_transform,
+                                 eval_transform, mae_transform)
+
+
+def _write_npy_shards(dest: str, arrays: list[np.ndarray], per_shard: int = 10) -> ChannelInfo:
+    """Shards of ``<key>.npy`` + ``<key>.cls`` and a manifest with the arrays' channel statistics."""
+    os.makedirs(os.path.join(dest, "train"), exist_ok=True)
+    stats, shards = ChannelStats(arrays[0].shape[0], arrays[0].dtype.name), []
+    for s in range(0, len(arrays), per_shard):
+        name = f"train/shard-{s // per_shard:06d}.tar"
+        with tarfile.open(os.path.join(dest, name), "w") as tar:
+            for i in range(s, min(s + per_shard, len(arrays))):
+                for member, data in ((f"{i:05d}.npy", encode_npy(arrays[i])), (f"{i:05d}.cls", str(i % 3).encode())):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                stats.add(arrays[i])
+        path = os.path.join(dest, name)
+        shards.append(ShardInfo(name=name, samples=min(per_shard, len(arrays) - s), bytes=os.path.getsize(path),
+                                sha256=__import__("hashlib").sha256(open(path, "rb").read()).hexdigest()))
+    info = ChannelInfo.build([f"c{i}" for i in range(stats.channels)], stats.dtype, stats.summary())
+    save_manifest(Store(dest), Manifest(splits={"train": SplitInfo(shards=shards)}, classes=["0", "1", "2"],
+                                        image_ext="npy", channels=info))
+    return info
+
+
+def test_loader_yields_the_arrays_bit_exact_without_a_transform(tmp_path):
+    arrays = [a for a, _ in cells(per_class=8, classes=3, size=16)]
+    _write_npy_shards(str(tmp_path), arrays)
+    loader = StreamingLoader(str(tmp_path), batch_size=6, shuffle=False, partial="drop")
+    seen = 0
+    for batch in loader:
+        assert batch["image"].dtype == torch.uint16 and batch["image"].shape[1:] == (6, 16, 16)
+        for key, img in zip(batch["key"], batch["image"]):
+            assert np.array_equal(img.numpy(), arrays[int(key)])
+            seen += 1
+    assert seen == 24
+
+
+def test_channel_normalisation_uses_manifest_stats_mean_std_or_percentiles():
+    x = np.stack([a for a, _ in cells(per_class=4, classes=2, size=16)])  # [8, 6, 16, 16] uint16
+    stats = ChannelStats(6, "uint16")
+    for a in x:
+        stats.add(a)
+    info = ChannelInfo.build(list("abcdef"), "uint16", stats.summary())
+    z = torch.stack([ChannelNormalize(info)(torch.from_numpy(a)) for a in x])
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-4 and (z.std(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 1e-4
+    p = ChannelNormalize(info, "percentile")(torch.from_numpy(x[0]))
+    lo, hi = np.array(info.p01)[:, None, None], np.array(info.p99)[:, None, None]
+    assert torch.allclose(p, torch.from_numpy(np.clip((x[0] - lo) / (hi - lo), 0, 1)).float(), atol=1e-6)
+    with pytest.raises(ValueError, match="scaling"):
+        ChannelNormalize(info, "minmax")
+
+
+@pytest.mark.parametrize("channels,dtype", [(6, np.uint16), (4, np.float32), (1, np.int16), (3, np.uint8)])
+def test_every_transform_takes_any_channel_count_and_is_a_pure_function_of_the_rng(channels, dtype):
+    rng = np.random.default_rng(channels)
+    img = torch.from_numpy((rng.normal(100, 20, (channels, 24, 24))).astype(dtype))
+    stats = ChannelStats(channels, np.dtype(dtype).name)
+    stats.add(img.numpy())
+    info = ChannelInfo.build([str(i) for i in range(channels)], np.dtype(dtype).name, stats.summary())
+    for base, check in ((mae_transform(16), lambda y: y.shape == (channels, 16, 16)),
+                        (eval_transform(16), lambda y: y.shape == (channels, 16, 16)),
+                        (dino_transform(16, local_crops=2),
+                         lambda y: len(y) == 4 and y[0].shape == (channels, 16, 16) and y[2].shape[0] == channels)):
+        t = bind_channels(base, info)
+        assert isinstance(t, ChannelTransform) and t.takes_rng and not t.normalize_batched
+        a, b, c = t(img, random.Random(7)), t(img, random.Random(7)), t(img, random.Random(8))
+        assert check(a)
+        flat = lambda y: torch.cat([v.flatten() for v in y]) if isinstance(y, list) else y.flatten()  # noqa: E731
+        assert flat(a).dtype == torch.float32 and torch.equal(flat(a), flat(b))
+        assert isinstance(base, type(eval_transform(16))) or not torch.equal(flat(a), flat(c))
+    assert bind_channels(mae_transform(16), None).__class__.__name__ == "MAETransform"  # RGB data: unchanged
+
+
+def test_channel_dropout_zeroes_channels_but_always_keeps_one():
+    img = torch.ones(5, 4, 4)
+    for seed in range(50):
+        out = channel_dropout(img, random.Random(seed), p=0.9)
+        kept = int((out.flatten(1).abs().sum(1) > 0).sum())
+        assert 1 <= kept <= 5
+    assert torch.equal(channel_dropout(img, random.Random(0), p=0.0), img)
+
+
+def test_resume_mid_epoch_on_channel_data_yields_identical_augmented_batches(tmp_path):
+    arrays = [a for a, _ in cells(per_class=10, classes=3, size=16)]
+    _write_npy_shards(str(tmp_path), arrays)
+
+    def loader():
+        return StreamingLoader(str(tmp_path), batch_size=4, seed=5, transform=dino_transform(16, local_crops=1))
+
+    full = [b["image"] for b in loader()]
+    first = loader()
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [b["image"] for b in resumed]
+    assert len(rest) == len(full) - 3
+    for got, want in zip(rest, full[3:]):
+        assert all(g.shape[1] == 6 and torch.equal(g, w) for g, w in zip(got, want))
