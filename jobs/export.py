@@ -153,7 +153,8 @@ def timm_export_config(architecture: str, model_args: dict[str, Any], img_size: 
         "num_features": int(model.num_features),
         "model_args": dict(model_args),
         "pretrained_cfg": {
-            "input_size": [3, img_size, img_size], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "input_size": [int(model_args.get("in_chans", 3)), img_size, img_size],
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "interpolation": "bicubic", "crop_pct": 0.875, "num_classes": num_classes,
             "first_conv": base.get("first_conv"), "classifier": base.get("classifier"),
         },
