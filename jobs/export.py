@@ -60,13 +60,17 @@ def export_config(model_cfg: ModelConfig, encoder: nn.Module, extra: dict[str, A
     """timm hub-style config for the exported encoder."""
     kwargs = model_cfg.timm_kwargs()  # num_classes=0 included: the export is headless
     size = int(encoder.patch_embed.img_size[0])
+    chans = int(getattr(encoder.patch_embed, "in_chans", None) or encoder.patch_embed.proj.in_channels)
+    if chans != 3:  # the encoder's own count (a stage may have taken it from its data's manifest)
+        kwargs["in_chans"] = chans
+    mean, std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if chans == 3 else ([0.0] * chans, [1.0] * chans)
     return {
         "architecture": model_cfg.arch,
         "num_classes": 0,
         "num_features": int(encoder.num_features),
         "model_args": kwargs,
         "pretrained_cfg": {
-            "input_size": [3, size, size], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "input_size": [chans, size, size], "mean": mean, "std": std,
             "interpolation": "bicubic", "crop_pct": 0.875, "num_classes": 0, "first_conv": "patch_embed.proj",
             "classifier": "head",
         },

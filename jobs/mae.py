@@ -27,7 +27,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from dataprep.transforms import mae_transform
 from jobs.engine import TrainConfig
-from jobs.models import ModelConfig, build_encoder, encoder_flops_per_token, set_grad_checkpointing, sincos_pos_embed_2d
+from jobs.models import (ModelConfig, build_encoder, encoder_flops_per_token, set_grad_checkpointing, sincos_pos_embed_2d,
+                         with_data_channels)
 
 
 class DecoderConfig(BaseModel):
@@ -206,6 +207,11 @@ class MAEMethod:
     def __init__(self, cfg: MAEConfig, rank: int = 0) -> None:
         self.cfg, self.rank = cfg, rank
 
+    def setup(self, ctx: Any) -> None:
+        """``in_chans`` from the data: the decoder then predicts every channel of each patch."""
+        model = with_data_channels(self.cfg.model, ctx.data_url, ctx.storage_options, self.cfg.name)
+        self.cfg = self.cfg.model_copy(update={"model": model})
+
     def build_model(self) -> MaskedAutoencoder:
         return build_mae(self.cfg)
 
@@ -243,8 +249,9 @@ class MAEMethod:
             tokens = length + enc.num_prefix_tokens
             attn_enc = 4.0 * len(enc.blocks) * keep * keep * enc.embed_dim
             attn_dec = 4.0 * d.depth * tokens * tokens * d.embed_dim
-            head = 2.0 * tokens * d.embed_dim * enc.patch_embed.patch_size[0] ** 2 * 3
-            embed = 2.0 * length * enc.embed_dim * enc.patch_embed.patch_size[0] ** 2 * 3
+            chans = enc.patch_embed.proj.in_channels  # C: the decoder predicts, the embedding reads, every channel
+            head = 2.0 * tokens * d.embed_dim * enc.patch_embed.patch_size[0] ** 2 * chans
+            embed = 2.0 * length * enc.embed_dim * enc.patch_embed.patch_size[0] ** 2 * chans
             fwd = encoder_flops_per_token(enc) * keep + attn_enc + dec * tokens + attn_dec + head + embed
             self._flops = 3.0 * fwd
         return self._flops

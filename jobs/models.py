@@ -42,11 +42,13 @@ class ModelConfig(BaseModel):
     mlp_ratio: float | None = Field(default=None, gt=0)
     reg_tokens: int = Field(default=0, ge=0, description="register tokens (Darcet et al. 2023)")
     drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
+    in_chans: int | None = Field(default=None, ge=1, description="input channels; default: the data's (its "
+                                                                  "manifest's channels), 3 for RGB images")
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        if not arch.startswith("vit_") or arch not in timm.list_models(arch):
+        if not arch.startswith(("vit_", "channelvit_")) or arch not in timm.list_models(arch):
             sizes = ", ".join(f"vit_{s}_patch16_224" for s in ("tiny", "small", "base", "large"))
             raise ValueError(f"unknown ViT architecture {arch!r}: give a timm ViT name such as {sizes} "
                              "or vit_huge_patch14_224 (see timm.list_models('vit_*'))")
@@ -55,7 +57,7 @@ class ModelConfig(BaseModel):
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model(self.arch, **kwargs)`` (headless encoder)."""
         kw: dict[str, Any] = {"num_classes": 0}
-        for name in ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio"):
+        for name in ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "in_chans"):
             value = getattr(self, name)
             if value is not None:
                 kw[name] = value
@@ -66,6 +68,23 @@ class ModelConfig(BaseModel):
     def arch_record(self) -> dict[str, Any]:
         """What must match between a checkpoint and the run resuming it (shape-defining fields)."""
         return {"arch": self.arch, **self.timm_kwargs()}
+
+
+def with_data_channels(model: ModelConfig, data_url: str, storage_options: dict[str, Any] | None = None,
+                       stage: str = "") -> ModelConfig:
+    """``model`` with ``in_chans`` from the data's manifest (``format: npy`` shards name their channels;
+    images are 3). An explicit ``in_chans`` that disagrees is an error naming both."""
+    from dataprep.manifest import load_manifest
+
+    channels = load_manifest(data_url, storage_options)[0].channels
+    count = channels.count if channels is not None else 3
+    if model.in_chans is None:
+        return model.model_copy(update={"in_chans": count}) if count != 3 else model
+    if model.in_chans != count:
+        names = f" ({', '.join(channels.names)})" if channels is not None else " (RGB images)"
+        raise ValueError(f"stage {stage!r}: model.in_chans is {model.in_chans} but the data at {data_url} has "
+                         f"{count} channels{names}; remove model.in_chans or set it to {count}")
+    return model
 
 
 def build_encoder(cfg: ModelConfig, **extra: Any) -> VisionTransformer:

@@ -3,50 +3,23 @@ normalisation from the manifest, geometry / jitter / dropout for any C, exact re
 
 from __future__ import annotations
 
-import io
-import os
 import random
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 
-from _cells import cells
-from cluster.storage import Store
-from dataprep._arrays import encode_npy
+from _cells import cells, write_npy_shards
 from dataprep._stats import ChannelStats
 from dataprep.loader import StreamingLoader
-from dataprep.manifest import ChannelInfo, Manifest, ShardInfo, SplitInfo, save_manifest
+from dataprep.manifest import ChannelInfo
 from dataprep.transforms import (ChannelNormalize, ChannelTransform, bind_channels, channel_dropout, dino_transform,
                                  eval_transform, mae_transform)
 
 
-def _write_npy_shards(dest: str, arrays: list[np.ndarray], per_shard: int = 10) -> ChannelInfo:
-    """Shards of ``<key>.npy`` + ``<key>.cls`` and a manifest with the arrays' channel statistics."""
-    os.makedirs(os.path.join(dest, "train"), exist_ok=True)
-    stats, shards = ChannelStats(arrays[0].shape[0], arrays[0].dtype.name), []
-    for s in range(0, len(arrays), per_shard):
-        name = f"train/shard-{s // per_shard:06d}.tar"
-        with tarfile.open(os.path.join(dest, name), "w") as tar:
-            for i in range(s, min(s + per_shard, len(arrays))):
-                for member, data in ((f"{i:05d}.npy", encode_npy(arrays[i])), (f"{i:05d}.cls", str(i % 3).encode())):
-                    info = tarfile.TarInfo(member)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                stats.add(arrays[i])
-        path = os.path.join(dest, name)
-        shards.append(ShardInfo(name=name, samples=min(per_shard, len(arrays) - s), bytes=os.path.getsize(path),
-                                sha256=__import__("hashlib").sha256(open(path, "rb").read()).hexdigest()))
-    info = ChannelInfo.build([f"c{i}" for i in range(stats.channels)], stats.dtype, stats.summary())
-    save_manifest(Store(dest), Manifest(splits={"train": SplitInfo(shards=shards)}, classes=["0", "1", "2"],
-                                        image_ext="npy", channels=info))
-    return info
-
-
 def test_loader_yields_the_arrays_bit_exact_without_a_transform(tmp_path):
     arrays = [a for a, _ in cells(per_class=8, classes=3, size=16)]
-    _write_npy_shards(str(tmp_path), arrays)
+    write_npy_shards(str(tmp_path), arrays)
     loader = StreamingLoader(str(tmp_path), batch_size=6, shuffle=False, partial="drop")
     seen = 0
     for batch in loader:
@@ -104,7 +77,7 @@ def test_channel_dropout_zeroes_channels_but_always_keeps_one():
 
 def test_resume_mid_epoch_on_channel_data_yields_identical_augmented_batches(tmp_path):
     arrays = [a for a, _ in cells(per_class=10, classes=3, size=16)]
-    _write_npy_shards(str(tmp_path), arrays)
+    write_npy_shards(str(tmp_path), arrays)
 
     def loader():
         return StreamingLoader(str(tmp_path), batch_size=4, seed=5, transform=dino_transform(16, local_crops=1))
