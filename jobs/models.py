@@ -198,7 +198,13 @@ def takes_kwarg(arch: str, name: str) -> bool:
 def _constructor_params(arch: str) -> frozenset[str]:
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False)
-    return frozenset(inspect.signature(type(model).__init__).parameters)
+    names: set[str] = set()
+    for cls in type(model).__mro__:  # a subclass taking **kwargs (ChannelViT) passes its base's on
+        params = inspect.signature(cls.__init__).parameters
+        names |= set(params)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) or cls is torch.nn.Module:
+            break
+    return frozenset(names)
 
 
 def build_timm_model(cfg: TimmModelConfig, num_classes: int = 0) -> torch.nn.Module:
@@ -213,7 +219,8 @@ def forward_flops(build: Callable[[], torch.nn.Module], img_size: int) -> float:
 
     with torch.device("meta"):
         model = build().eval()
-        x = torch.empty(1, 3, img_size, img_size)
+        chans = next((m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 3)  # C, not 3
+        x = torch.empty(1, int(getattr(model, "in_chans", None) or chans), img_size, img_size)
         with FlopCounterMode(display=False) as counter:
             model(x)
     return float(counter.get_total_flops())
