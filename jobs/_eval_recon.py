@@ -48,6 +48,9 @@ def load_mae_from_checkpoint(stage_url: str, storage_options: dict[str, Any] | N
             if name.startswith("engine/"):
                 store.get_file(f"{latest}/{name}", os.path.join(tmp, name))
         state = get_fp32_state_dict_from_zero_checkpoint(os.path.join(tmp, "engine"))  # engine/latest names the tag
+    chans = int(state["encoder.patch_embed.proj.weight"].shape[1])  # the stage took it from its data's manifest
+    if cfg.model.in_chans is None and chans != 3:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"in_chans": chans})})
     torch.manual_seed(cfg.seed)
     model = build_mae(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
