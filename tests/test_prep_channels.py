@@ -146,3 +146,35 @@ def test_rgb_formats_refuse_inputs_that_would_lose_channels_or_bit_depth_unless_
     assert not os.path.exists(tmp_path / "refused" / "manifest.json")
     result = run_prep(str(src), str(tmp_path / "converted"), PrepOptions(format="png", to_rgb=True), progress=False)
     assert result.manifest.totals["written"] == 4 and result.manifest.channels is None
+
+
+def test_one_file_per_channel_lists_from_s3_jsonl_and_parquet_via_the_cli(tmp_path, s3_url, ray_local):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    samples = cells(per_class=4, classes=2, size=16)
+    csv_path, sources = write_channel_list(str(tmp_path / "list"), samples)
+    store = Store(f"{s3_url}/src")
+    for name in os.listdir(tmp_path / "list" / "plate1"):
+        store.put_file(str(tmp_path / "list" / "plate1" / name), f"plate1/{name}")
+    order = ["Mito", "DNA", "ER"]  # a subset, in another order than the files' columns
+    rows = [dict(zip(CHANNELS, [f"plate1/w{i:04d}_{c}.tif" for c in CHANNELS]), label=str(lb))
+            for i, (_, lb) in enumerate(samples)]
+    store.put_bytes("cells.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "list" / "cells.parquet"))
+    expected = {f"plate1/w{i:04d}_Mito.tif": a[[CHANNELS.index(c) for c in order]] for i, (a, _) in enumerate(samples)}
+
+    for tag, src in (("jsonl", f"{s3_url}/src/cells.jsonl"), ("parquet", str(tmp_path / "list" / "cells.parquet"))):
+        dest = str(tmp_path / f"out-{tag}")
+        result = CliRunner().invoke(app, ["prep", src, dest, "--format", "npy", "--channels", ",".join(order),
+                                          "--shard-size", "5", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        got, m = _read_back(dest, tmp_path, tag)
+        assert m.channels.names == order and m.classes == ["0", "1"]
+        assert set(got) == set(expected) and all(np.array_equal(a, expected[k]) for k, (a, _) in got.items())
+    result = CliRunner().invoke(app, ["prep", csv_path, str(tmp_path / "bad"), "--format", "npy", "--channels",
+                                      "DNA,Golgi", "--no-progress"])
+    assert result.exit_code != 0 and "no column(s) ['Golgi']" in result.output
