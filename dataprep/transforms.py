@@ -326,8 +326,8 @@ class ChannelTransform:
             out = rgb_ops(x, rng)
             return self.normalize(channel_geometry(out, rng, flips=False, rot90=self.rot90))
         top, left, h, w = random_resized_crop_params(x.shape[-2], x.shape[-1], crop.scale, crop.ratio, rng)
-        v = F.resized_crop(self.normalize(x), top, left, h, w, [crop.size, crop.size],
-                           interpolation=crop.interpolation, antialias=True)
+        v = F.resize(self.normalize(x[:, top:top + h, left:left + w]), [crop.size, crop.size],  # normalise the crop only
+                     interpolation=crop.interpolation, antialias=True)
         v = channel_geometry(v, rng, rot90=self.rot90)
         if self.jitter != (0.0, 0.0) and rng.random() < 0.8:
             v = channel_jitter(v, rng, *self.jitter)
