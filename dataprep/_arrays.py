@@ -252,7 +252,10 @@ def resize_array(arr: np.ndarray, short_side: int) -> np.ndarray:
     import torch
 
     c, h, w = arr.shape
-    size = (short_side, max(1, round(w * short_side / h))) if h <= w else (max(1, round(h * short_side / w)), short_side)
+    if h <= w:
+        size = (short_side, max(1, round(w * short_side / h)))
+    else:
+        size = (max(1, round(h * short_side / w)), short_side)
     x = torch.from_numpy(arr.astype(np.float32))[None]  # [1, C, H, W]
     y = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[0].numpy()
     if arr.dtype.kind in "ui":

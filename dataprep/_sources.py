@@ -354,8 +354,9 @@ def _scan_channel_files(name: str, urls: tuple[str, ...], label: Any) -> Entry:
             parts.append(read_url(url))
         except (OSError, StorageError) as exc:
             return Entry(name, ("m", urls), label, reject=UNREADABLE, detail=f"{url}: {type(exc).__name__}: {exc}")
-    if any(not p for p in parts):
-        return Entry(name, ("m", urls), label, reject=EMPTY, detail=f"{urls[[bool(p) for p in parts].index(False)]}: 0 bytes")
+    empty = [url for url, p in zip(urls, parts) if not p]
+    if empty:
+        return Entry(name, ("m", urls), label, reject=EMPTY, detail=f"{empty[0]}: 0 bytes")
     key = hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in parts)).hexdigest()
     layouts = [probe(p) for p in parts]
     layout = None

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from _cells import cells, tiff_bytes
-from dataprep._arrays import ArraySpec, encode_npy, probe, process_array, read_array, read_sample, resize_array
+from dataprep._arrays import ArraySpec, encode_npy, probe, process_array, read_array, read_sample
 from dataprep._images import Reject
 from dataprep._stats import ChannelStats
 
