@@ -146,6 +146,15 @@ class Wds(Path):
         return wds.WebLoader(ds, batch_size=None, num_workers=self.args.workers)
 
 
+def _fresh_dir(parent: str, name: str) -> str:
+    """An emptied cache directory: each build starts cold, as on a restarted node (same path, since
+    litdata's state_dict records its cache path and refuses another one)."""
+    path = os.path.join(parent, name)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
 def _mds_class():
     from streaming import StreamingDataset
 
@@ -167,7 +176,7 @@ class Mds(Path):
         clean_stale_shared_memory()
         remote, local = self.where["mds"]
         if remote:  # a fresh cache per loader: every build downloads what it reads, like ours without cache_dir
-            local = tempfile.mkdtemp(prefix="mds-", dir=self.where["tmp"])
+            local = _fresh_dir(self.where["tmp"], "mds")
         ds = _mds_class()(remote=remote, local=local, shuffle=True, shuffle_seed=0, batch_size=self.args.batch,
                           shuffle_block_size=4 * self.args.shard_size, num_canonical_nodes=1)
         return StreamingDataLoader(ds, batch_size=self.args.batch, num_workers=self.args.workers, drop_last=True)
@@ -191,7 +200,11 @@ class Lit(Path):
         from litdata import StreamingDataLoader
 
         url = self.where["litdata"]
-        cache = tempfile.mkdtemp(prefix="lit-", dir=self.where["tmp"]) if url.startswith("s3://") else None
+        if url.startswith("s3://"):  # litdata's obstore prefetch refuses http:// endpoints unless told
+            from litdata.streaming import downloader
+
+            downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"
+        cache = _fresh_dir(self.where["tmp"], "litdata") if url.startswith("s3://") else None
         opts = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]} if cache else None
         ds = _lit_class()(input_dir=url, cache_dir=cache, shuffle=True, seed=0, drop_last=True,
                           storage_options=opts)
@@ -338,10 +351,18 @@ def prepare_s3(local: dict, samples, server) -> dict:
 def run_storage(label: str, where: dict, args, paths: list[str]) -> dict:
     runners = {p.name: p(args, where) for p in PATHS if p.name in paths}
     best: dict[str, dict] = {}
+    failed: dict[str, str] = {}
     loads = []
     for r in range(args.rounds):
-        for name, path in runners.items():
-            res = epoch(path)
+        for name, path in list(runners.items()):
+            try:
+                res = epoch(path)
+            except Exception as exc:  # a peer that cannot run here is reported, not fatal
+                print(f"  [{label}] {name} FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                del runners[name]
+                best.pop(name, None)
+                failed[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                continue
             res.pop("loader")
             loads.append(os.getloadavg()[0])
             print(f"  [{label} round {r}] {name:9s} {res['img_s']:7.1f} img/s  {res['img_per_cpu_s']:6.1f} img/CPU-s  "
@@ -362,10 +383,14 @@ def run_storage(label: str, where: dict, args, paths: list[str]) -> dict:
         out[name] = {"img_s": round(b["img_s"], 1), "img_s_per_core": round(b["img_s"] / max(1, args.workers), 1),
                      "img_per_cpu_s": round(b["img_per_cpu_s"], 1), "ttfb_s": round(b["ttfb_best_s"], 3),
                      "images_per_epoch": b["images"], "two_fresh_epochs_identical": rerun_same}
-        out[name].update(resume_check(path, b["keys"]))
+        try:
+            out[name].update(resume_check(path, b["keys"]))
+        except Exception as exc:
+            out[name]["resume"] = f"failed: {type(exc).__name__}: {str(exc)[-400:]}"
         print(f"  [{label}] {name} resume: { {k: v for k, v in out[name].items() if 'resume' in k or 'ident' in k} }",
               flush=True)
     out["_load_avg_1m"] = [round(x, 1) for x in loads]
+    out["_failed"] = failed
     return out
 
 
