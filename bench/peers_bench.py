@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import random
 import resource
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -85,7 +85,6 @@ def one(n: int, workers: int, batch: int) -> dict:
     """Prep + loader for one N; runs in its own process."""
     import dataprep.prep as prep_mod
     from cluster.runtime import ensure_ray
-    from dataprep.loader import StreamingLoader
     from dataprep.prep import PrepOptions, run_prep
 
     src = os.path.join(WORK, f"src-{n}")
