@@ -11,6 +11,11 @@ what the background upload costs the loop on the same cores.
 
     python bench/ckpt_bench.py                   # ~150 MB state, loopback and 25 MB/s
     python bench/ckpt_bench.py --mbps 0,50,10 --state-mb 200
+    python bench/ckpt_bench.py --state-mb 1000 --steps 24 --every 8 --mbps 0 --no-probe     # ~1 GB
+    python bench/ckpt_bench.py --state-mb 4000 --steps 30 --every 15 --mbps 0 --modes async --no-probe
+
+Steps are split into those with no upload in flight ("idle") and those run while the background
+upload shares the cores ("during upload"): their medians show what the upload costs the loop.
 
 Prints a table per configuration and a JSON summary as the last line.
 """
@@ -105,10 +110,10 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     opt.zero_grad(set_to_none=True)
 
 
-def run(url: str, model, opt, steps: int, every: int, sync: bool, storage_options: dict) -> dict:
+def run(url: str, model, opt, steps: int, every: int, sync: bool, storage_options: dict, batch: int = 8) -> dict:
     ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=every, keep_last=1),
                              local_dir=os.path.join(WORK, "stage"), storage_options=storage_options)
-    x = torch.randn(8, model[0][0].in_features)
+    x = torch.randn(batch, model[0][0].in_features)
     writes: list[float] = []
 
     def write(d: str) -> None:
@@ -117,17 +122,25 @@ def run(url: str, model, opt, steps: int, every: int, sync: bool, storage_option
         torch.save(opt.state_dict(), os.path.join(d, "optim.pt"))
         writes.append(time.perf_counter() - t0)
 
-    blocked, plain = [], []
+    blocked, plain, idle, during, uploads = [], [], [], [], []
     t_run = time.perf_counter()
+    upload_started = None
     for step in range(1, steps + 1):
+        uploading = ckpt.upload_in_flight  # the step shares the cores with a background upload
         t0 = time.perf_counter()
         train_step(model, opt, x)
         t1 = time.perf_counter()
+        if upload_started is not None and not ckpt.upload_in_flight:
+            uploads.append(t1 - upload_started)  # upload + commit, to within one step
+            upload_started = None
         if ckpt.due(step):
             ckpt.save(step, write, {"step": step}, sync=sync)
             blocked.append(time.perf_counter() - t1)
+            if not sync:
+                upload_started = time.perf_counter()
         else:
             plain.append(t1 - t0)
+            (during if uploading else idle).append(t1 - t0)
     t_flush = time.perf_counter()
     ckpt.close()
     done = time.perf_counter()
@@ -137,7 +150,14 @@ def run(url: str, model, opt, steps: int, every: int, sync: bool, storage_option
     return {"mode": "sync" if sync else "async", "checkpoints": len(blocked), "state_mb": round(size / 1e6, 1),
             "blocked_s_mean": statistics.mean(blocked), "blocked_s_max": max(blocked),
             "local_write_s_mean": statistics.mean(writes),
-            "step_s_mean": statistics.mean(plain), "final_flush_s": done - t_flush, "run_s": done - t_run}
+            "step_s_mean": statistics.mean(plain), "final_flush_s": done - t_flush, "run_s": done - t_run,
+            "step_s_idle_median": _median(idle), "step_s_during_upload_median": _median(during),
+            "steps_idle": len(idle), "steps_during_upload": len(during),
+            "bg_upload_s_observed": statistics.mean(uploads) if uploads else None}
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
 
 
 def upload_seconds(url: str, storage_options: dict, state_mb: float) -> float:
@@ -163,12 +183,17 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=20, help="checkpoint every N steps")
     ap.add_argument("--mbps", default="0,25", help="upload bandwidths to try, MB/s; 0 = unthrottled loopback")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--modes", default="sync,async", help="which save modes to run (sync, async)")
+    ap.add_argument("--width", type=int, default=1024, help="Linear width (bigger: fewer, larger tensors)")
+    ap.add_argument("--batch", type=int, default=8, help="rows per training step")
+    ap.add_argument("--no-probe", action="store_true", help="skip the plain-upload yardstick (saves time at GB sizes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
-    model, opt = build(args.state_mb)
+    model, opt = build(args.state_mb, args.width)
+    modes = [m == "sync" for m in args.modes.split(",")]
     results = []
     with LocalS3(os.path.join(WORK, "s3")) as s3:
         os.environ.update(s3.env())
@@ -180,10 +205,10 @@ def main() -> None:
             opts = {"client_kwargs": {"endpoint_url": endpoint}}
             try:
                 url = f"s3://{s3.bucket}/bench-{int(mbps)}"
-                upload = upload_seconds(url, opts, args.state_mb)
-                for sync in (True, False):
+                upload = None if args.no_probe else upload_seconds(url, opts, args.state_mb)
+                for sync in modes:
                     row = run(f"{url}/{'sync' if sync else 'async'}/stages/bench", model, opt, args.steps, args.every,
-                              sync, opts)
+                              sync, opts, args.batch)
                     row.update(upload_mbps_limit=mbps or None, plain_upload_s=upload)
                     results.append(row)
                     print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
@@ -193,7 +218,7 @@ def main() -> None:
                     proxy.kill()
     shutil.rmtree(WORK, ignore_errors=True)
     summary = {"bench": "ckpt", "state_mb": args.state_mb, "steps": args.steps, "every": args.every,
-               "threads": args.threads, "rows": results}
+               "threads": args.threads, "load_avg": os.getloadavg(), "rows": results}
     for r in results:
         for k, v in r.items():
             if isinstance(v, float):

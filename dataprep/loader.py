@@ -185,7 +185,7 @@ def _stack(items: list, normalize: Any = None) -> Any:
         return [normalize(t) for t in items] if normalize else items
     if normalize is None:
         return default_collate(items)
-    return normalize.into(torch.stack(items), _new_batch((len(items), *items[0].shape), torch.float32))
+    return normalize.into(items, _new_batch((len(items), *items[0].shape), torch.float32))
 
 
 def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -229,8 +229,11 @@ def _one_step(run: _Run, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tenso
     total = torch.zeros((), dtype=torch.float64)
     extra: dict[str, float] = {}
     run.model.train()
+    data_wait = 0.0  # seconds this step waited for the loader (part of the step's time)
     for _ in range(run.cfg.grad_accum):
+        t_wait = time.perf_counter()
         batch = next(batches)
+        data_wait += time.perf_counter() - t_wait
         with run.accelerator.accumulate(run.model):
             loss, extra = run.method.step(run.model, batch, run.step)
             run.accelerator.backward(loss)
@@ -241,7 +244,7 @@ def _one_step(run: _Run, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tenso
     if after is not None:
         after(run.model, run.step)
     seconds = time.perf_counter() - start
-    extra = {**extra, "lr": lr}
+    extra = {**extra, "lr": lr, "data_wait_s": data_wait}
     norm = getattr(run.model, "get_global_grad_norm", lambda: None)()
     if norm is not None:
         extra["grad_norm"] = float(norm)
