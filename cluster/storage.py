@@ -51,8 +51,8 @@ from ._s3 import BUCKETS_SEEN, MiB, delete_objects, endpoint_of, prepare_client,
 
 __all__ = ["COMMITTED", "LATEST", "MiB", "OUTAGE_ENV", "RetryPolicy", "RetryingReader", "StorageAuthError",
            "StorageError", "StorageNotFoundError", "Store", "TransferConfig", "classify", "commit",
-           "committed_dirs", "credential_source", "is_committed", "local_staging", "read_latest", "with_retries",
-           "write_latest"]
+           "committed_dirs", "credential_source", "is_committed", "local_staging", "read_latest", "register_fence",
+           "with_retries", "write_latest"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,16 @@ T = TypeVar("T")
 
 COMMITTED = "COMMITTED"
 LATEST = "latest"
+
+# root path -> check(what) raising when this process no longer holds the lease of that root
+# (cluster/lease.py installs them; commits, ``latest``, deletes and STATUS writes call them)
+_FENCES: dict[str, Callable[[str], None]] = {}
+
+
+def register_fence(root_path: str, check: Callable[[str], None]) -> Callable[[], None]:
+    """Make :meth:`Store.check_fence` under ``root_path`` call ``check``; returns the un-register function."""
+    _FENCES[root_path.rstrip("/")] = check
+    return lambda: _FENCES.pop(root_path.rstrip("/"), None) if _FENCES.get(root_path.rstrip("/")) is check else None
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,13 @@ class Store:
             ) from None
         BUCKETS_SEEN.add(key)
 
+    def check_fence(self, rel: str = "", what: str = "write") -> None:
+        """Raise (``cluster.lease.LeaseLostError``) if this process lost the lease of a run root above ``rel``."""
+        path = self.path(rel)
+        for root, check in list(_FENCES.items()):
+            if path == root or path.startswith(root + "/"):
+                check(f"{what} {self.url_of(rel)}")
+
     # ---- reads --------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         return self._call("check", rel, lambda: self.fs.exists(self.path(rel)))
@@ -293,7 +310,9 @@ class Store:
         """Delete ``rel`` (everything under it too when ``recursive``). Missing is fine.
 
         On S3, per-key errors inside a DeleteObjects reply (s3fs ignores them) are raised.
+        A writer that lost its run root's lease deletes nothing (:meth:`check_fence`).
         """
+        self.check_fence(rel, "delete")
         if self.protocol == "s3":
             self._call("delete", rel, lambda: delete_objects(self, rel, recursive))
             return
@@ -395,7 +414,8 @@ def _replace_local(local_path: str, dest: str) -> None:
 
 
 def commit(store: Store, dir_rel: str, meta: dict[str, Any] | None = None) -> None:
-    """Mark ``dir_rel`` complete. Call only after every file in it was uploaded."""
+    """Mark ``dir_rel`` complete. Call only after every file in it was uploaded (fenced: see cluster/lease.py)."""
+    store.check_fence(dir_rel, "commit")
     store.put_json(posixpath.join(dir_rel, COMMITTED), {"committed_at": time.time(), **(meta or {})})
 
 
@@ -413,6 +433,7 @@ def write_latest(store: Store, parent_rel: str, name: str) -> None:
     """Point ``parent_rel/latest`` at ``name``. Refuses a name that is not committed."""
     if not is_committed(store, posixpath.join(parent_rel, name)):
         raise StorageError(f"refusing to point {store.url_of(parent_rel)}/latest at uncommitted {name!r}")
+    store.check_fence(parent_rel, "update latest of")
     store.put_bytes(posixpath.join(parent_rel, LATEST), (name + "\n").encode())
 
 

@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any
 
+from cluster.lease import install_fence
 from cluster.storage import Store
 from jobs.checkpoint import code_version
 
@@ -68,7 +69,9 @@ def update_status(stage_url: str, storage_options: dict[str, Any] | None = None,
     """Merge ``fields`` into ``STATUS.json`` (one writer at a time: rank 0, or the driver when no gang runs)."""
     status = read_status(stage_url, storage_options)
     status.update(fields, updated_at=time.time())
-    Store(stage_url, storage_options).put_json(STATUS, status)
+    store = Store(stage_url, storage_options)
+    store.check_fence(STATUS, "write")  # a writer that lost the run's lease (cluster/lease.py) writes nothing
+    store.put_json(STATUS, status)
     return status
 
 
@@ -87,6 +90,7 @@ def run_worker(job: dict[str, Any]) -> str:
     from jobs.engine import PreemptionWatch, StageContext, train
 
     rank, world = dist_rank_world()
+    install_fence(job.get("lease"), job.get("storage_options"))  # commits/STATUS refused once the lease is lost
     cfg = stage_config_class(job["stage"]["kind"]).model_validate(job["stage"])
     fault = job.get("fault") or {}
     ctx = StageContext(stage_url=job["stage_url"], data_url=job["data_url"], rank=rank, world_size=world,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.gang import GangFailedError, GangSpec, run_gang
+from cluster.lease import Lease, fence_for
 from cluster.runtime import ensure_ray
 from cluster.storage import Store
 from jobs.checkpoint import check_compatible, code_version, latest_committed
@@ -65,8 +66,16 @@ def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | 
     the same spec (else :class:`RunConflictError` names the changed keys) unless ``restart_from``
     names a stage, which is then cleared and re-run with every stage downstream of it.
     Stops at the first stage that does not finish (``preempted``); raises when one fails.
+    The run root's lease (``cluster/lease.py``) is held throughout: a second writer is refused
+    (:class:`LeaseHeldError`) and a writer whose lease was taken over commits nothing.
     """
     check_sources(spec)
+    with Lease(Store(spec.run_root, spec.storage_options)).held():
+        return _run_stages(spec, address, fault, restart_from)
+
+
+def _run_stages(spec: RunSpec, address: str | None, fault: dict[str, Any] | None,
+                restart_from: str | None) -> RunResult:
     plan = plan_run(spec, restart_from)
     for name in plan.reset:
         clear_stage(spec, name)
@@ -146,6 +155,7 @@ def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
     store.delete(PREEMPT_MARKER)  # a stop request belongs to the attempt it was made for
     if fault:
         job["fault"] = fault
+    job["lease"] = fence_for(spec.run_root, opts)  # workers fence their commits and STATUS writes with it
     ensure_ray(address)
     gang = GangSpec(workers=spec.compute.workers, cpus_per_worker=spec.compute.cpus_per_worker,
                     gpus_per_worker=spec.compute.gpus_per_worker, max_failures=spec.compute.max_failures,
