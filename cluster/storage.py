@@ -45,12 +45,13 @@ from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 import fsspec
 
-from ._retry import (OUTAGE_ENV, RetryPolicy, StorageAuthError, StorageError, StorageNotFoundError,
-                     _SECRETS, classify, credential_source, with_retries)
-from ._s3 import BUCKETS_SEEN, MiB, delete_objects, endpoint_of, prepare_client, put_object, put_small, s3_options
+from ._retry import (OUTAGE_ENV, RetryPolicy, StorageAuthError, StorageClockSkewError, StorageError,
+                     StorageNotFoundError, StorageUnreachableError, _SECRETS, classify, credential_source, with_retries)
+from ._s3 import (BUCKETS_SEEN, MiB, delete_objects, endpoint_of, endpoint_source, explain_bare_403, prepare_client,
+                  put_object, put_small, s3_options)
 
 __all__ = ["COMMITTED", "LATEST", "MiB", "OUTAGE_ENV", "RetryPolicy", "RetryingReader", "StorageAuthError",
-           "StorageError", "StorageNotFoundError", "Store", "TransferConfig", "classify", "commit",
+           "StorageClockSkewError", "StorageError", "StorageNotFoundError", "StorageUnreachableError", "Store", "TransferConfig", "classify", "commit",
            "committed_dirs", "credential_source", "is_committed", "local_staging", "read_latest", "register_fence",
            "with_retries", "write_latest"]
 
@@ -163,10 +164,26 @@ class Store:
         def attempt() -> T:
             if self.protocol == "s3" and bucket:
                 self._check_bucket(bucket)  # also prepares the client (self.fs)
+                try:
+                    return fn()
+                except PermissionError as exc:
+                    explain_bare_403(self.fs, bucket, exc)
+                    raise
             return fn()
 
         return with_retries(attempt, what=f"{what} {self.url_of(rel)}", policy=self.retry, bucket=bucket,
-                            source=credential_source(self._storage_options) if bucket else None)
+                            source=credential_source(self._storage_options) if bucket else None,
+                            endpoint=self._endpoint() if bucket else None)
+
+    def _endpoint(self) -> tuple[str, str]:
+        """(endpoint URL, where it came from) of an S3 store, for :func:`with_retries`."""
+        opts = self._storage_options
+        return (str((opts.get("client_kwargs") or {}).get("endpoint_url") or "aws"), endpoint_source(opts))
+
+    def check_bucket(self) -> None:
+        """Raise the store's classified error if the root's bucket is missing or unreachable (no-op off S3)."""
+        if self.protocol == "s3" and self.bucket:
+            self._call("check the bucket of", "", lambda: None)
 
     def _check_bucket(self, bucket: str) -> None:
         """Raise :class:`StorageNotFoundError` for a bucket that does not exist (once per process).

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.storage import Store, StorageNotFoundError, with_retries
+from cluster.storage import Store, StorageNotFoundError
 
 from ._images import DUPLICATE, REASONS, ImageSpec
 from ._sources import Entry, Listing, SourceError, list_source, normalise_labels, scan_container, scan_files
@@ -194,10 +194,12 @@ def _start_ray(address: str | None, workers: int | None) -> int:
 
 def _check_bucket(store: Store) -> None:
     """Refuse a DEST bucket that does not exist (some S3 servers would silently create it on write)."""
-    if store.bucket and not with_retries(lambda: store.fs.exists(store.bucket), what=f"check bucket {store.bucket}",
-                                         policy=store.retry, bucket=store.bucket):
+    # the store's own classification: s3fs's exists() answers False to a connection error too
+    try:
+        store.check_bucket()
+    except StorageNotFoundError:
         raise StorageNotFoundError(f"bucket {store.bucket!r} of DEST {store.url} does not exist; create it or fix "
-                                   "the URL")
+                                   "the URL") from None
 
 
 def _check_dest(store: Store, options: PrepOptions, listing: Listing) -> Manifest | None:

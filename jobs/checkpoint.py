@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.housekeeping import tolerate
 from cluster.storage import COMMITTED, RetryPolicy, Store, commit, is_committed, read_latest, write_latest
 from jobs._ckpt_state import (CheckpointError, CheckpointMismatchError, capture_rng_state, check_compatible,
                               code_version, json_digest, restore_rng_state)
@@ -470,9 +471,10 @@ class CheckpointManager:
                 continue
             if s == newest:
                 continue
-            self.store.delete(f"{n}/{COMMITTED}")       # un-commit first: a half-deleted dir is never visible
-            self.store.delete(n, recursive=True)
-            log.debug("retention removed %s", n)
+            # un-commit first: a half-deleted dir is never visible; a failed delete is a warning (housekeeping)
+            if tolerate("retention delete", self.store.delete, f"{n}/{COMMITTED}") and \
+                    tolerate("retention delete", self.store.delete, n, recursive=True):
+                log.debug("retention removed %s", n)
 
     # ---- flushing ----------------------------------------------------------------------------
     @property

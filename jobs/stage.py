@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any
 
+from cluster.housekeeping import failures as housekeeping_failures
 from cluster.lease import install_fence
 from cluster.storage import Store
 from jobs.checkpoint import code_version
@@ -110,6 +111,7 @@ def run_worker(job: dict[str, Any]) -> str:
     if rank == 0:
         update_status(ctx.stage_url, ctx.storage_options, state=result.state, step=result.step,
                       total_steps=result.total_steps, resumed_from=result.resumed_from,
+                      **({"housekeeping_failures": hk} if (hk := housekeeping_failures()) else {}),
                       **({"finished_at": time.time()} if result.state == "done" else {}))
     # no rank leaves before STATUS.json is written: a launcher (torchrun) that sees one rank exit
     # with the preempted status tears the others down at once
