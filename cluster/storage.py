@@ -52,7 +52,7 @@ from ._s3 import (BUCKETS_SEEN, MiB, delete_objects, endpoint_of, endpoint_sourc
 
 __all__ = ["COMMITTED", "LATEST", "MiB", "OUTAGE_ENV", "RetryPolicy", "RetryingReader", "StorageAuthError",
            "StorageClockSkewError", "StorageError", "StorageNotFoundError", "StorageUnreachableError", "Store", "TransferConfig", "classify", "commit",
-           "committed_dirs", "credential_source", "is_committed", "local_staging", "read_latest", "register_fence",
+           "committed_dirs", "credential_keys", "credential_source", "is_committed", "local_staging", "read_latest", "register_fence",
            "with_retries", "write_latest"]
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,29 @@ LATEST = "latest"
 # root path -> check(what) raising when this process no longer holds the lease of that root
 # (cluster/lease.py installs them; commits, ``latest``, deletes and STATUS writes call them)
 _FENCES: dict[str, Callable[[str], None]] = {}
+
+
+_CREDENTIAL_WORDS = ("secret", "token", "password", "passwd", "access_key", "accesskey", "credential",
+                     "account_key", "sas", "private_key", "api_key", "apikey")
+_CREDENTIAL_NAMES = {"key", "token", "secret", "username", "user", "auth"}
+
+
+def credential_keys(options: Any, prefix: str = "storage_options") -> list[str]:
+    """Dotted paths of keys in fsspec ``options`` (nested dicts too) that carry credentials.
+
+    s3fs's ``key`` / ``secret`` / ``token``, botocore's ``aws_secret_access_key`` /
+    ``aws_session_token`` in ``client_kwargs``, and anything named like a password, token or key
+    of another backend. Credentials belong in AWS_* variables or profiles, never in a spec.
+    """
+    out: list[str] = []
+    if isinstance(options, dict):
+        for k, v in options.items():
+            path, name = f"{prefix}.{k}", str(k).lower()
+            if name in _CREDENTIAL_NAMES or any(w in name for w in _CREDENTIAL_WORDS):
+                out.append(path)
+            else:
+                out += credential_keys(v, path)
+    return out
 
 
 def register_fence(root_path: str, check: Callable[[str], None]) -> Callable[[], None]:
