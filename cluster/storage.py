@@ -52,7 +52,7 @@ from ._s3 import (BUCKETS_SEEN, MiB, delete_objects, endpoint_of, endpoint_sourc
 
 __all__ = ["COMMITTED", "LATEST", "MiB", "OUTAGE_ENV", "RetryPolicy", "RetryingReader", "StorageAuthError",
            "StorageClockSkewError", "StorageError", "StorageNotFoundError", "StorageUnreachableError", "Store", "TransferConfig", "classify", "commit",
-           "committed_dirs", "credential_keys", "credential_source", "is_committed", "local_staging", "read_latest", "register_fence",
+           "CorruptRecordError", "committed_dirs", "credential_keys", "credential_source", "is_committed", "local_staging", "read_latest", "register_fence",
            "with_retries", "write_latest"]
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ T = TypeVar("T")
 
 COMMITTED = "COMMITTED"
 LATEST = "latest"
+
+
+class CorruptRecordError(StorageError, ValueError):
+    """A JSON record in the store (manifest, STATUS.json, eval.json, COMMITTED, ...) does not parse."""
 
 # root path -> check(what) raising when this process no longer holds the lease of that root
 # (cluster/lease.py installs them; commits, ``latest``, deletes and STATUS writes call them)
@@ -244,7 +248,14 @@ class Store:
         return self._call("read", rel, lambda: self.fs.cat_file(self.path(rel)))
 
     def get_json(self, rel: str) -> Any:
-        return json.loads(self.get_bytes(rel))
+        """The object parsed as JSON; :class:`CorruptRecordError` (naming it) when it does not parse."""
+        data = self.get_bytes(rel)
+        try:
+            return json.loads(data)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise CorruptRecordError(
+                f"{self.url_of(rel)} is corrupt: it does not parse as JSON ({exc}; {len(data)} bytes). Writes are "
+                "whole-object, so it is not being written: it was damaged or truncated") from None
 
     def get_file(self, rel: str, local_path: str) -> None:
         """Download ``rel`` to ``local_path`` (written to a temp name, then renamed)."""
@@ -477,6 +488,18 @@ def write_latest(store: Store, parent_rel: str, name: str) -> None:
     store.put_bytes(posixpath.join(parent_rel, LATEST), (name + "\n").encode())
 
 
+def plain_name(name: str, prefix: str = "") -> bool:
+    """A single path component (no ``/``, ``\\``, ``..``), starting with ``prefix``: what ``latest`` may name."""
+    return bool(name) and name.startswith(prefix) and name not in (".", "..") and not any(
+        c in name for c in "/\\\0") and name.isprintable()
+
+
+def confined_rel(rel: str) -> bool:
+    """A relative path that stays inside its directory (no absolute path, no ``..``, no empty parts)."""
+    parts = rel.split("/")
+    return bool(rel) and "\\" not in rel and "\0" not in rel and all(p not in ("", ".", "..") for p in parts)
+
+
 def read_latest(store: Store, parent_rel: str, prefix: str = "") -> str | None:
     """The newest committed directory name under ``parent_rel``, or None.
 
@@ -485,7 +508,11 @@ def read_latest(store: Store, parent_rel: str, prefix: str = "") -> str | None:
     """
     pointer = posixpath.join(parent_rel, LATEST)
     with contextlib.suppress(FileNotFoundError):
-        name = store.get_bytes(pointer).decode().strip()
+        name = store.get_bytes(pointer).decode(errors="replace").strip()
+        if name and not plain_name(name, prefix):
+            log.warning("ignoring %s: %r is not a plain %s* name inside %s", store.url_of(pointer), name[:200],
+                        prefix, store.url_of(parent_rel))
+            name = ""
         if name and is_committed(store, posixpath.join(parent_rel, name)):
             newest = committed_dirs(store, parent_rel, prefix)
             return max([name, *newest])

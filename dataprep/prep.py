@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.storage import Store, StorageNotFoundError
+from cluster.housekeeping import tolerate
+from cluster.storage import CorruptRecordError, Store, StorageNotFoundError
 
 from ._images import DUPLICATE, REASONS, ImageSpec
 from ._sources import Entry, Listing, SourceError, list_source, normalise_labels, scan_container, scan_files
@@ -208,7 +209,12 @@ def _check_dest(store: Store, options: PrepOptions, listing: Listing) -> Manifes
         _clear(store)
         return None
     if store.exists(MANIFEST):
-        manifest = Manifest.model_validate(store.get_json(MANIFEST))
+        try:
+            manifest = Manifest.model_validate(store.get_json(MANIFEST))
+        except CorruptRecordError as exc:  # not finished after all: rebuilt from the progress records
+            log.warning("%s; rebuilding it (finished shards are reused)", exc)
+            tolerate("corrupt manifest removal", store.delete, MANIFEST)
+            return _check_dest(store, options, listing)
         if manifest.options_digest == options.digest() and manifest.source.get("fingerprint") == listing.fingerprint:
             return manifest
         raise DestConflictError(_conflict("a finished prep", store, manifest.options, manifest.source, options, listing))

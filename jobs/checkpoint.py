@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.housekeeping import tolerate
+from jobs._ckpt_verify import confined_files
 from cluster.storage import COMMITTED, RetryPolicy, Store, commit, is_committed, read_latest, write_latest
 from jobs._ckpt_state import (CheckpointError, CheckpointMismatchError, capture_rng_state, check_compatible,
                               code_version, json_digest, restore_rng_state)
@@ -225,7 +226,7 @@ def _read_info(store: Store, name: str) -> CheckpointInfo:
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{store.url_of(name)} is not a committed checkpoint") from None
     return CheckpointInfo(step=int(rec["step"]), name=name, url=store.url_of(name), world_size=int(rec["world_size"]),
-                          files=rec["files"], meta=rec.get("meta", {}), committed_at=float(rec.get("committed_at", 0.0)))
+                          files=confined_files(rec["files"], store.url_of(name)), meta=rec.get("meta", {}), committed_at=float(rec.get("committed_at", 0.0)))
 
 
 def latest_committed(stage_url: str, storage_options: dict[str, Any] | None = None) -> CheckpointInfo | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from cluster.housekeeping import failures as housekeeping_failures
 from cluster.lease import install_fence
-from cluster.storage import Store
+from cluster.storage import CorruptRecordError, Store
 from jobs.checkpoint import code_version
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,9 @@ def read_status(stage_url: str, storage_options: dict[str, Any] | None = None) -
         return dict(store.get_json(STATUS))
     except FileNotFoundError:
         return {}
+    except CorruptRecordError as exc:  # not done, whatever it said: the stage runs again and rewrites it
+        log.warning("%s", exc)
+        return {"state": "corrupt", "error": str(exc)}
 
 
 def update_status(stage_url: str, storage_options: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from cluster.storage import Store
+from cluster.storage import CorruptRecordError, Store
 from dataprep.manifest import MANIFEST
 from jobs.evaluate import EVAL_JSON
 from jobs.export import CONFIG as EXPORT_CONFIG
@@ -64,7 +64,19 @@ def is_done(spec: RunSpec, name: str, status: dict[str, Any] | None = None) -> b
     status = read_status(spec.stage_url(name), spec.storage_options) if status is None else status
     if status.get("state") != "done" or status.get("config_digest") != stage.digest():
         return False
-    return Store(spec.stage_url(name), spec.storage_options).exists(output_of(stage.kind))
+    return _record_ok(Store(spec.stage_url(name), spec.storage_options), output_of(stage.kind))
+
+
+def _record_ok(store: Store, rel: str) -> bool:
+    """The stage's final record exists and parses (a corrupt one means the stage is not done: it reruns)."""
+    try:
+        store.get_json(rel)
+        return True
+    except FileNotFoundError:
+        return False
+    except CorruptRecordError as exc:
+        log.warning("%s; the stage runs again", exc)
+        return False
 
 
 def downstream(spec: RunSpec, name: str) -> list[str]:
