@@ -51,8 +51,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.housekeeping import tolerate
-from jobs._ckpt_verify import confined_files
-from cluster.storage import COMMITTED, RetryPolicy, Store, commit, is_committed, read_latest, write_latest
+from jobs._ckpt_verify import confined_files, newest_verified
+from cluster.storage import (COMMITTED, RetryPolicy, Store, commit, committed_dirs, is_committed, read_latest,
+                             write_latest)
 from jobs._ckpt_state import (CheckpointError, CheckpointMismatchError, capture_rng_state, check_compatible,
                               code_version, json_digest, restore_rng_state)
 
@@ -233,8 +234,8 @@ def latest_committed(stage_url: str, storage_options: dict[str, Any] | None = No
     """The newest committed checkpoint of the stage at ``stage_url``, or None, read without a manager
     (no collective, no staging directory): for a driver, or a rank deciding before its gang is set up."""
     store = Store(stage_url, storage_options=storage_options).child("checkpoints")
-    name = read_latest(store, "", PREFIX)
-    return _read_info(store, name) if name else None
+    return newest_verified(store, read_latest(store, "", PREFIX), lambda: committed_dirs(store, "", PREFIX),
+                           lambda n: _read_info(store, n))
 
 
 class CheckpointManager:
@@ -512,9 +513,10 @@ class CheckpointManager:
 
     # ---- reading -----------------------------------------------------------------------------
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint, or None. Half-written directories are never returned."""
-        name = read_latest(self.store, "", PREFIX)
-        return self.info(name) if name else None
+        """The newest committed checkpoint whose files verify (see jobs/_ckpt_verify.py), or None.
+        Half-written directories are never returned."""
+        return newest_verified(self.store, read_latest(self.store, "", PREFIX),
+                               lambda: committed_dirs(self.store, "", PREFIX), self.info)
 
     def info(self, name: str) -> CheckpointInfo:
         """The committed checkpoint ``name`` (``step-XXXXXXXX``)."""

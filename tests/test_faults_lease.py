@@ -119,7 +119,12 @@ def test_stale_lease_is_taken_over_and_the_frozen_old_writer_commits_nothing_aft
         before, latest = committed_dirs(store, "ckpt"), read_latest(store, "ckpt")
     finally:
         os.killpg(proc.pid, signal.SIGCONT)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"the resumed writer did not exit; its output:\n{out}") from None
     assert proc.returncode == 3 and "fenced:" in out and "generation 2" in out, out
     assert committed_dirs(store, "ckpt") == before and read_latest(store, "ckpt") == latest
     record = json.loads(_lease_bytes(store))
