@@ -156,3 +156,28 @@ def _wait_for(cond, what: str, timeout_s: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_training_run_holds_the_lease_hands_its_fence_to_the_gang_and_releases_it(s3, s3_url, ray_local, tmp_path):
+    """Through `vitforge run` on a real one-worker gang: done, the lease released (generation 1),
+    and the rank-0 STATUS writes passed the fence; a second run takes generation 2 and skips the stage."""
+    from _shards_util import write_shards
+    from _train_util import TINY_MODEL
+    from pipeline.cli import app
+
+    data = f"{s3_url}-data"
+    write_shards(data, [8, 8])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "leased", "storage": s3_url, "compute": {"workers": 1, "cpus_per_worker": 1},
+                                    "stages": [{"name": "pretrain", "kind": "mae", "data": data, "model": TINY_MODEL,
+                                                "decoder": {"embed_dim": 32, "depth": 1, "num_heads": 4},
+                                                "max_steps": 2, "batch_size": 4, "loader_workers": 0,
+                                                "checkpoint": {"every_steps": 2}}]}))
+    for generation in (1, 2):
+        result = CliRunner().invoke(app, ["run", str(spec)])
+        assert result.exit_code == 0, result.output
+        record = json.loads(Store(f"{s3_url}/leased").get_bytes(LEASE))
+        assert record["generation"] == generation and record["released"] is True
+    status = Store(f"{s3_url}/leased/stages/pretrain").get_json("STATUS.json")
+    assert status["state"] == "done" and status["step"] == 2
