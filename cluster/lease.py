@@ -4,7 +4,8 @@
 
 * :meth:`Lease.acquire` creates it, or takes over one whose heartbeat is older than the stale bound
   (``VITFORGE_LEASE_STALE_S``, default 300 s, above the 120 s storage outage window so a writer
-  waiting out an outage is not declared dead) or that its holder released. A takeover writes
+  waiting out an outage is not declared dead), that its holder released, or whose holder is a dead
+  process of this same host (a ``kill -9``'d driver rerun at once on its machine). A takeover writes
   ``generation + 1``. A live lease raises :class:`LeaseHeldError` naming the holder and the age of
   its heartbeat (``vitforge run`` / ``submit`` exit 2).
 * While held, a daemon thread renews ``heartbeat_at`` every ``stale_s / 10`` (at least 0.2 s).
@@ -206,6 +207,17 @@ class _Cas:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (a reused pid counts as alive: the safe side)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _is_conflict(exc: BaseException) -> bool:
     cur: BaseException | None = exc
     seen: set[int] = set()
@@ -255,6 +267,10 @@ class Lease:
 
     def _refuse_if_live(self, old: LeaseRecord) -> None:
         age = time.time() - old.heartbeat_at
+        if old.host == socket.gethostname() and not _pid_alive(old.pid):
+            log.warning("the lease holder of %s, pid %d on this host, is dead (heartbeat %.0f s old): taking over",
+                        self.store.url, old.pid, age)
+            return
         if age < self.stale_s:
             raise LeaseHeldError(
                 f"run root {self.store.url} is being written by {old.holder()}; its last heartbeat was "

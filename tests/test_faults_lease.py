@@ -50,6 +50,14 @@ def test_live_lease_refuses_a_second_writer_naming_holder_and_age_then_release_h
     assert not first.renew() and first.lost.is_set()
 
 
+def test_the_lease_of_a_driver_killed_with_9_on_this_host_is_taken_over_at_once(root):
+    code = (f"import sys, os; sys.path.insert(0, {REPO!r}); from cluster.lease import Lease; "
+            f"from cluster.storage import Store; Lease(Store({root!r}), stale_s=3600).acquire(); "
+            "os.kill(os.getpid(), 9)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == -signal.SIGKILL
+    assert Lease(Store(root), stale_s=3600).acquire().generation == 2  # no wait for the hour-long bound
+
+
 def test_two_writers_racing_for_a_fresh_root_get_one_lease(root):
     a, b = Lease(Store(root), stale_s=60), Lease(Store(root), stale_s=60)
     # b read "absent" too, but a created it first: b's conditional create (If-None-Match / O_EXCL) must fail
