@@ -19,15 +19,56 @@ OUTAGE_ENV = "VITFORGE_STORAGE_OUTAGE_S"
 
 
 class StorageError(RuntimeError):
-    """A storage operation failed in a way the user must act on. The message is secret-free."""
+    """A storage operation failed in a way the user must act on. The message is secret-free.
+
+    ``permanent`` errors cannot clear by retrying (a worker gang is not restarted for them, see
+    ``cluster/gang.py``).
+    """
+
+    permanent = False
 
 
 class StorageAuthError(StorageError):
-    """Credentials were refused or lack permission (HTTP 401/403). Never retried."""
+    """Credentials were refused or lack permission (HTTP 401/403), or none were found. Never retried."""
+
+    permanent = True
 
 
 class StorageNotFoundError(StorageError):
     """A bucket does not exist. (A missing *object* raises the builtin ``FileNotFoundError``.)"""
+
+    permanent = True
+
+
+class StorageClockSkewError(StorageError):
+    """The store refused a request because this machine's clock is too far from its own (RequestTimeTooSkewed)."""
+
+    permanent = True
+
+
+class StorageUnreachableError(StorageError):
+    """An endpoint never reached (in this process or the driver that started it) still refuses connections."""
+
+    permanent = True
+
+
+FIRST_CONTACT_ENV = "VITFORGE_STORAGE_FIRST_CONTACT_S"
+REACHED_ENV = "VITFORGE_STORE_REACHED"  # endpoints that answered; inherited by child processes and Ray workers
+
+
+def _reached() -> set[str]:
+    return set(filter(None, os.environ.get(REACHED_ENV, "").split(",")))
+
+
+def mark_reached(endpoint: str | None) -> None:
+    """Record that ``endpoint`` answered (it gets the full outage window from now on, here and in children)."""
+    if endpoint and endpoint not in _reached():
+        os.environ[REACHED_ENV] = ",".join(sorted(_reached() | {endpoint}))
+
+
+def _first_contact_s() -> float:
+    raw = os.environ.get(FIRST_CONTACT_ENV, "").strip()
+    return float(raw) if raw else 15.0
 
 
 def _default_outage_s() -> float:
@@ -71,7 +112,7 @@ def credential_source(storage_options: dict[str, Any] | None = None) -> str:
 
 # ---- retries ----------------------------------------------------------------------------
 
-_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed",
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
                     "Throttling", "ThrottlingException", "TooManyRequests", "OperationAborted",
                     "XAmzContentSHA256Mismatch", "BadDigest", "IncompleteBody"}
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "InvalidToken",
@@ -81,6 +122,9 @@ _TRANSIENT_TYPES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTim
                     "ConnectionError", "ProxyConnectionError", "ClientConnectorError", "ServerDisconnectedError",
                     "ClientOSError", "ClientPayloadError", "ServerTimeoutError", "SocketTimeoutError",
                     "ConnectionTimeoutError", "IncompleteReadError", "ResponseStreamingError", "FSTimeoutError"}
+_CONNECT_TYPES = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ClientConnectorDNSError",
+                  "ProxyConnectionError", "ConnectionRefusedError", "gaierror"}
+_NO_CREDENTIALS_TYPES = {"NoCredentialsError", "PartialCredentialsError"}
 _AUTH_TYPES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
                "ProfileNotFound", "UnauthorizedSSOTokenError", "SSOTokenLoadError"}
 
@@ -97,8 +141,22 @@ def _error_code(exc: BaseException) -> tuple[str | None, int | None]:
     return (str(code) if code else None), (int(status) if status else None)
 
 
+def _in_chain(exc: BaseException, names: set[str]) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if type(cur).__name__ in names:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def classify(exc: BaseException) -> str:
-    """'auth', 'missing', 'transient' or 'fatal' for an exception raised by fsspec/s3fs/botocore.
+    """'skew', 'auth', 'missing', 'transient' or 'fatal' for an exception raised by fsspec/s3fs/botocore.
+
+    Clock skew (``RequestTimeTooSkewed``, a 403 on GET/PUT; HEAD requests carry no body and are
+    plain 403s) is looked for in the whole chain before any 403 counts as a permission error.
 
     What s3fs 2026.9 / aiobotocore 3.10 raise against a real server (SeaweedFS), checked by hand:
 
@@ -114,6 +172,13 @@ def classify(exc: BaseException) -> str:
     """
     seen: set[int] = set()
     cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if _error_code(cur)[0] == "RequestTimeTooSkewed":
+            return "skew"
+        cur = cur.__cause__ or cur.__context__
+    seen = set()
+    cur = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         code, status = _error_code(cur)
@@ -133,25 +198,54 @@ def classify(exc: BaseException) -> str:
 
 
 def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, bucket: str | None = None,
-                 source: str | None = None) -> T:
+                 source: str | None = None, endpoint: tuple[str, str] | None = None) -> T:
     """Run ``fn``, retrying transient faults with exponential backoff for the outage window.
 
     Raises :class:`StorageAuthError` at once on 401/403 (naming ``bucket`` and where the
-    credentials came from, ``source`` or :func:`credential_source`), :class:`StorageNotFoundError`
-    for a missing bucket, the original ``FileNotFoundError`` for a missing object, and
-    :class:`StorageError` when the window is used up or the fault is not transient.
+    credentials came from, ``source`` or :func:`credential_source`; no credentials at all is its
+    own message), :class:`StorageClockSkewError` on ``RequestTimeTooSkewed``,
+    :class:`StorageNotFoundError` for a missing bucket, the original ``FileNotFoundError`` for a
+    missing object, and :class:`StorageError` when the window is used up or the fault is not
+    transient. ``endpoint`` = (URL, where it came from): an endpoint that never answered (here or
+    in the process that started this one, :data:`REACHED_ENV`) and refuses connections fails with
+    :class:`StorageUnreachableError` after ``$VITFORGE_STORAGE_FIRST_CONTACT_S`` (15 s), not the
+    outage window, which is for a store that answered before.
     """
-    deadline = time.monotonic() + policy.outage_window_s
+    start = time.monotonic()
+    deadline = start + policy.outage_window_s
     backoff = policy.first_backoff_s
     attempt = 0
     while True:
         attempt += 1
         try:
-            return fn()
+            out = fn()
+            if endpoint:
+                mark_reached(endpoint[0])
+            return out
         except StorageError:
             raise
         except Exception as exc:  # classify, then retry or translate
             kind = classify(exc)
+            never_connected = _in_chain(exc, _CONNECT_TYPES)
+            if endpoint and not never_connected:
+                mark_reached(endpoint[0])  # it answered (an error reply is an answer)
+            if kind == "skew":
+                raise StorageClockSkewError(
+                    f"the store refused to {what}: this machine's clock differs from the server's by more than it "
+                    f"allows (RequestTimeTooSkewed; S3 allows 15 minutes). Synchronise the clock (NTP, chrony, "
+                    f"`timedatectl set-ntp true`) and run again.") from None
+            if kind == "auth" and _in_chain(exc, _NO_CREDENTIALS_TYPES):
+                raise StorageAuthError(
+                    f"no S3 credentials found while trying to {what}: set AWS_ACCESS_KEY_ID and "
+                    f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (a profile in ~/.aws/credentials), or run where an "
+                    f"instance role provides them.") from None
+            if (kind == "transient" and endpoint and never_connected and endpoint[0] not in _reached()
+                    and time.monotonic() + backoff > start + _first_contact_s()):
+                raise StorageUnreachableError(
+                    f"could not connect to the S3 endpoint {endpoint[0]} (from {endpoint[1]}) while trying to "
+                    f"{what}: {type(exc).__name__} for {time.monotonic() - start:.0f} s, and it never answered. "
+                    f"Check the endpoint URL and that the server is up; the outage window ({OUTAGE_ENV}) applies "
+                    f"only to a store that answered before ({FIRST_CONTACT_ENV} sets this bound).") from None
             if kind == "auth":
                 raise StorageAuthError(_auth_message(exc, what, bucket, source)) from None
             if kind == "missing":

@@ -73,6 +73,33 @@ def prepare_client(fs: Any) -> Any:
     return client
 
 
+def explain_bare_403(fs: Any, bucket: str, exc: BaseException) -> None:
+    """A 403 without an error code (HEAD replies carry no body) cannot tell a refused identity from a
+    skewed clock: ask with a GET of a key that does not exist, whose reply has a code, and raise
+    ``RequestTimeTooSkewed`` from it when that is the reason (else return and let ``exc`` stand)."""
+    code = (getattr(exc.__cause__, "response", None) or {}).get("Error", {}).get("Code")
+    if code not in (None, "403"):
+        return
+    try:
+        fs.call_s3("get_object", Bucket=bucket, Key=".vitforge-probe/clock")
+    except Exception as probe:
+        if _error_code(probe.__cause__ or probe)[0] == "RequestTimeTooSkewed":
+            raise probe  # keeps its own cause, the coded ClientError
+
+
+def endpoint_source(storage_options: dict[str, Any] | None = None) -> str:
+    """Where the S3 endpoint comes from, in words (for error messages)."""
+    opts = storage_options or {}
+    if (opts.get("client_kwargs") or {}).get("endpoint_url") and not (
+            os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")):
+        return "storage_options client_kwargs.endpoint_url"
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return f"environment variable {var}"
+    profile = opts.get("profile") or os.environ.get("AWS_PROFILE")
+    return f"AWS profile {profile!r} (endpoint_url), else AWS's default" if profile else "AWS's default endpoint"
+
+
 def endpoint_of(fs: Any) -> str:
     """The S3 endpoint an s3fs filesystem talks to ("aws" when it uses AWS's own)."""
     return str((getattr(fs, "client_kwargs", None) or {}).get("endpoint_url") or "aws")

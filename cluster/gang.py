@@ -8,6 +8,12 @@ so after a worker dies ``FailureConfig(max_failures=k)`` restarts the whole gang
 function itself continues from the last committed checkpoint. ``storage_path`` holds only Ray's
 bookkeeping.
 
+Errors that cannot clear are not retried: a worker whose function raises an exception marked
+``permanent = True`` (permission denied, a missing bucket, clock skew, a lost run lease: see
+``cluster/storage.py``) records its first cause in Ray's internal KV store before it dies; the
+gang Ray Train restarts for it returns at once, and :func:`run_gang` raises
+:class:`GangFatalError` with that cause (``FailureConfig`` is for lost workers, not for these).
+
 Placement is bounded: a gang that cannot be placed (e.g. after a node was lost and the cluster
 has too few CPUs/GPUs left) raises :class:`GangPlacementError` after ``start_timeout_s``
 (``VITFORGE_GANG_START_TIMEOUT_S``, default 600 s) instead of waiting forever. Ray Train waits
@@ -39,6 +45,10 @@ class GangFailedError(RuntimeError):
     """The gang failed more often than ``max_failures`` allows."""
 
 
+class GangFatalError(GangFailedError):
+    """A worker failed with an error that cannot clear by restarting (its first cause is the message)."""
+
+
 class GangPlacementError(GangFailedError):
     """The gang's workers could not be placed on the cluster within ``start_timeout_s``."""
 
@@ -66,8 +76,31 @@ def _worker_entry(config: dict[str, Any]) -> None:
     os.environ["VITFORGE_NODE_ID"] = ray.get_runtime_context().get_node_id()
     if not config["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    result = config["fn"](config["job"])
+    fatal = _fatal_cause(config["fatal_key"])
+    if fatal is not None:  # an earlier attempt hit an error that cannot clear: do not run again
+        ray.train.report({"fatal": fatal, "rank": context.get_world_rank()})
+        return
+    try:
+        result = config["fn"](config["job"])
+    except BaseException as exc:
+        if getattr(exc, "permanent", False):
+            _record_fatal(config["fatal_key"], f"rank {context.get_world_rank()}: {type(exc).__name__}: {exc}")
+        raise
     ray.train.report({"result": result, "rank": context.get_world_rank()})
+
+
+def _fatal_cause(key: str) -> str | None:
+    from ray.experimental import internal_kv
+
+    value = internal_kv._internal_kv_get(key)
+    return value.decode() if value else None
+
+
+def _record_fatal(key: str, cause: str) -> None:
+    """Keep the *first* permanent cause (later ranks' errors are usually its consequences)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(key, cause[-4000:].encode(), overwrite=False)
 
 
 def run_gang(fn: Callable[[dict[str, Any]], Any], job: dict[str, Any], spec: GangSpec) -> Any:
@@ -79,11 +112,16 @@ def run_gang(fn: Callable[[dict[str, Any]], Any], job: dict[str, Any], spec: Gan
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    import uuid
+
+    from ray.experimental import internal_kv
+
     use_gpu = spec.gpus_per_worker > 0
+    fatal_key = f"vitforge-gang-fatal-{uuid.uuid4().hex}"
     resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"fn": fn, "job": job, "env": dict(spec.env), "use_gpu": use_gpu},
+        train_loop_config={"fn": fn, "job": job, "env": dict(spec.env), "use_gpu": use_gpu, "fatal_key": fatal_key},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=spec.name, storage_path=spec.storage_path or _default_storage(),
                              failure_config=FailureConfig(max_failures=spec.max_failures,
@@ -95,7 +133,14 @@ def run_gang(fn: Callable[[dict[str, Any]], Any], job: dict[str, Any], spec: Gan
     except ray.train.TrainingFailedError as exc:
         if _is_placement_timeout(exc):
             raise GangPlacementError(_placement_message(spec, resources)) from exc
+        if (fatal := _fatal_cause(fatal_key)) is not None:
+            raise GangFatalError(f"gang {spec.name!r} stopped on an error that cannot clear: {fatal}") from None
         raise GangFailedError(f"gang {spec.name!r} failed {spec.max_failures + 1} time(s): {exc}") from exc
+    finally:
+        fatal = _fatal_cause(fatal_key)
+        internal_kv._internal_kv_del(fatal_key)
+    if fatal is not None:
+        raise GangFatalError(f"gang {spec.name!r} stopped on an error that cannot clear: {fatal}")
     error = getattr(result, "error", None)
     if error is not None:
         raise GangFailedError(f"gang {spec.name!r} failed: {error}") from error

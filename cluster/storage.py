@@ -45,14 +45,15 @@ from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 import fsspec
 
-from ._retry import (OUTAGE_ENV, RetryPolicy, StorageAuthError, StorageError, StorageNotFoundError,
-                     _SECRETS, classify, credential_source, with_retries)
-from ._s3 import BUCKETS_SEEN, MiB, delete_objects, endpoint_of, prepare_client, put_object, put_small, s3_options
+from ._retry import (OUTAGE_ENV, RetryPolicy, StorageAuthError, StorageClockSkewError, StorageError,
+                     StorageNotFoundError, StorageUnreachableError, _SECRETS, classify, credential_source, with_retries)
+from ._s3 import (BUCKETS_SEEN, MiB, delete_objects, endpoint_of, endpoint_source, explain_bare_403, prepare_client,
+                  put_object, put_small, s3_options)
 
 __all__ = ["COMMITTED", "LATEST", "MiB", "OUTAGE_ENV", "RetryPolicy", "RetryingReader", "StorageAuthError",
-           "StorageError", "StorageNotFoundError", "Store", "TransferConfig", "classify", "commit",
-           "committed_dirs", "credential_source", "is_committed", "local_staging", "read_latest", "with_retries",
-           "write_latest"]
+           "StorageClockSkewError", "StorageError", "StorageNotFoundError", "StorageUnreachableError", "Store", "TransferConfig", "classify", "commit",
+           "CorruptRecordError", "committed_dirs", "credential_keys", "credential_source", "is_committed", "local_staging", "read_latest", "register_fence",
+           "with_retries", "write_latest"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,43 @@ T = TypeVar("T")
 
 COMMITTED = "COMMITTED"
 LATEST = "latest"
+
+
+class CorruptRecordError(StorageError, ValueError):
+    """A JSON record in the store (manifest, STATUS.json, eval.json, COMMITTED, ...) does not parse."""
+
+# root path -> check(what) raising when this process no longer holds the lease of that root
+# (cluster/lease.py installs them; commits, ``latest``, deletes and STATUS writes call them)
+_FENCES: dict[str, Callable[[str], None]] = {}
+
+
+_CREDENTIAL_WORDS = ("secret", "token", "password", "passwd", "access_key", "accesskey", "credential",
+                     "account_key", "sas", "private_key", "api_key", "apikey")
+_CREDENTIAL_NAMES = {"key", "token", "secret", "username", "user", "auth"}
+
+
+def credential_keys(options: Any, prefix: str = "storage_options") -> list[str]:
+    """Dotted paths of keys in fsspec ``options`` (nested dicts too) that carry credentials.
+
+    s3fs's ``key`` / ``secret`` / ``token``, botocore's ``aws_secret_access_key`` /
+    ``aws_session_token`` in ``client_kwargs``, and anything named like a password, token or key
+    of another backend. Credentials belong in AWS_* variables or profiles, never in a spec.
+    """
+    out: list[str] = []
+    if isinstance(options, dict):
+        for k, v in options.items():
+            path, name = f"{prefix}.{k}", str(k).lower()
+            if name in _CREDENTIAL_NAMES or any(w in name for w in _CREDENTIAL_WORDS):
+                out.append(path)
+            else:
+                out += credential_keys(v, path)
+    return out
+
+
+def register_fence(root_path: str, check: Callable[[str], None]) -> Callable[[], None]:
+    """Make :meth:`Store.check_fence` under ``root_path`` call ``check``; returns the un-register function."""
+    _FENCES[root_path.rstrip("/")] = check
+    return lambda: _FENCES.pop(root_path.rstrip("/"), None) if _FENCES.get(root_path.rstrip("/")) is check else None
 
 
 @dataclass(frozen=True)
@@ -153,10 +191,26 @@ class Store:
         def attempt() -> T:
             if self.protocol == "s3" and bucket:
                 self._check_bucket(bucket)  # also prepares the client (self.fs)
+                try:
+                    return fn()
+                except PermissionError as exc:
+                    explain_bare_403(self.fs, bucket, exc)
+                    raise
             return fn()
 
         return with_retries(attempt, what=f"{what} {self.url_of(rel)}", policy=self.retry, bucket=bucket,
-                            source=credential_source(self._storage_options) if bucket else None)
+                            source=credential_source(self._storage_options) if bucket else None,
+                            endpoint=self._endpoint() if bucket else None)
+
+    def _endpoint(self) -> tuple[str, str]:
+        """(endpoint URL, where it came from) of an S3 store, for :func:`with_retries`."""
+        opts = self._storage_options
+        return (str((opts.get("client_kwargs") or {}).get("endpoint_url") or "aws"), endpoint_source(opts))
+
+    def check_bucket(self) -> None:
+        """Raise the store's classified error if the root's bucket is missing or unreachable (no-op off S3)."""
+        if self.protocol == "s3" and self.bucket:
+            self._call("check the bucket of", "", lambda: None)
 
     def _check_bucket(self, bucket: str) -> None:
         """Raise :class:`StorageNotFoundError` for a bucket that does not exist (once per process).
@@ -178,6 +232,13 @@ class Store:
             ) from None
         BUCKETS_SEEN.add(key)
 
+    def check_fence(self, rel: str = "", what: str = "write") -> None:
+        """Raise (``cluster.lease.LeaseLostError``) if this process lost the lease of a run root above ``rel``."""
+        path = self.path(rel)
+        for root, check in list(_FENCES.items()):
+            if path == root or path.startswith(root + "/"):
+                check(f"{what} {self.url_of(rel)}")
+
     # ---- reads --------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         return self._call("check", rel, lambda: self.fs.exists(self.path(rel)))
@@ -187,7 +248,14 @@ class Store:
         return self._call("read", rel, lambda: self.fs.cat_file(self.path(rel)))
 
     def get_json(self, rel: str) -> Any:
-        return json.loads(self.get_bytes(rel))
+        """The object parsed as JSON; :class:`CorruptRecordError` (naming it) when it does not parse."""
+        data = self.get_bytes(rel)
+        try:
+            return json.loads(data)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise CorruptRecordError(
+                f"{self.url_of(rel)} is corrupt: it does not parse as JSON ({exc}; {len(data)} bytes). Writes are "
+                "whole-object, so it is not being written: it was damaged or truncated") from None
 
     def get_file(self, rel: str, local_path: str) -> None:
         """Download ``rel`` to ``local_path`` (written to a temp name, then renamed)."""
@@ -293,7 +361,9 @@ class Store:
         """Delete ``rel`` (everything under it too when ``recursive``). Missing is fine.
 
         On S3, per-key errors inside a DeleteObjects reply (s3fs ignores them) are raised.
+        A writer that lost its run root's lease deletes nothing (:meth:`check_fence`).
         """
+        self.check_fence(rel, "delete")
         if self.protocol == "s3":
             self._call("delete", rel, lambda: delete_objects(self, rel, recursive))
             return
@@ -395,7 +465,8 @@ def _replace_local(local_path: str, dest: str) -> None:
 
 
 def commit(store: Store, dir_rel: str, meta: dict[str, Any] | None = None) -> None:
-    """Mark ``dir_rel`` complete. Call only after every file in it was uploaded."""
+    """Mark ``dir_rel`` complete. Call only after every file in it was uploaded (fenced: see cluster/lease.py)."""
+    store.check_fence(dir_rel, "commit")
     store.put_json(posixpath.join(dir_rel, COMMITTED), {"committed_at": time.time(), **(meta or {})})
 
 
@@ -413,7 +484,20 @@ def write_latest(store: Store, parent_rel: str, name: str) -> None:
     """Point ``parent_rel/latest`` at ``name``. Refuses a name that is not committed."""
     if not is_committed(store, posixpath.join(parent_rel, name)):
         raise StorageError(f"refusing to point {store.url_of(parent_rel)}/latest at uncommitted {name!r}")
+    store.check_fence(parent_rel, "update latest of")
     store.put_bytes(posixpath.join(parent_rel, LATEST), (name + "\n").encode())
+
+
+def plain_name(name: str, prefix: str = "") -> bool:
+    """A single path component (no ``/``, ``\\``, ``..``), starting with ``prefix``: what ``latest`` may name."""
+    return bool(name) and name.startswith(prefix) and name not in (".", "..") and not any(
+        c in name for c in "/\\\0") and name.isprintable()
+
+
+def confined_rel(rel: str) -> bool:
+    """A relative path that stays inside its directory (no absolute path, no ``..``, no empty parts)."""
+    parts = rel.split("/")
+    return bool(rel) and "\\" not in rel and "\0" not in rel and all(p not in ("", ".", "..") for p in parts)
 
 
 def read_latest(store: Store, parent_rel: str, prefix: str = "") -> str | None:
@@ -424,7 +508,11 @@ def read_latest(store: Store, parent_rel: str, prefix: str = "") -> str | None:
     """
     pointer = posixpath.join(parent_rel, LATEST)
     with contextlib.suppress(FileNotFoundError):
-        name = store.get_bytes(pointer).decode().strip()
+        name = store.get_bytes(pointer).decode(errors="replace").strip()
+        if name and not plain_name(name, prefix):
+            log.warning("ignoring %s: %r is not a plain %s* name inside %s", store.url_of(pointer), name[:200],
+                        prefix, store.url_of(parent_rel))
+            name = ""
         if name and is_committed(store, posixpath.join(parent_rel, name)):
             newest = committed_dirs(store, parent_rel, prefix)
             return max([name, *newest])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import IO, Iterable
 
 from cluster.storage import Store, StorageNotFoundError, classify
+from dataprep._bounds import HashingReader, member_cap
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ def unsafe_member_name(name: str) -> bool:
 
 def _make_sample(shard: str, index: int, key: str, members: dict[str, bytes]) -> RawSample:
     sample = RawSample(shard, index, key)
+    if "_refused" in members:
+        sample.error = members["_refused"].decode()
+        return sample
     if unsafe_member_name(key):
         sample.error = "unsafe member name (absolute or containing '..'): refused"
         return sample
@@ -78,11 +82,13 @@ def _make_sample(shard: str, index: int, key: str, members: dict[str, bytes]) ->
     return sample
 
 
-def parse_shard(fileobj: IO[bytes], shard: str, needed: set[int], expected: int) -> dict[int, RawSample]:
+def parse_shard(fileobj: IO[bytes], shard: str, needed: set[int], expected: int,
+                max_member: int | None = None) -> dict[int, RawSample]:
     """The needed samples of one tar, by index. Unreadable ones come back with ``error`` set.
 
     Reading stops after the largest needed index. A truncated or garbled tar marks the sample
-    being read and every needed sample after it (up to ``expected``) as errors.
+    being read and every needed sample after it (up to ``expected``) as errors. A member whose
+    header claims more than ``max_member`` bytes is refused without reading it (its sample errs).
     """
     out: dict[int, RawSample] = {}
     last = max(needed) if needed else -1
@@ -100,6 +106,11 @@ def parse_shard(fileobj: IO[bytes], shard: str, needed: set[int], expected: int)
                     index, key, members = index + 1, mkey, {}
                     if index > last:
                         break
+                if index in needed and max_member is not None and member.size > max_member:
+                    members.setdefault("_refused", f"member {member.name!r} claims {member.size} bytes, more than "
+                                                   f"the cap of {max_member} (the shard's size, or "
+                                                   "VITFORGE_MAX_MEMBER_BYTES): refused unread".encode())
+                    continue
                 if index in needed:
                     data = tar.extractfile(member).read()
                     if len(data) != member.size:
@@ -112,8 +123,9 @@ def parse_shard(fileobj: IO[bytes], shard: str, needed: set[int], expected: int)
         if isinstance(exc, FileNotFoundError) or classify(exc) == "transient":
             raise  # a network fault is not a bad shard: the caller retries the read
         failure = f"shard is truncated or corrupt after {max(index, 0)} complete samples ({type(exc).__name__}: {exc})"
-        if index in needed:
-            out[index] = RawSample(shard, index, key, error=failure)
+        if index in needed:  # a refused member's own reason first: skipping past it is what failed
+            out[index] = _make_sample(shard, index, key, members) if "_refused" in members else \
+                RawSample(shard, index, key, error=failure)
     for i in needed:
         if i not in out:
             reason = failure or f"shard has fewer samples than the manifest's {expected} (ends after {index + 1})"
@@ -205,7 +217,13 @@ class ShardCache:
                 continue  # a download's temp file: its reservation already counts it
             if self._RESERVED in entry:
                 with contextlib.suppress(ValueError, IndexError):
-                    reserved += int(entry.split(self._RESERVED, 1)[1].split("-", 1)[0].split(".", 1)[0])
+                    size_s, pid_s = entry.split(self._RESERVED, 1)[1].split("-")[:2]
+                    if not _pid_alive(int(pid_s)):  # a download killed with -9: its claim is void
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(full)
+                        log.info("shard cache: reclaimed the reservation of dead process %s (%s)", pid_s, entry)
+                        continue
+                    reserved += int(size_s)
             else:
                 with contextlib.suppress(FileNotFoundError):
                     st = os.stat(full)
@@ -225,6 +243,17 @@ class ShardCache:
                    if not e.endswith(".lock") and ".part-" not in e and self._RESERVED not in e)
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this host exists (the cache directory is node-local, so its pids are ours)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass(frozen=True)
 class ShardRef:
     name: str
@@ -237,8 +266,10 @@ class ShardSource:
     """Opens shards of one manifest directory: from the cache when there is one, else streamed."""
 
     def __init__(self, root_url: str, storage_options: dict | None, cache: ShardCache | None,
-                 block_size: int = 8 << 20) -> None:
+                 block_size: int = 8 << 20, verify: bool = True, max_member_bytes: int | None = None) -> None:
         self.root_url, self.storage_options, self.cache, self.block_size = root_url, storage_options, cache, block_size
+        self.verify, self.max_member_bytes = verify, max_member_bytes  # sha256 against the manifest; member cap
+        self.mismatched: set[str] = set()
         self._store: Store | None = None
         self._pid = -1
         self.bytes_read = 0
@@ -272,20 +303,17 @@ class ShardSource:
                 raise MissingShardError(f"shard {self.store.url_of(shard.name)} is listed in the manifest but does "
                                         "not exist; re-run the prep stage or fix the manifest") from None
         with handle:
-            counted = _CountingReader(handle)
-            out = parse_shard(counted, shard.name, needed, shard.samples)
+            counted = HashingReader(handle)
+            out = parse_shard(counted, shard.name, needed, shard.samples, member_cap(shard.bytes, self.max_member_bytes))
+            actual = counted.finish_hash() if self.verify and shard.sha256 else None
             self.bytes_read += counted.count
+        if actual is not None and actual != shard.sha256:
+            # nothing of a shard that is not the one prep wrote is served: every needed sample errs
+            reason = (f"shard {self.store.url_of(shard.name)} does not match the manifest's sha256 (expected "
+                      f"{shard.sha256[:16]}..., read {actual[:16]}...): changed after prep; re-run the prep stage")
+            self.mismatched.add(shard.name)
+            return {i: RawSample(shard.name, i, s.key, error=reason) for i, s in out.items()}
         return out
-
-
-class _CountingReader:
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw, self.count = raw, 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.count += len(data)
-        return data
 
 
 class SampleFetcher:

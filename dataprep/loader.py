@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from dataprep._bounds import MAX_PIXELS_DEFAULT, pixels_of
 from dataprep._decode import decode
 from dataprep._order import Plan, epoch_order, rank_stream, sample_seed, shard_offsets
 from dataprep._shards import MissingShardError, ShardCache, ShardError, ShardRef, ShardSource, SampleFetcher
@@ -46,6 +48,20 @@ log = logging.getLogger(__name__)
 __all__ = ["StreamingLoader", "ShardError", "MissingShardError"]
 
 STATE_VERSION = 1
+SKIP_BUDGET_ENV = "VITFORGE_SKIP_BUDGET"  # a fraction of an epoch (< 1) or a number of samples (>= 1)
+_DEFAULT_BUDGET = -1.0  # sentinel: $VITFORGE_SKIP_BUDGET, else 0.001
+
+
+def _skip_budget(budget: float | None, epoch_samples: int) -> int | None:
+    """Skipped samples allowed per epoch: ``budget`` as a fraction (< 1) or a count (>= 1); None: unlimited."""
+    if budget == _DEFAULT_BUDGET:
+        raw = os.environ.get(SKIP_BUDGET_ENV, "").strip()
+        budget = None if raw.lower() in ("none", "off") else float(raw) if raw else 0.001
+    if budget is None:
+        return None
+    if budget < 0:
+        raise ValueError(f"skip_budget must be >= 0 (a fraction of an epoch or a count), got {budget}")
+    return int(budget * epoch_samples) if budget < 1 else int(budget)
 
 
 @dataclass(frozen=True)
@@ -59,10 +75,14 @@ class _ReadSpec:
     cache_limit_bytes: int | None
     block_size: int
     readahead_shards: int
+    verify_shards: bool = True
+    max_member_bytes: int | None = None
+    max_pixels: int = MAX_PIXELS_DEFAULT
 
     def fetcher(self, plan: list[tuple[int, int]]) -> SampleFetcher:
         cache = ShardCache(self.cache_dir, self.cache_limit_bytes) if self.cache_dir else None
-        source = ShardSource(self.root_url, self.storage_options, cache, self.block_size)
+        source = ShardSource(self.root_url, self.storage_options, cache, self.block_size, self.verify_shards,
+                             self.max_member_bytes)
         return SampleFetcher(source, list(self.shards), plan, self.readahead_shards)
 
 
@@ -123,6 +143,9 @@ class _RankBatches(IterableDataset):
         try:
             if raw.error:
                 raise ValueError(raw.error)
+            if (pixels := pixels_of(raw.image, raw.ext)) and pixels > self.spec.max_pixels:
+                raise ValueError(f"image of {pixels} pixels is over the limit of {self.spec.max_pixels} (prep's "
+                                 "max_pixels): a decompression bomb, refused undecoded")
             img = decode(raw.image, raw.ext, self.image_type)
         except Exception as exc:  # any codec error means a corrupt sample; policy decides
             where = f"shard {raw.shard!r} sample #{raw.index} key {raw.key!r}"
@@ -211,7 +234,14 @@ class StreamingLoader:
     same batch (flagged in ``pad``; counted in ``stats["skipped"]``; logged with shard and key; a
     batch without a single readable sample raises :class:`ShardError`),
     ``"fail"`` raises :class:`ShardError` naming shard and key. A shard missing from the store
-    always raises :class:`MissingShardError`.
+    always raises :class:`MissingShardError`. ``skip_budget``: skipped samples allowed per epoch
+    (per rank), a fraction of the epoch (< 1) or a count; default ``$VITFORGE_SKIP_BUDGET`` or
+    0.001; beyond it :class:`ShardError` names the shards; ``None``: no limit.
+    ``verify_shards``: each shard's sha256 is checked against the manifest while it is streamed
+    (read to its end once); a mismatch makes every sample of it unreadable (``skip``: skipped and
+    counted; ``fail``: an error naming the shard). A tar member larger than the shard's size in the
+    manifest (or ``max_member_bytes``) is refused unread; an image over ``max_pixels`` (prep's limit)
+    is refused undecoded.
     ``subset``: serve only these sample ids of the split (indices in manifest order, e.g. a
     labelled subset from :func:`dataprep.labels.label_subset`). The epoch order is the full one
     with every other id left out, so order, resume and re-splitting work as without it; the
@@ -228,13 +258,15 @@ class StreamingLoader:
                  storage_options: dict | None = None, window_shards: int = 4, readahead_shards: int = 4,
                  block_size: int = 8 << 20, image_type: str = "tensor", prefetch_factor: int = 2,
                  timeout: float = 0, multiprocessing_context: Any = None,
-                 subset: Sequence[int] | np.ndarray | None = None) -> None:
+                 subset: Sequence[int] | np.ndarray | None = None, skip_budget: float | None = _DEFAULT_BUDGET,
+                 verify_shards: bool = True, max_member_bytes: int | None = None,
+                 max_pixels: int = MAX_PIXELS_DEFAULT) -> None:
         _check_args(batch_size, rank, world_size, partial, on_error, image_type, window_shards)
         manifest, store = load_manifest(manifest_url, storage_options)
         shards = tuple(ShardRef(s.name, s.samples, s.bytes, s.sha256) for s in manifest.split(split).shards)
         self.manifest, self.split = manifest, split
         self.spec = _ReadSpec(store.url, storage_options, shards, cache_dir, cache_limit_bytes, block_size,
-                              readahead_shards)
+                              readahead_shards, verify_shards, max_member_bytes, max_pixels)
         self.counts = [s.samples for s in shards]
         self._keep, self.subset_digest = _subset_mask(subset, int(sum(self.counts)), split, resample)
         self.num_samples = int(sum(self.counts)) if self._keep is None else int(self._keep.sum())
@@ -247,6 +279,8 @@ class StreamingLoader:
         if num_workers > 0:
             self._dl_kwargs["prefetch_factor"] = prefetch_factor
         self.stats = {"batches": 0, "samples": 0, "padded": 0, "skipped": 0, "bytes_read": 0}
+        self.skip_budget = _skip_budget(skip_budget, int(sum(self.counts)))  # samples per epoch, None: no limit
+        self._epoch_skipped: list[str] = []
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._generation = 0
         self._start_epoch(0)
@@ -275,6 +309,7 @@ class StreamingLoader:
         self._start_epoch(epoch)
 
     def _start_epoch(self, epoch: int) -> None:
+        self._epoch_skipped = []
         self._epoch, self._plan = epoch, Plan.full(self.num_samples, self.world_size)
         self._held = self._served_out = False
         self._generation += 1
@@ -366,6 +401,14 @@ class StreamingLoader:
         self.stats["samples"] += len(batch["key"])
         self.stats["padded"] += int(batch["pad"].sum())
         self.stats["skipped"] += len(skipped)
+        self._epoch_skipped += skipped
+        if self.skip_budget is not None and len(self._epoch_skipped) > self.skip_budget:
+            shards = sorted({s.rsplit(":", 1)[0] for s in self._epoch_skipped})
+            raise ShardError(
+                f"{len(self._epoch_skipped)} unreadable samples skipped in epoch {self._epoch} on rank {self.rank}, "
+                f"over the skip budget of {self.skip_budget} per epoch ({SKIP_BUDGET_ENV}, default 0.1% of the "
+                f"epoch's {int(sum(self.counts))} samples); shards: {', '.join(shards)}. Re-run prep for these "
+                "shards, or raise the budget")
 
 
 def _subset_mask(subset: Sequence[int] | np.ndarray | None, total: int, split: str,

@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.storage import Store, StorageNotFoundError, with_retries
+from cluster.housekeeping import tolerate
+from cluster.storage import CorruptRecordError, Store, StorageNotFoundError
 
 from ._arrays import CHANNELS, ArraySpec
 from ._images import DUPLICATE, REASONS, ImageSpec
@@ -209,10 +210,12 @@ def _start_ray(address: str | None, workers: int | None) -> int:
 
 def _check_bucket(store: Store) -> None:
     """Refuse a DEST bucket that does not exist (some S3 servers would silently create it on write)."""
-    if store.bucket and not with_retries(lambda: store.fs.exists(store.bucket), what=f"check bucket {store.bucket}",
-                                         policy=store.retry, bucket=store.bucket):
+    # the store's own classification: s3fs's exists() answers False to a connection error too
+    try:
+        store.check_bucket()
+    except StorageNotFoundError:
         raise StorageNotFoundError(f"bucket {store.bucket!r} of DEST {store.url} does not exist; create it or fix "
-                                   "the URL")
+                                   "the URL") from None
 
 
 def _check_dest(store: Store, options: PrepOptions, listing: Listing) -> Manifest | None:
@@ -221,7 +224,12 @@ def _check_dest(store: Store, options: PrepOptions, listing: Listing) -> Manifes
         _clear(store)
         return None
     if store.exists(MANIFEST):
-        manifest = Manifest.model_validate(store.get_json(MANIFEST))
+        try:
+            manifest = Manifest.model_validate(store.get_json(MANIFEST))
+        except CorruptRecordError as exc:  # not finished after all: rebuilt from the progress records
+            log.warning("%s; rebuilding it (finished shards are reused)", exc)
+            tolerate("corrupt manifest removal", store.delete, MANIFEST)
+            return _check_dest(store, options, listing)
         if manifest.options_digest == options.digest() and manifest.source.get("fingerprint") == listing.fingerprint:
             return manifest
         raise DestConflictError(_conflict("a finished prep", store, manifest.options, manifest.source, options, listing))

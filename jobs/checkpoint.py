@@ -50,7 +50,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.storage import COMMITTED, RetryPolicy, Store, commit, is_committed, read_latest, write_latest
+from cluster.housekeeping import tolerate
+from jobs._ckpt_verify import confined_files, newest_verified
+from cluster.storage import (COMMITTED, RetryPolicy, Store, commit, committed_dirs, is_committed, read_latest,
+                             write_latest)
 from jobs._ckpt_state import (CheckpointError, CheckpointMismatchError, capture_rng_state, check_compatible,
                               code_version, json_digest, restore_rng_state)
 
@@ -224,15 +227,15 @@ def _read_info(store: Store, name: str) -> CheckpointInfo:
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{store.url_of(name)} is not a committed checkpoint") from None
     return CheckpointInfo(step=int(rec["step"]), name=name, url=store.url_of(name), world_size=int(rec["world_size"]),
-                          files=rec["files"], meta=rec.get("meta", {}), committed_at=float(rec.get("committed_at", 0.0)))
+                          files=confined_files(rec["files"], store.url_of(name)), meta=rec.get("meta", {}), committed_at=float(rec.get("committed_at", 0.0)))
 
 
 def latest_committed(stage_url: str, storage_options: dict[str, Any] | None = None) -> CheckpointInfo | None:
     """The newest committed checkpoint of the stage at ``stage_url``, or None, read without a manager
     (no collective, no staging directory): for a driver, or a rank deciding before its gang is set up."""
     store = Store(stage_url, storage_options=storage_options).child("checkpoints")
-    name = read_latest(store, "", PREFIX)
-    return _read_info(store, name) if name else None
+    return newest_verified(store, read_latest(store, "", PREFIX), lambda: committed_dirs(store, "", PREFIX),
+                           lambda n: _read_info(store, n))
 
 
 class CheckpointManager:
@@ -470,9 +473,10 @@ class CheckpointManager:
                 continue
             if s == newest:
                 continue
-            self.store.delete(f"{n}/{COMMITTED}")       # un-commit first: a half-deleted dir is never visible
-            self.store.delete(n, recursive=True)
-            log.debug("retention removed %s", n)
+            # un-commit first: a half-deleted dir is never visible; a failed delete is a warning (housekeeping)
+            if tolerate("retention delete", self.store.delete, f"{n}/{COMMITTED}") and \
+                    tolerate("retention delete", self.store.delete, n, recursive=True):
+                log.debug("retention removed %s", n)
 
     # ---- flushing ----------------------------------------------------------------------------
     @property
@@ -509,9 +513,10 @@ class CheckpointManager:
 
     # ---- reading -----------------------------------------------------------------------------
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint, or None. Half-written directories are never returned."""
-        name = read_latest(self.store, "", PREFIX)
-        return self.info(name) if name else None
+        """The newest committed checkpoint whose files verify (see jobs/_ckpt_verify.py), or None.
+        Half-written directories are never returned."""
+        return newest_verified(self.store, read_latest(self.store, "", PREFIX),
+                               lambda: committed_dirs(self.store, "", PREFIX), self.info)
 
     def info(self, name: str) -> CheckpointInfo:
         """The committed checkpoint ``name`` (``step-XXXXXXXX``)."""

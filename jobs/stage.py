@@ -21,7 +21,9 @@ import os
 import time
 from typing import Any
 
-from cluster.storage import Store
+from cluster.housekeeping import failures as housekeeping_failures
+from cluster.lease import install_fence
+from cluster.storage import CorruptRecordError, Store
 from jobs.checkpoint import code_version
 
 log = logging.getLogger(__name__)
@@ -62,13 +64,18 @@ def read_status(stage_url: str, storage_options: dict[str, Any] | None = None) -
         return dict(store.get_json(STATUS))
     except FileNotFoundError:
         return {}
+    except CorruptRecordError as exc:  # not done, whatever it said: the stage runs again and rewrites it
+        log.warning("%s", exc)
+        return {"state": "corrupt", "error": str(exc)}
 
 
 def update_status(stage_url: str, storage_options: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
     """Merge ``fields`` into ``STATUS.json`` (one writer at a time: rank 0, or the driver when no gang runs)."""
     status = read_status(stage_url, storage_options)
     status.update(fields, updated_at=time.time())
-    Store(stage_url, storage_options).put_json(STATUS, status)
+    store = Store(stage_url, storage_options)
+    store.check_fence(STATUS, "write")  # a writer that lost the run's lease (cluster/lease.py) writes nothing
+    store.put_json(STATUS, status)
     return status
 
 
@@ -87,6 +94,7 @@ def run_worker(job: dict[str, Any]) -> str:
     from jobs.engine import PreemptionWatch, StageContext, train
 
     rank, world = dist_rank_world()
+    install_fence(job.get("lease"), job.get("storage_options"))  # commits/STATUS refused once the lease is lost
     cfg = stage_config_class(job["stage"]["kind"]).model_validate(job["stage"])
     fault = job.get("fault") or {}
     ctx = StageContext(stage_url=job["stage_url"], data_url=job["data_url"], rank=rank, world_size=world,
@@ -106,6 +114,7 @@ def run_worker(job: dict[str, Any]) -> str:
     if rank == 0:
         update_status(ctx.stage_url, ctx.storage_options, state=result.state, step=result.step,
                       total_steps=result.total_steps, resumed_from=result.resumed_from,
+                      **({"housekeeping_failures": hk} if (hk := housekeeping_failures()) else {}),
                       **({"finished_at": time.time()} if result.state == "done" else {}))
     # no rank leaves before STATUS.json is written: a launcher (torchrun) that sees one rank exit
     # with the preempted status tears the others down at once

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from cluster.storage import Store
+from cluster.storage import CorruptRecordError, Store
 from dataprep.manifest import MANIFEST
 from jobs.evaluate import EVAL_JSON
 from jobs.export import CONFIG as EXPORT_CONFIG
@@ -34,6 +34,8 @@ EXPORT = "export"      # a training stage's output folder
 # stage then resumes on another number of workers, see jobs/reshard.py); gpus_per_worker is not among
 # them (it changes the precision a stage trains in)
 PLACEMENT = ("compute.workers", "compute.cpus_per_worker", "compute.max_failures")
+# how the store is reached (fsspec options, the endpoint in them) may change too: not the run's identity
+ACCESS = ("storage_options",)
 
 
 class RunConflictError(SpecError):
@@ -62,7 +64,19 @@ def is_done(spec: RunSpec, name: str, status: dict[str, Any] | None = None) -> b
     status = read_status(spec.stage_url(name), spec.storage_options) if status is None else status
     if status.get("state") != "done" or status.get("config_digest") != stage.digest():
         return False
-    return Store(spec.stage_url(name), spec.storage_options).exists(output_of(stage.kind))
+    return _record_ok(Store(spec.stage_url(name), spec.storage_options), output_of(stage.kind))
+
+
+def _record_ok(store: Store, rel: str) -> bool:
+    """The stage's final record exists and parses (a corrupt one means the stage is not done: it reruns)."""
+    try:
+        store.get_json(rel)
+        return True
+    except FileNotFoundError:
+        return False
+    except CorruptRecordError as exc:
+        log.warning("%s; the stage runs again", exc)
+        return False
 
 
 def downstream(spec: RunSpec, name: str) -> list[str]:
@@ -84,11 +98,11 @@ def plan_run(spec: RunSpec, restart_from: str | None = None) -> Plan:
     new = yaml.safe_load(dump_spec(spec))
     plan = Plan(first_launch=old is None, reset=downstream(spec, restart_from) if restart_from else [])
     changed = spec_diff(old, new) if old is not None else []
-    moved = [k for k in changed if k in PLACEMENT]
+    moved = [k for k in changed if k in PLACEMENT or k.split(".")[0] in ACCESS]
     if moved:
-        log.info("%s changed since the run started (%s): only where stages run; an interrupted training stage "
+        log.info("%s changed since the run started (%s): only where stages run or how the store is reached; an interrupted training stage "
                  "continues from its checkpoint on the new gang", store.url_of(RUN_YAML), _fmt(moved))
-        changed = [k for k in changed if k not in PLACEMENT]
+        changed = [k for k in changed if k not in moved]
     if changed and restart_from is None:
         raise RunConflictError(
             f"{store.url_of(RUN_YAML)} holds a different spec; changed: {_fmt(changed)}.\n"

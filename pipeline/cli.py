@@ -228,6 +228,7 @@ def submit(
     The job runs `python -m pipeline.cli run SPEC` with this checkout's packages shipped as py_modules (the cluster needs only the dependencies). Without --follow it returns at once: follow it with `vitforge status RUN_ROOT` or `ray job logs JOB_ID --address ADDRESS`. With --follow the exit status is the job's.
     """
     from cluster.jobs_api import JobsAPIError, follow_job
+    from cluster.lease import LeaseHeldError
     from pipeline.spec import SpecError
     from pipeline.submit import submit_spec
 
@@ -236,7 +237,7 @@ def submit(
     try:
         job = submit_spec(spec, address, overrides=set_ or (), restart_from=restart_from,
                           env_from_local=env_from_local)
-    except SpecError as exc:
+    except (SpecError, LeaseHeldError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2)
     except (JobsAPIError, OSError) as exc:
@@ -284,6 +285,7 @@ def _load_spec_or_exit(path: str, overrides: Sequence[str]) -> Any:
 def _run_or_exit(fn: Callable[[], Any]) -> Any:
     """Run a pipeline call: a refused spec (changed run, missing input) exits 2, a failure exits 1."""
     from cluster.gang import GangFailedError
+    from cluster.lease import LeaseHeldError
     from cluster.storage import StorageError
     from dataprep._sources import SourceError
     from dataprep.prep import PrepError
@@ -292,7 +294,7 @@ def _run_or_exit(fn: Callable[[], Any]) -> Any:
 
     try:
         return fn()
-    except SpecError as exc:
+    except (SpecError, LeaseHeldError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2)
     except (StorageError, CheckpointMismatchError, GangFailedError, SourceError, PrepError) as exc:

@@ -33,8 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.gang import GangFailedError, GangSpec, run_gang
+from cluster.housekeeping import failures as housekeeping_failures
+from cluster.housekeeping import tolerate
+from cluster.lease import Lease, fence_for
 from cluster.runtime import ensure_ray
-from cluster.storage import Store
+from cluster.storage import Store, StorageError
 from jobs.checkpoint import check_compatible, code_version, latest_committed
 from jobs.engine import PREEMPT_MARKER
 from jobs.reshard import batch_shape
@@ -65,8 +68,16 @@ def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | 
     the same spec (else :class:`RunConflictError` names the changed keys) unless ``restart_from``
     names a stage, which is then cleared and re-run with every stage downstream of it.
     Stops at the first stage that does not finish (``preempted``); raises when one fails.
+    The run root's lease (``cluster/lease.py``) is held throughout: a second writer is refused
+    (:class:`LeaseHeldError`) and a writer whose lease was taken over commits nothing.
     """
     check_sources(spec)
+    with Lease(Store(spec.run_root, spec.storage_options)).held():
+        return _run_stages(spec, address, fault, restart_from)
+
+
+def _run_stages(spec: RunSpec, address: str | None, fault: dict[str, Any] | None,
+                restart_from: str | None) -> RunResult:
     plan = plan_run(spec, restart_from)
     for name in plan.reset:
         clear_stage(spec, name)
@@ -101,11 +112,15 @@ def _timed(spec: RunSpec, name: str, fn: Any) -> str:
         state = fn()
         return state
     finally:
-        status = read_status(spec.stage_url(name), spec.storage_options)
-        history = [*status.get("history", []), {"attempt": status.get("attempts"), "started_at": t0,
-                                                "ended_at": time.time(), "seconds": round(time.time() - t0, 3),
-                                                "state": state}]
-        update_status(spec.stage_url(name), spec.storage_options, history=history)
+        try:
+            status = read_status(spec.stage_url(name), spec.storage_options)
+            history = [*status.get("history", []), {"attempt": status.get("attempts"), "started_at": t0,
+                                                    "ended_at": time.time(), "seconds": round(time.time() - t0, 3),
+                                                    "state": state}]
+            extra = {"driver_housekeeping_failures": housekeeping_failures()} if housekeeping_failures() else {}
+            update_status(spec.stage_url(name), spec.storage_options, history=history, **extra)
+        except StorageError as exc:  # the stage's own outcome (or error) is what the user must see
+            log.error("stage %s ended %s, but its STATUS history could not be written: %s", name, state, exc)
 
 
 def run_prep_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
@@ -121,7 +136,7 @@ def run_prep_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
     try:
         result = run_prep(source, posixpath.join(url, SHARDS), options, address=address, storage_options=opts)
     except Exception as exc:
-        update_status(url, opts, state="failed", error=f"{type(exc).__name__}: {exc}"[-2000:])
+        record_failure(url, opts, exc)
         raise
     totals = result.manifest.totals
     update_status(url, opts, state="done", finished_at=time.time(), samples=totals.get("written"),
@@ -143,9 +158,10 @@ def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
                  name, status.get("state"), status.get("attempts"))
     _preflight(spec, name)
     store = Store(stage_url, opts)
-    store.delete(PREEMPT_MARKER)  # a stop request belongs to the attempt it was made for
+    tolerate("stop-marker clean-up", store.delete, PREEMPT_MARKER)  # a stop request belongs to its attempt
     if fault:
         job["fault"] = fault
+    job["lease"] = fence_for(spec.run_root, opts)  # workers fence their commits and STATUS writes with it
     ensure_ray(address)
     gang = GangSpec(workers=spec.compute.workers, cpus_per_worker=spec.compute.cpus_per_worker,
                     gpus_per_worker=spec.compute.gpus_per_worker, max_failures=spec.compute.max_failures,
@@ -154,7 +170,7 @@ def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
         try:
             run_gang(run_worker, job, gang)
         except GangFailedError as exc:
-            update_status(stage_url, opts, state="failed", error=str(exc)[-2000:])
+            record_failure(stage_url, opts, exc)
             raise
     return read_status(stage_url, opts).get("state", "failed")
 
@@ -175,10 +191,21 @@ def run_eval_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
     try:
         report = ray.get(task.remote(job))
     except ray.exceptions.RayError as exc:  # the task's own error, or its worker died
-        update_status(job["stage_url"], spec.storage_options, state="failed", error=str(exc)[-2000:])
+        record_failure(job["stage_url"], spec.storage_options, exc)
         raise GangFailedError(f"eval stage {name!r} failed: {exc}") from exc
     log.info("stage %s (%s/eval.json):\n%s", name, job["stage_url"], format_table(report))
     return read_status(job["stage_url"], spec.storage_options).get("state", "failed")
+
+
+def record_failure(stage_url: str, opts: dict[str, Any], exc: BaseException) -> None:
+    """STATUS ``failed`` with the first cause; when the store itself refuses (the usual reason a stage
+    failed on storage), say so on stderr instead of hiding the cause behind the STATUS write's error."""
+    cause = str(exc) if isinstance(exc, GangFailedError) else f"{type(exc).__name__}: {exc}"
+    try:
+        update_status(stage_url, opts, state="failed", error=cause[-2000:])
+    except StorageError as write_exc:
+        log.error("stage %s failed: %s -- and STATUS.json could not be updated to say so: %s", stage_url,
+                  cause[-2000:], write_exc)
 
 
 def _preflight(spec: RunSpec, name: str) -> None:

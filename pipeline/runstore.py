@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from cluster.storage import Store, read_latest
+from cluster.storage import CorruptRecordError, Store, read_latest
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,12 @@ class RunView:
     # ---- one stage ------------------------------------------------------------------------
     def stage(self, name: str, evals: dict[str, dict[str, Any]] | None = None) -> StageView:
         store = self.stage_store(name)
-        status = _get_json(store, STATUS) or {}
+        try:
+            status = store.get_json(STATUS)
+        except FileNotFoundError:
+            status = {}
+        except CorruptRecordError as exc:
+            status = {"state": "corrupt", "error": str(exc)}
         kind = status.get("kind") or self.stage_spec(name).get("kind")
         view = StageView(name=name, kind=kind, state=status.get("state") or "pending", url=store.url,
                          attempts=int(status.get("attempts") or 0), error=status.get("error"))
@@ -244,8 +249,8 @@ def _get_json(store: Store, rel: str) -> Any:
         return store.get_json(rel)
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError:
-        log.warning("%s is not valid JSON (being written?); ignoring it", store.url_of(rel))
+    except CorruptRecordError as exc:  # writes are whole-object: never "being written"
+        log.warning("%s; ignoring it", exc)
         return None
 
 

@@ -75,6 +75,18 @@ class RunSpec(BaseModel):
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")
+    def _no_secrets(self) -> "RunSpec":
+        """The spec is stored in clear (run.yaml): credentials in storage_options are refused."""
+        from cluster.storage import credential_keys
+
+        if found := credential_keys(self.storage_options):
+            raise ValueError(
+                f"{', '.join(found)}: credentials never go in a spec (it is stored in clear as the run's run.yaml). "
+                "Set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), or AWS_PROFILE with a "
+                "profile in ~/.aws/credentials, or use the machine's instance role")
+        return self
+
+    @model_validator(mode="after")
     def _stage_graph(self) -> "RunSpec":
         _check_cycles(self.stages)
         seen: dict[str, str] = {}

@@ -14,7 +14,8 @@ from typing import Any
 
 from pipeline.runstore import RunView, StageView
 
-_STYLE = {"done": "green", "running": "cyan", "preempted": "yellow", "failed": "bold red", "pending": "dim"}
+_STYLE = {"done": "green", "running": "cyan", "preempted": "yellow", "failed": "bold red", "pending": "dim",
+          "corrupt": "bold magenta"}
 
 
 def run_status(run_root: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def failures(status: dict[str, Any]) -> list[str]:
     """One line per failed stage: its name and the last line of its error."""
     lines = []
     for s in status["stages"]:
-        if s["state"] == "failed" and s.get("error"):
+        if s["state"] in ("failed", "corrupt") and s.get("error"):
             last = [ln for ln in str(s["error"]).splitlines() if ln.strip()][-1:] or [""]
             lines.append(f"{s['name']}: {last[0][:300]}")
     return lines

@@ -91,6 +91,7 @@ def submit_spec(spec_path: str, address: str, overrides: Sequence[str] = (), res
 
         raise SpecError(f"--restart-from {restart_from!r}: no such stage; stages: {[s.name for s in spec.stages]}")
     _warn_local_storage(spec.storage)
+    _refuse_if_leased(spec)
     name = os.path.basename(spec_path)
     command = entrypoint(name, overrides, restart_from)
     job_id = submission_id or f"vitforge-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -104,6 +105,14 @@ def submit_spec(spec_path: str, address: str, overrides: Sequence[str] = (), res
         shutil.rmtree(staging, ignore_errors=True)  # uploaded by submit_job
     log.info("submitted %s as job %s to %s", spec_path, job_id, address)
     return Submitted(job_id=job_id, address=address, run_root=spec.run_root, entrypoint=command)
+
+
+def _refuse_if_leased(spec: Any) -> None:
+    """A run root whose lease is live (another `vitforge run` writes it) is not submitted again."""
+    from cluster.lease import Lease
+    from cluster.storage import Store
+
+    Lease(Store(spec.run_root, spec.storage_options)).check_free()
 
 
 def _warn_local_storage(storage: str) -> None:

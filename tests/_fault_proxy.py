@@ -12,6 +12,9 @@ body), then, drawing from a seeded RNG per request, either
   connections (a connection lost mid-upload: the server never sees a complete request), or
 * forwards the request with ``Connection: close`` and relays the response until the server closes.
 
+``deny_deletes=True`` answers every delete (``DELETE`` and ``POST ?delete``) ``403 AccessDenied``:
+an identity without delete permission.
+
 It binds 127.0.0.1 only, runs its loop in a daemon thread, and stops itself after
 ``lifetime_s`` at the latest (so a forgotten proxy cannot outlive a test run).
 """
@@ -24,17 +27,20 @@ import threading
 from collections import Counter
 from urllib.parse import urlparse
 
+_DENIED_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                b'<Message>Access Denied (delete)</Message></Error>')
 _SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                   b'<Message>Please reduce your request rate.</Message></Error>')
 
 
 class FaultProxy:
     def __init__(self, upstream: str, slowdown: float = 0.0, cut_upload: float = 0.0, cut_min_bytes: int = 64 * 1024,
-                 seed: int = 0, lifetime_s: float = 600.0) -> None:
+                 seed: int = 0, lifetime_s: float = 600.0, deny_deletes: bool = False) -> None:
         parsed = urlparse(upstream)
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.slowdown, self.cut_upload, self.cut_min_bytes = slowdown, cut_upload, cut_min_bytes
         self.lifetime_s = lifetime_s
+        self.deny_deletes = deny_deletes
         self.injected: Counter[str] = Counter()   # slowdown / cut_upload / forwarded
         self._rng = random.Random(seed)
         self._loop = asyncio.new_event_loop()
@@ -100,7 +106,17 @@ class FaultProxy:
             headers = [ln for ln in lines[1:] if ln and not ln.lower().startswith(("connection:", "keep-alive:"))]
             length = next((int(h.split(":", 1)[1]) for h in headers if h.lower().startswith("content-length:")), 0)
             action = self._decide(length)
+            method, _, target = lines[0].partition(" ")
+            if self.deny_deletes and (method == "DELETE" or (method == "POST" and "?delete" in target)):
+                action = "denied"
             self.injected[action] += 1
+            if action == "denied":
+                if length:
+                    await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                             + f"Content-Length: {len(_DENIED_BODY)}\r\n\r\n".encode() + _DENIED_BODY)
+                await writer.drain()
+                return
             if action == "slowdown":
                 if length:
                     await reader.readexactly(length)

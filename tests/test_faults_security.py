@@ -57,7 +57,7 @@ def test_loader_refuses_tar_members_named_with_dotdot_or_an_absolute_path(tmp_pa
         name="train/shard-000000.tar", samples=len(good) + len(UNSAFE), bytes=len(blob),
         sha256=hashlib.sha256(blob).hexdigest())])}, classes=["0", "1"], image_ext="png"))
     loader = StreamingLoader(root, batch_size=4, seed=0, shuffle=False, on_error=on_error, num_workers=0,
-                             partial="pad")
+                             partial="pad", skip_budget=None)
     if on_error == "fail":
         with pytest.raises(ShardError, match=r"unsafe member name") as err:
             list(loader)

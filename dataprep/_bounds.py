@@ -1,0 +1,64 @@
+"""Bounds on what a shard may make the training-time reader do: hash checks and size limits.
+
+* :class:`HashingReader` hashes every byte a shard stream yields; :func:`finish_hash` reads the
+  rest (a reader that needs only the first samples still reads the shard to its end, once) and
+  compares with the manifest's sha256.
+* :func:`member_cap`: a tar member larger than this is refused *before* it is read (its header
+  alone cannot make us allocate it): the shard's own size from the manifest, or
+  ``max_member_bytes`` (``$VITFORGE_MAX_MEMBER_BYTES``) when smaller.
+* :func:`pixels_of`: width x height from an image's header (PIL's lazy open, or the npy header),
+  without decoding; the training-time decoder refuses more than prep's ``max_pixels``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from typing import IO
+
+MAX_MEMBER_ENV = "VITFORGE_MAX_MEMBER_BYTES"
+MAX_PIXELS_DEFAULT = 89_478_485  # prep's default (PIL's MAX_IMAGE_PIXELS)
+
+
+class HashingReader:
+    """A read-only stream that counts and sha256-hashes what passes through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.count = raw, 0
+        self._hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.count += len(data)
+        self._hash.update(data)
+        return data
+
+    def finish_hash(self) -> str:
+        """Read the stream to its end and return the hex sha256 of all of it."""
+        while self.read(8 << 20):
+            pass
+        return self._hash.hexdigest()
+
+
+def member_cap(shard_bytes: int, max_member_bytes: int | None = None) -> int:
+    """The largest tar member a shard may hold (see module doc)."""
+    env = os.environ.get(MAX_MEMBER_ENV, "").strip()
+    limit = max_member_bytes if max_member_bytes is not None else (int(env) if env else None)
+    return min(shard_bytes, limit) if limit is not None else shard_bytes
+
+
+def pixels_of(data: bytes, ext: str) -> int | None:
+    """Pixels per channel of an encoded image, from its header only (None if the header says nothing)."""
+    if ext == "npy":
+        import numpy as np
+
+        buf = io.BytesIO(data)
+        version = np.lib.format.read_magic(buf)
+        shape, _, _ = np.lib.format._read_array_header(buf, version)
+        dims = [int(d) for d in shape]
+        return dims[-1] * dims[-2] if len(dims) >= 2 else (dims[0] if dims else 1)
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header, decodes nothing
+        return int(im.size[0]) * int(im.size[1])

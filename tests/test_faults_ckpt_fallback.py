@@ -1,0 +1,55 @@
+"""Fault suite, verified checkpoints with fallback (issue 14 point 2, sizes only), against the real SeaweedFS:
+the newest COMMITTED checkpoint with a zero-byte or missing file is skipped with the reason logged and
+the previous committed one is restored; when none verifies the error says so (never a silent step 0)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from cluster.storage import Store
+from jobs._ckpt_verify import CheckpointVerificationError
+from jobs.checkpoint import CheckpointManager, CheckpointPolicy, latest_committed
+
+pytestmark = pytest.mark.faults
+
+
+def _save_steps(url: str, steps) -> None:
+    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=1, keep_last=5))
+    for step in steps:
+        def write(d: str, step=step) -> None:
+            with open(os.path.join(d, "w.bin"), "wb") as f:
+                f.write(b"weights of step %d" % step)
+        ckpt.save(step, write, {"step": step}, sync=True)
+    ckpt.close()
+
+
+def _restored(url: str) -> bytes:
+    got: list[bytes] = []
+    CheckpointManager(url, CheckpointPolicy(every_steps=1)).restore(
+        lambda d: got.append(open(os.path.join(d, "w.bin"), "rb").read()))
+    return got[0]
+
+
+@pytest.mark.parametrize("damage", ["zero-bytes", "missing"])
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_previous_one_restored(s3_url, caplog, damage):
+    _save_steps(s3_url, [1, 2])
+    ckpt = Store(s3_url).child("checkpoints")
+    if damage == "zero-bytes":
+        ckpt.put_bytes("step-00000002/w.bin", b"")
+    else:
+        ckpt.delete("step-00000002/w.bin")
+    with caplog.at_level(logging.WARNING, logger="jobs._ckpt_verify"):
+        assert latest_committed(s3_url).step == 1  # the driver's view (preflight) agrees with the ranks'
+        assert _restored(s3_url) == b"weights of step 1"
+    assert "skipping checkpoint" in caplog.text and "w.bin" in caplog.text
+    assert ("has 0 bytes" if damage == "zero-bytes" else "is missing") in caplog.text
+
+
+def test_when_no_committed_checkpoint_verifies_the_error_says_so(s3_url):
+    _save_steps(s3_url, [1])
+    Store(s3_url).child("checkpoints").put_bytes("step-00000001/w.bin", b"")
+    with pytest.raises(CheckpointVerificationError, match="no committed checkpoint .* verifies: step-00000001"):
+        CheckpointManager(s3_url, CheckpointPolicy(every_steps=1)).latest()
