@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,17 @@ def _console():
     return Console(width=None if sys.stdout.isatty() else 200)
 
 
+def _flags_without_metavar() -> None:
+    """typer's rich help prints ``<bool>`` beside on/off flags (``--json/--no-json <bool>``), as if they
+    took a value; show flags as click does, bare."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+
+_flags_without_metavar()
+
 app = typer.Typer(
     name="vitforge",
     help="Distributed pretraining for Vision Transformers: prep shards, pretrain (MAE/DINO), distil, "
@@ -27,9 +39,19 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version as _v
+
+        typer.echo(f"vitforge {_v('vitforge')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print the vitforge version and exit."),
 ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else getattr(logging, os.environ.get("VITFORGE_LOG", "INFO").upper(), logging.INFO),
@@ -108,15 +130,53 @@ def run(
     Exit status: 0 done, 2 invalid spec or changed spec (see --restart-from), 75 preempted
     (SIGTERM/SIGINT; run again to continue), 1 failed.
     """
+    loaded = _load_spec_or_exit(spec, set_ or ())
+    _run_and_report(loaded, resume_command(spec, set_ or (), loaded.run_root), address, restart_from)
+
+
+@app.command()
+def resume(
+    run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name> (s3://…, file://… or a path)."),
+    address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)."),
+) -> None:
+    """Continue a run from the spec stored in RUN_ROOT/run.yaml (the spec as first launched, --set included).
+
+    Relative paths in that spec (a prep source such as ./images) are read from the current directory.
+    Exit status as for `vitforge run`.
+    """
+    from pipeline._resume import stored_spec
+
+    from pipeline.spec import SpecError
+
+    try:
+        loaded = _guard(stored_spec, run_root)
+    except SpecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2)
+    _run_and_report(loaded, f"vitforge resume {shlex.quote(run_root)}", address, None)
+
+
+def resume_command(spec: str, sets: Sequence[str], run_root: str) -> str:
+    """The command that continues this run: the same spec and ``--set`` arguments, shell-quoted."""
+    return " ".join(["vitforge", "run", shlex.quote(spec), *(f"--set {shlex.quote(s)}" for s in sets)])
+
+
+def _run_and_report(loaded: Any, again: str, address: str | None, restart_from: str | None) -> None:
+    """Run a loaded spec; print each stage's state and, when it stopped early, the exact command to continue."""
     from jobs.engine import PREEMPTED_EXIT_CODE
+    from pipeline._stop import StopAborted
     from pipeline.run import run_spec
 
-    loaded = _load_spec_or_exit(spec, set_ or ())
-    result = _run_or_exit(lambda: run_spec(loaded, address=address, restart_from=restart_from))
+    hint = f"`{again}` (or `vitforge resume {shlex.quote(loaded.run_root)}`)"
+    try:
+        result = _run_or_exit(lambda: run_spec(loaded, address=address, restart_from=restart_from))
+    except StopAborted as exc:
+        typer.echo(f"aborted: {exc}; run {hint} to continue from the last committed checkpoint", err=True)
+        raise typer.Exit(code=130)
     for name, state in result.states.items():
         typer.echo(f"{name}: {state}{' (finished earlier, skipped)' if name in result.skipped else ''}")
     if result.preempted:
-        typer.echo(f"preempted: run `vitforge run {spec}` again to continue", err=True)
+        typer.echo(f"preempted: run {hint} to continue from the last checkpoint", err=True)
         raise typer.Exit(code=PREEMPTED_EXIT_CODE)
 
 
@@ -162,7 +222,7 @@ def demo(
 @app.command()
 def status(
     run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name> (s3://…, file://… or a path)."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    json_out: bool = typer.Option(False, "--json/--no-json", help="Print JSON instead of a table."),
 ) -> None:
     """Show each stage's state, progress, latest checkpoint, attempts, duration and key metrics.
 
