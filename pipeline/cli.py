@@ -221,16 +221,22 @@ def demo(
 
 @app.command()
 def status(
-    run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name> (s3://…, file://… or a path)."),
+    run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name> (s3://…, file://… or a "
+                                   "path), or the spec file itself (with the same --set as its run)."),
     json_out: bool = typer.Option(False, "--json/--no-json", help="Print JSON instead of a table."),
+    set_: list[str] = typer.Option(None, "--set", metavar="PATH=VALUE", help="With a spec file: its --set overrides."),
 ) -> None:
     """Show each stage's state, progress, latest checkpoint, attempts, duration and key metrics.
 
-    Reads only the store: works from any machine, while the run goes on.
+    Reads only the store: works from any machine, while the run goes on. A running training stage
+    moves with rank 0's heartbeat (every VITFORGE_HEARTBEAT_S s, default 10); one whose heartbeat
+    stopped is `stale` (with its age): its gang is gone, and `vitforge run` again continues it.
     """
     import json
     from pipeline.status import failures, run_status, status_table
 
+    if _is_spec_file(run_root):
+        run_root = _load_spec_or_exit(run_root, set_ or ()).run_root
     result = _guard(run_status, run_root)
     if json_out:
         typer.echo(json.dumps(result, indent=2, default=str))
@@ -238,6 +244,34 @@ def status(
     _console().print(status_table(result))
     for line in failures(result):
         typer.echo(f"failed: {line}", err=True)
+
+
+def _is_spec_file(arg: str) -> bool:
+    return "://" not in arg and arg.endswith((".yaml", ".yml")) and os.path.isfile(arg)
+
+
+@app.command()
+def tensorboard(
+    run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name> (s3://…, file://… or a path)."),
+    out: str = typer.Option(None, help="Local folder to mirror the event files to (default: a folder under the "
+                            "temp directory named after the run)."),
+) -> None:
+    """Mirror every training stage's TensorBoard event files to a local folder; print the command to view them.
+
+    A local run root needs no mirror: `tensorboard --logdir RUN_ROOT/stages`. Run it again to refresh.
+    """
+    import tempfile
+
+    from jobs._trackers import mirror_events
+    from pipeline.runstore import RunView
+
+    view = _guard(RunView, run_root)
+    dest = out or os.path.join(tempfile.gettempdir(), f"vitforge-tb-{view.name}")
+    files = _guard(mirror_events, view.url, dest)
+    if not files:
+        _fail(f"no TensorBoard event files under {view.url}/stages/*/tensorboard (trackers: [] or no training "
+              "stage started yet)")
+    typer.echo(f"mirrored {len(files)} event file(s) to {dest}\n  view: tensorboard --logdir {shlex.quote(dest)}")
 
 
 @app.command()

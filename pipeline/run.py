@@ -33,12 +33,14 @@ from typing import Any
 from cluster.gang import GangFailedError, GangSpec, run_gang
 from cluster.runtime import ensure_ray
 from cluster.storage import Store
+from jobs._trackers import tracker_env
 from jobs.checkpoint import check_compatible, code_version, latest_committed
 from jobs.engine import PREEMPT_MARKER
 from jobs.reshard import batch_shape
 from jobs.stage import make_method, read_status, run_worker, update_status
 from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_sources, clear_stage,  # noqa: F401
                             is_done, plan_run, record_spec)
+from pipeline._progress import live_progress
 from pipeline._stop import StopAborted, forward_stop_signals
 from pipeline.spec import RunSpec
 
@@ -151,8 +153,8 @@ def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
     ensure_ray(address)
     gang = GangSpec(workers=spec.compute.workers, cpus_per_worker=spec.compute.cpus_per_worker,
                     gpus_per_worker=spec.compute.gpus_per_worker, max_failures=spec.compute.max_failures,
-                    name=f"{spec.name}-{name}")
-    with forward_stop_signals(store, name):
+                    name=f"{spec.name}-{name}", env=tracker_env())
+    with forward_stop_signals(store, name), live_progress(store, name):
         try:
             run_gang(run_worker, job, gang)
         except GangFailedError as exc:
