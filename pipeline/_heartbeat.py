@@ -32,6 +32,8 @@ def apply_heartbeat(view: Any, status: dict[str, Any], beat: dict[str, Any] | No
         if view.heartbeat_age_s > stale_after_s():
             view.state = "stale"
             view.duration_s = max(0.0, float(beat["time"]) - float(status.get("started_at") or beat["time"]))
-    elif status.get("updated_at") and now - float(status["updated_at"]) > NO_BEAT_STALE_S:
-        view.state = "stale"
-        view.heartbeat_age_s = now - float(status["updated_at"])
+    else:
+        last = max(float(status.get(k) or 0) for k in ("started_at", "updated_at"))
+        if last and now - last > NO_BEAT_STALE_S:
+            view.state = "stale"
+            view.heartbeat_age_s = now - last

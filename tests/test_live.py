@@ -109,3 +109,8 @@ def test_resume_reads_the_stored_spec_of_the_run_root(tmp_path):
     assert back.run_root == spec.run_root and back.stage("data").shard_size == 7
     missing = CliRunner().invoke(app, ["resume", str(tmp_path / "runs" / "nope")])
     assert missing.exit_code == 1 and "is not a run root" in missing.output
+
+
+def test_status_shows_a_running_stage_that_never_beat_for_long_as_stale(tmp_path):
+    st = run_status(_run_root(tmp_path, "running", beat_age_s=None))["stages"][0]
+    assert st["state"] == "stale" and st["heartbeat_age_s"] > 2900
