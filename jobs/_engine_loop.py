@@ -297,6 +297,8 @@ def _save(run: _Run, sync: bool) -> None:
     run.ckpt.save(step, write, meta, sync=sync)
     run.saved_step = step
     run.metrics.publish(sync=False)
+    if run.live is not None:
+        run.live.checkpointed()
 
 
 def _load_method_state(run: _Run, local_dir: str) -> None:

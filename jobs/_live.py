@@ -69,6 +69,11 @@ class StageLive:
         if first:
             self._wake.set()  # the first step is news: show it at once
 
+    def checkpointed(self) -> None:
+        """A checkpoint was taken: make the trackers' record of every step so far durable."""
+        if self.trackers is not None:
+            self.trackers.sync()
+
     def heartbeat(self, state: str = "training") -> dict[str, Any]:
         with self._lock:
             rec = dict(self._latest)

@@ -27,6 +27,7 @@ import logging
 import os
 import posixpath
 import tempfile
+import threading
 from typing import Any
 
 from cluster.storage import Store
@@ -63,6 +64,7 @@ class Trackers:
     def __init__(self, names: list[str], store: Store, stage: str, run: str, resumed_from: int | None,
                  config: dict[str, Any] | None = None) -> None:
         self.store, self.items, self._mirror = store, [], None
+        self._lock = threading.Lock()
         state = _read_state(store)
         for name in dict.fromkeys(names):
             self.items.append((name, self._open(name, stage, run, resumed_from, state)))
@@ -104,12 +106,16 @@ class Trackers:
             self._guard(name, tracker.log, values, step=int(record["step"]))
 
     def sync(self) -> None:
-        """Upload the TensorBoard event files of a run root on object storage (a no-op on local storage)."""
-        if self._mirror is None:
-            return
-        for name, tracker in self.items:
-            if name == "tensorboard":
-                self._guard(name, tracker.writer.flush)
+        """Flush the TensorBoard events; on object storage, upload them. The heartbeat calls it, and so
+        does every checkpoint (so the events of every committed step survive a kill)."""
+        with self._lock:
+            for name, tracker in list(self.items):
+                if name == "tensorboard":
+                    self._guard(name, tracker.writer.flush)
+            if self._mirror is not None:
+                self._upload()
+
+    def _upload(self) -> None:
         try:
             for file in os.listdir(self._mirror):
                 self.store.put_file(os.path.join(self._mirror, file), posixpath.join(TENSORBOARD_DIR, file))
