@@ -57,6 +57,8 @@ def _main(
         level=logging.DEBUG if verbose else getattr(logging, os.environ.get("VITFORGE_LOG", "INFO").upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # "Found credentials in environment variables." on every new S3 client: not news
+        logging.getLogger("aiobotocore.credentials").setLevel(logging.WARNING)
 
 
 @app.command()
