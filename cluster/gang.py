@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,7 +130,7 @@ def run_gang(fn: Callable[[dict[str, Any]], Any], job: dict[str, Any], spec: Gan
     )
     log.info("launching a gang of %d worker(s) (%s each) for %s", spec.workers, resources, spec.name)
     try:
-        result = trainer.fit()
+        result = _fit_off_main_thread(trainer)
     except ray.train.TrainingFailedError as exc:
         if _is_placement_timeout(exc):
             raise GangPlacementError(_placement_message(spec, resources)) from exc
@@ -145,6 +146,33 @@ def run_gang(fn: Callable[[dict[str, Any]], Any], job: dict[str, Any], spec: Gan
     if error is not None:
         raise GangFailedError(f"gang {spec.name!r} failed: {error}") from error
     return (result.metrics or {}).get("result")
+
+
+def _fit_off_main_thread(trainer: Any) -> Any:
+    """``trainer.fit()`` in a helper thread, so the caller's signal handlers stay in charge.
+
+    On the main thread Ray Train's ``fit()`` replaces the SIGINT handler with its own (which aborts the
+    run without a checkpoint); off it, Ray leaves signals alone. The main thread waits in short joins,
+    so a handler (the driver's: SIGINT/SIGTERM -> checkpoint and stop) runs within a fraction of a
+    second, and an exception it raises (a second Ctrl-C: ``KeyboardInterrupt``) propagates from here.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the caller's thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _placement_retries(spec: GangSpec) -> int:

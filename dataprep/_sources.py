@@ -27,6 +27,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import tarfile
@@ -38,6 +39,8 @@ from cluster.storage import Store, StorageError, with_retries
 from ._arrays import Layout, probe
 from ._images import EMPTY, UNREADABLE, UNSUPPORTED, sniff_format
 from ._shards import unsafe_member_name
+
+log = logging.getLogger(__name__)
 
 KINDS = ("imagefolder", "flat", "csv", "jsonl", "parquet", "wds")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
@@ -60,6 +63,7 @@ class Listing:
     containers: list[str] = field(default_factory=list)  # tar / parquet URLs
     classes: list[str] | None = None
     fingerprint: str = ""
+    ignored: list[str] = field(default_factory=list)  # non-image files at an ImageFolder's root
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,13 @@ def _detect_kind(src: str, rels: list[tuple[str, int]], is_file: bool) -> str:
         return "parquet"
     if exts == {"tar"} or (exts <= {"tar", "json", "jsonl"} and "tar" in exts):
         return "wds"
-    return "imagefolder" if all("/" in r for r, _ in rels) else "flat"
+    # like torchvision's ImageFolder: class sub-folders, and at the root nothing but non-images (README.txt, ...)
+    return "imagefolder" if any("/" in r for r, _ in rels) and not any(_is_image(r) for r, _ in rels
+                                                                      if "/" not in r) else "flat"
+
+
+def _is_image(rel: str) -> bool:
+    return posixpath.splitext(rel)[1].lower().lstrip(".") in IMAGE_EXTS
 
 
 def _bad_file(src: str) -> str:
@@ -178,12 +188,16 @@ def _bad_file(src: str) -> str:
 def _list_imagefolder(src: str, rels: list[tuple[str, int]], is_file: bool) -> Listing:
     classes = sorted({r.split("/", 1)[0] for r, _ in rels if "/" in r})
     index = {c: i for i, c in enumerate(classes)}
-    stray = [r for r, _ in rels if "/" not in r]
+    stray = [r for r, _ in rels if "/" not in r and _is_image(r)]
     if stray:
-        raise SourceError(f"{src!r} looks like an ImageFolder but has files outside class folders (e.g. {stray[0]!r}); "
+        raise SourceError(f"{src!r} looks like an ImageFolder but has images outside class folders (e.g. {stray[0]!r}); "
                           "move them into a class folder or use --source-kind flat.")
-    files = [(r, _join(src, r), index[r.split("/", 1)[0]]) for r, _ in rels]
-    return Listing("imagefolder", src, files=files, classes=classes)
+    ignored = [r for r, _ in rels if "/" not in r]
+    if ignored:
+        log.warning("%s: ignoring %d non-image file(s) at the root of the ImageFolder (e.g. %r), as torchvision does",
+                    src, len(ignored), ignored[0])
+    files = [(r, _join(src, r), index[r.split("/", 1)[0]]) for r, _ in rels if "/" in r]
+    return Listing("imagefolder", src, files=files, classes=classes, ignored=ignored)
 
 
 def _list_flat(src: str, rels: list[tuple[str, int]], is_file: bool) -> Listing:

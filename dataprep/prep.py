@@ -41,6 +41,7 @@ from .manifest import MANIFEST, ChannelInfo, Manifest, ShardInfo, SplitInfo, sav
 log = logging.getLogger(__name__)
 
 REJECTS = "rejects.jsonl"
+IGNORED = "ignored"  # rejects.jsonl's reason for a file that is no input (README.txt beside class folders)
 RUN_RECORD = f"{PROGRESS}/run.json"
 DEFAULT_SHARD_SIZE = 1000
 SCAN_CHUNK = 256  # files hashed per scan task
@@ -453,14 +454,18 @@ def _finish(store: Store, plan: _Plan, records: list[dict[str, Any]], options: P
     written = sum(s.samples for s in splits.values())
     if plan.inputs != written + len(rejects):  # the accounting invariant; a bug if it ever fails
         raise PrepError(f"accounting mismatch: {plan.inputs} inputs != {written} written + {len(rejects)} rejected")
-    store.put_bytes(REJECTS, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects).encode())
+    ignored = [{"input": name, "reason": IGNORED, "detail": "not an image, at the root of an ImageFolder "
+                "(torchvision ignores it too); not an input"} for name in listing.ignored]
+    store.put_bytes(REJECTS, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
+                                     for r in rejects + ignored).encode())
     by_reason = {r: n for r in REASONS if (n := sum(x["reason"] == r for x in rejects))}
     _check_threshold(store, plan.inputs, len(rejects), by_reason, options.reject_threshold)
     manifest = Manifest(
         splits=splits, classes=plan.classes, image_ext=plan.ext, rejects=by_reason,
         channels=_channel_info(plan, records),
         totals={"inputs": plan.inputs, "written": written, "rejected": len(rejects),
-                "duplicates": by_reason.get(DUPLICATE, 0), **{s: v.samples for s, v in splits.items()}},
+                "duplicates": by_reason.get(DUPLICATE, 0), **{s: v.samples for s, v in splits.items()},
+                **({"ignored": len(ignored)} if ignored else {})},
         options=options.output_options(), options_digest=options.digest(),
         source={"url": listing.url, "kind": listing.kind, "fingerprint": listing.fingerprint,
                 "content_digest": plan.content_digest},
@@ -559,4 +564,14 @@ def summary_table(result: PrepResult) -> Any:
         table.add_row(f"rejected: {reason}", "", f"{n:,}", "")
     t = m.totals
     table.add_row("inputs = written + rejected", "", f"{t['inputs']:,} = {t['written']:,} + {t['rejected']:,}", "")
+    if t.get("ignored"):
+        table.add_row("ignored (not images)", "", f"{t['ignored']:,}", "")
+    table.caption = source_line(m)  # wraps to the table's width; the CLI prints it on one line too
     return table
+
+
+def source_line(m: Manifest) -> str:
+    """``source: imagefolder, 10 classes`` / ``source: flat, no classes (unlabelled)``."""
+    kind = (m.source or {}).get("kind", "?")
+    classes = f"{len(m.classes)} classes" if m.classes else "no classes (unlabelled: fine for mae/dino, not finetune)"
+    return f"source: {kind} ({(m.source or {}).get('url', '')}), {classes}"

@@ -67,6 +67,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     loader_workers: int = Field(default=2, ge=0)
     progress: bool | None = Field(default=None, description="progress bar on rank 0; default: only on a TTY")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="experiment trackers (jobs/_trackers.py); [] for none")
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> TrainConfig:
@@ -84,7 +86,7 @@ class TrainConfig(BaseModel):
 
     def digest(self) -> str:
         """Digest of everything that shapes the result (not how often we checkpoint or show progress)."""
-        return json_digest(self.model_dump(mode="json", exclude={"checkpoint", "progress", "loader_workers"}))
+        return json_digest(self.model_dump(mode="json", exclude={"checkpoint", "progress", "loader_workers", "trackers"}))
 
 
 @dataclass

@@ -23,6 +23,7 @@ from dataprep.loader import StreamingLoader
 from jobs._engine_config import (METHOD_STATE, Method, StageContext, TrainConfig, TrainResult, build_optimizer, lr_at,
                                  make_accelerator, peak_lr)
 from jobs._engine_watch import MetricsLog, PreemptionWatch, peak_flops
+from jobs._live import open_live
 from jobs.checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, code_version, latest_committed,
                              restore_rng_state)
 from jobs.export import export_encoder
@@ -58,6 +59,7 @@ class _Run:
     losses: list[float] = field(default_factory=list)
     val: StreamingLoader | None = None  # the val split, for a method with eval_step
     steps_per_epoch: int = 1
+    live: Any = None  # rank 0's heartbeat + trackers (jobs/_live.py)
 
 
 def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: PreemptionWatch | None = None) -> TrainResult:
@@ -71,7 +73,11 @@ def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: Preemption
     try:
         run = _setup(method, cfg, ctx)
         _resume(run)
+        if ctx.rank == 0:
+            run.live = open_live(run.store, cfg, ctx.stage_url, run.total_steps, run.step, run.resumed_from)
         state = _loop(run, watch)
+        if run.live is not None:
+            run.live.close(state)
         run.ckpt.close()
         if state == "done":
             _export(run)
@@ -269,6 +275,8 @@ def _log_step(run: _Run, extra: dict[str, float], seconds: float) -> None:
     if peak and seconds > 0:
         record["mfu"] = run.method.flops_per_sample() * images / seconds / (peak * run.ctx.world_size)
     run.metrics.add(record)
+    if run.live is not None:
+        run.live.on_step(record)
 
 
 def _save(run: _Run, sync: bool) -> None:
@@ -292,6 +300,8 @@ def _save(run: _Run, sync: bool) -> None:
     run.ckpt.save(step, write, meta, sync=sync)
     run.saved_step = step
     run.metrics.publish(sync=False)
+    if run.live is not None:
+        run.live.checkpointed()
 
 
 def _load_method_state(run: _Run, local_dir: str) -> None:

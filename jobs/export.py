@@ -30,6 +30,22 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+MODEL_CARD = "README.md"  # a short model card, as on the Hugging Face Hub
+
+
+def model_card(config: dict[str, Any]) -> str:
+    """A short model card: what the export is, how it was trained, how to load it."""
+    vf, pre = config.get("vitforge", {}), config.get("pretrained_cfg", {})
+    facts = {k: vf[k] for k in ("stage", "step", "mode", "init", "label_fraction", "labeled_samples",
+                                "config_digest", "code_version") if vf.get(k) is not None}
+    lines = [f"# {vf.get('stage', 'vitforge export')}: {config['architecture']}", "",
+             f"A timm `{config['architecture']}` trained by vitforge "
+             f"({'a classifier with ' + str(config['num_classes']) + ' classes' if config.get('num_classes') else 'a headless encoder'}"
+             f", {config.get('num_features')} features, global pool `{config.get('global_pool')}`).", "",
+             f"- input: {pre.get('input_size')}, mean {pre.get('mean')}, std {pre.get('std')}",
+             *(f"- {k}: {v}" for k, v in facts.items()), "", "```python", "import timm",
+             'model = timm.create_model("local-dir:/path/to/this/folder", pretrained=True)', "```", ""]
+    return "\n".join(lines)
 
 
 def gather_fp32_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -68,6 +84,7 @@ def export_config(model_cfg: ModelConfig, encoder: nn.Module, extra: dict[str, A
         "architecture": model_cfg.arch,
         "num_classes": 0,
         "num_features": int(encoder.num_features),
+        "global_pool": getattr(encoder, "global_pool", None),
         "model_args": kwargs,
         "pretrained_cfg": {
             "input_size": [chans, size, size], "mean": mean, "std": std,
@@ -92,7 +109,9 @@ def export_encoder(encoder: nn.Module, model_cfg: ModelConfig, dest_url: str, *,
         path = os.path.join(tmp, WEIGHTS)
         save_file(state, path, metadata={"format": "pt", "architecture": model_cfg.arch})
         store.put_file(path, WEIGHTS)
-    store.put_json(CONFIG, export_config(model_cfg, encoder, extra))
+    config = export_config(model_cfg, encoder, extra)
+    store.put_bytes(MODEL_CARD, model_card(config).encode())
+    store.put_json(CONFIG, config)
     log.info("exported %s encoder (%d tensors) to %s", model_cfg.arch, len(state), store.url)
 
 
@@ -155,6 +174,7 @@ def timm_export_config(architecture: str, model_args: dict[str, Any], img_size: 
         "architecture": architecture,
         "num_classes": num_classes,
         "num_features": int(model.num_features),
+        "global_pool": getattr(model, "global_pool", None),
         "model_args": dict(model_args),
         "pretrained_cfg": {
             "input_size": [int(model_args.get("in_chans", 3)), img_size, img_size],
@@ -191,6 +211,7 @@ def _write_export(state: dict[str, torch.Tensor], config: dict[str, Any], dest_u
         save_file({k: v.contiguous() for k, v in state.items()}, path,
                   metadata={"format": "pt", "architecture": config["architecture"]})
         store.put_file(path, WEIGHTS)
+    store.put_bytes(MODEL_CARD, model_card(config).encode())
     store.put_json(CONFIG, config)
     log.info("exported %s (%d tensors, %d classes) to %s", config["architecture"], len(state),
              config["num_classes"], store.url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,17 @@ def _console():
     return Console(width=None if sys.stdout.isatty() else 200)
 
 
+def _flags_without_metavar() -> None:
+    """typer's rich help prints ``<bool>`` beside on/off flags (``--json/--no-json <bool>``), as if they
+    took a value; show flags as click does, bare."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+
+_flags_without_metavar()
+
 app = typer.Typer(
     name="vitforge",
     help="Distributed pretraining for Vision Transformers: prep shards, pretrain (MAE/DINO), distil, "
@@ -27,14 +39,26 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version as _v
+
+        typer.echo(f"vitforge {_v('vitforge')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print the vitforge version and exit."),
 ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else getattr(logging, os.environ.get("VITFORGE_LOG", "INFO").upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # "Found credentials in environment variables." on every new S3 client: not news
+        logging.getLogger("aiobotocore.credentials").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -113,15 +137,53 @@ def run(
     Exit status: 0 done, 2 invalid spec or changed spec (see --restart-from), 75 preempted
     (SIGTERM/SIGINT; run again to continue), 1 failed.
     """
+    loaded = _load_spec_or_exit(spec, set_ or ())
+    _run_and_report(loaded, resume_command(spec, set_ or (), loaded.run_root), address, restart_from)
+
+
+@app.command()
+def resume(
+    run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name> (s3://…, file://… or a path)."),
+    address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)."),
+) -> None:
+    """Continue a run from the spec stored in RUN_ROOT/run.yaml (the spec as first launched, --set included).
+
+    Relative paths in that spec (a prep source such as ./images) are read from the current directory.
+    Exit status as for `vitforge run`.
+    """
+    from pipeline._resume import stored_spec
+
+    from pipeline.spec import SpecError
+
+    try:
+        loaded = _guard(stored_spec, run_root)
+    except SpecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2)
+    _run_and_report(loaded, f"vitforge resume {shlex.quote(run_root)}", address, None)
+
+
+def resume_command(spec: str, sets: Sequence[str], run_root: str) -> str:
+    """The command that continues this run: the same spec and ``--set`` arguments, shell-quoted."""
+    return " ".join(["vitforge", "run", shlex.quote(spec), *(f"--set {shlex.quote(s)}" for s in sets)])
+
+
+def _run_and_report(loaded: Any, again: str, address: str | None, restart_from: str | None) -> None:
+    """Run a loaded spec; print each stage's state and, when it stopped early, the exact command to continue."""
     from jobs.engine import PREEMPTED_EXIT_CODE
+    from pipeline._stop import StopAborted
     from pipeline.run import run_spec
 
-    loaded = _load_spec_or_exit(spec, set_ or ())
-    result = _run_or_exit(lambda: run_spec(loaded, address=address, restart_from=restart_from))
+    hint = f"`{again}` (or `vitforge resume {shlex.quote(loaded.run_root)}`)"
+    try:
+        result = _run_or_exit(lambda: run_spec(loaded, address=address, restart_from=restart_from))
+    except StopAborted as exc:
+        typer.echo(f"aborted: {exc}; run {hint} to continue from the last committed checkpoint", err=True)
+        raise typer.Exit(code=130)
     for name, state in result.states.items():
         typer.echo(f"{name}: {state}{' (finished earlier, skipped)' if name in result.skipped else ''}")
     if result.preempted:
-        typer.echo(f"preempted: run `vitforge run {spec}` again to continue", err=True)
+        typer.echo(f"preempted: run {hint} to continue from the last checkpoint", err=True)
         raise typer.Exit(code=PREEMPTED_EXIT_CODE)
 
 
@@ -166,16 +228,22 @@ def demo(
 
 @app.command()
 def status(
-    run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name> (s3://…, file://… or a path)."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name> (s3://…, file://… or a "
+                                   "path), or the spec file itself (with the same --set as its run)."),
+    json_out: bool = typer.Option(False, "--json/--no-json", help="Print JSON instead of a table."),
+    set_: list[str] = typer.Option(None, "--set", metavar="PATH=VALUE", help="With a spec file: its --set overrides."),
 ) -> None:
     """Show each stage's state, progress, latest checkpoint, attempts, duration and key metrics.
 
-    Reads only the store: works from any machine, while the run goes on.
+    Reads only the store: works from any machine, while the run goes on. A running training stage
+    moves with rank 0's heartbeat (every VITFORGE_HEARTBEAT_S s, default 10); one whose heartbeat
+    stopped is `stale` (with its age): its gang is gone, and `vitforge run` again continues it.
     """
     import json
     from pipeline.status import failures, run_status, status_table
 
+    if _is_spec_file(run_root):
+        run_root = _load_spec_or_exit(run_root, set_ or ()).run_root
     result = _guard(run_status, run_root)
     if json_out:
         typer.echo(json.dumps(result, indent=2, default=str))
@@ -183,6 +251,34 @@ def status(
     _console().print(status_table(result))
     for line in failures(result):
         typer.echo(f"failed: {line}", err=True)
+
+
+def _is_spec_file(arg: str) -> bool:
+    return "://" not in arg and arg.endswith((".yaml", ".yml")) and os.path.isfile(arg)
+
+
+@app.command()
+def tensorboard(
+    run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name> (s3://…, file://… or a path)."),
+    out: str = typer.Option(None, help="Local folder to mirror the event files to (default: a folder under the "
+                            "temp directory named after the run)."),
+) -> None:
+    """Mirror every training stage's TensorBoard event files to a local folder; print the command to view them.
+
+    A local run root needs no mirror: `tensorboard --logdir RUN_ROOT/stages`. Run it again to refresh.
+    """
+    import tempfile
+
+    from jobs._trackers import mirror_events
+    from pipeline.runstore import RunView
+
+    view = _guard(RunView, run_root)
+    dest = out or os.path.join(tempfile.gettempdir(), f"vitforge-tb-{view.name}")
+    files = _guard(mirror_events, view.url, dest)
+    if not files:
+        _fail(f"no TensorBoard event files under {view.url}/stages/*/tensorboard (trackers: [] or no training "
+              "stage started yet)")
+    typer.echo(f"mirrored {len(files)} event file(s) to {dest}\n  view: tensorboard --logdir {shlex.quote(dest)}")
 
 
 @app.command()

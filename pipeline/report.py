@@ -57,6 +57,7 @@ def render(view: RunView, out_dir: str) -> list[str]:
     if curves:
         files.append(_plot_loss(curves, {s.name: s.kind for s in stages}, out_dir))
         files.append(_plot_throughput(curves, out_dir))
+        files.append(_plot_optim(curves, out_dir))
     if evals:
         files.append(_plot_eval(evals, out_dir))
     page = _html(view, stages, evals, files)
@@ -80,10 +81,12 @@ def _grid(n: int, width: float = 5.0, height: float = 3.4):
 
 
 def _ema(values: list[float], alpha: float) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else alpha * acc + (1 - alpha) * v
-        out.append(acc)
+    """Bias-corrected EMA (as Adam's moments, TensorBoard's smoothing): from a zero start, divided by
+    ``1 - alpha**t``, so early points are a mean of what came so far, not dragged toward the first one."""
+    out, acc = [], 0.0
+    for t, v in enumerate(values, start=1):
+        acc = alpha * acc + (1 - alpha) * v
+        out.append(acc / (1 - alpha ** t) if alpha > 0 else v)
     return out
 
 
@@ -113,6 +116,28 @@ def _plot_loss(curves: dict[str, list[dict[str, Any]]], kinds: dict[str, str | N
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, out_dir, "loss.png")
+
+
+def _plot_optim(curves: dict[str, list[dict[str, Any]]], out_dir: str) -> str:
+    """Learning rate (left axis) and global grad norm (right axis, log scale) per stage."""
+    fig, axes = _grid(len(curves))
+    for ax, (name, records) in zip(axes, curves.items()):
+        lr = [(r["step"], r["lr"]) for r in records if r.get("lr") is not None]
+        ax.plot([p[0] for p in lr], [p[1] for p in lr], color="tab:purple", linewidth=1.5, label="lr")
+        ax.set_xlabel("step")
+        ax.set_ylabel("lr")
+        ax.grid(alpha=0.3)
+        norms = [(r["step"], r["grad_norm"]) for r in records if r.get("grad_norm")]
+        if norms:
+            right = ax.twinx()
+            right.plot([p[0] for p in norms], [p[1] for p in norms], color="tab:red", alpha=0.6, linewidth=1,
+                       label="grad norm")
+            right.set_yscale("log")
+            right.set_ylabel("grad norm")
+            right.legend(fontsize=8, loc="upper right")
+        ax.set_title(f"{name}: lr and grad norm")
+        ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, out_dir, "optim.png")
 
 
 def _plot_throughput(curves: dict[str, list[dict[str, Any]]], out_dir: str) -> str:

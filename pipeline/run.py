@@ -26,8 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,12 +36,15 @@ from cluster.housekeeping import tolerate
 from cluster.lease import Lease, fence_for
 from cluster.runtime import ensure_ray
 from cluster.storage import Store, StorageError
+from jobs._trackers import tracker_env
 from jobs.checkpoint import check_compatible, code_version, latest_committed
 from jobs.engine import PREEMPT_MARKER
 from jobs.reshard import batch_shape
 from jobs.stage import make_method, read_status, run_worker, update_status
 from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_sources, clear_stage,  # noqa: F401
                             is_done, plan_run, record_spec)
+from pipeline._progress import live_progress
+from pipeline._stop import StopAborted, forward_stop_signals
 from pipeline.spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ def _timed(spec: RunSpec, name: str, fn: Any) -> str:
     try:
         state = fn()
         return state
+    except StopAborted:
+        state = "aborted"
+        raise
     finally:
         try:
             status = read_status(spec.stage_url(name), spec.storage_options)
@@ -165,12 +169,15 @@ def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
     ensure_ray(address)
     gang = GangSpec(workers=spec.compute.workers, cpus_per_worker=spec.compute.cpus_per_worker,
                     gpus_per_worker=spec.compute.gpus_per_worker, max_failures=spec.compute.max_failures,
-                    name=f"{spec.name}-{name}")
-    with _forward_stop_signals(store):
+                    name=f"{spec.name}-{name}", env=tracker_env())
+    with forward_stop_signals(store, name), live_progress(store, name):
         try:
             run_gang(run_worker, job, gang)
         except GangFailedError as exc:
             record_failure(stage_url, opts, exc)
+            raise
+        except StopAborted as exc:  # resumable from the last committed checkpoint, like a preemption
+            update_status(stage_url, opts, state="preempted", aborted=f"{exc} at {time.ctime()}")
             raise
     return read_status(stage_url, opts).get("state", "failed")
 
@@ -222,24 +229,3 @@ def _preflight(spec: RunSpec, name: str) -> None:
     if info.world_size != workers:
         log.info("stage %s: resuming %d-worker checkpoint step %d on %d workers (batch_size %d x grad_accum %d "
                  "per worker keeps its global batch)", name, info.world_size, info.step, workers, batch, accum)
-
-
-class _forward_stop_signals:
-    """While a gang runs, SIGTERM/SIGINT write the stage's PREEMPT marker instead of killing us."""
-
-    def __init__(self, store: Store) -> None:
-        self.store, self.saved = store, {}
-
-    def _handler(self, signum: int, _frame: Any) -> None:
-        log.warning("%s: asking the gang to checkpoint and stop", signal.Signals(signum).name)
-        threading.Thread(target=self.store.put_bytes, args=(PREEMPT_MARKER, b"stop\n"), daemon=True).start()
-
-    def __enter__(self) -> "_forward_stop_signals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.saved[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)

@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 
 from cluster.storage import CorruptRecordError, Store, read_latest
+from jobs._live import HEARTBEAT
+from pipeline._heartbeat import apply_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class StageView:
     rejected: int | None = None
     export_url: str | None = None
     error: str | None = None
+    heartbeat_age_s: float | None = None   # training: seconds since rank 0's last heartbeat (running, stale)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +152,7 @@ class RunView:
             view.val_top1 = tops[-1] if tops else None
         if store.exists(posixpath.join(EXPORT, EXPORT_CONFIG)):
             view.export_url = store.url_of(EXPORT)
+        apply_heartbeat(view, status, _get_json(store, HEARTBEAT) if view.state == "running" else None)
 
     def _fill_prep(self, view: StageView, store: Store) -> None:
         shards = store.child(SHARDS)

@@ -14,8 +14,8 @@ from typing import Any
 
 from pipeline.runstore import RunView, StageView
 
-_STYLE = {"done": "green", "running": "cyan", "preempted": "yellow", "failed": "bold red", "pending": "dim",
-          "corrupt": "bold magenta"}
+_STYLE = {"done": "green", "running": "cyan", "stale": "bold magenta", "preempted": "yellow", "failed": "bold red",
+          "pending": "dim", "corrupt": "bold magenta"}
 
 
 def run_status(run_root: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -33,9 +33,16 @@ def status_table(status: dict[str, Any]) -> Any:
         table.add_column(col, justify="right" if col in ("attempts", "duration") else "left")
     for s in status["stages"]:
         st = StageView(**s)
-        table.add_row(st.name, st.kind or "?", f"[{_STYLE.get(st.state, '')}]{st.state}[/]", progress(st),
+        table.add_row(st.name, st.kind or "?", f"[{_STYLE.get(st.state, '')}]{state_text(st)}[/]", progress(st),
                       st.checkpoint or "-", str(st.attempts or "-"), duration(st.duration_s), key_metrics(st))
     return table
+
+
+def state_text(st: StageView) -> str:
+    """The state; ``stale`` with the heartbeat's age (e.g. ``stale (7m ago)``: its gang is gone)."""
+    if st.state == "stale" and st.heartbeat_age_s is not None:
+        return f"stale ({duration(st.heartbeat_age_s)} ago)"
+    return st.state
 
 
 def failures(status: dict[str, Any]) -> list[str]:

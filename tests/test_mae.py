@@ -100,6 +100,10 @@ def test_export_loads_in_timm_with_identical_outputs(tmp_path):
         for m in (a, b, c):
             assert torch.equal(m.forward_features(x), ours)
     assert config["model_args"]["reg_tokens"] == 1 and config["architecture"] == "vit_tiny_patch16_224"
+    # timm's save_for_hf fields, and a model card beside them
+    assert config["global_pool"] == model.encoder.global_pool and config["num_features"] == 64
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "vit_tiny_patch16_224" in card and "headless encoder" in card and "local-dir:" in card
 
 
 @pytest.mark.faults

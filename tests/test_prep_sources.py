@@ -100,3 +100,31 @@ def test_prep_reads_flat_csv_jsonl_parquet_and_webdataset_sources(tmp_path, s3_u
     samples, m = _samples(str(tmp_path / "out-reshard"), tmp_path, "reshard")
     assert m.classes == ["ant", "bee"] and len(samples) == 9 and len(m.splits["train"].shards) == 1
     assert not os.path.exists(str(tmp_path / "out-reshard" / "val"))
+
+
+def test_imagefolder_with_a_readme_at_its_root_keeps_its_classes_and_lists_the_file_as_ignored(tmp_path, images_dir,
+                                                                                              ray_local):
+    from dataprep._sources import list_source
+    from dataprep.prep import source_line, summary_table
+
+    (tmp_path / "images" / "README.txt").write_text("digits, three classes\n")
+    listing = list_source(images_dir)
+    assert listing.kind == "imagefolder" and listing.classes == ["0", "1", "2"] and listing.ignored == ["README.txt"]
+    result = run_prep(images_dir, str(tmp_path / "out"), OPTS, progress=False)
+    m = result.manifest
+    assert m.classes == ["0", "1", "2"] and m.totals["ignored"] == 1 and m.totals["rejected"] == 0
+    rejects = [json.loads(ln) for ln in Store(str(tmp_path / "out")).get_bytes("rejects.jsonl").decode().splitlines()]
+    assert [(r["input"], r["reason"]) for r in rejects] == [("README.txt", "ignored")]
+    assert source_line(m).startswith("source: imagefolder (") and source_line(m).endswith("), 3 classes")
+    assert summary_table(result).caption == source_line(m)
+
+
+def test_flat_folder_summary_says_it_has_no_classes(tmp_path, ray_local):
+    from dataprep.prep import source_line
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        (flat / f"{i}.jpg").write_bytes(jpeg(seed=i))
+    result = run_prep(str(flat), str(tmp_path / "out"), OPTS, progress=False)
+    assert source_line(result.manifest).startswith("source: flat (") and "no classes" in source_line(result.manifest)

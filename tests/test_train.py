@@ -122,6 +122,11 @@ def test_ray_gang_restarts_after_a_worker_is_killed_and_matches_uninterrupted(re
     st = status(storage, "wkill")
     assert st["attempts"] == 2 and st["resumed_from"] == 4 and st["launcher"] == "ray"
     assert_same_losses(losses(storage, "wkill"), reference[1])
+    # TensorBoard got every step exactly once although the restarted gang replayed steps 5-6, and
+    # rank 0's last heartbeat says done
+    tb_steps = tensorboard_steps(f"{storage}/wkill", tmp_path / "tb")
+    assert tb_steps == list(range(1, len(reference[1]) + 1)), tb_steps
+    assert stage_store(storage, "wkill").get_json("HEARTBEAT.json")["state"] == "done"
     # the export loads in timm as a plain ViT
     export = stage_store(storage, "wkill").child("export")
     config = export.get_json("config.json")
@@ -224,3 +229,15 @@ def _download(store: Store, name: str, tmp_path) -> str:
     path = str(tmp_path / name)
     store.get_file(name, path)
     return path
+
+
+def tensorboard_steps(run_root: str, dest, stage: str = "pretrain", tag: str = "train/loss") -> list[int]:
+    """The steps of ``tag`` in a stage's TensorBoard events (mirrored from the store, read by TensorBoard)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from jobs._trackers import mirror_events
+
+    mirror_events(run_root, str(dest))
+    acc = EventAccumulator(os.path.join(str(dest), stage))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
