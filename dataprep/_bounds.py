@@ -55,7 +55,9 @@ def pixels_of(data: bytes, ext: str) -> int | None:
 
         buf = io.BytesIO(data)
         version = np.lib.format.read_magic(buf)
-        shape, _, _ = np.lib.format._read_array_header(buf, version)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, _ = read_header(buf, max_header_size=1 << 16)
         dims = [int(d) for d in shape]
         return dims[-1] * dims[-2] if len(dims) >= 2 else (dims[0] if dims else 1)
     from PIL import Image
