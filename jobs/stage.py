@@ -6,6 +6,7 @@ A stage job is a JSON-able dict the driver (``pipeline/run.py``, or ``jobs/launc
     {"stage": {...the stage's spec mapping, kind included...},
      "stage_url": "<run_root>/stages/<name>", "data_url": "<manifest URL>",
      "storage_options": {...}, "launcher": "ray" | "torchrun",
+     "methods": ["my_lab.block_mae"],                     # plugin modules to import (the spec's methods:)
      "fault": {"kill_rank": 1, "kill_at_step": 5}}        # optional, tests only
 
 :func:`run_worker` is what every rank runs (a Ray Train worker or a torchrun process). Rank 0
@@ -15,7 +16,6 @@ keeps ``<stage>/STATUS.json`` current: ``running`` (attempts counted), then ``do
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import time
@@ -23,18 +23,12 @@ from typing import Any
 
 from cluster.storage import Store
 from jobs.checkpoint import code_version
+from jobs.method import Method
+from jobs.methods import import_methods, method_class
 
 log = logging.getLogger(__name__)
 
 STATUS = "STATUS.json"
-
-# kind -> (module, config class, method class). A new method registers here.
-METHODS: dict[str, tuple[str, str, str]] = {
-    "mae": ("jobs.mae", "MAEConfig", "MAEMethod"),
-    "dino": ("jobs.dino", "DINOConfig", "DINOMethod"),
-    "distill": ("jobs.distill", "DistillConfig", "DistillMethod"),
-    "finetune": ("jobs.finetune", "FinetuneConfig", "FinetuneMethod"),
-}
 
 # Stage fields that name an earlier stage's export (or an export URL); a stage job carries each one
 # resolved as ``<field>_url`` (pipeline/spec.py), which reaches the method as ``ctx.refs[<field>]``.
@@ -42,15 +36,13 @@ REFERENCE_FIELDS = ("init", "teacher")
 
 
 def stage_config_class(kind: str) -> type:
-    if kind not in METHODS:
-        raise ValueError(f"unknown training stage kind {kind!r}; known: {', '.join(sorted(METHODS))}")
-    module, cls, _ = METHODS[kind]
-    return getattr(importlib.import_module(module), cls)
+    """The stage config class of training ``kind`` (its registered method's ``Config``)."""
+    return method_class(kind).Config
 
 
-def make_method(cfg: Any, rank: int) -> Any:
-    module, _, cls = METHODS[cfg.kind]
-    return getattr(importlib.import_module(module), cls)(cfg, rank=rank)
+def make_method(cfg: Any, rank: int) -> Method:
+    """The registered method of ``cfg.kind``, built from ``cfg``."""
+    return method_class(cfg.kind)(cfg, rank=rank)
 
 
 # ---- STATUS.json --------------------------------------------------------------------------------
@@ -87,6 +79,7 @@ def run_worker(job: dict[str, Any]) -> str:
     from jobs.engine import PreemptionWatch, StageContext, train
 
     rank, world = dist_rank_world()
+    import_methods(job.get("methods") or ())
     cfg = stage_config_class(job["stage"]["kind"]).model_validate(job["stage"])
     fault = job.get("fault") or {}
     ctx = StageContext(stage_url=job["stage_url"], data_url=job["data_url"], rank=rank, world_size=world,

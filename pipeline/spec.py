@@ -3,7 +3,9 @@
 Every model forbids unknown keys, so a typo is an error that names its path
 (``stages[1] (pretrain) > model > img_siz: unknown field``). Stages are a discriminated union on
 ``kind``; each training kind's fields live with its method (``jobs/mae.py``'s ``MAEConfig``), the
-prep fields with ``dataprep.prep.PrepOptions``. A new kind is one more member of :data:`Stage`.
+prep fields with ``dataprep.prep.PrepOptions``. The training kinds are the registered methods
+(``jobs/method.py``): the built-ins, plus those of the modules a spec names in ``methods:``,
+imported by :func:`parse_spec` before the stages are validated (and by every worker).
 
     name: mae-digits
     storage: s3://my-bucket/runs          # run root = <storage>/<name>
@@ -20,14 +22,11 @@ import posixpath
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from dataprep.prep import PrepOptions
-from jobs.dino import DINOConfig
-from jobs.distill import DistillConfig
 from jobs.evaluate import EvalConfig
-from jobs.finetune import FinetuneConfig
-from jobs.mae import MAEConfig
+from jobs.methods import config_classes, import_methods, training_kinds
 from jobs.stage import REFERENCE_FIELDS
 
 
@@ -60,9 +59,13 @@ class PrepStage(PrepOptions):
         return json_digest({"options": self.output_options(), "source": self.source})
 
 
-Stage = Annotated[Union[PrepStage, MAEConfig, DINOConfig, DistillConfig, FinetuneConfig, EvalConfig],
-                  Field(discriminator="kind")]
-TRAINING_KINDS = ("mae", "dino", "distill", "finetune")
+def _stage_union(configs: tuple[type, ...]) -> Any:
+    return Annotated[Union[(PrepStage, *configs, EvalConfig)], Field(discriminator="kind")]
+
+
+_BUILTIN_CONFIGS = config_classes()
+Stage = _stage_union(_BUILTIN_CONFIGS)  # the built-in kinds; see spec_model() for plugins
+TRAINING_KINDS = training_kinds()  # the built-in ones; is_training_kind() also knows plugins
 
 
 class RunSpec(BaseModel):
@@ -72,6 +75,8 @@ class RunSpec(BaseModel):
     storage: str = Field(description="parent of the run root: s3://bucket/prefix, file:///path or a path")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="extra fsspec options (never secrets)")
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    methods: list[str] = Field(default_factory=list, description="modules defining methods of your own (dotted "
+                               "import paths, importable on the driver and every worker)")
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -127,12 +132,13 @@ class RunSpec(BaseModel):
     def stage_job(self, name: str, launcher: str) -> dict[str, Any]:
         """The JSON-able job every worker of training stage ``name`` runs (see ``jobs/stage.py``)."""
         stage = self.stage(name)
-        if stage.kind not in TRAINING_KINDS:
+        if not is_training_kind(stage.kind):
             raise ValueError(f"stage {name!r} is a {stage.kind} stage, not a training stage")
         refs = {f"{f}_url": self.export_url(getattr(stage, f)) for f in REFERENCE_FIELDS
                 if isinstance(getattr(stage, f, None), str)}
         return {"stage": stage.model_dump(mode="json"), "stage_url": self.stage_url(name),
-                "data_url": self.data_url(stage), "storage_options": self.storage_options, "launcher": launcher, **refs}
+                "data_url": self.data_url(stage), "storage_options": self.storage_options, "launcher": launcher,
+                "methods": list(self.methods), **refs}
 
     def eval_job(self, name: str) -> dict[str, Any]:
         """The JSON-able job of eval stage ``name`` (see ``jobs/evaluate.py``): its models resolved to export URLs."""
@@ -141,13 +147,31 @@ class RunSpec(BaseModel):
             raise ValueError(f"stage {name!r} is a {stage.kind} stage, not an eval stage")
         return {"stage": stage.model_dump(mode="json"), "stage_url": self.stage_url(name),
                 "data_url": self.data_url(stage), "storage_options": self.storage_options,
-                "models": [self._model_ref(ref) for ref in stage.models]}
+                "methods": list(self.methods), "models": [self._model_ref(ref) for ref in stage.models]}
 
     def _model_ref(self, ref: str) -> dict[str, Any]:
         """An eval model: its export URL, plus the stage's kind and place when ``ref`` names a stage."""
         if _is_url(ref):
             return {"name": ref, "url": self.export_url(ref)}
         return {"name": ref, "url": self.export_url(ref), "kind": self.stage(ref).kind, "stage_url": self.stage_url(ref)}
+
+
+_SPEC_MODELS: dict[tuple[type, ...], type[RunSpec]] = {}
+
+
+def spec_model() -> type[RunSpec]:
+    """:class:`RunSpec` with a stage union of every method registered now (plugins included)."""
+    configs = config_classes()
+    if configs == _BUILTIN_CONFIGS:
+        return RunSpec
+    if configs not in _SPEC_MODELS:
+        _SPEC_MODELS[configs] = create_model("RunSpec", __base__=RunSpec,
+                                             stages=(list[_stage_union(configs)], Field(min_length=1)))
+    return _SPEC_MODELS[configs]
+
+
+def is_training_kind(kind: str) -> bool:
+    return kind in training_kinds()
 
 
 def stage_inputs(stage: Any) -> list[str]:
@@ -194,7 +218,7 @@ def _check_models(i: int, stage: Any, seen: dict[str, str]) -> None:
         if ref not in seen:
             raise ValueError(f"stages[{i}] ({stage.name}) > models[{j}]: {ref!r} is neither an earlier stage nor "
                              "an export URL/path (use s3://…, file://…, /abs/path or ./rel/path)")
-        if seen[ref] not in TRAINING_KINDS:
+        if not is_training_kind(seen[ref]):
             raise ValueError(f"stages[{i}] ({stage.name}) > models[{j}]: stage {ref!r} is a {seen[ref]} stage; "
                              "it exports no model (name a training stage)")
 
@@ -208,7 +232,7 @@ def _check_references(i: int, stage: Any, seen: dict[str, str]) -> None:
         if ref not in seen:
             raise ValueError(f"stages[{i}] ({stage.name}) > {field}: {ref!r} is neither an earlier stage nor an "
                              "export URL/path (use s3://…, file://…, /abs/path or ./rel/path)")
-        if seen[ref] not in TRAINING_KINDS:
+        if not is_training_kind(seen[ref]):
             raise ValueError(f"stages[{i}] ({stage.name}) > {field}: stage {ref!r} is a {seen[ref]} stage; it "
                              "exports no model (name a training stage)")
 
@@ -265,11 +289,31 @@ def parse_spec(raw: Any, source: str = "the spec", lines: dict[tuple, int] | Non
     """Validate a spec mapping. ``lines`` (from :func:`pipeline._specfile.read_yaml`) adds file lines to errors."""
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    _import_spec_methods(raw, source, lines)
     try:
-        spec = RunSpec.model_validate(raw)
+        spec = spec_model().model_validate(raw)
     except ValidationError as exc:
         raise SpecError(f"{source} is invalid:\n{format_errors(exc, raw, lines)}") from None
     return spec
+
+
+def _import_spec_methods(raw: dict[str, Any], source: str, lines: dict[tuple, int] | None) -> None:
+    """Import the modules of the spec's ``methods:`` (their methods register their kinds) before validating."""
+    from pipeline._specfile import line_of
+
+    modules = raw.get("methods") or []
+    if not isinstance(modules, list):
+        return  # validation names the field
+    for i, name in enumerate(modules):
+        if not isinstance(name, str):
+            continue
+        try:
+            import_methods([name])
+        except Exception as exc:
+            line = line_of(lines, ("methods", i)) if lines else None
+            where = "" if line is None else " (--set)" if line == 0 else f" (line {line})"
+            raise SpecError(f"{source} is invalid:\n  methods[{i}]{where}: cannot import {name!r}: "
+                            f"{type(exc).__name__}: {exc}") from None
 
 
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
@@ -302,4 +346,7 @@ def input_paths(spec: RunSpec) -> list[tuple[str, str]]:
 
 
 def dump_spec(spec: RunSpec) -> str:
-    return yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+    data = spec.model_dump(mode="json", exclude_defaults=False)
+    if not data["methods"]:
+        del data["methods"]  # run.yaml of a spec without plugins reads as before
+    return yaml.safe_dump(data, sort_keys=False)
