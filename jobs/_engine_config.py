@@ -17,9 +17,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.checkpoint import CheckpointPolicy, json_digest
+from jobs.layout import PREEMPT_NAME
 from jobs.models import ModelConfig
 
-PREEMPT_MARKER = "PREEMPT"
+PREEMPT_MARKER = PREEMPT_NAME  # a driver's stop request in the stage directory
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" — a preempted stage continues on rerun
 METHOD_STATE = "method_state.safetensors"  # a method's extra_state() inside each checkpoint
 

@@ -25,6 +25,7 @@ from jobs._engine_config import (METHOD_STATE, StageContext, TrainConfig, TrainR
 from jobs._engine_watch import MetricsLog, PreemptionWatch, peak_flops
 from jobs.checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, code_version, latest_committed,
                              restore_rng_state)
+from jobs.layout import EXPORT_NAME, METRICS_NAME
 from jobs.method import Method
 from jobs.reshard import batch_shape, load_engine_state, seed_new_rank
 
@@ -155,7 +156,7 @@ def _resume(run: _Run) -> None:
         load_engine_state(run.accelerator, run.model, os.path.join(local_dir, "engine"), info.world_size,
                           run.ctx.world_size)
         _load_method_state(run, local_dir)
-        path = os.path.join(local_dir, "metrics.jsonl")
+        path = os.path.join(local_dir, METRICS_NAME)
         if os.path.exists(path):
             with open(path) as f:
                 metrics_text.append(f.read())
@@ -280,7 +281,7 @@ def _save(run: _Run, sync: bool) -> None:
         if method_state is not None and run.ctx.rank == 0:
             save_file(method_state, os.path.join(local_dir, METHOD_STATE))
         if run.ctx.rank == 0:
-            with open(os.path.join(local_dir, "metrics.jsonl"), "w") as f:
+            with open(os.path.join(local_dir, METRICS_NAME), "w") as f:
                 f.write(run.metrics.text())
 
     meta = {"step": step, "epoch": run.loader.epoch, "loader": run.loader.state_dict(), "rng": capture_rng_state(),
@@ -326,7 +327,7 @@ def _evaluate(run: _Run) -> dict[str, float]:
 
 def _export(run: _Run) -> None:
     """The method's export to ``<stage>/export/`` (every rank calls: ZeRO-3 gathers)."""
-    run.method.export(run.module, run.store.url_of("export"), rank=run.ctx.rank, storage_options=run.ctx.storage_options,
+    run.method.export(run.module, run.store.url_of(EXPORT_NAME), rank=run.ctx.rank, storage_options=run.ctx.storage_options,
                       extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.meta_expect["config_digest"],
                              "code_version": code_version()})
 

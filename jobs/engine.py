@@ -28,7 +28,6 @@ Layout: this module is the public surface. The code lives in ``jobs/_engine_conf
 
 from __future__ import annotations
 
-import posixpath
 from typing import Any
 
 from cluster.storage import Store
@@ -36,6 +35,7 @@ from jobs._engine_config import (METHOD_STATE, PREEMPT_MARKER, PREEMPTED_EXIT_CO
                                  TrainConfig, TrainResult, build_optimizer, deepspeed_config, lr_at, make_accelerator,
                                  param_groups, peak_lr, use_bf16)
 from jobs._engine_loop import train
+from jobs.layout import RunLayout
 from jobs.method import Method
 from jobs._engine_watch import PEAK_TFLOPS_BF16, MetricsLog, PreemptionWatch, peak_flops
 
@@ -47,4 +47,4 @@ __all__ = [
 
 
 def stage_store(run_root: str, stage: str, storage_options: dict[str, Any] | None = None) -> Store:
-    return Store(posixpath.join(run_root.rstrip("/"), "stages", stage), storage_options)
+    return Store(RunLayout(run_root).stage(stage).url, storage_options)

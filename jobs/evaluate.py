@@ -44,11 +44,12 @@ from dataprep.labels import label_subset
 from dataprep.loader import StreamingLoader
 from dataprep.transforms import eval_transform
 from jobs.checkpoint import code_version, json_digest
+from jobs.layout import EVAL_JSON_NAME, StageStatus
 from jobs.methods import import_methods, method_class
 
 log = logging.getLogger(__name__)
 
-EVAL_JSON = "eval.json"
+EVAL_JSON = EVAL_JSON_NAME
 
 
 class ProbeConfig(BaseModel):
@@ -250,15 +251,13 @@ def run_eval(job: dict[str, Any]) -> dict[str, Any]:
     (built by ``pipeline.spec.RunSpec.eval_job``). Returns the ``eval.json`` contents.
     """
     from dataprep.manifest import load_manifest
-    from jobs.stage import read_status, update_status
 
     import_methods(job.get("methods") or ())
     cfg = EvalConfig.model_validate(job["stage"])
     opts = job.get("storage_options") or {}
     stage_url, data_url = job["stage_url"], job["data_url"]
-    before = read_status(stage_url, opts)
-    update_status(stage_url, opts, state="running", kind="eval", name=cfg.name, attempts=int(before.get("attempts", 0)) + 1,
-                  started_at=time.time(), config_digest=cfg.digest(), code_version=code_version())
+    status = StageStatus(stage_url, opts)
+    status.start(kind="eval", name=cfg.name, config_digest=cfg.digest(), code_version=code_version())
     manifest, _ = load_manifest(data_url, opts)
     if not manifest.classes:
         raise ValueError(f"eval {cfg.name!r}: {data_url} has no class labels; eval needs a labelled prep")
@@ -270,7 +269,7 @@ def run_eval(job: dict[str, Any]) -> dict[str, Any]:
             report["models"][m["name"]]["reconstruction"] = recon
     Store(stage_url, opts).put_json(EVAL_JSON, report)
     log.info("eval %s on %s:\n%s", cfg.name, data_url, format_table(report))
-    update_status(stage_url, opts, state="done", finished_at=time.time())
+    status.finish("done")
     return report
 
 

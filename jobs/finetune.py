@@ -58,6 +58,7 @@ from dataprep.manifest import load_manifest
 from dataprep.transforms import eval_transform, mae_transform
 from jobs.engine import OptimConfig, StageContext, TrainConfig, TrainResult, train
 from jobs.export import export_timm_model, load_export_model, timm_export_config
+from jobs.layout import METRICS_NAME
 from jobs.method import Method
 from jobs.models import TimmModelConfig, forward_flops
 
@@ -427,7 +428,7 @@ def run_finetune(cfg: FinetuneConfig | dict[str, Any], *, data_url: str, stage_u
                        storage_options=storage_options or {}, launcher="local",
                        refs={"init": init_url} if init_url else {})
     result: TrainResult = train(FinetuneMethod(cfg, rank=rank), cfg, ctx)
-    records = [json.loads(line) for line in Store(stage_url, storage_options).get_bytes("metrics.jsonl").decode().splitlines()]
+    records = [json.loads(line) for line in Store(stage_url, storage_options).get_bytes(METRICS_NAME).decode().splitlines()]
     evaluated = [r for r in records if "val_top1" in r]
     last = evaluated[-1] if evaluated else {}
     labeled = records[-1].get("labeled_samples") if records else None

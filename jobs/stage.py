@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
 from cluster.storage import Store
 from jobs.checkpoint import code_version
+from jobs.layout import STATUS_NAME, StageStatus
 from jobs.method import Method
 from jobs.methods import import_methods, method_class
 
 log = logging.getLogger(__name__)
 
-STATUS = "STATUS.json"
+STATUS = STATUS_NAME
 
 # Stage fields that name an earlier stage's export (or an export URL); a stage job carries each one
 # resolved as ``<field>_url`` (pipeline/spec.py), which reaches the method as ``ctx.refs[<field>]``.
@@ -49,19 +49,13 @@ def make_method(cfg: Any, rank: int) -> Method:
 
 
 def read_status(stage_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    store = Store(stage_url, storage_options)
-    try:
-        return dict(store.get_json(STATUS))
-    except FileNotFoundError:
-        return {}
+    """The stage's ``STATUS.json`` (``{}`` when there is none); see :class:`jobs.layout.StageStatus`."""
+    return StageStatus(stage_url, storage_options).read()
 
 
 def update_status(stage_url: str, storage_options: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
     """Merge ``fields`` into ``STATUS.json`` (one writer at a time: rank 0, or the driver when no gang runs)."""
-    status = read_status(stage_url, storage_options)
-    status.update(fields, updated_at=time.time())
-    Store(stage_url, storage_options).put_json(STATUS, status)
-    return status
+    return StageStatus(stage_url, storage_options).update(**fields)
 
 
 # ---- the worker -----------------------------------------------------------------------------------
@@ -89,17 +83,14 @@ def run_worker(job: dict[str, Any]) -> str:
     # stop requests are honoured from here on (start-up takes a while; a SIGTERM must not be lost)
     watch = PreemptionWatch(Store(ctx.stage_url, ctx.storage_options) if rank == 0 else None)
     nodes = _gather_node_ids(world)
+    status = StageStatus(ctx.stage_url, ctx.storage_options)
     if rank == 0:
-        before = read_status(ctx.stage_url, ctx.storage_options)
-        update_status(ctx.stage_url, ctx.storage_options, state="running", kind=cfg.kind, name=cfg.name,
-                      attempts=int(before.get("attempts", 0)) + 1, started_at=time.time(), world_size=world,
-                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), worker_nodes=nodes,
-                      launcher=ctx.launcher, config_digest=cfg.digest(), code_version=code_version())
+        status.start(kind=cfg.kind, name=cfg.name, world_size=world,
+                     local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), worker_nodes=nodes,
+                     launcher=ctx.launcher, config_digest=cfg.digest(), code_version=code_version())
     result = train(make_method(cfg, rank), cfg, ctx, watch)
     if rank == 0:
-        update_status(ctx.stage_url, ctx.storage_options, state=result.state, step=result.step,
-                      total_steps=result.total_steps, resumed_from=result.resumed_from,
-                      **({"finished_at": time.time()} if result.state == "done" else {}))
+        status.finish(result.state, step=result.step, total_steps=result.total_steps, resumed_from=result.resumed_from)
     # no rank leaves before STATUS.json is written: a launcher (torchrun) that sees one rank exit
     # with the preempted status tears the others down at once
     _barrier()

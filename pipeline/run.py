@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import signal
 import threading
 import time
@@ -38,7 +37,8 @@ from cluster.storage import Store
 from jobs.checkpoint import check_compatible, code_version, latest_committed
 from jobs.engine import PREEMPT_MARKER
 from jobs.reshard import batch_shape
-from jobs.stage import make_method, read_status, run_worker, update_status
+from jobs.layout import StageStatus
+from jobs.stage import make_method, run_worker
 from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_sources, clear_stage,  # noqa: F401
                             is_done, plan_run, record_spec)
 from pipeline.spec import RunSpec
@@ -101,11 +101,7 @@ def _timed(spec: RunSpec, name: str, fn: Any) -> str:
         state = fn()
         return state
     finally:
-        status = read_status(spec.stage_url(name), spec.storage_options)
-        history = [*status.get("history", []), {"attempt": status.get("attempts"), "started_at": t0,
-                                                "ended_at": time.time(), "seconds": round(time.time() - t0, 3),
-                                                "state": state}]
-        update_status(spec.stage_url(name), spec.storage_options, history=history)
+        StageStatus(spec.stage_url(name), spec.storage_options).record_attempt(t0, state)
 
 
 def run_prep_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
@@ -113,19 +109,18 @@ def run_prep_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
     from dataprep.prep import PrepOptions, run_prep
 
     stage, url, opts = spec.stage(name), spec.stage_url(name), spec.storage_options
-    before = read_status(url, opts)
-    update_status(url, opts, state="running", kind="prep", name=name, attempts=int(before.get("attempts", 0)) + 1,
-                  started_at=time.time(), config_digest=stage.digest(), code_version=code_version())
+    status = StageStatus(url, opts)
+    status.start(kind="prep", name=name, config_digest=stage.digest(), code_version=code_version())
     options = PrepOptions.model_validate(stage.model_dump(include=set(PrepOptions.model_fields)))
     source = stage.source if "://" in stage.source else os.path.abspath(os.path.expanduser(stage.source))
     try:
-        result = run_prep(source, posixpath.join(url, SHARDS), options, address=address, storage_options=opts)
+        result = run_prep(source, spec.layout.stage(name).shards, options, address=address, storage_options=opts)
     except Exception as exc:
-        update_status(url, opts, state="failed", error=f"{type(exc).__name__}: {exc}"[-2000:])
+        status.fail(f"{type(exc).__name__}: {exc}")
         raise
     totals = result.manifest.totals
-    update_status(url, opts, state="done", finished_at=time.time(), samples=totals.get("written"),
-                  rejected=totals.get("rejected"), shards_built=result.shards_built)
+    status.finish("done", samples=totals.get("written"), rejected=totals.get("rejected"),
+                  shards_built=result.shards_built)
     return "done"
 
 
@@ -137,10 +132,11 @@ def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
     if is_done(spec, name):
         log.info("stage %s is done; skipping", name)
         return "done"
-    status = read_status(stage_url, opts)
-    if status.get("state") in ("running", "preempted", "failed"):
+    status = StageStatus(stage_url, opts)
+    before = status.read()
+    if before.get("state") in ("running", "preempted", "failed"):
         log.info("stage %s was interrupted (%s, attempt %s); resuming from its newest committed checkpoint",
-                 name, status.get("state"), status.get("attempts"))
+                 name, before.get("state"), before.get("attempts"))
     _preflight(spec, name)
     store = Store(stage_url, opts)
     store.delete(PREEMPT_MARKER)  # a stop request belongs to the attempt it was made for
@@ -154,9 +150,9 @@ def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
         try:
             run_gang(run_worker, job, gang)
         except GangFailedError as exc:
-            update_status(stage_url, opts, state="failed", error=str(exc)[-2000:])
+            status.fail(str(exc))
             raise
-    return read_status(stage_url, opts).get("state", "failed")
+    return status.read().get("state", "failed")
 
 
 def run_eval_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
@@ -175,10 +171,10 @@ def run_eval_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
     try:
         report = ray.get(task.remote(job))
     except ray.exceptions.RayError as exc:  # the task's own error, or its worker died
-        update_status(job["stage_url"], spec.storage_options, state="failed", error=str(exc)[-2000:])
+        StageStatus(job["stage_url"], spec.storage_options).fail(str(exc))
         raise GangFailedError(f"eval stage {name!r} failed: {exc}") from exc
     log.info("stage %s (%s/eval.json):\n%s", name, job["stage_url"], format_table(report))
-    return read_status(job["stage_url"], spec.storage_options).get("state", "failed")
+    return StageStatus(job["stage_url"], spec.storage_options).read().get("state", "failed")
 
 
 def _preflight(spec: RunSpec, name: str) -> None:

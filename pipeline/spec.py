@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from dataprep.prep import PrepOptions
 from jobs.evaluate import EvalConfig
+from jobs.layout import RunLayout
 from jobs.methods import config_classes, import_methods, training_kinds
 from jobs.stage import REFERENCE_FIELDS
 
@@ -107,8 +108,12 @@ class RunSpec(BaseModel):
             storage = os.path.abspath(storage)
         return posixpath.join(storage, self.name)
 
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_root)
+
     def stage_url(self, name: str) -> str:
-        return posixpath.join(self.run_root, "stages", name)
+        return self.layout.stage(name).url
 
     def stage(self, name: str) -> Any:
         for stage in self.stages:
@@ -121,13 +126,13 @@ class RunSpec(BaseModel):
         data = stage.data
         if _is_url(data):
             return data if "://" in data else os.path.abspath(data)
-        return posixpath.join(self.stage_url(data), "shards")
+        return self.layout.stage(data).shards
 
     def export_url(self, ref: str) -> str:
         """Where a reference (``init: pretrain``, ``teacher: s3://…/export``) points: a stage's export dir, or the URL."""
         if _is_url(ref):
             return ref if "://" in ref else os.path.abspath(os.path.expanduser(ref))
-        return posixpath.join(self.stage_url(ref), "export")
+        return self.layout.stage(ref).export
 
     def stage_job(self, name: str, launcher: str) -> dict[str, Any]:
         """The JSON-able job every worker of training stage ``name`` runs (see ``jobs/stage.py``)."""
