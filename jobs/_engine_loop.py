@@ -23,11 +23,10 @@ from dataprep.loader import StreamingLoader
 from jobs._engine_config import (METHOD_STATE, StageContext, TrainConfig, TrainResult, build_optimizer, lr_at,
                                  make_accelerator, peak_lr)
 from jobs._engine_watch import MetricsLog, PreemptionWatch, peak_flops
-from jobs.checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, code_version, latest_committed,
-                             restore_rng_state)
+from jobs.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, code_version, restore_rng_state
 from jobs.layout import EXPORT_NAME, METRICS_NAME
 from jobs.method import Method
-from jobs.reshard import batch_shape, load_engine_state, seed_new_rank
+from jobs.reshard import ResumePlan, load_engine_state, resume_plan, seed_new_rank
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +53,7 @@ class _Run:
     warmup_steps: int
     peak_lr: float
     meta_expect: dict[str, Any]
+    plan: ResumePlan
     step: int = 0
     resumed_from: int | None = None
     saved_step: int | None = None
@@ -62,16 +62,19 @@ class _Run:
     steps_per_epoch: int = 1
 
 
-def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: PreemptionWatch | None = None) -> TrainResult:
+def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: PreemptionWatch | None = None,
+          plan: ResumePlan | None = None) -> TrainResult:
     """Train ``method`` per ``cfg``; resume from the stage's newest committed checkpoint if any.
 
     Every rank calls it. Returns when the stage is done or preempted (after a synchronous
     checkpoint); raises on errors, leaving the last committed checkpoint to resume from.
     ``watch``: a caller that must catch stop requests earlier (during start-up) passes its own.
+    ``plan``: the resume plan the caller built ``method`` from (:func:`jobs.reshard.resume_plan` of
+    ``cfg``, the stage's config as written); computed here when not given.
     """
     watch = watch or PreemptionWatch(Store(ctx.stage_url, ctx.storage_options) if ctx.rank == 0 else None)
     try:
-        run = _setup(method, cfg, ctx)
+        run = _setup(method, cfg, ctx, plan)
         _resume(run)
         state = _loop(run, watch)
         run.ckpt.close()
@@ -83,10 +86,11 @@ def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: Preemption
         watch.close()
 
 
-def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
+def _setup(method: Method, cfg: TrainConfig, ctx: StageContext, plan: ResumePlan | None) -> _Run:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every attempt
-    digest = cfg.digest()
-    cfg = _resume_shape(cfg, ctx)
+    digest = cfg.digest()  # of the config as written: a reshaped resume keeps its digest
+    plan = plan or resume_plan(ctx.stage_url, ctx.storage_options, ctx.world_size, cfg)
+    cfg = plan.shape(cfg)  # the per-worker batch that keeps the checkpoint's global batch
     accelerator = make_accelerator(cfg, ctx.world_size)
     method.setup(ctx)
     model = method.build_model()
@@ -110,20 +114,9 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(cfg.optim.warmup_epochs * steps_per_epoch)
     method.set_run_length(total, steps_per_epoch)
     expect = {"arch": method.arch(), "config_digest": digest}  # not world_size: see jobs/reshard.py
-    return _Run(cfg, ctx, method, accelerator, model, accelerator.unwrap_model(model), optimizer, loader, ckpt, MetricsLog(store, ctx.rank == 0), store,
-                total, min(warmup, total), peak_lr(cfg, ctx.world_size), expect, val=_val_loader(method, cfg, ctx, loader),
-                steps_per_epoch=steps_per_epoch)
-
-
-def _resume_shape(cfg: TrainConfig, ctx: StageContext) -> TrainConfig:
-    """``cfg`` with the per-worker batch_size/grad_accum that keep the newest checkpoint's global batch on
-    this many workers (itself when nothing changes; see :func:`jobs.reshard.batch_shape`)."""
-    info = latest_committed(ctx.stage_url, ctx.storage_options)
-    batch, accum = batch_shape(info.meta if info else None, ctx.world_size, (cfg.batch_size, cfg.grad_accum),
-                               where=f"checkpoint {info.url}" if info else "")
-    if (batch, accum) == (cfg.batch_size, cfg.grad_accum):
-        return cfg
-    return cfg.model_copy(update={"batch_size": batch, "grad_accum": accum})
+    return _Run(cfg, ctx, method, accelerator, model, accelerator.unwrap_model(model), optimizer, loader, ckpt,
+                MetricsLog(store, ctx.rank == 0), store, total, min(warmup, total), peak_lr(cfg, ctx.world_size), expect,
+                plan, val=_val_loader(method, cfg, ctx, loader), steps_per_epoch=steps_per_epoch)
 
 
 def _val_loader(method: Method, cfg: TrainConfig, ctx: StageContext, train: StreamingLoader) -> StreamingLoader | None:
@@ -141,7 +134,7 @@ def _val_loader(method: Method, cfg: TrainConfig, ctx: StageContext, train: Stre
 
 def _resume(run: _Run) -> None:
     """Continue from the newest committed checkpoint, if there is one (every rank calls)."""
-    info = run.ckpt.latest()
+    info = run.plan.checkpoint
     if info is None:
         return
     log.info("resuming stage %s from %s", run.cfg.name, info.url)

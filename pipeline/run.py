@@ -34,9 +34,9 @@ from typing import Any
 from cluster.gang import GangFailedError, GangSpec, run_gang
 from cluster.runtime import ensure_ray
 from cluster.storage import Store
-from jobs.checkpoint import check_compatible, code_version, latest_committed
+from jobs.checkpoint import check_compatible, code_version
 from jobs.engine import PREEMPT_MARKER
-from jobs.reshard import batch_shape
+from jobs.reshard import resume_plan
 from jobs.layout import StageStatus
 from jobs.stage import make_method, run_worker
 from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_sources, clear_stage,  # noqa: F401
@@ -127,7 +127,7 @@ def run_prep_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
 def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
                        fault: dict[str, Any] | None = None) -> str:
     """Run one training stage on a gang; ``done`` | ``preempted``. Raises when the gang gives up."""
-    job = spec.stage_job(name, launcher="ray")
+    job = spec.stage_job(name, launcher="ray", fault=fault)
     stage_url, opts = job["stage_url"], spec.storage_options
     if is_done(spec, name):
         log.info("stage %s is done; skipping", name)
@@ -140,19 +140,17 @@ def run_training_stage(spec: RunSpec, name: str, address: str | None = None,
     _preflight(spec, name)
     store = Store(stage_url, opts)
     store.delete(PREEMPT_MARKER)  # a stop request belongs to the attempt it was made for
-    if fault:
-        job["fault"] = fault
     ensure_ray(address)
     gang = GangSpec(workers=spec.compute.workers, cpus_per_worker=spec.compute.cpus_per_worker,
                     gpus_per_worker=spec.compute.gpus_per_worker, max_failures=spec.compute.max_failures,
                     name=f"{spec.name}-{name}")
     with _forward_stop_signals(store):
         try:
-            run_gang(run_worker, job, gang)
+            state = run_gang(run_worker, job, gang)  # rank 0's outcome: done | preempted
         except GangFailedError as exc:
             status.fail(str(exc))
             raise
-    return status.read().get("state", "failed")
+    return state or "failed"
 
 
 def run_eval_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
@@ -180,17 +178,17 @@ def run_eval_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
 def _preflight(spec: RunSpec, name: str) -> None:
     """Refuse, before any gang starts, to resume a checkpoint of another architecture or config, or one
     whose global batch this many workers cannot split (another number of workers is fine otherwise)."""
-    info = latest_committed(spec.stage_url(name), spec.storage_options)
+    stage, workers = spec.stage(name), spec.compute.workers
+    plan = resume_plan(spec.stage_url(name), spec.storage_options, workers, stage)
+    info = plan.checkpoint
     if info is None:
         return
-    stage = spec.stage(name)
-    expect = {"arch": make_method(stage, 0).arch(), "config_digest": stage.digest()}
+    expect = {"arch": make_method(plan.shape(stage), 0).arch(), "config_digest": stage.digest()}
     check_compatible(info.meta, expect, where=f"checkpoint {info.url}")
-    workers = spec.compute.workers
-    batch, accum = batch_shape(info.meta, workers, (stage.batch_size, stage.grad_accum), where=f"checkpoint {info.url}")
-    if info.world_size != workers:
+    if plan.reshaped:
         log.info("stage %s: resuming %d-worker checkpoint step %d on %d workers (batch_size %d x grad_accum %d "
-                 "per worker keeps its global batch)", name, info.world_size, info.step, workers, batch, accum)
+                 "per worker keeps its global batch)", name, info.world_size, info.step, workers, plan.batch_size,
+                 plan.grad_accum)
 
 
 class _forward_stop_signals:

@@ -28,7 +28,7 @@ from dataprep.prep import PrepOptions
 from jobs.evaluate import EvalConfig
 from jobs.layout import RunLayout
 from jobs.methods import config_classes, import_methods, training_kinds
-from jobs.stage import REFERENCE_FIELDS
+from jobs.stage import REFERENCE_FIELDS, FaultHooks, StageJob
 
 
 class SpecError(ValueError):
@@ -134,16 +134,17 @@ class RunSpec(BaseModel):
             return ref if "://" in ref else os.path.abspath(os.path.expanduser(ref))
         return self.layout.stage(ref).export
 
-    def stage_job(self, name: str, launcher: str) -> dict[str, Any]:
-        """The JSON-able job every worker of training stage ``name`` runs (see ``jobs/stage.py``)."""
+    def stage_job(self, name: str, launcher: str, fault: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The job every worker of training stage ``name`` runs: a :class:`jobs.stage.StageJob`, dumped
+        (JSON-able) once here; ``fault``: test-only :class:`jobs.stage.FaultHooks`."""
         stage = self.stage(name)
         if not is_training_kind(stage.kind):
             raise ValueError(f"stage {name!r} is a {stage.kind} stage, not a training stage")
         refs = {f"{f}_url": self.export_url(getattr(stage, f)) for f in REFERENCE_FIELDS
                 if isinstance(getattr(stage, f, None), str)}
-        return {"stage": stage.model_dump(mode="json"), "stage_url": self.stage_url(name),
-                "data_url": self.data_url(stage), "storage_options": self.storage_options, "launcher": launcher,
-                "methods": list(self.methods), **refs}
+        return StageJob(stage=stage.model_dump(mode="json"), stage_url=self.stage_url(name),
+                        data_url=self.data_url(stage), storage_options=self.storage_options, launcher=launcher,
+                        methods=self.methods, fault=FaultHooks(**fault) if fault else None, **refs).dump()
 
     def eval_job(self, name: str) -> dict[str, Any]:
         """The JSON-able job of eval stage ``name`` (see ``jobs/evaluate.py``): its models resolved to export URLs."""
