@@ -39,11 +39,8 @@ from jobs.layout import RunLayout
 from jobs.method import Method
 from jobs._engine_watch import PEAK_TFLOPS_BF16, MetricsLog, PreemptionWatch, peak_flops
 
-__all__ = [
-    "METHOD_STATE", "PEAK_TFLOPS_BF16", "PREEMPT_MARKER", "PREEMPTED_EXIT_CODE", "Method", "MetricsLog", "OptimConfig",
-    "PreemptionWatch", "StageContext", "TrainConfig", "TrainResult", "build_optimizer", "deepspeed_config", "lr_at",
-    "make_accelerator", "param_groups", "peak_flops", "peak_lr", "stage_store", "train", "use_bf16",
-]
+# what a method author needs; the rest stays importable from here for the engine's own callers
+__all__ = ["Method", "OptimConfig", "StageContext", "TrainConfig", "TrainResult", "train", "use_bf16"]
 
 
 def stage_store(run_root: str, stage: str, storage_options: dict[str, Any] | None = None) -> Store:

@@ -1,6 +1,6 @@
 """Per-worker entry of a training stage: build everything from a *stage job* and run the engine.
 
-A stage job (:class:`StageJob`) is what the driver (``pipeline/run.py``, or ``jobs/launch.py`` under
+A stage job (:class:`StageJob`) is what the driver (``pipeline/run.py``, or ``pipeline/launch.py`` under
 ``torchrun``) resolves from the run spec; it travels as its JSON dump, once, and every worker
 validates it once::
 

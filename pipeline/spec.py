@@ -29,10 +29,7 @@ from jobs.evaluate import EvalConfig
 from jobs.layout import RunLayout
 from jobs.methods import config_classes, import_methods, training_kinds
 from jobs.stage import REFERENCE_FIELDS, FaultHooks, StageJob
-
-
-class SpecError(ValueError):
-    """The spec is invalid; the message lists every problem with its field path."""
+from pipeline._specfile import SpecError, apply_overrides, line_of, read_yaml
 
 
 class ComputeSpec(BaseModel):
@@ -249,8 +246,6 @@ def _is_url(value: str) -> bool:
 
 def format_errors(exc: ValidationError, raw: Any, lines: dict[tuple, int] | None = None) -> str:
     """One line per problem: ``stages[1] (pretrain) > model > img_siz (line 12): Extra inputs are not permitted``."""
-    from pipeline._specfile import line_of
-
     out = []
     for err in exc.errors():
         line = line_of(lines, _data_loc(err["loc"], raw)) if lines else None
@@ -305,8 +300,6 @@ def parse_spec(raw: Any, source: str = "the spec", lines: dict[tuple, int] | Non
 
 def _import_spec_methods(raw: dict[str, Any], source: str, lines: dict[tuple, int] | None) -> None:
     """Import the modules of the spec's ``methods:`` (their methods register their kinds) before validating."""
-    from pipeline._specfile import line_of
-
     modules = raw.get("methods") or []
     if not isinstance(modules, list):
         return  # validation names the field
@@ -327,8 +320,6 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec
 
     :class:`SpecError` names every bad field (with its line in ``path`` where it has one).
     """
-    from pipeline._specfile import apply_overrides, read_yaml
-
     raw, lines = read_yaml(path)
     raw = apply_overrides(raw, overrides, source=path, lines=lines)
     return parse_spec(raw, source=path, lines=lines)

@@ -35,7 +35,7 @@ class TracedMAEMethod(MAEMethod):
 
 
 if __name__ == "__main__":
-    from jobs import launch
+    from pipeline import launch
     from jobs.method import register
 
     register(TracedMAEMethod, replace=True)  # kind "mae" runs the traced variant in this process
