@@ -7,7 +7,7 @@ Run by ``bench/gpu_check.sh`` (which bounds the whole run to 8 minutes). Writes 
     gpu_decode      torchvision.io.decode_jpeg(device="cuda") + RandomResizedCrop on the GPU, images/s
     data_wait_pct   the loader's share of step time (engine-logged data_wait_s / step_time_s), per method
 
-Each training part is ``torchrun --nproc-per-node 1 -m jobs.launch --spec SPEC --stage NAME`` (no Ray) on
+Each training part is ``torchrun --nproc-per-node 1 -m pipeline.launch --spec SPEC --stage NAME`` (no Ray) on
 JPEG shards generated here; steps after the first ``--warmup`` are summarised (median). Nothing
 is installed or downloaded. ``--dry``: every part for one step on the CPU with tiny models, so a
 test can run it anywhere.
@@ -71,7 +71,7 @@ def train_part(spec: str, work: str, stage: str, warmup: int, timeout_s: float) 
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(_free_port()),
-           "-m", "jobs.launch", "--spec", spec, "--stage", stage]  # torchrun: the process group the engine expects
+           "-m", "pipeline.launch", "--spec", spec, "--stage", stage]  # torchrun: the process group the engine expects
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     out: dict = {"wall_s": round(time.perf_counter() - t0, 1), "exit": proc.returncode}
     if proc.returncode:

@@ -1,7 +1,7 @@
 """The engine's configuration and the pure pieces built from it.
 
 Stage configs (:class:`TrainConfig`, :class:`OptimConfig`), where a worker runs
-(:class:`StageContext`), what a method supplies (:class:`Method`), the schedules (pure functions of
+(:class:`StageContext`), the schedules (pure functions of
 the global step), the AdamW parameter groups, and the DeepSpeed config handed to ``accelerate``.
 Public names are re-exported by :mod:`jobs.engine`; import them from there.
 """
@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.checkpoint import CheckpointPolicy, json_digest
+from jobs.layout import PREEMPT_NAME
 from jobs.models import ModelConfig
 
-PREEMPT_MARKER = "PREEMPT"
+PREEMPT_MARKER = PREEMPT_NAME  # a driver's stop request in the stage directory
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" — a preempted stage continues on rerun
 METHOD_STATE = "method_state.safetensors"  # a method's extra_state() inside each checkpoint
 
@@ -111,33 +111,6 @@ class TrainResult:
     total_steps: int
     resumed_from: int | None
     losses: list[float]
-
-
-class Method(Protocol):
-    """What a training method supplies to :func:`train`."""
-
-    def build_model(self) -> torch.nn.Module: ...
-    def train_transform(self) -> Callable: ...
-    def step(self, model: torch.nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
-    def arch(self) -> dict[str, Any]: ...
-    def no_weight_decay(self, model: torch.nn.Module) -> set[str]: ...
-    def flops_per_sample(self) -> float: ...  # training FLOPs (fwd + bwd) per image, for MFU
-
-    # Optional hooks, called only when a method defines them (see jobs/dino.py):
-    #   set_run_length(total_steps, steps_per_epoch)  once, before the first step (schedules in epochs)
-    #   after_step(model, step)                      after each optimizer step (e.g. an EMA teacher)
-    #   weight_decay_at(step) -> float               weight decay of the decayed param groups at ``step``
-    #   extra_state() -> dict[str, Tensor]           replicated method state (rank 0 saves it as
-    #   load_extra_state(state)                        method_state.safetensors); every rank loads it
-    #   setup(ctx)                                   once, before build_model (reads ctx.refs, ctx.data_url)
-    #   param_groups(model, optim) -> groups         instead of the two default AdamW groups; a group's
-    #                                                  ``lr_scale`` multiplies the scheduled lr (layer decay)
-    #   eval_transform() + eval_step(model, batch) -> sums with a "count" key: run over the manifest's
-    #                                                  val split at every epoch end (every rank; padded
-    #                                                  samples are the method's to skip), logged as val_<k>
-    #   export(model, dest_url, rank=, storage_options=, extra=)   replaces the encoder export
-    #   train_sample_ids() -> ids | None             the train sample ids the loader serves (None: all),
-    #                                                  the same on every rank (e.g. a label fraction)
 
 
 # ---- schedules (pure functions of the global step) ----------------------------------------------

@@ -20,14 +20,14 @@ from safetensors.torch import load_file, save_file
 
 from cluster.storage import Store
 from dataprep.loader import StreamingLoader
-from jobs._engine_config import (METHOD_STATE, Method, StageContext, TrainConfig, TrainResult, build_optimizer, lr_at,
+from jobs._engine_config import (METHOD_STATE, StageContext, TrainConfig, TrainResult, build_optimizer, lr_at,
                                  make_accelerator, peak_lr)
 from jobs._engine_watch import MetricsLog, PreemptionWatch, peak_flops
 from jobs._live import open_live
-from jobs.checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, code_version, latest_committed,
-                             restore_rng_state)
-from jobs.export import export_encoder
-from jobs.reshard import batch_shape, load_engine_state, seed_new_rank
+from jobs.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, code_version, restore_rng_state
+from jobs.layout import EXPORT_NAME, METRICS_NAME
+from jobs.method import Method
+from jobs.reshard import ResumePlan, load_engine_state, resume_plan, seed_new_rank
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class _Run:
     ctx: StageContext
     method: Method
     accelerator: Any
-    model: Any
+    model: Any                 # the DeepSpeed engine (its forward scales the loss for accumulation)
+    module: torch.nn.Module    # the method's own module inside it
     optimizer: Any
     loader: StreamingLoader
     ckpt: CheckpointManager
@@ -53,6 +54,7 @@ class _Run:
     warmup_steps: int
     peak_lr: float
     meta_expect: dict[str, Any]
+    plan: ResumePlan
     step: int = 0
     resumed_from: int | None = None
     saved_step: int | None = None
@@ -62,16 +64,19 @@ class _Run:
     live: Any = None  # rank 0's heartbeat + trackers (jobs/_live.py)
 
 
-def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: PreemptionWatch | None = None) -> TrainResult:
+def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: PreemptionWatch | None = None,
+          plan: ResumePlan | None = None) -> TrainResult:
     """Train ``method`` per ``cfg``; resume from the stage's newest committed checkpoint if any.
 
     Every rank calls it. Returns when the stage is done or preempted (after a synchronous
     checkpoint); raises on errors, leaving the last committed checkpoint to resume from.
     ``watch``: a caller that must catch stop requests earlier (during start-up) passes its own.
+    ``plan``: the resume plan the caller built ``method`` from (:func:`jobs.reshard.resume_plan` of
+    ``cfg``, the stage's config as written); computed here when not given.
     """
     watch = watch or PreemptionWatch(Store(ctx.stage_url, ctx.storage_options) if ctx.rank == 0 else None)
     try:
-        run = _setup(method, cfg, ctx)
+        run = _setup(method, cfg, ctx, plan)
         _resume(run)
         if ctx.rank == 0:
             run.live = open_live(run.store, cfg, ctx.stage_url, run.total_steps, run.step, run.resumed_from)
@@ -87,22 +92,19 @@ def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: Preemption
         watch.close()
 
 
-def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
+def _setup(method: Method, cfg: TrainConfig, ctx: StageContext, plan: ResumePlan | None) -> _Run:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every attempt
-    digest = cfg.digest()
-    cfg = _resume_shape(cfg, ctx)
+    digest = cfg.digest()  # of the config as written: a reshaped resume keeps its digest
+    plan = plan or resume_plan(ctx.stage_url, ctx.storage_options, ctx.world_size, cfg)
+    cfg = plan.shape(cfg)  # the per-worker batch that keeps the checkpoint's global batch
     accelerator = make_accelerator(cfg, ctx.world_size)
-    setup = getattr(method, "setup", None)
-    if setup is not None:
-        setup(ctx)
+    method.setup(ctx)
     model = method.build_model()
-    groups = getattr(method, "param_groups", None)
-    optimizer = build_optimizer(model, cfg.optim, method.no_weight_decay(model),
-                                groups(model, cfg.optim) if groups is not None else None)
+    optimizer = build_optimizer(model, cfg.optim, method.no_weight_decay(model), method.param_groups(model, cfg.optim))
     loader = StreamingLoader(ctx.data_url, split="train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
                              world_size=ctx.world_size, transform=method.train_transform(),
                              num_workers=cfg.loader_workers, pin_memory=torch.cuda.is_available(), partial="drop",
-                             storage_options=ctx.storage_options, subset=_train_subset(method))
+                             storage_options=ctx.storage_options, subset=method.train_sample_ids())
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.compile:
         model.compile()
@@ -116,46 +118,29 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext) -> _Run:
                          "lower batch_size or grad_accum")
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(cfg.optim.warmup_epochs * steps_per_epoch)
-    run_length = getattr(method, "set_run_length", None)
-    if run_length is not None:
-        run_length(total, steps_per_epoch)
+    method.set_run_length(total, steps_per_epoch)
     expect = {"arch": method.arch(), "config_digest": digest}  # not world_size: see jobs/reshard.py
-    return _Run(cfg, ctx, method, accelerator, model, optimizer, loader, ckpt, MetricsLog(store, ctx.rank == 0), store,
-                total, min(warmup, total), peak_lr(cfg, ctx.world_size), expect, val=_val_loader(method, cfg, ctx, loader),
-                steps_per_epoch=steps_per_epoch)
-
-
-def _train_subset(method: Method) -> Any:
-    ids = getattr(method, "train_sample_ids", None)
-    return ids() if ids is not None else None
-
-
-def _resume_shape(cfg: TrainConfig, ctx: StageContext) -> TrainConfig:
-    """``cfg`` with the per-worker batch_size/grad_accum that keep the newest checkpoint's global batch on
-    this many workers (itself when nothing changes; see :func:`jobs.reshard.batch_shape`)."""
-    info = latest_committed(ctx.stage_url, ctx.storage_options)
-    batch, accum = batch_shape(info.meta if info else None, ctx.world_size, (cfg.batch_size, cfg.grad_accum),
-                               where=f"checkpoint {info.url}" if info else "")
-    if (batch, accum) == (cfg.batch_size, cfg.grad_accum):
-        return cfg
-    return cfg.model_copy(update={"batch_size": batch, "grad_accum": accum})
+    return _Run(cfg, ctx, method, accelerator, model, accelerator.unwrap_model(model), optimizer, loader, ckpt,
+                MetricsLog(store, ctx.rank == 0), store, total, min(warmup, total), peak_lr(cfg, ctx.world_size), expect,
+                plan, val=_val_loader(method, cfg, ctx, loader), steps_per_epoch=steps_per_epoch)
 
 
 def _val_loader(method: Method, cfg: TrainConfig, ctx: StageContext, train: StreamingLoader) -> StreamingLoader | None:
     """The val split in a fixed order, padded so every rank runs the same number of (collective) forwards."""
-    if getattr(method, "eval_step", None) is None:
+    transform = method.eval_transform()
+    if transform is None:
         return None
     if "val" not in train.manifest.splits:
         log.warning("stage %s: the manifest has no val split; no per-epoch evaluation", cfg.name)
         return None
     return StreamingLoader(ctx.data_url, split="val", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
-                           world_size=ctx.world_size, transform=method.eval_transform(), shuffle=False,
+                           world_size=ctx.world_size, transform=transform, shuffle=False,
                            num_workers=cfg.loader_workers, partial="pad", storage_options=ctx.storage_options)
 
 
 def _resume(run: _Run) -> None:
     """Continue from the newest committed checkpoint, if there is one (every rank calls)."""
-    info = run.ckpt.latest()
+    info = run.plan.checkpoint
     if info is None:
         return
     log.info("resuming stage %s from %s", run.cfg.name, info.url)
@@ -170,7 +155,7 @@ def _resume(run: _Run) -> None:
         load_engine_state(run.accelerator, run.model, os.path.join(local_dir, "engine"), info.world_size,
                           run.ctx.world_size)
         _load_method_state(run, local_dir)
-        path = os.path.join(local_dir, "metrics.jsonl")
+        path = os.path.join(local_dir, METRICS_NAME)
         if os.path.exists(path):
             with open(path) as f:
                 metrics_text.append(f.read())
@@ -225,8 +210,7 @@ def _micro_batches(run: _Run) -> Iterator[dict[str, Any]]:
 def _one_step(run: _Run, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, float], float]:
     """One optimizer step over ``grad_accum`` micro-batches. Returns the mean loss (a tensor)."""
     lr = lr_at(run.step, run.total_steps, run.warmup_steps, run.peak_lr, run.cfg.optim.min_lr)
-    wd_at = getattr(run.method, "weight_decay_at", None)
-    wd = wd_at(run.step) if wd_at is not None else None
+    wd = run.method.weight_decay_at(run.step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
         if wd is not None and group.setdefault("decayed", group["weight_decay"] > 0):  # no-decay groups stay 0
@@ -240,21 +224,32 @@ def _one_step(run: _Run, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tenso
         t_wait = time.perf_counter()
         batch = next(batches)
         data_wait += time.perf_counter() - t_wait
+        batch = _on_device(batch, run.module)
         with run.accelerator.accumulate(run.model):
             loss, extra = run.method.step(run.model, batch, run.step)
             run.accelerator.backward(loss)
             run.optimizer.step()
             run.optimizer.zero_grad()
         total += loss.detach().double().cpu()
-    after = getattr(run.method, "after_step", None)
-    if after is not None:
-        after(run.model, run.step)
+    run.method.after_step(run.module, run.step)
     seconds = time.perf_counter() - start
     extra = {**extra, "lr": lr, "data_wait_s": data_wait}
     norm = getattr(run.model, "get_global_grad_norm", lambda: None)()
     if norm is not None:
         extra["grad_norm"] = float(norm)
     return total / run.cfg.grad_accum, extra, seconds
+
+
+def _on_device(batch: Any, module: torch.nn.Module) -> Any:
+    """``batch`` (tensors, lists and dicts of them) on ``module``'s device; floating tensors in its dtype."""
+    p = next(module.parameters())
+    if isinstance(batch, torch.Tensor):
+        return batch.to(p.device, dtype=p.dtype if batch.is_floating_point() else None, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _on_device(v, module) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_on_device(v, module) for v in batch)
+    return batch
 
 
 def _all_agree(run: _Run, loss: torch.Tensor, stop_requested: bool) -> bool:
@@ -272,8 +267,9 @@ def _log_step(run: _Run, extra: dict[str, float], seconds: float) -> None:
     record = {"step": run.step, "epoch": run.loader.epoch, "loss": run.losses[-1], "step_time_s": seconds,
               "images_per_s": images / seconds if seconds > 0 else None, **extra}
     peak = peak_flops()
-    if peak and seconds > 0:
-        record["mfu"] = run.method.flops_per_sample() * images / seconds / (peak * run.ctx.world_size)
+    flops = run.method.flops_per_sample() if peak and seconds > 0 else None
+    if flops is not None:
+        record["mfu"] = flops * images / seconds / (peak * run.ctx.world_size)
     run.metrics.add(record)
     if run.live is not None:
         run.live.on_step(record)
@@ -283,15 +279,14 @@ def _save(run: _Run, sync: bool) -> None:
     """Checkpoint after ``run.step`` (every rank calls; the upload is asynchronous unless ``sync``)."""
     step = run.step
 
-    extra = getattr(run.method, "extra_state", None)
-    method_state = extra() if extra is not None else None
+    method_state = run.method.extra_state()
 
     def write(local_dir: str) -> None:
         run.accelerator.save_state(os.path.join(local_dir, "engine"))
         if method_state is not None and run.ctx.rank == 0:
             save_file(method_state, os.path.join(local_dir, METHOD_STATE))
         if run.ctx.rank == 0:
-            with open(os.path.join(local_dir, "metrics.jsonl"), "w") as f:
+            with open(os.path.join(local_dir, METRICS_NAME), "w") as f:
                 f.write(run.metrics.text())
 
     meta = {"step": step, "epoch": run.loader.epoch, "loader": run.loader.state_dict(), "rng": capture_rng_state(),
@@ -306,14 +301,13 @@ def _save(run: _Run, sync: bool) -> None:
 
 def _load_method_state(run: _Run, local_dir: str) -> None:
     """Hand a method its ``extra_state`` back (every rank reads rank 0's file)."""
-    load = getattr(run.method, "load_extra_state", None)
-    if load is None:
+    if not run.method.defines("load_extra_state"):
         return
     path = os.path.join(local_dir, METHOD_STATE)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint of stage {run.cfg.name!r} has no {METHOD_STATE}: it cannot resume "
                               f"this {type(run.method).__name__} exactly; start the stage afresh")
-    load(load_file(path))
+    run.method.load_extra_state(load_file(path))
 
 
 def _evaluate(run: _Run) -> dict[str, float]:
@@ -326,7 +320,7 @@ def _evaluate(run: _Run) -> dict[str, float]:
     with torch.no_grad():
         run.val.set_epoch(0)
         for batch in run.val:
-            for key, value in run.method.eval_step(run.model, batch).items():
+            for key, value in run.method.eval_step(run.module, _on_device(batch, run.module)).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
     run.model.train()
     keys = sorted(sums)
@@ -339,20 +333,10 @@ def _evaluate(run: _Run) -> dict[str, float]:
 
 
 def _export(run: _Run) -> None:
-    """The trained encoder to ``<stage>/export/`` (every rank calls: ZeRO-3 gathers)."""
-    custom = getattr(run.method, "export", None)
-    if custom is not None:
-        custom(run.model, run.store.url_of("export"), rank=run.ctx.rank, storage_options=run.ctx.storage_options,
-               extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.meta_expect["config_digest"],
-                      "code_version": code_version()})
-        return
-    encoder = getattr(run.method, "encoder", None)
-    if encoder is None:
-        return
-    export_encoder(encoder(run.model), run.cfg.model, run.store.url_of("export"), rank=run.ctx.rank,
-                   storage_options=run.ctx.storage_options,
-                   extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.meta_expect["config_digest"],
-                          "code_version": code_version()})
+    """The method's export to ``<stage>/export/`` (every rank calls: ZeRO-3 gathers)."""
+    run.method.export(run.module, run.store.url_of(EXPORT_NAME), rank=run.ctx.rank, storage_options=run.ctx.storage_options,
+                      extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.meta_expect["config_digest"],
+                             "code_version": code_version()})
 
 
 def _progress_bar(run: _Run):

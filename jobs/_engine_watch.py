@@ -16,6 +16,7 @@ import torch
 
 from cluster.storage import Store
 from jobs._engine_config import PREEMPT_MARKER
+from jobs.layout import METRICS_NAME
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,13 @@ class MetricsLog:
             self._upload.join()
         data = self.text().encode()
         if sync:
-            self.store.put_bytes("metrics.jsonl", data)
+            self.store.put_bytes(METRICS_NAME, data)
             return
         self._upload = threading.Thread(target=self._put, args=(data,), daemon=True, name="metrics-upload")
         self._upload.start()
 
     def _put(self, data: bytes) -> None:
         try:
-            self.store.put_bytes("metrics.jsonl", data)
+            self.store.put_bytes(METRICS_NAME, data)
         except Exception as exc:  # metrics are also inside every checkpoint; the next publish retries
             log.warning("could not upload metrics.jsonl: %s", exc)

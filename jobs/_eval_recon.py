@@ -1,7 +1,7 @@
 """MAE's reconstruction loss on held-out images, against trivial baselines (for ``kind: eval``).
 
 An MAE stage's export holds only the encoder; the decoder lives in its checkpoints. This reads
-the stage's newest *committed* checkpoint (DeepSpeed files: ``torch.load`` unpickles them, so
+the stage's newest *committed* checkpoint (:func:`jobs.checkpoint.latest_committed`) (DeepSpeed files: ``torch.load`` unpickles them, so
 only evaluate runs from a store you trust), rebuilds the full model from the config saved with
 it, and measures, on every sample of a split read with the eval transform (center crop, no
 augmentation), with the same masks for every model (noise of batch ``b`` seeded by (seed, b)):
@@ -23,42 +23,45 @@ from typing import Any
 
 import torch
 
-from cluster.storage import Store, local_staging, read_latest
+from cluster.storage import Store, local_staging
 from dataprep.loader import StreamingLoader
 from dataprep.transforms import eval_transform
+from jobs.checkpoint import latest_committed
+from jobs.method import method_class
 
 log = logging.getLogger(__name__)
 
 
-def load_mae_from_checkpoint(stage_url: str, storage_options: dict[str, Any] | None = None):
-    """(model, MAEConfig, step) from the newest committed checkpoint of MAE stage ``stage_url``."""
+def load_from_checkpoint(stage_url: str, storage_options: dict[str, Any] | None = None):
+    """(model, config, step) from the newest committed checkpoint of the training stage at ``stage_url``: the
+    config saved with it, validated by its kind's method, and that method's full model (decoder included)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from jobs.mae import MAEConfig, build_mae
-
-    store = Store(stage_url, storage_options).child("checkpoints")
-    latest = read_latest(store, "", "step-")
-    if latest is None:
-        raise FileNotFoundError(f"{store.url}: no committed checkpoint; has the MAE stage run?")
-    committed = store.get_json(f"{latest}/COMMITTED")
-    meta = committed.get("meta", {})
-    cfg = MAEConfig.model_validate(meta["config"])
+    info = latest_committed(stage_url, storage_options)
+    if info is None:
+        raise FileNotFoundError(f"{stage_url}/checkpoints: no committed checkpoint; has the stage run?")
+    method = method_class(info.meta["config"]["kind"])
+    cfg = method.Config.model_validate(info.meta["config"])
+    store = Store(info.url, storage_options)
     with local_staging("vitforge-recon-") as tmp:
-        for name in committed["files"]:
+        for name in info.files:
             if name.startswith("engine/"):
-                store.get_file(f"{latest}/{name}", os.path.join(tmp, name))
+                store.get_file(name, os.path.join(tmp, name))
         state = get_fp32_state_dict_from_zero_checkpoint(os.path.join(tmp, "engine"))  # engine/latest names the tag
     chans = int(state["encoder.patch_embed.proj.weight"].shape[1])  # the stage took it from its data's manifest
     if cfg.model.in_chans is None and chans != 3:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"in_chans": chans})})
     torch.manual_seed(cfg.seed)
-    model = build_mae(cfg)
+    model = method(cfg).build_model()
     missing, unexpected = model.load_state_dict(state, strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # fixed sin-cos embeddings
     if set(missing) - frozen or unexpected:
-        raise ValueError(f"{store.url_of(latest)} does not match {cfg.model.arch}: missing {sorted(missing)}, "
+        raise ValueError(f"{info.url} does not match {cfg.model.arch}: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")
-    return model.eval(), cfg, int(meta.get("step", 0))
+    return model.eval(), cfg, info.step
+
+
+load_mae_from_checkpoint = load_from_checkpoint  # the name reconstruction callers know
 
 
 def _norm_targets(model, imgs: torch.Tensor) -> torch.Tensor:
@@ -109,7 +112,7 @@ def reconstruction_report(model, data_url: str, split: str = "val", seed: int = 
 def mae_reconstruction(stage_url: str, data_url: str, split: str = "val", seed: int = 0,
                        storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """:func:`reconstruction_report` of the MAE stage at ``stage_url`` (its newest checkpoint)."""
-    model, cfg, step = load_mae_from_checkpoint(stage_url, storage_options)
+    model, cfg, step = load_from_checkpoint(stage_url, storage_options)
     report = reconstruction_report(model, data_url, split, seed, storage_options=storage_options)
     log.info("MAE %s (step %d) on %s/%s: loss %.4f, mean-patch baseline %.4f, visible-mean baseline %.4f",
              cfg.name, step, data_url, split, report["loss"], report["baseline_mean_patch"],

@@ -38,7 +38,6 @@ import errno
 import json
 import logging
 import os
-import posixpath
 import shutil
 import tempfile
 import threading
@@ -56,6 +55,8 @@ from cluster.storage import (COMMITTED, RetryPolicy, Store, commit, committed_di
                              write_latest)
 from jobs._ckpt_state import (CheckpointError, CheckpointMismatchError, capture_rng_state, check_compatible,
                               code_version, json_digest, restore_rng_state)
+from jobs.layout import CHECKPOINT_PREFIX as PREFIX
+from jobs.layout import CHECKPOINTS_NAME, checkpoint_name
 
 __all__ = [
     "CheckpointPolicy", "CheckpointManager", "CheckpointInfo", "CheckpointError", "CheckpointMismatchError",
@@ -66,7 +67,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-PREFIX = "step-"
 RANKS = "ranks"
 FORMAT = 1
 _FULL_BYTES = 1 << 20   # less free space than this after a failed write counts as "disk full"
@@ -125,7 +125,7 @@ class _SaveJob:
 
 
 def step_name(step: int) -> str:
-    return f"{PREFIX}{step:08d}"
+    return checkpoint_name(step)
 
 
 def _step_of(name: str) -> int | None:
@@ -233,7 +233,7 @@ def _read_info(store: Store, name: str) -> CheckpointInfo:
 def latest_committed(stage_url: str, storage_options: dict[str, Any] | None = None) -> CheckpointInfo | None:
     """The newest committed checkpoint of the stage at ``stage_url``, or None, read without a manager
     (no collective, no staging directory): for a driver, or a rank deciding before its gang is set up."""
-    store = Store(stage_url, storage_options=storage_options).child("checkpoints")
+    store = Store(stage_url, storage_options=storage_options).child(CHECKPOINTS_NAME)
     return newest_verified(store, read_latest(store, "", PREFIX), lambda: committed_dirs(store, "", PREFIX),
                            lambda n: _read_info(store, n))
 
@@ -254,7 +254,7 @@ class CheckpointManager:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.policy, self.rank, self.world_size = policy, rank, world_size
         self.commit_timeout_s = commit_timeout_s
-        self.store = Store(stage_url, storage_options=storage_options, retry=retry).child("checkpoints")
+        self.store = Store(stage_url, storage_options=storage_options, retry=retry).child(CHECKPOINTS_NAME)
         self.session = session_id or _agree_session(world_size)
         self._own_local = local_dir is None
         self._base, self._local = local_dir, None

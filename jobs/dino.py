@@ -34,6 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from dataprep.transforms import dino_transform
 from jobs._dino_loss import DINOLoss
 from jobs.engine import OptimConfig, TrainConfig
+from jobs.method import Method
 from jobs.models import build_encoder, encoder_flops_per_token, set_grad_checkpointing
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -243,12 +244,15 @@ class DINOSchedule:
 # ---- the method ------------------------------------------------------------------------------------
 
 
-class DINOMethod:
+class DINOMethod(Method):
     """The DINO method for :func:`jobs.engine.train` (uses its ``set_run_length``, ``weight_decay_at``,
     ``after_step`` and ``extra_state`` / ``load_extra_state`` hooks)."""
 
+    Config = DINOConfig
+    cfg: DINOConfig
+
     def __init__(self, cfg: DINOConfig, rank: int = 0) -> None:
-        self.cfg, self.rank = cfg, rank
+        super().__init__(cfg, rank)
         self.loss = DINOLoss(cfg.head.out_dim, cfg.student_temp, cfg.center_momentum)
         self.teacher: DINOModel | None = None
         self.schedule: DINOSchedule | None = None
@@ -273,12 +277,11 @@ class DINOMethod:
 
     def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         sched = self._sched()
-        param = next(model.parameters())
-        crops = [v.to(param.device, dtype=param.dtype, non_blocking=True) for v in batch["image"]]  # V x [B, 3, S, S]
+        crops = batch["image"]  # V x [B, 3, S, S], on the student's device and dtype
         self._freeze = sched.last_layer_frozen(step)
-        teacher = self._teacher_on(param.device)
+        teacher = self._teacher_on(crops[0].device)
         temp = sched.teacher_temp(step)
-        with torch.no_grad(), self._autocast(param):
+        with torch.no_grad(), self._autocast(crops[0]):
             teacher_out = teacher(crops[:2])  # [2B, K], global crops only
         student_out = model(crops)  # [V*B, K]
         loss = self.loss(student_out, teacher_out, temp)
@@ -288,8 +291,7 @@ class DINOMethod:
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """EMA of the student into the teacher, with this step's momentum (every rank; ZeRO-3 gathers)."""
-        ema_update(self._teacher_on(next(model.parameters()).device), getattr(model, "module", model),
-                   self._sched().momentum(step))
+        ema_update(self._teacher_on(next(model.parameters()).device), model, self._sched().momentum(step))
 
     def weight_decay_at(self, step: int) -> float:
         return self._sched().weight_decay(step)
@@ -314,7 +316,7 @@ class DINOMethod:
     def encoder(self, model: nn.Module) -> VisionTransformer:
         if self.cfg.export_from == "teacher":
             return self.teacher.backbone
-        return getattr(model, "module", model).backbone
+        return model.backbone
 
     def flops_per_sample(self) -> float:
         """Student fwd + bwd on every crop, teacher fwd on the global crops (matmuls, 2 per MAC)."""
@@ -352,8 +354,8 @@ class DINOMethod:
         return torch.zeros_like(grad) if self._freeze else grad
 
     @staticmethod
-    def _autocast(param: torch.Tensor):
-        if param.dtype == torch.bfloat16 and param.device.type == "cuda":
+    def _autocast(like: torch.Tensor):
+        if like.dtype == torch.bfloat16 and like.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)  # the fp32 teacher at the student's precision
         return nullcontext()
 

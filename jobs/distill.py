@@ -34,6 +34,7 @@ from cluster.storage import Store, local_staging
 from dataprep.transforms import mae_transform
 from jobs.engine import StageContext, TrainConfig, use_bf16
 from jobs.export import export_timm_model, load_export_model, load_timm_weights
+from jobs.method import Method
 from jobs.models import TimmModelConfig, build_timm_model, forward_flops
 
 log = logging.getLogger(__name__)
@@ -172,11 +173,14 @@ def _timm_with_weights(teacher: TeacherWeights, storage_options: dict[str, Any] 
 # ---- the method -----------------------------------------------------------------------------------
 
 
-class DistillMethod:
+class DistillMethod(Method):
     """Distillation for :func:`jobs.engine.train`; ``setup`` loads the teacher (kept off DeepSpeed)."""
 
+    Config = DistillConfig
+    cfg: DistillConfig
+
     def __init__(self, cfg: DistillConfig, rank: int = 0) -> None:
-        self.cfg, self.rank = cfg, rank
+        super().__init__(cfg, rank)
         self.teacher: nn.Module | None = None
         self.teacher_classes, self.teacher_size = 0, cfg.model.img_size
 
@@ -234,8 +238,7 @@ class DistillMethod:
         return out
 
     def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        p = next(model.parameters())
-        imgs = batch["image"].to(p.device, dtype=p.dtype, non_blocking=True)  # [N, 3, S, S]
+        imgs = batch["image"]  # [N, 3, S, S], on the student's device and dtype
         target = self._teacher_targets(imgs)
         out = model(imgs, target.get("grid"))
         w, parts = self.weights, {}
@@ -257,7 +260,7 @@ class DistillMethod:
     def export(self, model: nn.Module, dest_url: str, *, rank: int, storage_options: dict[str, Any],
                extra: dict[str, Any]) -> None:
         """The student alone, as a plain timm model (every rank calls: ZeRO gathers)."""
-        student = getattr(model, "module", model).student
+        student = model.student
         export_timm_model(student, self.cfg.model.arch, self.cfg.model.timm_kwargs(self.num_classes), dest_url,
                           img_size=self.cfg.model.img_size, rank=rank, storage_options=storage_options,
                           extra={**extra, "teacher": self.arch()["teacher"]})

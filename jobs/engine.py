@@ -1,8 +1,8 @@
 """The one training loop every method runs: ``train(method, cfg, ctx)``.
 
-A *method* (``jobs/mae.py``, …) supplies only what is special to it (see :class:`Method`): its
-model, its ``step(model, batch, step) -> (loss, metrics)``, its transform, and optionally
-``after_step``. The engine supplies everything else, once:
+A *method* (``jobs/mae.py``, …) supplies only what is special to it: a subclass of
+:class:`jobs.method.Method` with its model, its ``step(model, batch, step) -> (loss, metrics)``, its
+transform, and optionally the other hooks that class documents (``after_step``, …). The engine supplies everything else, once:
 
 * DeepSpeed ZeRO 0–3 through ``accelerate`` (:func:`deepspeed_config`; a stage's ``deepspeed:``
   mapping is merged over ours), bf16 on GPU / fp32 on CPU, gradient accumulation, clipping;
@@ -22,28 +22,26 @@ One *step* is one optimizer update (``grad_accum`` micro-batches); checkpoints f
 boundaries only, so the saved loader position is always exact.
 
 Layout: this module is the public surface. The code lives in ``jobs/_engine_config.py``
-(configs, :class:`Method`, schedules, optimizer groups, DeepSpeed/accelerate set-up),
+(configs, schedules, optimizer groups, DeepSpeed/accelerate set-up),
 ``jobs/_engine_watch.py`` (preemption, metrics) and ``jobs/_engine_loop.py`` (the loop).
 """
 
 from __future__ import annotations
 
-import posixpath
 from typing import Any
 
 from cluster.storage import Store
-from jobs._engine_config import (METHOD_STATE, PREEMPT_MARKER, PREEMPTED_EXIT_CODE, Method, OptimConfig,
-                                 StageContext, TrainConfig, TrainResult, build_optimizer, deepspeed_config, lr_at,
-                                 make_accelerator, param_groups, peak_lr, use_bf16)
+from jobs._engine_config import (METHOD_STATE, PREEMPT_MARKER, PREEMPTED_EXIT_CODE, OptimConfig, StageContext,
+                                 TrainConfig, TrainResult, build_optimizer, deepspeed_config, lr_at, make_accelerator,
+                                 param_groups, peak_lr, use_bf16)
 from jobs._engine_loop import train
+from jobs.layout import RunLayout
+from jobs.method import Method
 from jobs._engine_watch import PEAK_TFLOPS_BF16, MetricsLog, PreemptionWatch, peak_flops
 
-__all__ = [
-    "METHOD_STATE", "PEAK_TFLOPS_BF16", "PREEMPT_MARKER", "PREEMPTED_EXIT_CODE", "Method", "MetricsLog", "OptimConfig",
-    "PreemptionWatch", "StageContext", "TrainConfig", "TrainResult", "build_optimizer", "deepspeed_config", "lr_at",
-    "make_accelerator", "param_groups", "peak_flops", "peak_lr", "stage_store", "train", "use_bf16",
-]
+# what a method author needs; the rest stays importable from here for the engine's own callers
+__all__ = ["Method", "OptimConfig", "StageContext", "TrainConfig", "TrainResult", "train", "use_bf16"]
 
 
 def stage_store(run_root: str, stage: str, storage_options: dict[str, Any] | None = None) -> Store:
-    return Store(posixpath.join(run_root.rstrip("/"), "stages", stage), storage_options)
+    return Store(RunLayout(run_root).stage(stage).url, storage_options)

@@ -16,7 +16,8 @@ For every model (an earlier stage's ``export/`` or any export URL, loaded with t
 low-label evaluation; ``dataprep/labels.py``, the same subset a ``kind: finetune`` stage with the
 same ``label_fraction`` and ``seed`` trains on). For a model that is an MAE stage of the run,
 ``reconstruction`` adds its val reconstruction loss next to trivial baselines
-(``jobs/_eval_recon.py``). Results go to ``<run>/stages/<name>/eval.json`` and a table in the log.
+(the method's ``reconstruction_report`` hook: ``jobs/_eval_recon.py``). Results go to
+``<run>/stages/<name>/eval.json`` and a table in the log.
 
 Where it runs: one process, one Ray task (:func:`run_eval`), not a gang. Evaluation needs no
 gradients through the encoder and the kNN needs every train feature in one place, so a gang
@@ -27,7 +28,6 @@ model weights and features out of the driver.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -42,12 +42,13 @@ from cluster.storage import Store
 from dataprep.labels import label_subset
 from dataprep.loader import StreamingLoader
 from dataprep.transforms import eval_transform
-from jobs._eval_recon import mae_reconstruction
 from jobs.checkpoint import code_version, json_digest
+from jobs.layout import EVAL_JSON_NAME, StageStatus
+from jobs.methods import import_methods, method_class
 
 log = logging.getLogger(__name__)
 
-EVAL_JSON = "eval.json"
+EVAL_JSON = EVAL_JSON_NAME
 
 
 class ProbeConfig(BaseModel):
@@ -249,27 +250,35 @@ def run_eval(job: dict[str, Any]) -> dict[str, Any]:
     (built by ``pipeline.spec.RunSpec.eval_job``). Returns the ``eval.json`` contents.
     """
     from dataprep.manifest import load_manifest
-    from jobs.stage import read_status, update_status
 
+    import_methods(job.get("methods") or ())
     cfg = EvalConfig.model_validate(job["stage"])
     opts = job.get("storage_options") or {}
     stage_url, data_url = job["stage_url"], job["data_url"]
-    before = read_status(stage_url, opts)
-    update_status(stage_url, opts, state="running", kind="eval", name=cfg.name, attempts=int(before.get("attempts", 0)) + 1,
-                  started_at=time.time(), config_digest=cfg.digest(), code_version=code_version())
+    status = StageStatus(stage_url, opts)
+    status.start(kind="eval", name=cfg.name, config_digest=cfg.digest(), code_version=code_version())
     manifest, _ = load_manifest(data_url, opts)
     if not manifest.classes:
         raise ValueError(f"eval {cfg.name!r}: {data_url} has no class labels; eval needs a labelled prep")
     results = [evaluate_model(m["name"], m["url"], cfg, data_url, len(manifest.classes), opts) for m in job["models"]]
     report = eval_report(cfg, data_url, manifest.classes, results)
     for m in job["models"]:
-        if cfg.reconstruction and m.get("kind") == "mae":
-            report["models"][m["name"]]["reconstruction"] = mae_reconstruction(m["stage_url"], data_url, cfg.val_split,
-                                                                               cfg.seed, opts)
+        recon = _reconstruction(cfg, m, data_url, opts)
+        if recon is not None:
+            report["models"][m["name"]]["reconstruction"] = recon
     Store(stage_url, opts).put_json(EVAL_JSON, report)
     log.info("eval %s on %s:\n%s", cfg.name, data_url, format_table(report))
-    update_status(stage_url, opts, state="done", finished_at=time.time())
+    status.finish("done")
     return report
+
+
+def _reconstruction(cfg: EvalConfig, model: dict[str, Any], data_url: str,
+                    opts: dict[str, Any]) -> dict[str, Any] | None:
+    """The reconstruction report of a model that is a stage of the run whose method measures one (MAE)."""
+    if not cfg.reconstruction or not model.get("kind"):
+        return None
+    return method_class(model["kind"]).reconstruction_report(model["stage_url"], data_url, cfg.val_split, cfg.seed,
+                                                             opts)
 
 
 def eval_report(cfg: EvalConfig, data_url: str, classes: list[str], results: list[ModelResult]) -> dict[str, Any]:

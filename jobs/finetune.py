@@ -58,6 +58,8 @@ from dataprep.manifest import load_manifest
 from dataprep.transforms import eval_transform, mae_transform
 from jobs.engine import OptimConfig, StageContext, TrainConfig, TrainResult, train
 from jobs.export import export_timm_model, load_export_model, timm_export_config
+from jobs.layout import METRICS_NAME
+from jobs.method import Method
 from jobs.models import TimmModelConfig, forward_flops
 
 log = logging.getLogger(__name__)
@@ -266,12 +268,15 @@ def step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
 # ---- the method ------------------------------------------------------------------------------------
 
 
-class FinetuneMethod:
+class FinetuneMethod(Method):
     """Fine-tuning for :func:`jobs.engine.train` (``setup`` reads the manifest and, for a label
     fraction, the train labels; ``build_model`` the init export or timm's random init)."""
 
+    Config = FinetuneConfig
+    cfg: FinetuneConfig
+
     def __init__(self, cfg: FinetuneConfig, rank: int = 0) -> None:
-        self.cfg, self.rank = cfg, rank
+        super().__init__(cfg, rank)
         self.init_url: str | None = None
         self.export_cfg: dict[str, Any] = {}
         self.num_classes = cfg.num_classes or 0
@@ -344,7 +349,7 @@ class FinetuneMethod:
         return eval_transform(self.img_size)
 
     def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        imgs, labels = _inputs(model, batch)
+        imgs, labels = batch["image"], batch["label"]  # on the model's device (and dtype)
         targets = soft_targets(labels, self.num_classes, self.cfg.label_smoothing)  # [N, C]
         if self.cfg.mode == "full":
             imgs, targets = mix_batch(imgs, targets, self.cfg, step_rng(self.cfg.seed, step, self.rank))
@@ -354,7 +359,7 @@ class FinetuneMethod:
 
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
         """Sums over this rank's real (non-padded) val samples."""
-        imgs, labels = _inputs(model, batch)
+        imgs, labels = batch["image"], batch["label"]
         keep = ~batch["pad"].to(labels.device)
         logits = model(imgs).float()[keep]  # [n, C]
         labels = labels[keep]
@@ -377,15 +382,14 @@ class FinetuneMethod:
     def export(self, model: nn.Module, dest_url: str, *, rank: int, storage_options: dict[str, Any],
                extra: dict[str, Any]) -> None:
         """The fine-tuned classifier as a plain timm model (every rank calls: ZeRO gathers)."""
-        inner = getattr(model, "module", model)
         args = {**self.export_cfg["model_args"], "num_classes": self.num_classes}
         args.pop("drop_path_rate", None)
         convert = None
         if self.cfg.mode == "linear":
-            convert = lambda state: fold_batchnorm_into_head(state, self.classifier, inner.bn.eps)  # noqa: E731
+            convert = lambda state: fold_batchnorm_into_head(state, self.classifier, model.bn.eps)  # noqa: E731
         elif self.cfg.mode == "lora":
             convert = lambda state: merge_lora_state(state, self.cfg.lora.alpha / self.cfg.lora.r)  # noqa: E731
-        export_timm_model(inner, self.export_cfg["architecture"], args, dest_url, img_size=self.img_size, rank=rank,
+        export_timm_model(model, self.export_cfg["architecture"], args, dest_url, img_size=self.img_size, rank=rank,
                           storage_options=storage_options, convert=convert,
                           extra={**extra, "mode": self.cfg.mode, "init": self.cfg.init or "random",
                                  "label_fraction": self.cfg.label_fraction, "labeled_samples": self.labeled_samples})
@@ -398,12 +402,6 @@ class FinetuneMethod:
             fwd = forward_flops(lambda: timm.create_model(self.export_cfg["architecture"], **args), self.img_size)
             self._flops = fwd * (1.0 if self.cfg.mode == "linear" else 3.0)  # linear: no encoder backward
         return self._flops
-
-
-def _inputs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    p = next(model.parameters())
-    return (batch["image"].to(p.device, dtype=p.dtype, non_blocking=True),
-            batch["label"].to(p.device, non_blocking=True))
 
 
 # ---- library entry -----------------------------------------------------------------------------------
@@ -430,7 +428,7 @@ def run_finetune(cfg: FinetuneConfig | dict[str, Any], *, data_url: str, stage_u
                        storage_options=storage_options or {}, launcher="local",
                        refs={"init": init_url} if init_url else {})
     result: TrainResult = train(FinetuneMethod(cfg, rank=rank), cfg, ctx)
-    records = [json.loads(line) for line in Store(stage_url, storage_options).get_bytes("metrics.jsonl").decode().splitlines()]
+    records = [json.loads(line) for line in Store(stage_url, storage_options).get_bytes(METRICS_NAME).decode().splitlines()]
     evaluated = [r for r in records if "val_top1" in r]
     last = evaluated[-1] if evaluated else {}
     labeled = records[-1].get("labeled_samples") if records else None

@@ -26,7 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from dataprep.transforms import mae_transform
+from jobs._eval_recon import mae_reconstruction
 from jobs.engine import TrainConfig
+from jobs.method import Method
 from jobs.models import (ModelConfig, build_encoder, encoder_flops_per_token, set_grad_checkpointing, sincos_pos_embed_2d,
                          with_data_channels)
 
@@ -201,11 +203,11 @@ def mask_noise(indices: torch.Tensor, length: int, seed: int, step: int) -> torc
     return torch.stack([torch.rand(length, generator=g) for g in gens])
 
 
-class MAEMethod:
+class MAEMethod(Method):
     """The MAE method for :func:`jobs.engine.train`."""
 
-    def __init__(self, cfg: MAEConfig, rank: int = 0) -> None:
-        self.cfg, self.rank = cfg, rank
+    Config = MAEConfig
+    cfg: MAEConfig
 
     def setup(self, ctx: Any) -> None:
         """``in_chans`` from the data: the decoder then predicts every channel of each patch."""
@@ -213,17 +215,16 @@ class MAEMethod:
         self.cfg = self.cfg.model_copy(update={"model": model})
 
     def build_model(self) -> MaskedAutoencoder:
-        return build_mae(self.cfg)
+        model = build_mae(self.cfg)
+        self.grid = model.grid
+        return model
 
     def train_transform(self) -> Callable:
         return mae_transform(self.cfg.model.img_size or _default_img_size(self.cfg.model), scale=self.cfg.crop_scale)
 
     def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        imgs = batch["image"].to(device, dtype=dtype, non_blocking=True)
-        inner = getattr(model, "module", model)
-        noise = mask_noise(batch["index"], inner.grid ** 2, self.cfg.seed, step).to(device)
+        imgs = batch["image"]  # [N, C, H, W], on the model's device and dtype
+        noise = mask_noise(batch["index"], self.grid ** 2, self.cfg.seed, step).to(imgs.device)  # [N, L]
         loss, _, _ = model(imgs, noise)
         return loss, {}
 
@@ -235,7 +236,13 @@ class MAEMethod:
         return {"pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed"}
 
     def encoder(self, model: nn.Module) -> VisionTransformer:
-        return getattr(model, "module", model).encoder
+        return model.encoder
+
+    @classmethod
+    def reconstruction_report(cls, stage_url: str, data_url: str, split: str, seed: int,
+                              storage_options: dict[str, Any] | None) -> dict[str, Any]:
+        """The val reconstruction loss of the MAE stage at ``stage_url`` vs trivial baselines (``jobs/_eval_recon.py``)."""
+        return mae_reconstruction(stage_url, data_url, split, seed, storage_options)
 
     def flops_per_sample(self) -> float:
         """3x forward matmul FLOPs: encoder on visible tokens, decoder on all tokens."""

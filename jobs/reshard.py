@@ -33,12 +33,14 @@ import logging
 import os
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from jobs._ckpt_state import CheckpointMismatchError
+from jobs.checkpoint import CheckpointInfo, latest_committed
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,36 @@ def batch_shape(meta: Mapping[str, Any] | None, world_size: int, default: tuple[
     share = total // world_size
     micro = max(d for d in range(1, min(batch, share) + 1) if share % d == 0)
     return micro, share // micro
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How a stage continues on ``world_size`` workers, computed once (:func:`resume_plan`) and used by
+    the driver's pre-flight, the worker that builds the method and the engine alike."""
+
+    checkpoint: CheckpointInfo | None   # the newest committed one; None: the stage starts afresh
+    world_size: int
+    batch_size: int                     # per worker, see :func:`batch_shape`
+    grad_accum: int
+
+    @property
+    def reshaped(self) -> bool:
+        return self.checkpoint is not None and self.checkpoint.world_size != self.world_size
+
+    def shape(self, cfg: Any) -> Any:
+        """``cfg`` (a TrainConfig) with this plan's batch_size / grad_accum (itself when they are its own)."""
+        if (self.batch_size, self.grad_accum) == (cfg.batch_size, cfg.grad_accum):
+            return cfg
+        return cfg.model_copy(update={"batch_size": self.batch_size, "grad_accum": self.grad_accum})
+
+
+def resume_plan(stage_url: str, storage_options: dict[str, Any] | None, world_size: int, cfg: Any) -> ResumePlan:
+    """The :class:`ResumePlan` of stage config ``cfg`` at ``stage_url`` on ``world_size`` workers (reads the
+    newest committed checkpoint; raises :class:`WorldSizeError` when its global batch does not split)."""
+    info = latest_committed(stage_url, storage_options)
+    batch, accum = batch_shape(info.meta if info else None, world_size, (cfg.batch_size, cfg.grad_accum),
+                               where=f"checkpoint {info.url}" if info else "")
+    return ResumePlan(info, world_size, batch, accum)
 
 
 def load_engine_state(accelerator: Any, engine: Any, engine_dir: str, saved_world: int, world_size: int) -> None:

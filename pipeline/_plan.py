@@ -22,14 +22,14 @@ from cluster.storage import CorruptRecordError, Store
 from dataprep.manifest import MANIFEST
 from jobs.evaluate import EVAL_JSON
 from jobs.export import CONFIG as EXPORT_CONFIG
-from jobs.stage import STATUS, read_status
+from jobs.layout import EXPORT_NAME, RUN_YAML_NAME, SHARDS_NAME, STATUS_NAME, StageStatus
 from pipeline.spec import RunSpec, SpecError, dump_spec, input_paths, stage_inputs
 
 log = logging.getLogger(__name__)
 
-RUN_YAML = "run.yaml"
-SHARDS = "shards"      # a prep stage's output folder
-EXPORT = "export"      # a training stage's output folder
+RUN_YAML = RUN_YAML_NAME
+SHARDS = SHARDS_NAME   # a prep stage's output folder
+EXPORT = EXPORT_NAME   # a training stage's output folder
 # spec keys that only say where stages run: they may change between launches of one run (a training
 # stage then resumes on another number of workers, see jobs/reshard.py); gpus_per_worker is not among
 # them (it changes the precision a stage trains in)
@@ -61,7 +61,7 @@ def output_of(kind: str) -> str:
 def is_done(spec: RunSpec, name: str, status: dict[str, Any] | None = None) -> bool:
     """STATUS says done for this config digest, and the stage's output exists."""
     stage = spec.stage(name)
-    status = read_status(spec.stage_url(name), spec.storage_options) if status is None else status
+    status = StageStatus(spec.stage_url(name), spec.storage_options).read() if status is None else status
     if status.get("state") != "done" or status.get("config_digest") != stage.digest():
         return False
     return _record_ok(Store(spec.stage_url(name), spec.storage_options), output_of(stage.kind))
@@ -109,7 +109,7 @@ def plan_run(spec: RunSpec, restart_from: str | None = None) -> Plan:
             "Finished stages are never redone silently: pass --restart-from STAGE to re-run STAGE and every "
             "stage downstream of it with the new spec, or give the run a new name.")
     for stage in spec.stages:
-        status = read_status(spec.stage_url(stage.name), spec.storage_options)
+        status = StageStatus(spec.stage_url(stage.name), spec.storage_options).read()
         if stage.name in plan.reset:
             continue
         if is_done(spec, stage.name, status):
@@ -126,7 +126,7 @@ def clear_stage(spec: RunSpec, name: str) -> None:
     """Remove a stage's outputs, checkpoints and status. STATUS goes first, so a crash half-way never
     leaves a stage that looks finished."""
     store = Store(spec.stage_url(name), spec.storage_options)
-    store.delete(STATUS)
+    store.delete(STATUS_NAME)
     store.delete(output_of(spec.stage(name).kind))
     store.delete("", recursive=True)
     log.info("cleared stage %s (%s)", name, store.url)

@@ -17,10 +17,13 @@ from typing import Any, Sequence
 import yaml
 
 
+class SpecError(ValueError):
+    """The spec is invalid; the message lists every problem with its field path (re-exported by
+    :mod:`pipeline.spec`, where callers import it)."""
+
+
 def read_yaml(path: str) -> tuple[Any, dict[tuple, int]]:
     """The document at ``path`` and ``{key path: 1-based line}`` for every mapping key and list item."""
-    from pipeline.spec import SpecError
-
     try:
         with open(path) as f:
             text = f.read()
@@ -65,8 +68,6 @@ def apply_overrides(raw: Any, overrides: Sequence[str], source: str = "the spec"
 
     Each overridden key path is marked in ``lines`` with line 0 (errors then say ``--set``).
     """
-    from pipeline.spec import SpecError
-
     if not overrides:
         return raw
     if not isinstance(raw, dict):
@@ -89,8 +90,6 @@ def apply_overrides(raw: Any, overrides: Sequence[str], source: str = "the spec"
 
 def _set(node: Any, parts: list[str], value: Any, path: str) -> tuple:
     """Set ``value`` at ``parts``; returns the key path it took (stage names resolved to indices)."""
-    from pipeline.spec import SpecError
-
     loc: list[Any] = []
     for depth, part in enumerate(parts[:-1]):
         where = ".".join(parts[: depth + 1])
@@ -119,8 +118,6 @@ def _set(node: Any, parts: list[str], value: Any, path: str) -> tuple:
 
 def _index(items: list, part: str, path: str, where: str) -> int:
     """A list position: an integer, or the position of the item whose ``name`` is ``part`` (stages)."""
-    from pipeline.spec import SpecError
-
     names = [it.get("name") for it in items if isinstance(it, dict)]
     for i, item in enumerate(items):
         if isinstance(item, dict) and item.get("name") == part:

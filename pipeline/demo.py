@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,9 +118,8 @@ def locations(spec: RunSpec) -> list[str]:
     for stage in spec.stages:
         if stage.kind in ("prep", "eval"):
             continue
-        url = spec.stage_url(stage.name)
-        lines.append(f"  {stage.name:<10} export {posixpath.join(url, 'export')}  "
-                     f"checkpoints {posixpath.join(url, 'checkpoints')}")
+        where = spec.layout.stage(stage.name)
+        lines.append(f"  {stage.name:<10} export {where.export}  checkpoints {where.checkpoints}")
     return lines
 
 

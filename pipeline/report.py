@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.storage import Store
+from jobs.layout import REPORT_NAME
 from pipeline.runstore import RunView, StageView
 from pipeline.status import duration, key_metrics, progress
 
-REPORT_DIR = "report"
+REPORT_DIR = REPORT_NAME
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """A read-only view of a run root in the store, for ``status``, ``report`` and ``export``.
 
-It reads what the writers leave (see ``pipeline/run.py`` for the layout) and never writes::
+It reads what the writers leave (names from ``jobs/layout.py``) and never writes::
 
     run.yaml                              stage order and kinds (read as plain YAML, not validated)
-    stages/<name>/STATUS.json             state, attempts, timings (jobs/stage.py, jobs/evaluate.py)
+    stages/<name>/STATUS.json             state, attempts, timings (jobs/layout.py StageStatus)
     stages/<name>/metrics.jsonl           one record per step (jobs/engine.py)
     stages/<name>/checkpoints/latest      newest committed checkpoint (checked against COMMITTED)
     stages/<name>/export/config.json      written last by an export: its presence means finished
@@ -27,17 +27,20 @@ import yaml
 
 from cluster.storage import CorruptRecordError, Store, read_latest
 from jobs._live import HEARTBEAT
+from jobs.checkpoint import latest_committed
+from jobs.layout import (EVAL_JSON_NAME, EXPORT_NAME, METRICS_NAME, RUN_YAML_NAME, SHARDS_NAME, STAGES_NAME,
+                         STATUS_NAME)
 from pipeline._heartbeat import apply_heartbeat
 
 log = logging.getLogger(__name__)
 
-RUN_YAML = "run.yaml"
-STATUS = "STATUS.json"
-METRICS = "metrics.jsonl"
-EVAL_JSON = "eval.json"
-EXPORT = "export"
+RUN_YAML = RUN_YAML_NAME
+STATUS = STATUS_NAME
+METRICS = METRICS_NAME
+EVAL_JSON = EVAL_JSON_NAME
+EXPORT = EXPORT_NAME
 EXPORT_CONFIG = "config.json"
-SHARDS = "shards"
+SHARDS = SHARDS_NAME
 STATES = ("done", "running", "preempted", "failed", "pending")
 _TAIL_BYTES = 64 * 1024
 
@@ -85,9 +88,10 @@ class RunView:
 
     def __init__(self, run_root: str, storage_options: dict[str, Any] | None = None) -> None:
         self.store = Store(run_root, storage_options)
+        self.storage_options = storage_options
         self.url = self.store.url
         self.spec = self._read_spec()
-        self._dirs = self.store.ls("stages")
+        self._dirs = self.store.ls(STAGES_NAME)
         if self.spec is None and not self._dirs:
             raise RunNotFoundError(self._not_found_message())
 
@@ -105,7 +109,7 @@ class RunView:
         return next((s for s in self._spec_stages() if s.get("name") == name), {})
 
     def stage_store(self, name: str) -> Store:
-        return self.store.child(posixpath.join("stages", name))
+        return self.store.child(posixpath.join(STAGES_NAME, name))
 
     def stages(self) -> list[StageView]:
         evals = self.eval_reports()
@@ -137,13 +141,13 @@ class RunView:
 
     def _fill_training(self, view: StageView, store: Store, status: dict[str, Any]) -> None:
         records = _tail_records(store, METRICS)
-        latest = read_latest(store.child("checkpoints"), "", "step-")
-        ckpt_step = int(latest.split("-", 1)[1]) if latest else None
+        latest = latest_committed(store.url, self.storage_options)
+        ckpt_step = latest.step if latest else None
         steps = [s for s in (status.get("step"), records[-1].get("step") if records else None, ckpt_step) if s is not None]
         view.step = max(steps) if steps else None
         view.total_steps = status.get("total_steps") or self.stage_spec(view.name).get("max_steps")
         if latest:
-            view.checkpoint, view.checkpoint_url = latest, store.child("checkpoints").url_of(latest)
+            view.checkpoint, view.checkpoint_url = latest.name, latest.url
         if records:
             view.last_loss = records[-1].get("loss")
             rates = [r["images_per_s"] for r in records[-50:] if r.get("images_per_s")]

@@ -3,7 +3,9 @@
 Every model forbids unknown keys, so a typo is an error that names its path
 (``stages[1] (pretrain) > model > img_siz: unknown field``). Stages are a discriminated union on
 ``kind``; each training kind's fields live with its method (``jobs/mae.py``'s ``MAEConfig``), the
-prep fields with ``dataprep.prep.PrepOptions``. A new kind is one more member of :data:`Stage`.
+prep fields with ``dataprep.prep.PrepOptions``. The training kinds are the registered methods
+(``jobs/method.py``): the built-ins, plus those of the modules a spec names in ``methods:``,
+imported by :func:`parse_spec` before the stages are validated (and by every worker).
 
     name: mae-digits
     storage: s3://my-bucket/runs          # run root = <storage>/<name>
@@ -20,19 +22,14 @@ import posixpath
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from dataprep.prep import PrepOptions
-from jobs.dino import DINOConfig
-from jobs.distill import DistillConfig
 from jobs.evaluate import EvalConfig
-from jobs.finetune import FinetuneConfig
-from jobs.mae import MAEConfig
-from jobs.stage import REFERENCE_FIELDS
-
-
-class SpecError(ValueError):
-    """The spec is invalid; the message lists every problem with its field path."""
+from jobs.layout import RunLayout
+from jobs.methods import config_classes, import_methods, training_kinds
+from jobs.stage import REFERENCE_FIELDS, FaultHooks, StageJob
+from pipeline._specfile import SpecError, apply_overrides, line_of, read_yaml
 
 
 class ComputeSpec(BaseModel):
@@ -60,9 +57,13 @@ class PrepStage(PrepOptions):
         return json_digest({"options": self.output_options(), "source": self.source})
 
 
-Stage = Annotated[Union[PrepStage, MAEConfig, DINOConfig, DistillConfig, FinetuneConfig, EvalConfig],
-                  Field(discriminator="kind")]
-TRAINING_KINDS = ("mae", "dino", "distill", "finetune")
+def _stage_union(configs: tuple[type, ...]) -> Any:
+    return Annotated[Union[(PrepStage, *configs, EvalConfig)], Field(discriminator="kind")]
+
+
+_BUILTIN_CONFIGS = config_classes()
+Stage = _stage_union(_BUILTIN_CONFIGS)  # the built-in kinds; see spec_model() for plugins
+TRAINING_KINDS = training_kinds()  # the built-in ones; is_training_kind() also knows plugins
 
 
 class RunSpec(BaseModel):
@@ -72,6 +73,8 @@ class RunSpec(BaseModel):
     storage: str = Field(description="parent of the run root: s3://bucket/prefix, file:///path or a path")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="extra fsspec options (never secrets)")
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    methods: list[str] = Field(default_factory=list, description="modules defining methods of your own (dotted "
+                               "import paths, importable on the driver and every worker)")
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -114,8 +117,12 @@ class RunSpec(BaseModel):
             storage = os.path.abspath(storage)
         return posixpath.join(storage, self.name)
 
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_root)
+
     def stage_url(self, name: str) -> str:
-        return posixpath.join(self.run_root, "stages", name)
+        return self.layout.stage(name).url
 
     def stage(self, name: str) -> Any:
         for stage in self.stages:
@@ -128,23 +135,25 @@ class RunSpec(BaseModel):
         data = stage.data
         if _is_url(data):
             return data if "://" in data else os.path.abspath(data)
-        return posixpath.join(self.stage_url(data), "shards")
+        return self.layout.stage(data).shards
 
     def export_url(self, ref: str) -> str:
         """Where a reference (``init: pretrain``, ``teacher: s3://…/export``) points: a stage's export dir, or the URL."""
         if _is_url(ref):
             return ref if "://" in ref else os.path.abspath(os.path.expanduser(ref))
-        return posixpath.join(self.stage_url(ref), "export")
+        return self.layout.stage(ref).export
 
-    def stage_job(self, name: str, launcher: str) -> dict[str, Any]:
-        """The JSON-able job every worker of training stage ``name`` runs (see ``jobs/stage.py``)."""
+    def stage_job(self, name: str, launcher: str, fault: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The job every worker of training stage ``name`` runs: a :class:`jobs.stage.StageJob`, dumped
+        (JSON-able) once here; ``fault``: test-only :class:`jobs.stage.FaultHooks`."""
         stage = self.stage(name)
-        if stage.kind not in TRAINING_KINDS:
+        if not is_training_kind(stage.kind):
             raise ValueError(f"stage {name!r} is a {stage.kind} stage, not a training stage")
         refs = {f"{f}_url": self.export_url(getattr(stage, f)) for f in REFERENCE_FIELDS
                 if isinstance(getattr(stage, f, None), str)}
-        return {"stage": stage.model_dump(mode="json"), "stage_url": self.stage_url(name),
-                "data_url": self.data_url(stage), "storage_options": self.storage_options, "launcher": launcher, **refs}
+        return StageJob(stage=stage.model_dump(mode="json"), stage_url=self.stage_url(name),
+                        data_url=self.data_url(stage), storage_options=self.storage_options, launcher=launcher,
+                        methods=self.methods, fault=FaultHooks(**fault) if fault else None, **refs).dump()
 
     def eval_job(self, name: str) -> dict[str, Any]:
         """The JSON-able job of eval stage ``name`` (see ``jobs/evaluate.py``): its models resolved to export URLs."""
@@ -153,13 +162,31 @@ class RunSpec(BaseModel):
             raise ValueError(f"stage {name!r} is a {stage.kind} stage, not an eval stage")
         return {"stage": stage.model_dump(mode="json"), "stage_url": self.stage_url(name),
                 "data_url": self.data_url(stage), "storage_options": self.storage_options,
-                "models": [self._model_ref(ref) for ref in stage.models]}
+                "methods": list(self.methods), "models": [self._model_ref(ref) for ref in stage.models]}
 
     def _model_ref(self, ref: str) -> dict[str, Any]:
         """An eval model: its export URL, plus the stage's kind and place when ``ref`` names a stage."""
         if _is_url(ref):
             return {"name": ref, "url": self.export_url(ref)}
         return {"name": ref, "url": self.export_url(ref), "kind": self.stage(ref).kind, "stage_url": self.stage_url(ref)}
+
+
+_SPEC_MODELS: dict[tuple[type, ...], type[RunSpec]] = {}
+
+
+def spec_model() -> type[RunSpec]:
+    """:class:`RunSpec` with a stage union of every method registered now (plugins included)."""
+    configs = config_classes()
+    if configs == _BUILTIN_CONFIGS:
+        return RunSpec
+    if configs not in _SPEC_MODELS:
+        _SPEC_MODELS[configs] = create_model("RunSpec", __base__=RunSpec,
+                                             stages=(list[_stage_union(configs)], Field(min_length=1)))
+    return _SPEC_MODELS[configs]
+
+
+def is_training_kind(kind: str) -> bool:
+    return kind in training_kinds()
 
 
 def stage_inputs(stage: Any) -> list[str]:
@@ -206,7 +233,7 @@ def _check_models(i: int, stage: Any, seen: dict[str, str]) -> None:
         if ref not in seen:
             raise ValueError(f"stages[{i}] ({stage.name}) > models[{j}]: {ref!r} is neither an earlier stage nor "
                              "an export URL/path (use s3://…, file://…, /abs/path or ./rel/path)")
-        if seen[ref] not in TRAINING_KINDS:
+        if not is_training_kind(seen[ref]):
             raise ValueError(f"stages[{i}] ({stage.name}) > models[{j}]: stage {ref!r} is a {seen[ref]} stage; "
                              "it exports no model (name a training stage)")
 
@@ -220,7 +247,7 @@ def _check_references(i: int, stage: Any, seen: dict[str, str]) -> None:
         if ref not in seen:
             raise ValueError(f"stages[{i}] ({stage.name}) > {field}: {ref!r} is neither an earlier stage nor an "
                              "export URL/path (use s3://…, file://…, /abs/path or ./rel/path)")
-        if seen[ref] not in TRAINING_KINDS:
+        if not is_training_kind(seen[ref]):
             raise ValueError(f"stages[{i}] ({stage.name}) > {field}: stage {ref!r} is a {seen[ref]} stage; it "
                              "exports no model (name a training stage)")
 
@@ -231,8 +258,6 @@ def _is_url(value: str) -> bool:
 
 def format_errors(exc: ValidationError, raw: Any, lines: dict[tuple, int] | None = None) -> str:
     """One line per problem: ``stages[1] (pretrain) > model > img_siz (line 12): Extra inputs are not permitted``."""
-    from pipeline._specfile import line_of
-
     out = []
     for err in exc.errors():
         line = line_of(lines, _data_loc(err["loc"], raw)) if lines else None
@@ -277,11 +302,29 @@ def parse_spec(raw: Any, source: str = "the spec", lines: dict[tuple, int] | Non
     """Validate a spec mapping. ``lines`` (from :func:`pipeline._specfile.read_yaml`) adds file lines to errors."""
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    _import_spec_methods(raw, source, lines)
     try:
-        spec = RunSpec.model_validate(raw)
+        spec = spec_model().model_validate(raw)
     except ValidationError as exc:
         raise SpecError(f"{source} is invalid:\n{format_errors(exc, raw, lines)}") from None
     return spec
+
+
+def _import_spec_methods(raw: dict[str, Any], source: str, lines: dict[tuple, int] | None) -> None:
+    """Import the modules of the spec's ``methods:`` (their methods register their kinds) before validating."""
+    modules = raw.get("methods") or []
+    if not isinstance(modules, list):
+        return  # validation names the field
+    for i, name in enumerate(modules):
+        if not isinstance(name, str):
+            continue
+        try:
+            import_methods([name])
+        except Exception as exc:
+            line = line_of(lines, ("methods", i)) if lines else None
+            where = "" if line is None else " (--set)" if line == 0 else f" (line {line})"
+            raise SpecError(f"{source} is invalid:\n  methods[{i}]{where}: cannot import {name!r}: "
+                            f"{type(exc).__name__}: {exc}") from None
 
 
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
@@ -289,8 +332,6 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec
 
     :class:`SpecError` names every bad field (with its line in ``path`` where it has one).
     """
-    from pipeline._specfile import apply_overrides, read_yaml
-
     raw, lines = read_yaml(path)
     raw = apply_overrides(raw, overrides, source=path, lines=lines)
     return parse_spec(raw, source=path, lines=lines)
@@ -314,4 +355,7 @@ def input_paths(spec: RunSpec) -> list[tuple[str, str]]:
 
 
 def dump_spec(spec: RunSpec) -> str:
-    return yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+    data = spec.model_dump(mode="json", exclude_defaults=False)
+    if not data["methods"]:
+        del data["methods"]  # run.yaml of a spec without plugins reads as before
+    return yaml.safe_dump(data, sort_keys=False)

@@ -80,10 +80,9 @@ def _probe_class():
         def step(self, model, batch, step):
             if not self.record:
                 self.record = _inspect(model)
+            if step >= 1:  # after the first update the optimizer has state
+                self.record.setdefault("optimizer_state_devices", _state_devices(model))
             return super().step(model, batch, step)
-
-        def after_step(self, model, step: int) -> None:  # after the first update the optimizer has state
-            self.record.setdefault("optimizer_state_devices", _state_devices(model))
 
     return Probe
 

@@ -35,7 +35,8 @@ class TracedMAEMethod(MAEMethod):
 
 
 if __name__ == "__main__":
-    from jobs import launch, stage
+    from pipeline import launch
+    from jobs.method import register
 
-    stage.METHODS["mae"] = ("_traced_mae", "MAEConfig", "TracedMAEMethod")
+    register(TracedMAEMethod, replace=True)  # kind "mae" runs the traced variant in this process
     sys.exit(launch.main(sys.argv[1:]))

@@ -78,10 +78,10 @@ def status(storage: str, run: str, stage: str = "pretrain") -> dict:
 
 def torchrun(spec: str | None = None, stage: str = "pretrain", job: str | None = None, nproc: int = 2,
              **popen) -> subprocess.Popen:
-    """``torchrun -m jobs.launch`` on ``nproc`` local ranks, for ``--spec/--stage`` or a ``--job`` file."""
+    """``torchrun -m pipeline.launch`` on ``nproc`` local ranks, for ``--spec/--stage`` or a ``--job`` file."""
     args = ["--job", job] if job else ["--spec", spec, "--stage", stage]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "jobs.launch", *args]
+           "-m", "pipeline.launch", *args]
     popen.setdefault("start_new_session", True)  # its own process group: finish() can take every rank down
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 

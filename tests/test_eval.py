@@ -215,7 +215,7 @@ def test_mae_reconstruction_rebuilds_the_full_model_from_the_stages_committed_ch
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({"name": "ck", "storage": str(tmp_path / "runs"), "compute": {"workers": 2},
                                     "stages": [stage]}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "jobs.launch",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.launch",
            "--spec", str(spec), "--stage", "pretrain"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": ROOT})

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from jobs.engine import OptimConfig, deepspeed_config, lr_at, param_groups
+from jobs.engine import param_groups
 from jobs.export import export_encoder, load_export
 from jobs.mae import MAEConfig, build_mae, mask_noise
 from pipeline.spec import SpecError, parse_spec
@@ -59,23 +59,6 @@ def test_mae_with_register_tokens_and_activation_checkpointing_backpropagates():
     loss, _, _ = model(torch.randn(2, 3, 32, 32))
     loss.backward()
     assert model.encoder.reg_token.grad is not None and model.encoder.blocks[0].attn.qkv.weight.grad is not None
-
-
-def test_lr_schedule_is_warmup_then_cosine_of_the_step():
-    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
-    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
-    assert lr_at(100, 100, 10, 1.0, floor=0.1) == pytest.approx(0.1)
-
-
-def test_deepspeed_mapping_in_a_stage_is_merged_over_ours():
-    cfg = tiny_cfg(zero_stage=3, offload_optimizer=True, optim=OptimConfig(clip_grad=1.0),
-                   deepspeed={"zero_optimization": {"reduce_bucket_size": 1000}, "bf16": {"enabled": True}})
-    ds = deepspeed_config(cfg, world_size=4, on_gpu=False)
-    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 1000
-    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0 and ds["train_batch_size"] == 64 * 4
 
 
 def test_export_loads_in_timm_with_identical_outputs(tmp_path):

@@ -59,7 +59,7 @@ def torchrun(spec: str, **popen) -> subprocess.Popen:
     # a loaded CI machine needs more for the synchronous checkpoint)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--shutdown-timeout", "300",
-           "-m", "jobs.launch", "--spec", spec, "--stage", "pretrain"]
+           "-m", "pipeline.launch", "--spec", spec, "--stage", "pretrain"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 

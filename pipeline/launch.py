@@ -1,6 +1,6 @@
 """Entry point of one training rank without Ray, e.g. under ``torchrun``::
 
-    torchrun --nproc-per-node 2 -m jobs.launch --spec run.yaml --stage pretrain
+    torchrun --nproc-per-node 2 -m pipeline.launch --spec run.yaml --stage pretrain
 
 Every rank resolves the same stage job from the spec and runs it; the process group comes from
 the environment torchrun sets. Exit status: 0 done, 75 preempted (SIGTERM/SIGINT: the step was
@@ -19,20 +19,18 @@ import sys
 
 from jobs.engine import PREEMPTED_EXIT_CODE
 from jobs.stage import run_worker
+from pipeline.spec import load_spec
 
 
 def _job(args: argparse.Namespace) -> dict:
     if args.job:
         with open(args.job) as f:
             return json.load(f)
-    # The one place jobs/ reads a run spec: this is an entry point, the spec is the user's input.
-    from pipeline.spec import load_spec
-
     return load_spec(args.spec).stage_job(args.stage, launcher="torchrun")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.launch", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", help="run spec YAML")
     parser.add_argument("--stage", help="name of the training stage to run")
     parser.add_argument("--job", help="a resolved stage job (JSON) instead of --spec/--stage")
