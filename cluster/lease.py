@@ -207,8 +207,9 @@ class _Cas:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host exists (a reused pid counts as alive: the safe side)."""
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (a reused pid counts as alive: the safe side). Also for
+    node-local files that name their writer's pid (the shard cache's reservations)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -267,7 +268,7 @@ class Lease:
 
     def _refuse_if_live(self, old: LeaseRecord) -> None:
         age = time.time() - old.heartbeat_at
-        if old.host == socket.gethostname() and not _pid_alive(old.pid):
+        if old.host == socket.gethostname() and not pid_alive(old.pid):
             log.warning("the lease holder of %s, pid %d on this host, is dead (heartbeat %.0f s old): taking over",
                         self.store.url, old.pid, age)
             return

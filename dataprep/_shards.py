@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import IO, Iterable
 
 from cluster.storage import Store, StorageNotFoundError, classify
+from cluster.lease import pid_alive
 from dataprep._bounds import HashingReader, member_cap
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class ShardCache:
             if self._RESERVED in entry:
                 with contextlib.suppress(ValueError, IndexError):
                     size_s, pid_s = entry.split(self._RESERVED, 1)[1].split("-")[:2]
-                    if not _pid_alive(int(pid_s)):  # a download killed with -9: its claim is void
+                    if not pid_alive(int(pid_s)):  # a download killed with -9: its claim is void
                         with contextlib.suppress(FileNotFoundError):
                             os.remove(full)
                         log.info("shard cache: reclaimed the reservation of dead process %s (%s)", pid_s, entry)
@@ -241,17 +242,6 @@ class ShardCache:
         """Bytes of finished shards in the cache."""
         return sum(os.path.getsize(os.path.join(self.directory, e)) for e in os.listdir(self.directory)
                    if not e.endswith(".lock") and ".part-" not in e and self._RESERVED not in e)
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process of this host exists (the cache directory is node-local, so its pids are ours)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)

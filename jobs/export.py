@@ -84,7 +84,7 @@ def export_config(model_cfg: ModelConfig, encoder: nn.Module, extra: dict[str, A
         "architecture": model_cfg.arch,
         "num_classes": 0,
         "num_features": int(encoder.num_features),
-        "global_pool": getattr(encoder, "global_pool", None),
+        "global_pool": _pool_name(encoder),
         "model_args": kwargs,
         "pretrained_cfg": {
             "input_size": [chans, size, size], "mean": mean, "std": std,
@@ -174,7 +174,7 @@ def timm_export_config(architecture: str, model_args: dict[str, Any], img_size: 
         "architecture": architecture,
         "num_classes": num_classes,
         "num_features": int(model.num_features),
-        "global_pool": getattr(model, "global_pool", None),
+        "global_pool": _pool_name(model),
         "model_args": dict(model_args),
         "pretrained_cfg": {
             "input_size": [int(model_args.get("in_chans", 3)), img_size, img_size],
@@ -220,3 +220,12 @@ def _write_export(state: dict[str, torch.Tensor], config: dict[str, Any], dest_u
 def build_from_config(config: dict[str, Any]) -> nn.Module:
     """An untrained encoder of the exported shape (for tests and shape checks)."""
     return build_encoder(ModelConfig(arch=config["architecture"], **config["model_args"]))
+
+
+def _pool_name(model: Any) -> str | None:
+    """timm's ``global_pool`` as its name: a ViT keeps a string, a CNN a pooling module (its ``pool_type``)."""
+    pool = getattr(model, "global_pool", None)
+    if pool is None or isinstance(pool, str):
+        return pool
+    name = getattr(pool, "pool_type", None)
+    return name if isinstance(name, str) else type(pool).__name__

@@ -88,11 +88,16 @@ def downstream(spec: RunSpec, name: str) -> list[str]:
     return [s.name for s in spec.stages if s.name in hit]
 
 
-def plan_run(spec: RunSpec, restart_from: str | None = None) -> Plan:
-    """Decide what to skip and what to clear; raise :class:`RunConflictError` on a changed spec. Reads only."""
+def check_restart_from(spec: RunSpec, restart_from: str | None) -> None:
+    """Refuse ``--restart-from`` naming no stage of ``spec`` (a pure check: before the run's lease is taken)."""
     names = [s.name for s in spec.stages]
     if restart_from is not None and restart_from not in names:
         raise SpecError(f"--restart-from {restart_from!r}: no such stage; stages: {', '.join(names)}")
+
+
+def plan_run(spec: RunSpec, restart_from: str | None = None) -> Plan:
+    """Decide what to skip and what to clear; raise :class:`RunConflictError` on a changed spec. Reads only."""
+    check_restart_from(spec, restart_from)
     store = Store(spec.run_root, spec.storage_options)
     old = _read_run_yaml(store)
     new = yaml.safe_load(dump_spec(spec))

@@ -41,8 +41,8 @@ from jobs.engine import PREEMPT_MARKER
 from jobs.reshard import resume_plan
 from jobs.layout import StageStatus
 from jobs.stage import make_method, run_worker
-from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_sources, clear_stage,  # noqa: F401
-                            is_done, plan_run, record_spec)
+from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_restart_from, check_sources,  # noqa: F401
+                            clear_stage, is_done, plan_run, record_spec)
 from pipeline._progress import live_progress
 from pipeline._stop import StopAborted, forward_stop_signals
 from pipeline.spec import RunSpec
@@ -73,6 +73,7 @@ def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | 
     (:class:`LeaseHeldError`) and a writer whose lease was taken over commits nothing.
     """
     check_sources(spec)
+    check_restart_from(spec, restart_from)  # a typo writes nothing, not even the lease
     with Lease(Store(spec.run_root, spec.storage_options)).held():
         return _run_stages(spec, address, fault, restart_from)
 
