@@ -94,14 +94,15 @@ def vitforge(data: bytes, short: int, quality: int) -> bytes:
 METHODS = {"plain_pil": plain_pil, "pil_draft": pil_draft, "simplejpeg": simplejpeg_scaled, "vitforge": vitforge}
 
 
-def cpu_seconds() -> float:
+def cpu_seconds(include_self: bool = True) -> float:
     """CPU time (user + system) of this process and all its descendants: with embedded Ray that is
-    the GCS, the raylet, the workers and the driver, so Ray's own overhead is counted too."""
+    the GCS, the raylet, the workers and the driver, so Ray's own overhead is counted too.
+    ``include_self=False`` counts the descendants only (Ray's processes apart from the driver)."""
     import psutil
 
     total = 0.0
     me = psutil.Process()
-    for p in [me, *me.children(recursive=True)]:
+    for p in [me, *me.children(recursive=True)] if include_self else me.children(recursive=True):
         try:
             t = p.cpu_times()
             total += t.user + t.system

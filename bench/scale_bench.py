@@ -31,6 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from prep_bench import cpu_seconds  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 WORK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_work", "scale")
 ROWS_PER_FILE = 10_000
 
@@ -69,16 +71,7 @@ def _cpu_self() -> float:
 
 
 def _cpu_descendants() -> float:
-    import psutil
-
-    total = 0.0
-    for p in psutil.Process().children(recursive=True):
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
+    return cpu_seconds(include_self=False)
 
 
 def one(n: int, workers: int, batch: int) -> dict:
