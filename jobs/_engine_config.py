@@ -40,7 +40,10 @@ class OptimConfig(BaseModel):
     eps: float = Field(default=1e-8, gt=0)
     warmup_epochs: float = Field(default=0.0, ge=0)
     warmup_steps: int | None = Field(default=None, ge=0, description="overrides warmup_epochs")
-    clip_grad: float | None = Field(default=None, gt=0, description="global grad-norm clipping")
+    clip_grad: float | None = Field(default=None, gt=0, description="gradient clipping threshold; None: no clipping")
+    clip_grad_mode: Literal["global", "per_param"] = Field(
+        default="global", description="global: the norm of all gradients together (DeepSpeed's gradient_clipping); "
+        "per_param: each parameter's full gradient on its own, as DINO's utils.clip_gradients (jobs/_grad_clip.py)")
 
 
 class TrainConfig(BaseModel):
@@ -142,10 +145,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: se
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class FreezableAdamW(torch.optim.AdamW):
+    """torch's AdamW, except that a param group with ``frozen: True`` gets no update at all that step.
+
+    Its parameters are stepped as if they had no gradient: no weight decay, no moment update, no
+    optimizer state created. Under ZeRO the group's parameters are its flat fp32 partitions, so this
+    holds there too.
+    """
+
+    def step(self, closure: Any = None) -> Any:
+        held = [(p, p.grad) for g in self.param_groups if g.get("frozen") for p in g["params"]]
+        for p, _ in held:
+            p.grad = None
+        try:
+            return super().step(closure)
+        finally:
+            for p, grad in held:
+                p.grad = grad
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, no_decay_names: set[str],
                     groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
     groups = groups if groups is not None else param_groups(model, cfg.weight_decay, no_decay_names)
-    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=cfg.betas, eps=cfg.eps)
+    return FreezableAdamW(groups, lr=cfg.base_lr, betas=cfg.betas, eps=cfg.eps)
 
 
 # ---- DeepSpeed through accelerate -----------------------------------------------------------------
@@ -173,7 +195,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[st
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.clip_grad or 0.0,
+        "gradient_clipping": (cfg.optim.clip_grad or 0.0) if cfg.optim.clip_grad_mode == "global" else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": use_bf16(cfg, on_gpu)},
         "fp16": {"enabled": False},

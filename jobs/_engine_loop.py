@@ -23,6 +23,7 @@ from dataprep.loader import StreamingLoader
 from jobs._engine_config import (METHOD_STATE, StageContext, TrainConfig, TrainResult, build_optimizer, lr_at,
                                  make_accelerator, peak_lr)
 from jobs._engine_watch import MetricsLog, PreemptionWatch, peak_flops
+from jobs._grad_clip import clip_grad_per_param
 from jobs._live import open_live
 from jobs.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, code_version, restore_rng_state
 from jobs.layout import EXPORT_NAME, METRICS_NAME
@@ -211,8 +212,10 @@ def _one_step(run: _Run, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tenso
     """One optimizer step over ``grad_accum`` micro-batches. Returns the mean loss (a tensor)."""
     lr = lr_at(run.step, run.total_steps, run.warmup_steps, run.peak_lr, run.cfg.optim.min_lr)
     wd = run.method.weight_decay_at(run.step)
+    frozen = run.method.frozen_groups(run.step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["frozen"] = group.get("name") in frozen  # FreezableAdamW skips the group entirely
         if wd is not None and group.setdefault("decayed", group["weight_decay"] > 0):  # no-decay groups stay 0
             group["weight_decay"] = wd
     start = time.perf_counter()
@@ -227,7 +230,7 @@ def _one_step(run: _Run, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tenso
         batch = _on_device(batch, run.module)
         with run.accelerator.accumulate(run.model):
             loss, extra = run.method.step(run.model, batch, run.step)
-            run.accelerator.backward(loss)
+            _backward(run, loss)
             run.optimizer.step()
             run.optimizer.zero_grad()
         total += loss.detach().double().cpu()
@@ -238,6 +241,24 @@ def _one_step(run: _Run, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tenso
     if norm is not None:
         extra["grad_norm"] = float(norm)
     return total / run.cfg.grad_accum, extra, seconds
+
+
+def _backward(run: _Run, loss: torch.Tensor) -> None:
+    """Backward; at an accumulation boundary, DeepSpeed's step (``clip_grad_mode: global`` clips inside it).
+
+    ``per_param`` clips each parameter's full gradient between DeepSpeed's backward (which reduces and
+    partitions the gradients at the boundary) and its step — the two halves of ``accelerator.backward``.
+    """
+    optim = run.cfg.optim
+    if optim.clip_grad is None or optim.clip_grad_mode == "global":
+        run.accelerator.backward(loss)
+        return
+    engine, boundary = run.model, run.accelerator.sync_gradients
+    engine.set_gradient_accumulation_boundary(is_boundary=boundary)
+    engine.backward(loss)
+    if boundary:
+        clip_grad_per_param(run.module.parameters(), optim.clip_grad)
+        engine.step()
 
 
 def _on_device(batch: Any, module: torch.nn.Module) -> Any:

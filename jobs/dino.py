@@ -1,23 +1,24 @@
 """DINO (Caron et al., 2021): self-distillation with no labels — only what is special to DINO.
 
 The student is a timm ``VisionTransformer`` (its CLS token) plus the DINO head; DeepSpeed wraps
-the student only. The teacher is an EMA copy of the student that DeepSpeed never sees: a full
-fp32 module on every rank, updated after each optimizer step from the student's *full* weights
-(:func:`ema_update` gathers ZeRO-3 partitions chunk by chunk with ``GatheredParameters``). The
+the student only. The teacher is an EMA copy of the student that DeepSpeed never sees
+(``jobs/_teacher.py``: the copy, :func:`ema_update` over the full ZeRO-3 weights, the momentum
+schedule and the teacher's checkpoint state, shared with other self-distillation methods). The
 teacher sees the two global crops, the student every crop (2 global + ``local_crops`` local,
 ``dataprep.transforms.dino_transform``). The loss (``jobs/_dino_loss.py``) centres and sharpens
 the teacher; its center is a buffer all-reduced over ranks.
 
 Every schedule is a pure function of the global step (:class:`DINOSchedule`): teacher momentum
-(cosine 0.996 -> 1), teacher temperature (linear warmup 0.04 -> 0.07), weight decay (cosine
+(cosine 0.996 -> 1), teacher temperature (0.04; optionally a linear warmup), weight decay (cosine
 0.04 -> 0.4, through the engine's ``weight_decay_at`` hook) and the last-layer freeze (first
-epoch). The teacher and the center are checkpointed through the engine's ``extra_state`` hook,
-so a resumed run continues bit-exactly.
+epoch: the last layer's AdamW group gets no update at all, as main_dino.py's ``grad = None``).
+Each parameter's gradient is clipped on its own (``clip_grad_mode: per_param``). The teacher and
+the center are checkpointed through the engine's ``extra_state`` hook, so a resumed run continues
+bit-exactly. Defaults follow main_dino.py; each field's description names its source.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -33,9 +34,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 from dataprep.transforms import dino_transform
 from jobs._dino_loss import DINOLoss
+from jobs._engine_config import param_groups
+from jobs._teacher import cosine, ema_copy, ema_update, load_teacher_state, momentum_at, teacher_state
 from jobs.engine import OptimConfig, TrainConfig
 from jobs.method import Method
-from jobs.models import build_encoder, encoder_flops_per_token, set_grad_checkpointing
+from jobs.models import ModelConfig, build_encoder, encoder_flops_per_token, set_grad_checkpointing
 
 # ---- configuration ------------------------------------------------------------------------------
 
@@ -50,12 +53,26 @@ class DINOHeadConfig(BaseModel):
     bottleneck_dim: int = Field(default=256, ge=1)
     layers: int = Field(default=3, ge=1)
     norm_last_layer: bool = Field(default=True, description="fix the last layer's weight norm to 1")
+    use_bn: bool = Field(default=False, description="BatchNorm1d after each hidden linear layer (DINO's "
+                         "--use_bn_in_head, default False in main_dino.py); statistics per rank, not synced")
 
 
 def _dino_optim() -> OptimConfig:
-    # the paper's recipe: lr 5e-4 * batch / 256 after 10 warmup epochs, cosine to 1e-6, wd from 0.04
+    # main_dino.py's recipe: lr 5e-4 * batch / 256 after 10 warmup epochs, cosine to 1e-6, wd from 0.04,
+    # each parameter's gradient clipped to norm 3 on its own (--clip_grad 3.0, utils.clip_gradients)
     return OptimConfig(base_lr=5e-4, min_lr=1e-6, weight_decay=0.04, betas=(0.9, 0.999), warmup_epochs=10,
-                       clip_grad=3.0)
+                       clip_grad=3.0, clip_grad_mode="per_param")
+
+
+DROP_PATH = 0.1  # main_dino.py --drop_path_rate (the student's stochastic depth), for ViT-S and larger
+
+
+def _dino_model(value: Any) -> Any:
+    """``model:`` with DINO's drop path unless the stage sets one: 0.1 from ViT-S up, timm's 0 for ViT-Ti."""
+    if isinstance(value, dict) and "drop_path_rate" not in value:
+        tiny = str(value.get("arch", "")).startswith("vit_tiny")
+        return {**value, "drop_path_rate": 0.0 if tiny else DROP_PATH}
+    return value
 
 
 class DINOConfig(TrainConfig):
@@ -66,19 +83,25 @@ class DINOConfig(TrainConfig):
 
     kind: Literal["dino"] = "dino"
     optim: OptimConfig = Field(default_factory=_dino_optim)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig.model_validate(_dino_model({})),
+                               description="the encoder; drop_path_rate defaults to 0.1 (main_dino.py "
+                               "--drop_path_rate) from ViT-S up, 0 for ViT-Ti")
     head: DINOHeadConfig = Field(default_factory=DINOHeadConfig)
     local_crops: int = Field(default=8, ge=0)
     local_size: int | None = Field(default=None, ge=8, description="default: img_size * 96/224")
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     student_temp: float = Field(default=0.1, gt=0)
-    teacher_temp: float = Field(default=0.07, gt=0, description="after the warmup")
-    warmup_teacher_temp: float = Field(default=0.04, gt=0)
-    warmup_teacher_temp_epochs: float = Field(default=30.0, ge=0)
+    teacher_temp: float = Field(default=0.04, gt=0, description="after the warmup (main_dino.py --teacher_temp "
+                                "0.04; the paper raises it to 0.07 over 30 epochs for longer runs)")
+    warmup_teacher_temp: float = Field(default=0.04, gt=0, description="main_dino.py --warmup_teacher_temp")
+    warmup_teacher_temp_epochs: float = Field(default=0.0, ge=0, description="linear warmup from "
+                                              "warmup_teacher_temp (main_dino.py --warmup_teacher_temp_epochs 0)")
     teacher_momentum: float = Field(default=0.996, ge=0, le=1, description="start of the cosine to 1")
     center_momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay_end: float = Field(default=0.4, ge=0)
-    freeze_last_layer_epochs: float = Field(default=1.0, ge=0)
+    freeze_last_layer_epochs: float = Field(default=1.0, ge=0, description="no optimizer update of the head's "
+                                            "last layer for this long (main_dino.py --freeze_last_layer 1)")
     export_from: Literal["student", "teacher"] = Field(default="student", description="which backbone to export")
 
     @field_validator("optim", mode="before")
@@ -87,6 +110,13 @@ class DINOConfig(TrainConfig):
         """``optim: {base_lr: …}`` changes that field only; the rest stays DINO's recipe, not the generic one."""
         return {**_dino_optim().model_dump(), **value} if isinstance(value, dict) else value
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _dino_drop_path(cls, value: Any) -> Any:
+        return _dino_model(value)
+
+
+LAST_LAYER = "last_layer"  # the head's last layer's AdamW group
 
 # ---- model --------------------------------------------------------------------------------------
 
@@ -95,14 +125,15 @@ class WeightNormLinear(nn.Module):
     """``y = x @ (g * v / ||v||)^T`` with ``g`` fixed to 1 when ``norm_fixed`` (no bias).
 
     Written out instead of ``torch.nn.utils.weight_norm`` so its parameters are the module's own:
-    ZeRO-3 gathers exactly those around ``forward``.
+    ZeRO-3 gathers exactly those around ``forward``. Initialised as DINO's head: ``v`` is a default
+    ``nn.Linear`` weight (kaiming-uniform, ``a = sqrt(5)``: rows of norm ~0.57), ``g`` is 1.
     """
 
     def __init__(self, in_dim: int, out_dim: int, norm_fixed: bool = True) -> None:
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
         self.weight_g = None if norm_fixed else nn.Parameter(torch.ones(out_dim, 1))
-        trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear.reset_parameters (no bias)
 
     def weight(self) -> torch.Tensor:
         w = F.normalize(self.weight_v, dim=1)  # [K, bottleneck], unit rows
@@ -122,6 +153,7 @@ class DINOHead(nn.Module):
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(nn.Linear(a, b))
             if i < len(dims) - 2:
+                layers.extend([nn.BatchNorm1d(b)] if cfg.use_bn else [])
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp.modules():
@@ -162,59 +194,7 @@ def build_dino(cfg: DINOConfig) -> DINOModel:
     return DINOModel(backbone, DINOHead(backbone.embed_dim, cfg.head))
 
 
-# ---- the EMA teacher -------------------------------------------------------------------------------
-
-
-def _full_numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # a ZeRO-3 partitioned parameter keeps its full size there
-
-
-def _chunks(params: list[nn.Parameter], max_numel: int) -> Iterator[tuple[int, int]]:
-    start, size = 0, 0
-    for i, p in enumerate(params):
-        if size and size + _full_numel(p) > max_numel:
-            yield start, i
-            start, size = i, 0
-        size += _full_numel(p)
-    if start < len(params):
-        yield start, len(params)
-
-
-def _gathered(params: list[nn.Parameter]):
-    """Full parameters inside the block: ZeRO-3 partitions are all-gathered (read only), others as they are."""
-    if not any(hasattr(p, "ds_id") for p in params):
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, max_numel: int = 1 << 26) -> None:
-    """``teacher <- momentum * teacher + (1 - momentum) * student`` over the student's full weights.
-
-    Under ZeRO-3 the student's parameters are gathered ``max_numel`` elements at a time (a collective:
-    every rank must call it, in step). Fused ``torch._foreach_*`` over each chunk; the teacher keeps
-    its own dtype (fp32).
-    """
-    t_params, s_params = list(teacher.parameters()), list(student.parameters())
-    if len(t_params) != len(s_params):
-        raise RuntimeError(f"teacher has {len(t_params)} parameters, student {len(s_params)}: not an EMA copy")
-    for a, b in _chunks(s_params, max_numel):
-        with _gathered(s_params[a:b]):
-            ts = t_params[a:b]
-            ss = [s.detach().to(device=t.device, dtype=t.dtype) for t, s in zip(ts, s_params[a:b])]
-            torch._foreach_mul_(ts, momentum)
-            torch._foreach_add_(ts, ss, alpha=1.0 - momentum)
-
-
 # ---- schedules (pure functions of the global step) ---------------------------------------------------
-
-
-def cosine(step: int, total: int, start: float, end: float) -> float:
-    """Half-cosine from ``start`` at step 0 to ``end`` at ``total``."""
-    progress = min(1.0, step / max(1, total))
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)
@@ -226,7 +206,7 @@ class DINOSchedule:
     per_epoch: int
 
     def momentum(self, step: int) -> float:
-        return cosine(step, self.total, self.cfg.teacher_momentum, 1.0)
+        return momentum_at(step, self.total, self.cfg.teacher_momentum)
 
     def teacher_temp(self, step: int) -> float:
         warmup = int(self.cfg.warmup_teacher_temp_epochs * self.per_epoch)
@@ -262,10 +242,27 @@ class DINOMethod(Method):
     def build_model(self) -> DINOModel:
         """The student (for DeepSpeed), and the teacher as its copy (kept here, never wrapped)."""
         student = build_dino(self.cfg)
-        self.teacher = copy.deepcopy(student).eval().requires_grad_(False)
-        for p in student.head.last_layer.parameters():  # frozen in the first epoch(s): zero gradients
+        self.teacher = ema_copy(student)
+        if self.cfg.head.use_bn:
+            self.teacher.head.train()  # as main_dino.py's teacher: batch statistics in the head's BatchNorm
+        for p in student.head.last_layer.parameters():  # frozen in the first epoch(s): kept out of every norm
             p.register_hook(self._last_layer_grad)
         return student
+
+    def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+        """The engine's decayed / not groups, plus the head's last layer as its own group ``last_layer``
+        (decayed), which :meth:`frozen_groups` keeps out of the optimizer while it is frozen."""
+        last = {id(p) for p in model.head.last_layer.parameters()}
+        groups = param_groups(model, optim.weight_decay, self.no_weight_decay(model))
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in last]
+        own = [p for p in model.head.last_layer.parameters() if p.requires_grad]
+        return [g for g in groups if g["params"]] + [{"name": LAST_LAYER, "params": own,
+                                                      "weight_decay": optim.weight_decay}]
+
+    def frozen_groups(self, step: int) -> set[str]:
+        """The last layer while frozen: no update at all (main_dino.py sets its gradients to None)."""
+        return {LAST_LAYER} if self._sched().last_layer_frozen(step) else set()
 
     def set_run_length(self, total_steps: int, steps_per_epoch: int) -> None:
         self.schedule = DINOSchedule(self.cfg, total_steps, steps_per_epoch)
@@ -298,13 +295,12 @@ class DINOMethod(Method):
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """The teacher and the center: what a resumed run needs besides the engine's own state."""
-        state = {f"teacher.{k}": v.detach().cpu().clone().contiguous() for k, v in self.teacher.state_dict().items()}
+        state = teacher_state(self.teacher)
         state["loss.center"] = self.loss.center.detach().cpu().clone()
         return state
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
-        self.teacher.load_state_dict(teacher, strict=True)
+        load_teacher_state(self.teacher, state)
         self.loss.center.copy_(state["loss.center"])
 
     def arch(self) -> dict[str, Any]:

@@ -62,9 +62,9 @@ class Method:
     Construct with the stage's validated ``Config`` and this worker's rank. Hooks are called by
     every rank, in this order: :meth:`setup`, :meth:`build_model`, :meth:`param_groups`,
     :meth:`train_sample_ids`, :meth:`train_transform` / :meth:`eval_transform`,
-    :meth:`set_run_length`, then per step :meth:`weight_decay_at`, :meth:`step` (per micro-batch),
-    :meth:`after_step`; :meth:`extra_state` at each checkpoint, :meth:`load_extra_state` at resume,
-    :meth:`eval_step` at each epoch end, :meth:`export` when the stage is done.
+    :meth:`set_run_length`, then per step :meth:`weight_decay_at`, :meth:`frozen_groups`, :meth:`step`
+    (per micro-batch), :meth:`after_step`; :meth:`extra_state` at each checkpoint,
+    :meth:`load_extra_state` at resume, :meth:`eval_step` at each epoch end, :meth:`export` when the stage is done.
     """
 
     Config: ClassVar[type[TrainConfig]]
@@ -120,6 +120,11 @@ class Method:
     def weight_decay_at(self, step: int) -> float | None:
         """The weight decay of the decayed parameter groups at ``step``; None (default) keeps ``optim``'s."""
         return None
+
+    def frozen_groups(self, step: int) -> set[str]:
+        """Names (a group's ``name`` key, see :meth:`param_groups`) of the AdamW groups that get no update at
+        all at ``step``: no weight decay, no moments, no optimizer state created. Default: none."""
+        return set()
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]] | None:
         """AdamW groups instead of the engine's two (decayed / not); a group's ``lr_scale`` multiplies the

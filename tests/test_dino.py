@@ -62,7 +62,7 @@ def test_dino_loss_centres_sharpens_skips_same_view_pairs_and_all_ranks_share_th
 
 
 def test_schedules_are_pure_functions_of_the_step():
-    cfg = tiny_cfg(warmup_teacher_temp_epochs=2, freeze_last_layer_epochs=1)
+    cfg = tiny_cfg(teacher_temp=0.07, warmup_teacher_temp_epochs=2, freeze_last_layer_epochs=1)
     sched = DINOSchedule(cfg, total=100, per_epoch=10)
     partial = tiny_cfg(optim={"base_lr": 1e-3})  # other optimizer fields keep DINO's recipe
     assert (partial.optim.base_lr, partial.optim.weight_decay, partial.optim.betas) == (1e-3, 0.04, (0.9, 0.999))
@@ -74,6 +74,66 @@ def test_schedules_are_pure_functions_of_the_step():
     assert sched.teacher_temp(20) == sched.teacher_temp(99) == pytest.approx(0.07)
     assert sched.last_layer_frozen(9) and not sched.last_layer_frozen(10)
     assert all(math.isclose(sched.momentum(s), DINOSchedule(cfg, 100, 10).momentum(s)) for s in range(101))
+
+
+def test_defaults_are_main_dino_py_s():
+    cfg = DINOConfig(name="d", data="/x")
+    assert (cfg.teacher_temp, cfg.warmup_teacher_temp, cfg.warmup_teacher_temp_epochs) == (0.04, 0.04, 0.0)
+    assert (cfg.optim.clip_grad, cfg.optim.clip_grad_mode, cfg.head.use_bn) == (3.0, "per_param", False)
+    assert cfg.model.drop_path_rate == 0.1 and cfg.freeze_last_layer_epochs == 1.0
+    assert tiny_cfg(model={**TINY_MODEL, "arch": "vit_small_patch16_224"}).model.drop_path_rate == 0.1
+    assert tiny_cfg().model.drop_path_rate == 0.0  # ViT-Ti
+    assert tiny_cfg(model={**TINY_MODEL, "drop_path_rate": 0.2}).model.drop_path_rate == 0.2
+    assert DINOSchedule(cfg, total=100, per_epoch=10).teacher_temp(0) == 0.04
+
+
+def test_head_is_initialised_as_dino_s_head_and_use_bn_adds_batch_norm():
+    """The last layer starts as a default nn.Linear weight (rows of norm ~0.57 at bottleneck 256, not
+    trunc-normal(0.02)'s ~0.3), drawn from the same random stream as DINO's DINOHead."""
+    from jobs.dino import DINOHead, DINOHeadConfig
+
+    torch.manual_seed(3)
+    head = DINOHead(64, DINOHeadConfig(out_dim=512, hidden_dim=32, bottleneck_dim=256))
+    torch.manual_seed(3)
+    mlp = [torch.nn.Linear(64, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 256)]
+    for m in mlp:  # DINOHead._init_weights
+        torch.nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+    official_last = torch.nn.Linear(256, 512, bias=False)
+    assert torch.equal(head.last_layer.weight_v, official_last.weight)
+    assert head.last_layer.weight_v.norm(dim=1).mean().item() == pytest.approx(0.577, abs=0.02)
+    bn = DINOHead(64, DINOHeadConfig(out_dim=8, hidden_dim=32, bottleneck_dim=16, use_bn=True))
+    assert [type(m).__name__ for m in bn.mlp] == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU",
+                                                  "Linear"]
+
+
+def test_frozen_last_layer_gets_no_optimizer_update_at_all_then_trains():
+    """While frozen the last layer is bit-identical, with no weight decay and no AdamW state (as a
+    grad of None in main_dino.py); afterwards it trains and gets state."""
+    from jobs.engine import OptimConfig
+    from jobs._engine_config import build_optimizer
+
+    torch.manual_seed(0)
+    method = DINOMethod(tiny_cfg(freeze_last_layer_epochs=1, head={**TINY_HEAD, "norm_last_layer": False}))
+    method.set_run_length(total_steps=20, steps_per_epoch=2)
+    student = method.build_model()
+    opt = build_optimizer(student, OptimConfig(base_lr=1e-2, weight_decay=0.5), set(),
+                          method.param_groups(student, method.cfg.optim))
+    last = list(student.head.last_layer.parameters())
+    assert len(last) == 2 and all(p.requires_grad for p in last)
+    start = [p.detach().clone() for p in last]
+    for step in range(3):
+        for g in opt.param_groups:
+            g["frozen"] = g.get("name") in method.frozen_groups(step)
+        student.zero_grad()
+        loss, _ = method.step(student, {"image": crops()}, step)
+        loss.backward()
+        opt.step()
+        if step < 2:
+            assert all(torch.equal(p, p0) for p, p0 in zip(last, start)), step
+            assert not any(p in opt.state for p in last)
+    assert all(not torch.equal(p, p0) and p in opt.state for p, p0 in zip(last, start))
+    assert opt.state[last[0]]["step"] == 1  # its moments start at the first unfrozen step
+    assert student.backbone.blocks[0].attn.qkv.weight in opt.state
 
 
 def test_last_layer_gets_zero_gradients_only_while_frozen_and_ema_follows_the_student():

@@ -72,7 +72,7 @@ def test_offload_optimizer_hands_deepspeed_a_cpu_offloaded_zero_optimizer_with_t
         assert probe["engine_zero_cpu_offload"]
         assert probe["zero_optimizer"] == zero_optimizer and probe["zero_optimizer_offloads"]
         # torch's AdamW steps the offloaded fp32 partitions: no DeepSpeedCPUAdam op to JIT-build
-        assert probe["inner_optimizer"] == "AdamW"
+        assert probe["inner_optimizer"] == "FreezableAdamW"  # jobs/_engine_config.py
         assert probe["optimizer_state_devices"] == ["cpu"]
     assert_close(runs["offload"]["losses"], runs["off"]["losses"], EXACT)
     assert_close(runs["offload+checkpointing@3"]["losses"], runs["off"]["losses"], EXACT)
