@@ -355,9 +355,12 @@ def _evaluate(run: _Run) -> dict[str, float]:
 
 def _export(run: _Run) -> None:
     """The method's export to ``<stage>/export/`` (every rank calls: ZeRO-3 gathers)."""
+    extra = {"stage": run.cfg.name, "step": run.step, "config_digest": run.meta_expect["config_digest"],
+             "code_version": code_version()}
+    if run.method.pool is not None:
+        extra["pool"] = run.method.pool  # what eval pools by default
     run.method.export(run.module, run.store.url_of(EXPORT_NAME), rank=run.ctx.rank, storage_options=run.ctx.storage_options,
-                      extra={"stage": run.cfg.name, "step": run.step, "config_digest": run.meta_expect["config_digest"],
-                             "code_version": code_version()})
+                      extra=extra)
 
 
 def _progress_bar(run: _Run):

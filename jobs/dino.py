@@ -229,6 +229,7 @@ class DINOMethod(Method):
     ``after_step`` and ``extra_state`` / ``load_extra_state`` hooks)."""
 
     Config = DINOConfig
+    pool = "token"  # DINO trains the CLS token; main_dino.py's kNN / linear evaluation reads it
     cfg: DINOConfig
 
     def __init__(self, cfg: DINOConfig, rank: int = 0) -> None:

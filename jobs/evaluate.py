@@ -73,7 +73,9 @@ class EvalConfig(BaseModel):
     models: list[str] = Field(min_length=1, description="earlier training stages (their export) or export URLs")
     train_split: str = "train"
     val_split: str = "val"
-    pool: Literal["token", "avg"] = Field(default="token", description="ViTs: the CLS token, or the mean patch token")
+    pool: Literal["token", "avg"] | None = Field(
+        default=None, description="ViTs: the CLS token, or the mean patch token; default: what each export's "
+        "method trained (its config.json vitforge.pool: token for DINO, avg for MAE), else token")
     img_size: int | None = Field(default=None, ge=8, description="default: each export's own input size")
     knn_k: int = Field(default=20, ge=1)
     knn_temperature: float = Field(default=0.07, gt=0)
@@ -197,10 +199,11 @@ class ModelResult:
     knn_top1: float
     linear_top1: float
     seconds: float
+    pool: str = "token"
 
 
 def evaluate_features(name: str, url: str, architecture: str, train: Features, val: Features, num_classes: int,
-                      cfg: EvalConfig, seconds: float = 0.0) -> ModelResult:
+                      cfg: EvalConfig, seconds: float = 0.0, pool: str = "token") -> ModelResult:
     """kNN and linear probe of one model's features (``train`` cut to ``label_fraction`` here)."""
     keep = label_subset(train.y, cfg.label_fraction, cfg.seed)
     train = Features(train.x[keep], train.y[keep])
@@ -208,7 +211,7 @@ def evaluate_features(name: str, url: str, architecture: str, train: Features, v
     knn = knn_accuracy(train, val, num_classes, cfg.knn_k, cfg.knn_temperature)
     linear = linear_probe(train, val, num_classes, cfg.probe, cfg.seed)
     return ModelResult(name, url, architecture, int(train.x.shape[1]), int(len(train.y)), int(len(val.y)), knn, linear,
-                       seconds + time.perf_counter() - start)
+                       seconds + time.perf_counter() - start, pool)
 
 
 def _loader(cfg: EvalConfig, data_url: str, split: str, img_size: int, pretrained_cfg: dict[str, Any],
@@ -232,15 +235,16 @@ def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_clas
     model = load_export(url, storage_options, **({"img_size": cfg.img_size} if cfg.img_size else {})).to(device)
     pretrained = config.get("pretrained_cfg", {})
     size = cfg.img_size or int(pretrained.get("input_size", [3, 224, 224])[-1])
+    pool = cfg.pool or (config.get("vitforge") or {}).get("pool") or "token"  # the stage's, else the method's
     feats = {split: extract_features(model, _loader(cfg, data_url, split, size, pretrained, storage_options),
-                                     cfg.pool, device)
+                                     pool, device)
              for split in (cfg.train_split, cfg.val_split)}
     for split, f in feats.items():
         if len(f.y) == 0 or int(f.y.min()) < 0:
             raise ValueError(f"eval {cfg.name!r}: the {split} split of {data_url} has unlabelled samples; "
                              "eval needs a labelled prep (an ImageFolder or a list with labels)")
     return evaluate_features(name, url, config.get("architecture", "?"), feats[cfg.train_split],
-                             feats[cfg.val_split], num_classes, cfg, time.perf_counter() - start)
+                             feats[cfg.val_split], num_classes, cfg, time.perf_counter() - start, pool)
 
 
 def run_eval(job: dict[str, Any]) -> dict[str, Any]:

@@ -208,6 +208,9 @@ class MAEMethod(Method):
 
     Config = MAEConfig
     cfg: MAEConfig
+    # MAE's loss reaches the patch tokens, not the CLS token; the official fine-tuning pools their mean
+    # (main_finetune.py --global_pool, its default), while its linear probe reads the CLS token
+    pool = "avg"
 
     def setup(self, ctx: Any) -> None:
         """``in_chans`` from the data: the decoder then predicts every channel of each patch."""

@@ -41,7 +41,7 @@ import importlib
 import inspect
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -69,6 +69,9 @@ class Method:
 
     Config: ClassVar[type[TrainConfig]]
     kind: ClassVar[str]
+    #: the pooling the method trains (``token``: the CLS token; ``avg``: the mean patch token), recorded in
+    #: the export's ``config.json`` (``vitforge.pool``); ``eval`` uses it unless the eval stage sets ``pool``
+    pool: ClassVar[Literal["token", "avg"] | None] = None
 
     def __init__(self, cfg: TrainConfig, rank: int = 0) -> None:
         self.cfg, self.rank = cfg, rank

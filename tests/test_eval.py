@@ -112,13 +112,14 @@ def labelled_manifest(tmp_path) -> str:
     return dest
 
 
-def export_random_encoder(dest: str, seed: int) -> None:
+def export_random_encoder(dest: str, seed: int, pool: str | None = None) -> None:
+    """A random tiny ViT export; ``pool``: the pooling its (pretend) method trained, as the engine records it."""
     from jobs.export import export_encoder
     from jobs.models import ModelConfig, build_encoder
 
     torch.manual_seed(seed)
     cfg = ModelConfig(**TINY_MODEL)
-    export_encoder(build_encoder(cfg), cfg, dest)
+    export_encoder(build_encoder(cfg), cfg, dest, extra={"pool": pool} if pool else None)
 
 
 def numbers(report: dict) -> dict:
@@ -128,8 +129,8 @@ def numbers(report: dict) -> dict:
 def test_eval_job_writes_eval_json_with_each_models_accuracies_deterministically(labelled_manifest, s3_url, tmp_path):
     from cluster.storage import Store
 
-    export_random_encoder(f"{s3_url}/a/export", seed=0)
-    export_random_encoder(str(tmp_path / "b"), seed=1)
+    export_random_encoder(f"{s3_url}/a/export", seed=0, pool="avg")  # e.g. an MAE export
+    export_random_encoder(str(tmp_path / "b"), seed=1)  # records none: the CLS token
     stage = {"name": "report", "kind": "eval", "data": labelled_manifest, "loader_workers": 0, "batch_size": 16,
              "models": [f"{s3_url}/a/export", str(tmp_path / "b")], "probe": {"epochs": 20}}
     spec = parse_spec({"name": "ev", "storage": s3_url, "stages": [stage]})
@@ -138,7 +139,9 @@ def test_eval_job_writes_eval_json_with_each_models_accuracies_deterministically
     store = Store(spec.stage_url("report"))
     assert store.get_json("eval.json") == report
     assert store.get_json("STATUS.json")["state"] == "done"
-    assert report["classes"] == 3 and report["knn"] == {"k": 20, "temperature": 0.07} and report["pool"] == "token"
+    assert report["classes"] == 3 and report["knn"] == {"k": 20, "temperature": 0.07} and report["pool"] is None
+    assert {name: m["pool"] for name, m in report["models"].items()} == {stage["models"][0]: "avg",
+                                                                         stage["models"][1]: "token"}
     assert sorted(report["models"]) == sorted(stage["models"])
     for name, entry in report["models"].items():
         assert entry["url"] == name and entry["architecture"] == "vit_tiny_patch16_224" and entry["feature_dim"] == 32
@@ -150,10 +153,10 @@ def test_eval_job_writes_eval_json_with_each_models_accuracies_deterministically
 
     again = run_eval({**spec.eval_job("report"), "stage_url": f"{s3_url}/again"})
     assert numbers(again) == numbers(report)  # deterministic order, seeded probe
-    low = EvalConfig.model_validate({**stage, "label_fraction": 0.2})
+    low = EvalConfig.model_validate({**stage, "label_fraction": 0.2, "pool": "token"})  # overrides the exports'
     few = run_eval({**spec.eval_job("report"), "stage": low.model_dump(), "stage_url": f"{s3_url}/few"})
     for m in few["models"].values():  # labels cycle 0,1,2: round(0.2 x 14) + 2 x round(0.2 x 13)
-        assert m["train_samples"] == 3 + 3 + 3 and m["val_samples"] == 15
+        assert m["train_samples"] == 3 + 3 + 3 and m["val_samples"] == 15 and m["pool"] == "token"
 
 
 def test_eval_stage_runs_as_a_ray_task_and_is_skipped_once_done(labelled_manifest, ray_local, tmp_path):
