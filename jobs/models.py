@@ -121,8 +121,10 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, prefix_tokens: int = 0) 
         raise ValueError(f"sin-cos position embeddings need embed_dim % 4 == 0, got {embed_dim}")
     coords = np.arange(grid_size, dtype=np.float64)
     grid_w, grid_h = np.meshgrid(coords, coords)  # w varies fastest, as patches are laid out
-    emb = np.concatenate([_sincos_1d(embed_dim // 2, grid_h.reshape(-1)),
-                          _sincos_1d(embed_dim // 2, grid_w.reshape(-1))], axis=1)  # [G*G, D]
+    # MAE's get_2d_sincos_pos_embed order: the column (w) half first, then the row (h) half. Exports and
+    # checkpoints store the embedding, so models trained with the older h-first order keep theirs.
+    emb = np.concatenate([_sincos_1d(embed_dim // 2, grid_w.reshape(-1)),
+                          _sincos_1d(embed_dim // 2, grid_h.reshape(-1))], axis=1)  # [G*G, D]
     if prefix_tokens:
         emb = np.concatenate([np.zeros((prefix_tokens, embed_dim)), emb], axis=0)
     return torch.from_numpy(emb).float()

@@ -114,3 +114,38 @@ def test_spec_errors_name_the_field_path():
     job = spec.stage_job("p", launcher="ray")
     assert job["stage_url"] == "s3://b/runs/r/stages/p" and job["data_url"] == "s3://b/shards"
     assert math.isclose(spec.stage("p").mask_ratio, 0.75)
+
+
+def _official_2d_sincos(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """facebookresearch/mae util/pos_embed.py get_2d_sincos_pos_embed, written out here (cls_token=True)."""
+    import numpy as np
+
+    grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)))
+    grid = grid.reshape([2, 1, grid_size, grid_size])  # grid[0]: the column index (w goes first)
+
+    def one_d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+    return torch.from_numpy(np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)).float()
+
+
+def test_sincos_position_embeddings_are_mae_s_and_a_stored_older_order_still_loads(tmp_path):
+    torch.manual_seed(0)
+    model = build_mae(tiny_cfg())  # grid 8, encoder 64, decoder 32
+    assert torch.equal(model.encoder.pos_embed[0], _official_2d_sincos(64, 8))
+    assert torch.equal(model.decoder_pos_embed[0], _official_2d_sincos(32, 8))
+    # the embedding is a (frozen) parameter: checkpoints and exports store it, loading never recomputes it
+    state = model.state_dict()
+    assert {"encoder.pos_embed", "decoder_pos_embed"} <= set(state)
+    half = 32
+    older = torch.cat([state["encoder.pos_embed"][..., half:], state["encoder.pos_embed"][..., :half]], dim=-1)
+    older_dec = torch.cat([state["decoder_pos_embed"][..., 16:], state["decoder_pos_embed"][..., :16]], dim=-1)
+    fresh = build_mae(tiny_cfg())
+    fresh.load_state_dict({**state, "encoder.pos_embed": older, "decoder_pos_embed": older_dec})
+    assert torch.equal(fresh.encoder.pos_embed, older) and torch.equal(fresh.decoder_pos_embed, older_dec)
+    cfg = tiny_cfg()
+    export_encoder(fresh.encoder, cfg.model, str(tmp_path / "export"))
+    assert torch.equal(load_export(str(tmp_path / "export")).pos_embed, older)
