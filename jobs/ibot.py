@@ -49,7 +49,8 @@ class IBOTConfig(DINOConfig):
 
     kind: Literal["ibot"] = "ibot"  # type: ignore[assignment]
     patch_out_dim: int = Field(default=8192, ge=2, description="patch prototypes (official default 8192)")
-    shared_head: bool = Field(default=False, description="the patch tokens use the CLS head's last layer")
+    shared_head: bool = Field(default=False, description="the patch tokens use the CLS head's last layer "
+                                                         "(then head.out_dim prototypes; patch_out_dim is unused)")
     mask_ratio: list[float] = Field(default=[0.0, 0.3], min_length=1, description="per image, one is chosen")
     mask_ratio_var: list[float] = Field(default=[0.0, 0.2], min_length=1, description="+- uniform, per ratio")
     mask_aspect: tuple[float, float] = Field(default=(0.3, 1 / 0.3), description="of each masked block")
@@ -202,7 +203,8 @@ class IBOTMethod(DINOMethod):
 
     def __init__(self, cfg: IBOTConfig, rank: int = 0) -> None:
         super().__init__(cfg, rank)
-        self.patch_loss = PatchLoss(cfg.patch_out_dim, cfg.student_temp, cfg.patch_center_momentum)
+        patch_dim = cfg.head.out_dim if cfg.shared_head else cfg.patch_out_dim  # shared: the CLS prototypes
+        self.patch_loss = PatchLoss(patch_dim, cfg.student_temp, cfg.patch_center_momentum)
 
     def build_model(self) -> IBOTModel:
         student = build_ibot(self.cfg)

@@ -26,8 +26,8 @@ ENCODER = {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "dep
            "num_heads": 3, "reg_tokens": 2}
 COMMON = {
     "model": ENCODER, "head": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64}, "local_crops": 2,
-    "max_steps": 300, "batch_size": 32, "zero_stage": 2, "loader_workers": 0, "seed": SEED,
-    "optim": {"base_lr": 5e-3, "warmup_steps": 30}, "warmup_teacher_temp": 0.04, "teacher_temp": 0.04,
+    "max_steps": 200, "batch_size": 32, "zero_stage": 2, "loader_workers": 0, "seed": SEED,
+    "optim": {"base_lr": 5e-3, "warmup_steps": 20}, "warmup_teacher_temp": 0.04, "teacher_temp": 0.04,
     "warmup_teacher_temp_epochs": 0, "teacher_momentum": 0.99, "export_from": "teacher",
     "checkpoint": {"every_steps": 100000, "keep_last": 1},
 }
@@ -51,7 +51,7 @@ def test_ibot_patch_tokens_segment_shapes_better_than_dino_and_step0_weights(ray
     from pipeline.run import run_spec
     from pipeline.spec import parse_spec
 
-    images, masks = write_shapes(str(tmp_path / "shapes"), count=800, size=32, seed=SEED)
+    images, masks = write_shapes(str(tmp_path / "shapes"), count=600, size=32, seed=SEED)
     data = run_prep(images, str(tmp_path / "data"), PrepOptions(format="png", masks=masks, val_fraction=0.2,
                                                                 shard_size=200, seed=SEED)).manifest_url
     dino = {**COMMON, "name": "dino", "kind": "dino", "data": data}
@@ -72,6 +72,6 @@ def test_ibot_patch_tokens_segment_shapes_better_than_dino_and_step0_weights(ray
                                              "tokens": d["high_norm"]["tokens"], "knn": models[k]["knn_top1"]}
                                       for (name, d), k in zip(dense.items(), ("dino", "ibot", init))}))
     for d in dense.values():  # with reg_tokens: 2 the high-norm count is computed for every model
-        assert d["high_norm"]["tokens"] == 160 * 64 and d["high_norm"]["count"] >= 0
+        assert d["high_norm"]["tokens"] == 120 * 64 and d["high_norm"]["count"] >= 0
     assert dense["ibot"]["miou"] >= dense["dino"]["miou"] + MIOU_MARGIN_DINO, dense
     assert dense["ibot"]["miou"] >= dense["init"]["miou"] + MIOU_MARGIN_INIT, dense

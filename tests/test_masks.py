@@ -89,3 +89,30 @@ def test_prep_writes_masks_from_a_paired_folder_and_the_loader_serves_them(tmp_p
     for img, mask in zip(raw["image"], raw["mask"]):
         assert mask.shape == img.shape[-2:]
     assert load_manifest(dest)[0].masks.classes == 4
+
+
+def test_list_column_masks_and_clear_errors_for_sources_that_cannot_carry_them(tmp_path):
+    from dataprep._images import Reject
+    from dataprep._masks import process_mask
+    from dataprep._sources import SourceError, attach_masks, list_source
+
+    (tmp_path / "a.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    (tmp_path / "list.csv").write_text("path,label,mask\na.png,1,m/a.png\nb.png,0,\n")
+    listing = list_source(str(tmp_path / "list.csv"))
+    attach_masks(listing, "column")
+    assert listing.masks == {"a.png": str(tmp_path / "m" / "a.png")}  # b.png has none: prep rejects it
+    assert [label for _, _, label in listing.files] == ["1", "0"]
+    (tmp_path / "list.jsonl").write_text('{"path": "a.png", "mask": "m/a.png"}\n')
+    jsonl = list_source(str(tmp_path / "list.jsonl"))
+    before = jsonl.fingerprint
+    attach_masks(jsonl, "column")
+    assert jsonl.masks == {"a.png": str(tmp_path / "m" / "a.png")} and jsonl.fingerprint != before
+    flat = list_source(str(tmp_path / "list.csv").replace("list.csv", ""), kind="flat")
+    with pytest.raises(SourceError, match="masks: column needs a CSV"):
+        attach_masks(flat, "column")
+    with pytest.raises(SourceError, match="does not exist"):
+        attach_masks(flat, str(tmp_path / "nowhere"))
+    with pytest.raises(Reject, match="corrupt PNG"):
+        process_mask(encode_mask(np.zeros((8, 8), np.uint8))[:30], (8, 8), (8, 8), "m/a.png")
+    png, top = process_mask(encode_mask(np.full((8, 8), 300, np.uint16)), (8, 8), (4, 4), "m/a.png")
+    assert top == 300 and decode_mask(png).shape == (4, 4) and decode_mask(png).dtype == np.uint16
