@@ -26,7 +26,9 @@ from PIL import Image, UnidentifiedImageError
 CORRUPT, TRUNCATED, EMPTY, TOO_SMALL, TOO_LARGE = "corrupt", "truncated", "empty", "too_small", "too_large"
 UNSUPPORTED, DUPLICATE, UNREADABLE = "unsupported", "duplicate", "unreadable"
 CHANNELS, NON_FINITE = "channels", "non_finite"  # format npy: a layout unlike the rest; NaN or Inf values
-REASONS = (CORRUPT, TRUNCATED, EMPTY, TOO_SMALL, TOO_LARGE, UNSUPPORTED, DUPLICATE, UNREADABLE, CHANNELS, NON_FINITE)
+MASK = "mask"  # a segmentation mask that is missing or unusable (dataprep/_masks.py)
+REASONS = (CORRUPT, TRUNCATED, EMPTY, TOO_SMALL, TOO_LARGE, UNSUPPORTED, DUPLICATE, UNREADABLE, CHANNELS, NON_FINITE,
+           MASK)
 
 EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png"}
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")

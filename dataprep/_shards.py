@@ -49,6 +49,7 @@ class RawSample:
     ext: str = ""
     label: int = -1
     error: str | None = None
+    mask: bytes | None = None  # <key>.mask.png, when the shards carry segmentation masks
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -75,6 +76,7 @@ def _make_sample(shard: str, index: int, key: str, members: dict[str, bytes]) ->
         sample.error = f"no image member (has {sorted(members) or 'nothing'})"
         return sample
     sample.image, sample.ext = members[ext], ext
+    sample.mask = members.get("mask.png")
     if "cls" in members:
         try:
             sample.label = int(members["cls"].decode().strip())

@@ -64,6 +64,7 @@ class Listing:
     classes: list[str] | None = None
     fingerprint: str = ""
     ignored: list[str] = field(default_factory=list)  # non-image files at an ImageFolder's root
+    masks: dict[str, str] = field(default_factory=dict)  # input name -> its segmentation mask's URL (attach_masks)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,40 @@ def list_source(src: str, kind: str = "auto", channels: list[str] | None = None)
     return listing
 
 
+def attach_masks(listing: Listing, masks: str) -> None:
+    """Pair every input of ``listing`` with its mask (``dataprep/_masks.py``): ``masks`` is a folder
+    holding ``<input name without extension>.png``, or ``column`` for the list's own ``mask`` column.
+    The masks' names (and, in a folder, sizes) join the source fingerprint."""
+    from ._masks import COLUMN
+
+    if not listing.files or any(isinstance(url, tuple) for _, url, _ in listing.files):
+        raise SourceError(f"masks: need a folder or a CSV/JSONL list of images; {listing.url} is a {listing.kind} "
+                          "source (containers and per-channel lists carry no masks)")
+    if masks == COLUMN:
+        if listing.kind not in ("csv", "jsonl") or not listing.masks:
+            raise SourceError(f"masks: column needs a CSV (a header with a 'mask' column) or JSONL ('\"mask\"' "
+                              f"fields) list; {listing.url} names no mask")
+        sizes: list[tuple[str, int]] = []
+    else:
+        store, path = store_for(masks)
+        if not store.exists(path):
+            raise SourceError(f"masks: folder {masks!r} does not exist; give the folder of <name>.png masks, "
+                              "or 'column' for a list's mask column")
+        found = store.fs.find(path, detail=True, withdirs=False)
+        base = path.rstrip("/")
+        sizes = sorted((_rel(p, base), int(info.get("size") or 0)) for p, info in found.items())
+        where = store.url_of(base) if "://" in masks else base
+        present = {rel for rel, _ in sizes}
+        listing.masks = {name: _join(where, stem + ".png") for name, _, _ in listing.files
+                         if (stem := posixpath.splitext(name)[0]) + ".png" in present}
+    h = hashlib.sha256(listing.fingerprint.encode())
+    for name, url in sorted(listing.masks.items()):
+        h.update(f"\0{name}\0{url}".encode())
+    for rel, size in sizes:
+        h.update(f"\1{rel}\0{size}".encode())
+    listing.fingerprint = h.hexdigest()
+
+
 def _rel(p: str, base: str) -> str:
     return posixpath.basename(p) if p.rstrip("/") == base else posixpath.relpath(p, base)
 
@@ -210,21 +245,29 @@ def _list_table(src: str, rels: list[tuple[str, int]], is_file: bool, kind: str)
     base = posixpath.dirname(src.rstrip("/")) or "."
     text = read_url(src).decode("utf-8-sig")
     rows = list(_csv_rows(text, src) if kind == "csv" else _jsonl_rows(text, src))
-    files = [(p, _join(base, p), label) for p, label in rows]
-    return Listing(kind, src, files=files)
+    files = [(p, _join(base, p), label) for p, label, _ in rows]
+    masks = {p: _join(base, m) for p, _, m in rows if m}
+    return Listing(kind, src, files=files, masks=masks)
 
 
-def _csv_rows(text: str, src: str) -> Iterator[tuple[str, Any]]:
+def _csv_rows(text: str, src: str) -> Iterator[tuple[str, Any, str | None]]:
+    """(path, label, mask) per row: ``path[,label]``; a header row may name a ``mask`` column."""
     dialect = "excel-tab" if src.endswith(".tsv") else "excel"
+    mask_col, label_col = None, 1
     for i, row in enumerate(csv.reader(io.StringIO(text), dialect=dialect)):
         if not row or not row[0].strip():
             continue
         if i == 0 and row[0].strip().lower() in _HEADER_WORDS:
+            header = [c.strip().lower() for c in row]
+            mask_col = header.index("mask") if "mask" in header else None
+            label_col = next((header.index(c) for c in _LABEL_COLUMNS if c in header), 1 if mask_col != 1 else None)
             continue
-        yield row[0].strip(), (row[1].strip() if len(row) > 1 and row[1].strip() != "" else None)
+        label = row[label_col].strip() if label_col is not None and len(row) > label_col else ""
+        mask = row[mask_col].strip() if mask_col is not None and len(row) > mask_col else ""
+        yield row[0].strip(), (label if label != "" else None), (mask or None)
 
 
-def _jsonl_rows(text: str, src: str) -> Iterator[tuple[str, Any]]:
+def _jsonl_rows(text: str, src: str) -> Iterator[tuple[str, Any, str | None]]:
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -235,7 +278,8 @@ def _jsonl_rows(text: str, src: str) -> Iterator[tuple[str, Any]]:
         path = next((obj[k] for k in ("path", "file", "image", "url", "src") if isinstance(obj.get(k), str)), None)
         if path is None:
             raise SourceError(f"{src} line {n}: no 'path' field")
-        yield path, next((obj[k] for k in _LABEL_COLUMNS if k in obj), None)
+        mask = obj.get("mask")
+        yield path, next((obj[k] for k in _LABEL_COLUMNS if k in obj), None), mask if isinstance(mask, str) else None
 
 
 def _list_containers(src: str, rels: list[tuple[str, int]], is_file: bool, kind: str) -> Listing:

@@ -19,11 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.storage import Store, local_staging
+from cluster.storage import Store, StorageError, local_staging
 
 from ._arrays import ArraySpec, process_array
 from ._images import UNREADABLE, ImageSpec, Reject, process
-from ._sources import RefReader, store_at
+from ._masks import MASK_EXT, image_size, output_size, process_mask
+from ._sources import RefReader, read_url, store_at
 from ._stats import ChannelStats
 
 PROGRESS = "_progress"
@@ -31,12 +32,14 @@ PROGRESS = "_progress"
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """What one Ray task builds. ``items`` are (key, source name, ref, label) in output order."""
+    """What one Ray task builds. ``items`` are (key, source name, ref, label) in output order;
+    ``masks``: each item's segmentation mask URL (empty: no masks)."""
 
     split: str
     index: int
     items: tuple[tuple[str, str, tuple, int | None], ...]
     digest: str  # of the options and the items: the shard's identity across reruns
+    masks: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -47,10 +50,12 @@ class ShardPlan:
         return f"{PROGRESS}/{self.split}-shard-{self.index:06d}.json"
 
 
-def plan_digest(options_digest: str, split: str, index: int, items: list[tuple]) -> str:
+def plan_digest(options_digest: str, split: str, index: int, items: list[tuple], masks: tuple[str, ...] = ()) -> str:
     h = hashlib.sha256(f"{options_digest}\0{split}\0{index}".encode())
     for key, name, _, label in items:
         h.update(f"\0{key}\0{name}\0{label}".encode())
+    for url in masks:
+        h.update(f"\1{url}".encode())
     return h.hexdigest()
 
 
@@ -81,17 +86,20 @@ def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec | ArraySpec,
     """Process, tar, upload and record one shard. Returns its progress record."""
     start = time.monotonic()
     stats = ChannelStats(spec.channels, spec.dtype) if isinstance(spec, ArraySpec) and spec.channels else None
-    outputs, rejects = _process_all(plan, spec, stats if plan.split == "train" else None)
+    sizes: dict[str, tuple[int, int]] = {}
+    outputs, rejects = _process_all(plan, spec, stats if plan.split == "train" else None, sizes)
+    masks, mask_max = _masks_of(plan, outputs, rejects, sizes)
     store = store_at(dest, storage_options)  # one S3 client per worker process: creating one costs ~0.1 s
     with local_staging("vitforge-shard-") as tmp:
         local = os.path.join(tmp, "shard.tar")
-        samples = write_tar(local, plan, outputs, spec.ext)
+        samples = write_tar(local, plan, outputs, spec.ext, masks)
         size, sha = os.path.getsize(local), _sha256_file(local)
         store.put_file(local, plan.name)
     record = {
         "digest": plan.digest,
         "shard": {"name": plan.name, "samples": samples, "bytes": size, "sha256": sha},
-        "rejects": rejects,
+        "rejects": sorted(rejects, key=lambda r: r["input"]),
+        **({"mask_max": mask_max} if plan.masks else {}),
         **({"stats": stats.to_json()} if stats is not None and plan.split == "train" else {}),
         "seconds": round(time.monotonic() - start, 3),
         "written_at": time.time(),
@@ -100,10 +108,11 @@ def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec | ArraySpec,
     return record
 
 
-def _process_all(plan: ShardPlan, spec: ImageSpec | ArraySpec,
-                 stats: ChannelStats | None = None) -> tuple[dict[str, bytes], list[dict[str, str]]]:
+def _process_all(plan: ShardPlan, spec: ImageSpec | ArraySpec, stats: ChannelStats | None = None,
+                 sizes: dict[str, tuple[int, int]] | None = None) -> tuple[dict[str, bytes], list[dict[str, str]]]:
     """Encoded image per key. Inputs are read in ref order (tar offsets, Parquet row groups).
-    ``npy``: every array written is also counted into ``stats`` (train shards)."""
+    ``npy``: every array written is also counted into ``stats`` (train shards). With masks, each
+    image input's (H, W) as shown goes to ``sizes`` (its mask must match it)."""
     reader, outputs, rejects = RefReader(), {}, []
     try:
         for key, name, ref, _ in sorted(plan.items, key=lambda it: it[2]):
@@ -113,7 +122,10 @@ def _process_all(plan: ShardPlan, spec: ImageSpec | ArraySpec,
                     if stats is not None:
                         stats.add(arr)
                 else:
-                    outputs[key] = process(reader.read(ref), spec)
+                    data = reader.read(ref)
+                    outputs[key] = process(data, spec)
+                    if plan.masks and sizes is not None:
+                        sizes[key] = image_size(data)
             except Reject as r:
                 rejects.append({"input": name, "reason": r.reason, "detail": r.detail})
             except OSError as exc:  # the file vanished or became unreadable since the scan
@@ -123,7 +135,31 @@ def _process_all(plan: ShardPlan, spec: ImageSpec | ArraySpec,
     return outputs, sorted(rejects, key=lambda r: r["input"])
 
 
-def write_tar(path: str, plan: ShardPlan, outputs: dict[str, bytes], ext: str) -> int:
+def _masks_of(plan: ShardPlan, outputs: dict[str, bytes], rejects: list[dict[str, str]],
+              sizes: dict[str, tuple[int, int]]) -> tuple[dict[str, bytes], int]:
+    """Each written sample's mask PNG (NEAREST-resized to its image); an input whose mask is unusable
+    is dropped from ``outputs`` and rejected (``mask``). Returns the masks and the largest class."""
+    masks, largest = {}, 0
+    for (key, name, _, _), url in zip(plan.items, plan.masks):
+        if key not in outputs:
+            continue
+        out_hw = output_size(outputs[key])
+        source_hw = sizes.get(key, out_hw)  # npy: the array as written (prep refuses masks with resize)
+        try:
+            try:
+                data = read_url(url)
+            except (OSError, StorageError):
+                data = None
+            masks[key], top = process_mask(data, source_hw, out_hw, url)
+            largest = max(largest, top)
+        except Reject as r:
+            del outputs[key]
+            rejects.append({"input": name, "reason": r.reason, "detail": r.detail})
+    return masks, largest
+
+
+def write_tar(path: str, plan: ShardPlan, outputs: dict[str, bytes], ext: str,
+              masks: dict[str, bytes] | None = None) -> int:
     """Write the samples of ``plan`` that have an output, in plan order; returns how many."""
     n = 0
     with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -133,6 +169,8 @@ def write_tar(path: str, plan: ShardPlan, outputs: dict[str, bytes], ext: str) -
             if label is not None:
                 _add(tar, f"{key}.cls", str(label).encode())
             _add(tar, f"{key}.{ext}", outputs[key])
+            if masks:
+                _add(tar, f"{key}.{MASK_EXT}", masks[key])
             _add(tar, f"{key}.json", json.dumps({"src": name}, ensure_ascii=False, sort_keys=True).encode())
             n += 1
     return n

@@ -6,7 +6,7 @@
     loader.load_state_dict(saved)              # optional: continue exactly where a run stopped
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)                # keeps a just-loaded position in that same epoch
-        for batch in loader:                   # {"image", "label", "key", "index", "pad"}
+        for batch in loader:                   # {"image", "label", "key", "index", "pad"} (+ "mask")
             ...
             state = loader.state_dict()        # after the step: the position after this batch
 
@@ -90,10 +90,10 @@ class _RankBatches(IterableDataset):
     """One rank's remaining batches of one epoch; under DataLoader workers, worker w builds every K-th."""
 
     def __init__(self, spec: _ReadSpec, ids: np.ndarray, pads: np.ndarray, batch_size: int, seed: int, epoch: int,
-                 transform: Callable | None, on_error: str, image_type: str) -> None:
+                 transform: Callable | None, on_error: str, image_type: str, masks: bool = False) -> None:
         self.spec, self.ids, self.pads, self.batch_size = spec, ids, pads, batch_size
         self.seed, self.epoch, self.transform = seed, epoch, transform
-        self.on_error, self.image_type = on_error, image_type
+        self.on_error, self.image_type, self.masks = on_error, image_type, masks
         self.offsets = shard_offsets([s.samples for s in spec.shards])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -124,11 +124,13 @@ class _RankBatches(IterableDataset):
         good = [r for r in rows if r is not None]
         if not good:
             raise ShardError(f"every sample of batch {number} of epoch {self.epoch} is unreadable: {skipped}")
-        rows = [r if r is not None else (*good[k % len(good)][:4], True) for k, r in enumerate(rows)]
-        images, labels, keys, sids, flags = zip(*rows)
+        rows = [r if r is not None else (*good[k % len(good)][:4], True, good[k % len(good)][5])
+                for k, r in enumerate(rows)]
+        images, labels, keys, sids, flags, masks = zip(*rows)
         normalize = self.transform.normalize if _normalize_batched(self.transform) else None
         return {
             "image": _collate(images, normalize),
+            **({"mask": _stack([m.long() for m in masks])} if self.masks else {}),
             "label": torch.tensor(labels, dtype=torch.long),
             "key": list(keys),
             "index": torch.tensor(sids, dtype=torch.long),
@@ -147,6 +149,7 @@ class _RankBatches(IterableDataset):
                 raise ValueError(f"image of {pixels} pixels is over the limit of {self.spec.max_pixels} (prep's "
                                  "max_pixels): a decompression bomb, refused undecoded")
             img = decode(raw.image, raw.ext, self.image_type)
+            mask = _sample_mask(raw, img) if self.masks else None
         except Exception as exc:  # any codec error means a corrupt sample; policy decides
             where = f"shard {raw.shard!r} sample #{raw.index} key {raw.key!r}"
             if self.on_error == "fail":
@@ -155,18 +158,35 @@ class _RankBatches(IterableDataset):
             log.warning("skipping unreadable sample in %s: %s", where, exc)
             skipped.append(f"{raw.shard}:{raw.key if raw.key is not None else '#' + str(raw.index)}")
             return None
-        return self._augment(img, sid), raw.label, raw.key or "", sid, pad
+        out = self._augment(img, sid, mask)
+        img, mask = out if self.masks else (out, None)
+        return img, raw.label, raw.key or "", sid, pad, mask
 
-    def _augment(self, img, sid: int):
+    def _augment(self, img, sid: int, mask: torch.Tensor | None = None):
         if self.transform is None:
-            return img
+            return img if mask is None else (img, mask)
         seed = sample_seed(self.seed, self.epoch, sid)
+        if mask is not None:  # the same geometric draws for the image and its mask
+            return self.transform.augment_pair(img, mask, random.Random(seed))
         if _normalize_batched(self.transform):  # normalized per batch in _collate
             return self.transform.augment(img, random.Random(seed))
         if _takes_rng(self.transform):
             return self.transform(img, rng=random.Random(seed))
         _GlobalRng.seed(seed)
         return self.transform(img)
+
+
+def _sample_mask(raw: Any, img: Any) -> torch.Tensor:
+    """The sample's ``[H, W]`` class mask; ValueError when it is missing, corrupt or not its image's size."""
+    from dataprep._masks import decode_mask
+
+    if raw.mask is None:
+        raise ValueError("no mask member (<key>.mask.png) although the manifest says the shards carry masks")
+    mask = torch.from_numpy(decode_mask(raw.mask, "mask member").astype(np.int32))
+    hw = tuple(img.shape[-2:]) if isinstance(img, torch.Tensor) else (img.height, img.width)
+    if tuple(mask.shape) != hw:
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} px, its image {hw[1]}x{hw[0]}: re-run prep")
+    return mask
 
 
 def _takes_rng(transform: Callable) -> bool:
@@ -246,6 +266,9 @@ class StreamingLoader:
     labelled subset from :func:`dataprep.labels.label_subset`). The epoch order is the full one
     with every other id left out, so order, resume and re-splitting work as without it; the
     state records a digest of the subset and refuses a position saved for another one.
+    ``masks``: when the manifest has ``masks``, each batch also has ``"mask"``, long ``[B, S, S]`` classes
+    under the same geometric augmentation as the image (NEAREST; the transform needs ``augment_pair``);
+    a sample whose mask is missing, corrupt or not its image's size is unreadable (``on_error``).
     ``cache_dir``: shards are downloaded whole into it (shared by workers and by ranks on one
     node; LRU-evicted to ``cache_limit_bytes``); without it they are streamed with ``block_size``
     read-ahead, each DataLoader worker reading the shards of its own batches.
@@ -260,7 +283,7 @@ class StreamingLoader:
                  timeout: float = 0, multiprocessing_context: Any = None,
                  subset: Sequence[int] | np.ndarray | None = None, skip_budget: float | None = _DEFAULT_BUDGET,
                  verify_shards: bool = True, max_member_bytes: int | None = None,
-                 max_pixels: int = MAX_PIXELS_DEFAULT) -> None:
+                 max_pixels: int = MAX_PIXELS_DEFAULT, masks: bool = False) -> None:
         _check_args(batch_size, rank, world_size, partial, on_error, image_type, window_shards)
         manifest, store = load_manifest(manifest_url, storage_options)
         shards = tuple(ShardRef(s.name, s.samples, s.bytes, s.sha256) for s in manifest.split(split).shards)
@@ -272,6 +295,10 @@ class StreamingLoader:
         self.num_samples = int(sum(self.counts)) if self._keep is None else int(self._keep.sum())
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.transform = bind_channels(transform, manifest.channels)  # [C, H, W] data: per-channel normalisation
+        self.with_masks = masks and manifest.masks is not None
+        if self.with_masks and self.transform is not None and not getattr(self.transform, "takes_mask", False):
+            raise ValueError(f"masks=True needs a transform that moves masks with the image (takes_mask: mae_transform, "
+                             f"eval_transform); {type(self.transform).__name__} does not")
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.partial, self.on_error, self.resample, self.shuffle = partial, on_error, resample, shuffle
         self.window_shards, self.image_type = window_shards, image_type
@@ -374,7 +401,7 @@ class StreamingLoader:
             return
         ids = self._order(epoch)[stream.positions[start:]]
         dataset = _RankBatches(self.spec, ids, stream.pad[start:], self.batch_size, self.seed, epoch,
-                               self.transform, self.on_error, self.image_type)
+                               self.transform, self.on_error, self.image_type, self.with_masks)
         pin = self.pin_memory and torch.accelerator.is_available()  # no warning on CPU-only machines
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin, **self._dl_kwargs)
         consumed = start

@@ -6,7 +6,8 @@ which is what makes exact, world-size-independent resume possible.
 
 Shard members follow WebDataset conventions: ``<key>.jpg|png|npy`` (the image; ``.npy`` is one
 ``[C, H, W]`` array at the source dtype, described by ``channels``), optionally
-``<key>.cls`` (ASCII integer label) and ``<key>.json`` (per-sample metadata). Keys are content
+``<key>.cls`` (ASCII integer label), ``<key>.mask.png`` (a segmentation mask, when ``masks`` is
+set: ``dataprep/_masks.py``) and ``<key>.json`` (per-sample metadata). Keys are content
 hashes of the original image bytes.
 """
 
@@ -76,6 +77,15 @@ class ChannelInfo(BaseModel):
         return len(self.names)
 
 
+class MaskInfo(BaseModel):
+    """Every sample carries ``<key>.mask.png``: one integer class per pixel, of its image's size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classes: int = Field(ge=1, description="largest class in any mask, plus one")
+    member: str = Field(default="mask.png", description="the shard member's extension")
+
+
 class Manifest(BaseModel):
     """What a prep run wrote. ``splits`` maps 'train' / 'val' to their shards."""
 
@@ -92,6 +102,7 @@ class Manifest(BaseModel):
     source: dict[str, Any] = Field(default_factory=dict, description="source URL and fingerprint")
     channels: ChannelInfo | None = Field(default=None, description="npy shards: channel names, dtype, statistics; "
                                                                    "None: 8-bit RGB images")
+    masks: MaskInfo | None = Field(default=None, description="per-sample segmentation masks; None: none")
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:

@@ -32,11 +32,12 @@ from cluster.housekeeping import tolerate
 from cluster.storage import CorruptRecordError, Store, StorageNotFoundError
 
 from ._arrays import CHANNELS, ArraySpec
-from ._images import DUPLICATE, REASONS, ImageSpec
+from ._images import DUPLICATE, MASK, REASONS, ImageSpec
 from ._stats import ChannelStats
-from ._sources import Entry, Listing, SourceError, list_source, normalise_labels, scan_container, scan_files
+from ._sources import (Entry, Listing, SourceError, attach_masks, list_source, normalise_labels, scan_container,
+                       scan_files)
 from ._writer import PROGRESS, ShardPlan, build_shard, finished_records, plan_digest
-from .manifest import MANIFEST, ChannelInfo, Manifest, ShardInfo, SplitInfo, save_manifest
+from .manifest import MANIFEST, ChannelInfo, Manifest, MaskInfo, ShardInfo, SplitInfo, save_manifest
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +86,22 @@ class PrepOptions(BaseModel):
     min_side: int = Field(8, ge=1, description="reject images with a side shorter than this")
     max_pixels: int = Field(89_478_485, ge=1, description="reject larger images as decompression bombs (PIL's limit)")
     source_kind: Literal["auto", "imagefolder", "flat", "csv", "jsonl", "parquet", "wds"] = "auto"
+    masks: str | None = Field(None, min_length=1, description="per-sample segmentation masks (<key>.mask.png): a "
+                                                              "folder of <input name>.png, or 'column' for a list's "
+                                                              "mask column (dataprep/_masks.py)")
     overwrite: bool = False
 
     @model_validator(mode="after")
     def _one_shard_rule(self) -> "PrepOptions":
         if self.shard_size is not None and self.shard_bytes is not None:
             raise ValueError("give shard_size or shard_bytes, not both")
+        if self.masks and self.format == "npy" and self.resize:
+            raise ValueError("masks with format npy need resize unset (the mask must match the array as written)")
         return self
 
     def output_options(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _OUTPUT_OPTIONS}
-        out.update({k: v for k in ("channels", "to_rgb") if (v := getattr(self, k))})  # only when set: old digests hold
+        out.update({k: v for k in ("channels", "to_rgb", "masks") if (v := getattr(self, k))})  # only when set: old digests hold
         if out["shard_size"] is None and out["shard_bytes"] is None:
             out["shard_size"] = DEFAULT_SHARD_SIZE
         return out
@@ -151,6 +157,8 @@ def run_prep(src: str, dest: str, options: PrepOptions | None = None, address: s
     options = options or PrepOptions()
     clock = _Clock()
     listing = list_source(src, options.source_kind, options.channels)
+    if options.masks:
+        attach_masks(listing, options.masks)
     store = Store(dest, storage_options)
     _check_bucket(store)
     done = _check_dest(store, options, listing)
@@ -165,7 +173,7 @@ def run_prep(src: str, dest: str, options: PrepOptions | None = None, address: s
         workers = _start_ray(address, options.workers)
         clock.lap("ray")
         entries, classes = _scan(listing, workers, bar)
-        plan = make_plan(entries, classes, options)
+        plan = make_plan(entries, classes, options, listing.masks if options.masks else None)
         clock.lap("scan")
         records, built = _build(plan.shards, store, _image_spec(options, plan), workers, bar, storage_options)
         clock.lap("build")
@@ -290,14 +298,18 @@ def _scan(listing: Listing, workers: int, bar: "_Progress") -> tuple[list[Entry]
             for e, lb in zip(entries, labels)], classes
 
 
-def make_plan(entries: list[Entry], classes: list[str] | None, options: PrepOptions) -> _Plan:
-    """Deterministic: dedup in listing order, order by sha256(seed, key), split, cut into shards."""
+def make_plan(entries: list[Entry], classes: list[str] | None, options: PrepOptions,
+              masks: dict[str, str] | None = None) -> _Plan:
+    """Deterministic: dedup in listing order, order by sha256(seed, key), split, cut into shards.
+    ``masks`` (input name -> mask URL): every input needs one; one without is rejected (``mask``)."""
     early, kept, first_of = [], [], {}
     for e in entries:
         if e.reject:
             early.append({"input": e.name, "reason": e.reject, "detail": e.detail})
         elif e.key in first_of:
             early.append({"input": e.name, "reason": DUPLICATE, "detail": f"same bytes as {first_of[e.key]}"})
+        elif masks is not None and e.name not in masks:
+            early.append({"input": e.name, "reason": MASK, "detail": f"no mask for it in {options.masks!r}"})
         else:
             first_of[e.key] = e.name
             kept.append(e)
@@ -312,11 +324,11 @@ def make_plan(entries: list[Entry], classes: list[str] | None, options: PrepOpti
     n_val = round(len(kept) * options.val_fraction)
     splits = {"train": kept[n_val:], **({"val": kept[:n_val]} if n_val else {})}
     digest = f"{options.digest()}:{ext}"
-    shards = [
-        ShardPlan(split, i, tuple(items), plan_digest(digest, split, i, items))
-        for split, members in splits.items()
-        for i, items in enumerate(_cut(members, options))
-    ]
+    shards = []
+    for split, members in splits.items():
+        for i, items in enumerate(_cut(members, options)):
+            paired = tuple(masks[name] for _, name, _, _ in items) if masks is not None else ()
+            shards.append(ShardPlan(split, i, tuple(items), plan_digest(digest, split, i, items, paired), paired))
     content = hashlib.sha256("".join(sorted(first_of)).encode()).hexdigest()
     return _Plan(shards, early, len(entries), classes, ext, content, layout, names)
 
@@ -462,7 +474,7 @@ def _finish(store: Store, plan: _Plan, records: list[dict[str, Any]], options: P
     _check_threshold(store, plan.inputs, len(rejects), by_reason, options.reject_threshold)
     manifest = Manifest(
         splits=splits, classes=plan.classes, image_ext=plan.ext, rejects=by_reason,
-        channels=_channel_info(plan, records),
+        channels=_channel_info(plan, records), masks=_mask_info(plan, records),
         totals={"inputs": plan.inputs, "written": written, "rejected": len(rejects),
                 "duplicates": by_reason.get(DUPLICATE, 0), **{s: v.samples for s, v in splits.items()},
                 **({"ignored": len(ignored)} if ignored else {})},
@@ -488,6 +500,13 @@ def _channel_info(plan: _Plan, records: list[dict[str, Any]]) -> ChannelInfo | N
         stats = ChannelStats(*layout)
     names = plan.channel_names or [str(i) for i in range(stats.channels)]
     return ChannelInfo.build(names, stats.dtype, stats.summary())
+
+
+def _mask_info(plan: _Plan, records: list[dict[str, Any]]) -> MaskInfo | None:
+    """With masks: the class count (largest class in any written mask, plus one)."""
+    if not any(shard.masks for shard in plan.shards):
+        return None
+    return MaskInfo(classes=1 + max((rec.get("mask_max", -1) for rec in records), default=0))
 
 
 def _check_threshold(store: Store, inputs: int, rejected: int, by_reason: dict[str, int], threshold: float) -> None:

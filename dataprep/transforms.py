@@ -93,10 +93,34 @@ class RandomResizedCropFlip:
         self.size, self.scale, self.ratio, self.flip, self.interpolation = size, scale, ratio, flip, interpolation
 
     def __call__(self, img: Image, rng: random.Random) -> Image:
+        return self.pair(img, None, rng)[0]
+
+    def pair(self, img: Image, mask: torch.Tensor | None, rng: random.Random) -> tuple[Image, torch.Tensor | None]:
+        """The same crop and flip of ``img`` and its ``[H, W]`` class ``mask`` (resized NEAREST)."""
         top, left, h, w = random_resized_crop_params(img.shape[-2], img.shape[-1], self.scale, self.ratio, rng)
         out = F.resized_crop(img, top, left, h, w, [self.size, self.size], interpolation=self.interpolation,
                              antialias=True)
-        return F.horizontal_flip(out) if rng.random() < self.flip else out
+        if mask is not None:
+            mask = resize_nearest(mask[top:top + h, left:left + w], (self.size, self.size))
+        if rng.random() < self.flip:
+            return F.horizontal_flip(out), None if mask is None else mask.flip(-1)
+        return out, mask
+
+
+def resize_nearest(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[H, W]`` classes -> ``[h, w]``: each output pixel takes the source pixel under its centre
+    (``floor((i + 0.5) * H / h)``), so classes are never blended and any integer dtype works."""
+    rows = ((torch.arange(size[0], dtype=torch.float64) + 0.5) * (mask.shape[0] / size[0])).long()
+    cols = ((torch.arange(size[1], dtype=torch.float64) + 0.5) * (mask.shape[1] / size[1])).long()
+    return mask[rows.clamp_(max=mask.shape[0] - 1)][:, cols.clamp_(max=mask.shape[1] - 1)]
+
+
+def _resize_short_nearest(mask: torch.Tensor, short: int) -> torch.Tensor:
+    """As ``F.resize(img, [short])`` sizes an image (shorter side to ``short``), for a mask."""
+    h, w = mask.shape
+    if h <= w:
+        return resize_nearest(mask, (short, int(short * w / h)))
+    return resize_nearest(mask, (int(short * h / w), short))
 
 
 class MAETransform:
@@ -109,6 +133,7 @@ class MAETransform:
 
     takes_rng = True
     normalize_batched = True
+    takes_mask = True  # augment_pair: the same crop and flip of a segmentation mask
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0), mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD,
@@ -118,6 +143,10 @@ class MAETransform:
 
     def augment(self, img, rng: random.Random) -> torch.Tensor:
         return self.crop(as_uint8_rgb(img), rng)  # uint8 [3, S, S]
+
+    def augment_pair(self, img, mask: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 [3, S, S], classes [S, S]): the image as :meth:`augment` draws it, its mask alike."""
+        return self.crop.pair(as_uint8_rgb(img), mask, rng)
 
     def __call__(self, img, rng: random.Random | None = None) -> torch.Tensor:
         return self.normalize(self.augment(img, rng or random.Random()))  # [3, S, S]
@@ -214,6 +243,7 @@ class EvalTransform:
 
     takes_rng = True  # draws nothing; accepts rng for a uniform call
     normalize_batched = True
+    takes_mask = True
 
     def __init__(self, img_size: int, crop_fraction: float = 0.875, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD) -> None:
@@ -223,6 +253,13 @@ class EvalTransform:
     def augment(self, img, rng: random.Random | None = None) -> torch.Tensor:
         img = F.resize(as_uint8_rgb(img), [self.resize], antialias=True)
         return F.center_crop(img, [self.img_size, self.img_size])  # uint8 [3, S, S]
+
+    def augment_pair(self, img, mask: torch.Tensor, rng: random.Random | None = None):
+        """(uint8 [3, S, S], classes [S, S]): the same resize (NEAREST) and center crop of the mask."""
+        out = self.augment(img)
+        m = _resize_short_nearest(mask, self.resize)
+        top, left = int(round((m.shape[0] - self.img_size) / 2.0)), int(round((m.shape[1] - self.img_size) / 2.0))
+        return out, m[top:top + self.img_size, left:left + self.img_size]
 
     def __call__(self, img, rng: random.Random | None = None) -> torch.Tensor:
         return self.normalize(self.augment(img))  # [3, S, S]

@@ -16,7 +16,9 @@ For every model (an earlier stage's ``export/`` or any export URL, loaded with t
 low-label evaluation; ``dataprep/labels.py``, the same subset a ``kind: finetune`` stage with the
 same ``label_fraction`` and ``seed`` trains on). For a model that is an MAE stage of the run,
 ``reconstruction`` adds its val reconstruction loss next to trivial baselines
-(the method's ``reconstruction_report`` hook: ``jobs/_eval_recon.py``). Results go to
+(the method's ``reconstruction_report`` hook: ``jobs/_eval_recon.py``). ``dense:`` adds, per model, a
+linear probe of the frozen patch tokens on the prep's segmentation masks (patch mIoU) and the count
+of high-norm patch tokens (``jobs/_eval_dense.py``). Results go to
 ``<run>/stages/<name>/eval.json`` and a table in the log.
 
 Where it runs: one process, one Ray task (:func:`run_eval`), not a gang. Evaluation needs no
@@ -32,7 +34,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,7 @@ from cluster.storage import Store
 from dataprep.labels import label_subset
 from dataprep.loader import StreamingLoader
 from dataprep.transforms import eval_transform
+from jobs._eval_dense import DenseConfig, dense_report
 from jobs.checkpoint import code_version, json_digest
 from jobs.layout import EVAL_JSON_NAME, StageStatus
 from jobs.methods import import_methods, method_class
@@ -82,6 +85,8 @@ class EvalConfig(BaseModel):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     label_fraction: float = Field(default=1.0, gt=0, le=1, description="stratified share of train labels used")
     reconstruction: bool = Field(default=True, description="MAE stages: val reconstruction loss vs trivial baselines")
+    dense: DenseConfig | None = Field(default=None, description="patch-token probe (mIoU on the prep's masks) and "
+                                                                "high-norm token count per model (jobs/_eval_dense.py)")
     batch_size: int = Field(default=256, ge=1, description="images per forward pass when extracting features")
     loader_workers: int = Field(default=2, ge=0)
     seed: int = 0
@@ -159,9 +164,16 @@ def knn_accuracy(train: Features, val: Features, num_classes: int, k: int, tempe
 def linear_probe(train: Features, val: Features, num_classes: int, cfg: ProbeConfig, seed: int,
                  device: torch.device | None = None) -> float:
     """Top-1 on val of a linear layer trained on standardised frozen train features."""
+    predict = fit_linear(train, num_classes, cfg, seed, device)
+    return float((predict(val.x) == val.y).float().mean())
+
+
+def fit_linear(train: Features, num_classes: int, cfg: ProbeConfig, seed: int,
+               device: torch.device | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A linear layer trained on standardised ``train`` features; returns ``[Q, D] -> [Q]`` class predictions."""
     device = device or torch.device("cpu")
     mean, std = train.x.mean(dim=0), train.x.std(dim=0, unbiased=False) + 1e-6  # BatchNorm without affine
-    x, xv = ((train.x - mean) / std).to(device), ((val.x - mean) / std).to(device)
+    x = ((train.x - mean) / std).to(device)
     y = train.y.to(device)
     gen = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(x.shape[1], num_classes).to(device)
@@ -181,8 +193,12 @@ def linear_probe(train: Features, val: Features, num_classes: int, cfg: ProbeCon
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        return float((head(xv).argmax(dim=1).cpu() == val.y).float().mean())
+
+    @torch.no_grad()
+    def predict(q: torch.Tensor) -> torch.Tensor:
+        return head(((q - mean) / std).to(device)).argmax(dim=1).cpu()
+
+    return predict
 
 
 # ---- one model, then the stage ----------------------------------------------------------------------------
@@ -200,6 +216,7 @@ class ModelResult:
     linear_top1: float
     seconds: float
     pool: str = "token"
+    dense: dict[str, Any] | None = None  # with ``dense:``: patch-probe mIoU and high-norm tokens
 
 
 def evaluate_features(name: str, url: str, architecture: str, train: Features, val: Features, num_classes: int,
@@ -215,13 +232,13 @@ def evaluate_features(name: str, url: str, architecture: str, train: Features, v
 
 
 def _loader(cfg: EvalConfig, data_url: str, split: str, img_size: int, pretrained_cfg: dict[str, Any],
-            storage_options: dict[str, Any] | None) -> StreamingLoader:
+            storage_options: dict[str, Any] | None, masks: bool = False) -> StreamingLoader:
     transform = eval_transform(img_size, crop_fraction=float(pretrained_cfg.get("crop_pct", 0.875)),
                                mean=pretrained_cfg.get("mean", (0.485, 0.456, 0.406)),
                                std=pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
     return StreamingLoader(data_url, split=split, batch_size=cfg.batch_size, seed=cfg.seed, transform=transform,
                            num_workers=cfg.loader_workers, partial="pad", shuffle=False,
-                           storage_options=storage_options)
+                           storage_options=storage_options, masks=masks)
 
 
 def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_classes: int,
@@ -236,15 +253,31 @@ def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_clas
     pretrained = config.get("pretrained_cfg", {})
     size = cfg.img_size or int(pretrained.get("input_size", [3, 224, 224])[-1])
     pool = cfg.pool or (config.get("vitforge") or {}).get("pool") or "token"  # the stage's, else the method's
-    feats = {split: extract_features(model, _loader(cfg, data_url, split, size, pretrained, storage_options),
-                                     pool, device)
-             for split in (cfg.train_split, cfg.val_split)}
+    loaders = {split: _loader(cfg, data_url, split, size, pretrained, storage_options)
+               for split in (cfg.train_split, cfg.val_split)}
+    feats = {split: extract_features(model, loader, pool, device) for split, loader in loaders.items()}
     for split, f in feats.items():
         if len(f.y) == 0 or int(f.y.min()) < 0:
             raise ValueError(f"eval {cfg.name!r}: the {split} split of {data_url} has unlabelled samples; "
                              "eval needs a labelled prep (an ImageFolder or a list with labels)")
-    return evaluate_features(name, url, config.get("architecture", "?"), feats[cfg.train_split],
-                             feats[cfg.val_split], num_classes, cfg, time.perf_counter() - start, pool)
+    result = evaluate_features(name, url, config.get("architecture", "?"), feats[cfg.train_split],
+                               feats[cfg.val_split], num_classes, cfg, time.perf_counter() - start, pool)
+    if cfg.dense is not None:
+        result.dense = _dense(model, cfg, data_url, size, pretrained, storage_options, device)
+    return result
+
+
+def _dense(model: torch.nn.Module, cfg: EvalConfig, data_url: str, size: int, pretrained: dict[str, Any],
+           storage_options: dict[str, Any] | None, device: torch.device) -> dict[str, Any]:
+    from dataprep.manifest import load_manifest
+
+    masks = load_manifest(data_url, storage_options)[0].masks
+    if masks is None:
+        raise ValueError(f"eval {cfg.name!r}: dense: needs segmentation masks, and {data_url} has none; prep the "
+                         "data with masks: (a folder of <name>.png, or a list's mask column), or remove dense:")
+    loaders = {role: _loader(cfg, data_url, split, size, pretrained, storage_options, masks=True)
+               for role, split in (("train", cfg.train_split), ("val", cfg.val_split))}
+    return dense_report(model, cfg.dense, loaders, masks.classes, cfg.seed, device)
 
 
 def run_eval(job: dict[str, Any]) -> dict[str, Any]:
@@ -291,7 +324,8 @@ def eval_report(cfg: EvalConfig, data_url: str, classes: list[str], results: lis
         "stage": cfg.name, "data": data_url, "classes": len(classes), "pool": cfg.pool,
         "knn": {"k": cfg.knn_k, "temperature": cfg.knn_temperature}, "probe": cfg.probe.model_dump(),
         "label_fraction": cfg.label_fraction, "seed": cfg.seed, "config_digest": cfg.digest(),
-        "models": {r.model: {k: v for k, v in asdict(r).items() if k != "model"} for r in results},
+        "models": {r.model: {k: v for k, v in asdict(r).items() if k != "model" and not (k == "dense" and v is None)}
+                   for r in results},
     }
 
 
@@ -302,13 +336,17 @@ def format_table(report: dict[str, Any]) -> str:
 
     table = Table(title=f"eval {report['stage']}: kNN (k={report['knn']['k']}, T={report['knn']['temperature']}) "
                         f"and linear probe, {report['label_fraction']:.0%} of train labels")
-    for col in ("model", "architecture", "dim", "train", "val", "kNN top-1", "linear top-1", "MAE val loss (mean-patch)"):
+    dense = any(r.get("dense") for r in report["models"].values())  # ``dense:``: two patch-token columns
+    for col in ("model", "architecture", "dim", "train", "val", "kNN top-1", "linear top-1", "MAE val loss (mean-patch)",
+                *(("patch mIoU", "high-norm tokens") if dense else ())):
         table.add_column(col, justify="left" if col in ("model", "architecture") else "right", no_wrap=True)
     for name, r in report["models"].items():
-        rec = r.get("reconstruction")
+        rec, d = r.get("reconstruction"), r.get("dense")
+        extra = ((f"{100 * d['miou']:.1f}%", f"{d['high_norm']['count']} / {d['high_norm']['tokens']}") if d
+                 else ("-", "-")) if dense else ()
         table.add_row(name, r["architecture"], str(r["feature_dim"]), str(r["train_samples"]), str(r["val_samples"]),
                       f"{100 * r['knn_top1']:.1f}%", f"{100 * r['linear_top1']:.1f}%",
-                      f"{rec['loss']:.4f} ({rec['baseline_mean_patch']:.4f})" if rec else "-")
+                      f"{rec['loss']:.4f} ({rec['baseline_mean_patch']:.4f})" if rec else "-", *extra)
     console = Console(width=400, record=True, file=_Discard())
     console.print(table)
     return console.export_text()

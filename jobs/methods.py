@@ -9,6 +9,7 @@ from __future__ import annotations
 # in this order (the order of the spec's kinds in messages); each registers its kind on import
 from jobs import mae  # noqa: F401, I001
 from jobs import dino  # noqa: F401, I001
+from jobs import ibot  # noqa: F401, I001
 from jobs import distill  # noqa: F401, I001
 from jobs import finetune  # noqa: F401, I001
 from jobs.method import Method, config_classes, import_methods, method_class, register, training_kinds

@@ -82,6 +82,8 @@ def prep(
                                             "one-file-per-channel list."),
     to_rgb: bool = typer.Option(False, help="Under jpg/png, convert inputs that would lose channels or bit depth."),
     quality: int = typer.Option(90, help="JPEG quality."),
+    masks: str = typer.Option(None, help="Segmentation masks: a folder of <input name>.png, or 'column' for a "
+                                         "CSV/JSONL list's mask column."),
     val_fraction: float = typer.Option(0.0, help="Fraction of the samples for the val split."),
     seed: int = typer.Option(0, help="Seed of the split and shuffle."),
     workers: int = typer.Option(None, help="Shard tasks in flight (default: the cluster's CPUs)."),
@@ -106,6 +108,7 @@ def prep(
             val_fraction=val_fraction, seed=seed, workers=workers, reject_threshold=reject_threshold,
             min_side=min_side, max_pixels=max_pixels, source_kind=source_kind, overwrite=overwrite,
             channels=[c.strip() for c in channels.split(",") if c.strip()] if channels else None, to_rgb=to_rgb,
+            masks=masks,
         )
         result = run_prep(src, dest, options, address=address, progress=progress)
     except ValidationError as exc:

@@ -1,0 +1,106 @@
+"""``kind: eval``'s ``dense:`` section: what a frozen ViT's *patch tokens* know, per model.
+
+    - {name: report, kind: eval, data: shapes, models: [ibot, dino], dense: {}}
+
+1. ``patch_probe`` (needs a prep with ``masks:``): the train and val splits through the eval
+   transform, each mask moved with its image (NEAREST) and reduced to the patch grid by majority
+   vote over each patch's pixels (ties: the smaller class); a linear classifier on the frozen,
+   standardised patch tokens (``forward_features``' output without the prefix tokens) is trained
+   on the train tokens as the kNN/linear evaluation's probe is (AdamW, cosine, seeded); reported:
+   per-class IoU and their mean (**mIoU**, at the patch grid) on the val tokens, and patch accuracy.
+   A class absent from both the val targets and the predictions is left out of the mean.
+2. ``high_norm_tokens``: on the val split, the count of patch tokens whose L2 norm is more than
+   ``high_norm_factor`` (default 4) times the median patch-token norm of that model: the
+   high-norm "artefact" tokens that register tokens remove (Darcet et al. 2023, "Vision
+   Transformers Need Registers", whose outliers sit about an order of magnitude above the rest).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+
+
+class DenseConfig(BaseModel):
+    """``dense:`` of a ``kind: eval`` stage (any field may be left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=30, ge=1, description="of the linear patch classifier (AdamW, cosine)")
+    batch_size: int = Field(default=1024, ge=1, description="tokens per probe step")
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    high_norm_factor: float = Field(default=4.0, gt=1, description="a token is high-norm above this x the median")
+    max_train_images: int | None = Field(default=None, ge=1, description="train images for the probe; None: all")
+
+
+def majority_patch_labels(masks: torch.Tensor, patch: int) -> torch.Tensor:
+    """[N, H, W] classes -> [N, (H/p) * (W/p)]: each patch's most frequent class (ties: the smallest)."""
+    n, h, w = masks.shape
+    blocks = masks.reshape(n, h // patch, patch, w // patch, patch).permute(0, 1, 3, 2, 4).flatten(3)  # [N,h,w,p*p]
+    classes = int(masks.max()) + 1
+    counts = F.one_hot(blocks.long(), classes).sum(dim=3)  # [N, h, w, C]
+    return counts.argmax(dim=-1).flatten(1)  # argmax takes the first (smallest) class on ties
+
+
+@torch.no_grad()
+def patch_tokens(model: torch.nn.Module, loader, device: torch.device,
+                 max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [N, L, D], patch labels [N, L]) of every unpadded sample of ``loader`` (a masks loader)."""
+    model.eval()
+    patch = model.patch_embed.patch_size[0]
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    xs, ys, seen = [], [], 0
+    for batch in loader:
+        keep = ~batch["pad"]
+        out = model.forward_features(batch["image"][keep].to(device))[:, prefix:]  # [B, L, D]
+        xs.append(out.float().cpu())
+        ys.append(majority_patch_labels(batch["mask"][keep], patch))
+        seen += int(keep.sum())
+        if max_images is not None and seen >= max_images:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x[:max_images], y[:max_images]) if max_images else (x, y)
+
+
+def miou(pred: torch.Tensor, target: torch.Tensor, classes: int) -> tuple[float, list[float | None]]:
+    """Mean IoU over the classes present in ``target`` or ``pred`` (per-class IoU, None where absent)."""
+    ious: list[float | None] = []
+    for c in range(classes):
+        p, t = pred == c, target == c
+        union = int((p | t).sum())
+        ious.append(None if union == 0 else int((p & t).sum()) / union)
+    present = [i for i in ious if i is not None]
+    return (sum(present) / len(present) if present else 0.0), ious
+
+
+def high_norm_tokens(tokens: torch.Tensor, factor: float) -> dict[str, Any]:
+    """Patch tokens [N, L, D] whose norm exceeds ``factor`` x the median norm: how many, of how many."""
+    norms = tokens.norm(dim=-1).flatten()
+    median = float(norms.median())
+    count = int((norms > factor * median).sum())
+    return {"count": count, "tokens": int(norms.numel()), "fraction": count / max(1, norms.numel()),
+            "median_norm": median, "max_norm": float(norms.max()), "threshold": factor * median}
+
+
+def dense_report(model: torch.nn.Module, cfg: DenseConfig, loaders: dict[str, Any], classes: int, seed: int,
+                 device: torch.device) -> dict[str, Any]:
+    """The ``dense`` entry of one model in ``eval.json``; ``loaders``: ``train`` / ``val`` mask loaders."""
+    from jobs.evaluate import Features, ProbeConfig, fit_linear
+
+    train_x, train_y = patch_tokens(model, loaders["train"], device, cfg.max_train_images)
+    val_x, val_y = patch_tokens(model, loaders["val"], device)
+    d = train_x.shape[-1]
+    train = Features(train_x.reshape(-1, d), train_y.flatten())
+    val = Features(val_x.reshape(-1, d), val_y.flatten())
+    probe = ProbeConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    predict = fit_linear(train, classes, probe, seed, device)
+    pred = predict(val.x)
+    mean, per_class = miou(pred, val.y, classes)
+    return {"miou": mean, "iou_per_class": per_class, "patch_accuracy": float((pred == val.y).float().mean()),
+            "train_tokens": int(train.y.numel()), "val_tokens": int(val.y.numel()), "classes": classes,
+            "high_norm": high_norm_tokens(val_x, cfg.high_norm_factor)}

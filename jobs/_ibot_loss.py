@@ -1,0 +1,59 @@
+"""iBOT's masked patch-token loss and DINOv2's KoLeo regulariser (one loss per module, state as buffers).
+
+:class:`PatchLoss` is the patch half of the official ``iBOTLoss`` (bytedance/ibot ``main_ibot.py``):
+for each global view, the cross-entropy between the centred, sharpened teacher patch distribution
+(the *unmasked* view) and the student's (the *masked* view), per token; averaged over the masked
+tokens of each sample (a sample with none contributes 0), then over the batch, then over the views.
+Its center (``center2`` there) is an EMA of the teacher's mean patch output, all-reduced over ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PatchLoss(nn.Module):
+    """``forward(student_patch, teacher_patch, masks, teacher_temp)``; ``update_center(teacher_patch)``.
+
+    ``student_patch`` / ``teacher_patch``: ``[G * B, L, K]`` logits of the G global views (view-major),
+    ``masks``: ``[G * B, L]`` bool (True: the student saw the mask token there).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, 1, out_dim))
+
+    def forward(self, student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
+                teacher_temp: float, views: int = 2) -> torch.Tensor:
+        q = F.softmax((teacher_patch.float() - self.center) / teacher_temp, dim=-1).detach()  # [GB, L, K]
+        logp = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)  # [GB, L, K]
+        per_token = torch.sum(-q * logp, dim=-1)  # [GB, L]
+        m = masks.float()
+        per_sample = (per_token * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)  # [GB]
+        return torch.stack([c.mean() for c in per_sample.chunk(views)]).mean()
+
+    @torch.no_grad()
+    def update_center(self, teacher_patch: torch.Tensor) -> None:
+        """center <- m * center + (1 - m) * mean over all ranks' samples of each one's mean patch output."""
+        batch_sum = teacher_patch.float().mean(dim=1).sum(dim=0, keepdim=True)  # [1, K]
+        count = torch.tensor([float(teacher_patch.shape[0])], device=batch_sum.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(batch_sum)
+            dist.all_reduce(count)
+        self.center.mul_(self.center_momentum).add_((batch_sum / count).unsqueeze(0), alpha=1 - self.center_momentum)
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko entropy estimator (Sablayrolles et al. 2018; dinov2 ``KoLeoLoss``): on
+    L2-normalised ``[B, D]`` features, ``-mean(log(distance to the nearest other sample + eps))``."""
+    x = F.normalize(x.float(), eps=eps, p=2, dim=-1)
+    with torch.no_grad():
+        dots = x @ x.T  # [B, B]
+        dots.fill_diagonal_(-1.0)  # never oneself
+        nearest = dots.argmax(dim=1)  # [B]
+    distances = F.pairwise_distance(x, x[nearest], p=2, eps=eps)  # [B]
+    return -torch.log(distances + eps).mean()

@@ -1,0 +1,69 @@
+"""``eval``'s ``dense:`` section: patch labels by majority vote, mIoU, high-norm tokens, and a real eval job."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _shapes import write_shapes
+from jobs._eval_dense import high_norm_tokens, majority_patch_labels, miou
+from jobs.evaluate import format_table, run_eval
+from jobs.export import export_encoder
+from jobs.models import ModelConfig, build_encoder
+from pipeline.spec import parse_spec
+
+TINY = {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def test_patch_labels_are_the_majority_class_of_each_patch_with_ties_to_the_smaller_class():
+    m = torch.zeros(1, 4, 4, dtype=torch.long)
+    m[0, 0, :2] = 3  # top-left 2x2 patch: two 3s, two 0s -> tie -> 0
+    m[0, 2:, 2:] = 2
+    m[0, 3, 3] = 1  # bottom-right: three 2s, one 1 -> 2
+    m[0, :2, 2:] = 1  # top-right: all 1
+    assert majority_patch_labels(m, 2).tolist() == [[0, 1, 0, 2]]
+
+
+def test_miou_skips_classes_absent_from_prediction_and_target():
+    target = torch.tensor([0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 1, 1, 1, 2])
+    mean, per_class = miou(pred, target, 4)
+    assert per_class == [0.5, 2 / 3, 1.0, None] and mean == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
+
+
+def test_high_norm_tokens_counts_those_above_factor_times_the_median():
+    tokens = torch.ones(2, 10, 4)  # norm 2 everywhere
+    tokens[0, 3] *= 10  # norm 20 > 4 x 2
+    tokens[1, 7] *= 5  # norm 10 > 8
+    tokens[1, 8] *= 3  # norm 6 < 8
+    got = high_norm_tokens(tokens, 4.0)
+    assert (got["count"], got["tokens"], got["median_norm"], got["threshold"]) == (2, 20, 2.0, 8.0)
+
+
+def test_eval_dense_reports_patch_miou_and_high_norm_tokens_per_model_with_and_without_registers(tmp_path,
+                                                                                                 ray_local):
+    from dataprep.prep import PrepOptions, run_prep
+
+    images, masks = write_shapes(str(tmp_path / "shapes"), count=60, size=32, seed=0)
+    data = str(tmp_path / "data")
+    run_prep(images, data, PrepOptions(format="png", masks=masks, val_fraction=0.25, shard_size=32), progress=False)
+    urls = []
+    for name, regs in (("plain", 0), ("regs", 2)):
+        torch.manual_seed(0)
+        cfg = ModelConfig(**TINY, reg_tokens=regs)
+        export_encoder(build_encoder(cfg), cfg, str(tmp_path / name))
+        urls.append(str(tmp_path / name))
+    stage = {"name": "report", "kind": "eval", "data": data, "models": urls, "loader_workers": 0,
+             "batch_size": 16, "probe": {"epochs": 5}, "dense": {"epochs": 5}}
+    spec = parse_spec({"name": "dense", "storage": str(tmp_path / "runs"), "stages": [stage]})
+    report = run_eval(spec.eval_job("report"))
+    for url in urls:
+        d = report["models"][url]["dense"]
+        assert d["classes"] == 4 and d["val_tokens"] == 15 * 64 and d["train_tokens"] == 45 * 64
+        assert 0.0 < d["miou"] <= 1.0 and len(d["iou_per_class"]) == 4
+        hn = d["high_norm"]
+        assert hn["tokens"] == 15 * 64 and 0 <= hn["count"] <= hn["tokens"] and hn["threshold"] > hn["median_norm"]
+        print(f"{url}: patch mIoU {d['miou']:.3f}, high-norm tokens {hn['count']} / {hn['tokens']}")
+    assert "patch mIoU" in format_table(report)
+    again = run_eval({**spec.eval_job("report"), "stage_url": str(tmp_path / "again")})
+    assert again["models"][urls[0]]["dense"]["miou"] == report["models"][urls[0]]["dense"]["miou"]

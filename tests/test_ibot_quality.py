@@ -1,0 +1,77 @@
+"""Patch-level learning signal on the generated shapes set, through ``run_spec`` (slow tier).
+
+Textured shapes with pixel masks (``tests/_shapes.py``), prepped with ``masks:``; DINO and iBOT on the
+same encoder (with 2 register tokens), head, crops and number of steps; ``eval`` with ``dense:`` scores
+the patch tokens of both exports and of the encoder at its step-0 weights (the same for both methods:
+iBOT builds its backbone exactly as DINO does) with a linear patch probe (mIoU on val), and counts the
+high-norm patch tokens of each model.
+
+Measured with ``.venv/bin/python -m pytest tests/test_ibot_quality.py -m slow -s -p no:cacheprovider``
+(the ``IBOT-QUALITY`` JSON line); the assertion margins are below the measured gaps (see the README of
+the task report: numbers are recorded next to ``MIOU_MARGIN_*``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _shapes import write_shapes
+from cluster.storage import Store
+
+SEED = 0
+ENCODER = {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 96,
+           "num_heads": 3, "reg_tokens": 2}
+COMMON = {
+    "model": ENCODER, "head": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64}, "local_crops": 2,
+    "max_steps": 200, "batch_size": 32, "zero_stage": 2, "loader_workers": 0, "seed": SEED,
+    "optim": {"base_lr": 5e-3, "warmup_steps": 20}, "warmup_teacher_temp": 0.04, "teacher_temp": 0.04,
+    "warmup_teacher_temp_epochs": 0, "teacher_momentum": 0.99, "export_from": "teacher",
+    "checkpoint": {"every_steps": 100000, "keep_last": 1},
+}
+IBOT = {"patch_out_dim": 1024, "mask_ratio": [0.0, 0.3], "mask_ratio_var": [0.0, 0.2]}
+MIOU_MARGIN_DINO, MIOU_MARGIN_INIT = 0.05, 0.10  # the issue's bar; measured gaps are in the report
+
+
+def export_initial_encoder(stage: dict, dest: str) -> None:
+    from jobs.export import export_encoder
+    from jobs.stage import make_method, stage_config_class
+
+    cfg = stage_config_class(stage["kind"]).model_validate({**stage, "data": "/unused"})
+    torch.manual_seed(cfg.seed)
+    method = make_method(cfg, 0)
+    export_encoder(method.encoder(method.build_model()), cfg.model, dest)
+
+
+@pytest.mark.slow
+def test_ibot_patch_tokens_segment_shapes_better_than_dino_and_step0_weights(ray_local, tmp_path):
+    from dataprep.prep import PrepOptions, run_prep
+    from pipeline.run import run_spec
+    from pipeline.spec import parse_spec
+
+    images, masks = write_shapes(str(tmp_path / "shapes"), count=600, size=32, seed=SEED)
+    data = run_prep(images, str(tmp_path / "data"), PrepOptions(format="png", masks=masks, val_fraction=0.2,
+                                                                shard_size=200, seed=SEED)).manifest_url
+    dino = {**COMMON, "name": "dino", "kind": "dino", "data": data}
+    ibot = {**COMMON, **IBOT, "name": "ibot", "kind": "ibot", "data": data}
+    init = str(tmp_path / "init" / "export")
+    export_initial_encoder(dino, init)
+    spec = parse_spec({
+        "name": "shapes", "storage": str(tmp_path / "runs"),
+        "compute": {"workers": 1, "cpus_per_worker": 1, "max_failures": 0},
+        "stages": [dino, ibot, {"name": "eval", "kind": "eval", "data": data, "models": ["dino", "ibot", init],
+                                "loader_workers": 0, "probe": {"epochs": 20}, "dense": {"epochs": 20}}],
+    })
+    states = run_spec(spec).states
+    assert set(states.values()) == {"done"}, states
+    models = Store(spec.stage_url("eval")).get_json("eval.json")["models"]
+    dense = {name: models[key]["dense"] for name, key in (("dino", "dino"), ("ibot", "ibot"), ("init", init))}
+    print("IBOT-QUALITY", json.dumps({name: {"miou": d["miou"], "high_norm": d["high_norm"]["count"],
+                                             "tokens": d["high_norm"]["tokens"], "knn": models[k]["knn_top1"]}
+                                      for (name, d), k in zip(dense.items(), ("dino", "ibot", init))}))
+    for d in dense.values():  # with reg_tokens: 2 the high-norm count is computed for every model
+        assert d["high_norm"]["tokens"] == 120 * 64 and d["high_norm"]["count"] >= 0
+    assert dense["ibot"]["miou"] >= dense["dino"]["miou"] + MIOU_MARGIN_DINO, dense
+    assert dense["ibot"]["miou"] >= dense["init"]["miou"] + MIOU_MARGIN_INIT, dense
