@@ -128,6 +128,8 @@ def run(
                                      help="Clear STAGE and every stage downstream of it, then re-run them (needed "
                                      "when the spec of a started run changed)."),
     address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and the plan (which stages "
+                                 "run, skip or resume); write nothing."),
 ) -> None:
     """Run a spec's stages in order; finished stages are skipped, an interrupted one resumes.
 
@@ -138,7 +140,40 @@ def run(
     (SIGTERM/SIGINT; run again to continue), 1 failed.
     """
     loaded = _load_spec_or_exit(spec, set_ or ())
+    if dry_run:
+        _print_plan(loaded, restart_from)
+        return
     _run_and_report(loaded, resume_command(spec, set_ or (), loaded.run_root), address, restart_from)
+
+
+@app.command()
+def validate(
+    spec: str = typer.Argument(..., help="Run spec YAML (see configs/)."),
+    set_: list[str] = typer.Option(None, "--set", metavar="PATH=VALUE", help="Override a spec value, as for run."),
+    restart_from: str = typer.Option(None, "--restart-from", metavar="STAGE", help="Plan with this restart."),
+    plan: bool = typer.Option(True, "--plan/--no-plan", help="Also read the run root and print the plan."),
+) -> None:
+    """Check a spec; print it resolved (defaults filled in, --set applied) and what `vitforge run` would do.
+
+    Writes nothing. Exit status: 0 valid, 2 invalid or refused by the run root (changed spec,
+    missing input), 1 the store cannot be read.
+    """
+    loaded = _load_spec_or_exit(spec, set_ or ())
+    if plan:
+        _print_plan(loaded, restart_from)
+    else:
+        from pipeline.spec import dump_spec
+
+        typer.echo(dump_spec(loaded), nl=False)
+
+
+def _print_plan(loaded: Any, restart_from: str | None) -> None:
+    """The resolved spec, then the plan of a run (reads the store only)."""
+    from pipeline._dryrun import plan_lines
+    from pipeline.spec import dump_spec
+
+    lines = _run_or_exit(lambda: plan_lines(loaded, restart_from))
+    typer.echo(dump_spec(loaded) + "\n".join(lines))
 
 
 @app.command()
