@@ -332,13 +332,35 @@ def report(
 def export(
     run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name>."),
     stage: str = typer.Argument(..., help="A finished training stage."),
-    dest: str = typer.Argument(..., help="Folder or URL to copy model.safetensors + config.json to."),
+    dest: str = typer.Argument(None, help="Folder or URL to copy model.safetensors + config.json + README.md to "
+                               "(optional with --push-to-hub)."),
+    push_to_hub: str = typer.Option(None, "--push-to-hub", metavar="REPO",
+                                    help="Also upload the export to this Hugging Face Hub model repository "
+                                    "(user/name; created when missing). Token: HF_TOKEN or `huggingface-cli login`; "
+                                    "endpoint: HF_ENDPOINT."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repository private."),
 ) -> None:
-    """Copy a finished stage's export (timm-loadable model.safetensors + config.json) to DEST."""
+    """Copy a finished stage's export (timm-loadable model.safetensors + config.json + model card) to DEST,
+    and/or push it to the Hugging Face Hub (then `timm.create_model("hf-hub:REPO", pretrained=True)` loads it)."""
+    import tempfile
+
+    from pipeline.hub import HubError, push_folder
     from pipeline.runstore import RunView, copy_export
 
-    names = _guard(lambda: copy_export(RunView(run_root), stage, dest))
-    typer.echo(f"copied {', '.join(names)} to {dest}")
+    if dest is None and push_to_hub is None:
+        _fail("give DEST, --push-to-hub REPO, or both")
+    if dest is not None:
+        names = _guard(lambda: copy_export(RunView(run_root), stage, dest))
+        typer.echo(f"copied {', '.join(names)} to {dest}")
+    if push_to_hub is None:
+        return
+    with tempfile.TemporaryDirectory(prefix="vitforge-hub-") as tmp:
+        _guard(lambda: copy_export(RunView(run_root), stage, tmp))
+        try:
+            url = push_folder(tmp, push_to_hub, private=private, message=f"vitforge export of stage {stage}")
+        except HubError as exc:
+            _fail(str(exc))
+    typer.echo(f"pushed to {push_to_hub}: {url}")
 
 
 @app.command()
@@ -403,11 +425,19 @@ def _guard(fn, *args):
 
 
 def _load_spec_or_exit(path: str, overrides: Sequence[str]) -> Any:
-    """Load and validate a spec with ``--set`` overrides; an invalid one exits with status 2."""
-    from pipeline.spec import SpecError, load_spec
+    """Load and validate a spec with ``--set`` overrides; an invalid one exits with status 2.
+
+    The file and the overrides are read before :mod:`pipeline.spec` is imported (which imports torch
+    through the method modules' configs): a missing file or a YAML syntax error is refused at once.
+    """
+    from pipeline._specfile import SpecError, apply_overrides, read_yaml
 
     try:
-        return load_spec(path, overrides=list(overrides))
+        raw, lines = read_yaml(path)
+        raw = apply_overrides(raw, overrides, source=path, lines=lines)
+        from pipeline.spec import parse_spec
+
+        return parse_spec(raw, source=path, lines=lines)
     except SpecError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2)
