@@ -107,17 +107,22 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _matches(value: Any, expected: Any) -> bool:
+    return value in expected if isinstance(expected, frozenset) else value == expected
+
+
 def check_compatible(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str = "the checkpoint") -> None:
     """Raise :class:`CheckpointMismatchError` naming every key of ``expected`` whose value differs in ``saved``.
 
-    Typical keys: ``arch`` (model config), ``config_digest``. Keys absent from ``expected`` are not compared.
+    Typical keys: ``arch`` (model config), ``config_digest``. Keys absent from ``expected`` are not compared;
+    a ``frozenset`` value accepts any of its members (an extended stage's digests, ``jobs/_extensions.py``).
     """
     missing = object()
-    diffs = [k for k in expected if saved.get(k, missing) != expected[k]]
+    diffs = [k for k in expected if not _matches(saved.get(k, missing), expected[k])]
     if not diffs:
         return
     lines = [f"  {k}: checkpoint has {_short(saved[k]) if k in saved else '(absent)'}, "
-             f"this run has {_short(expected[k])}" for k in diffs]
+             f"this run has {_short(sorted(expected[k]) if isinstance(expected[k], frozenset) else expected[k])}" for k in diffs]
     raise CheckpointMismatchError(
         f"{where} does not match this run; differing keys: {', '.join(diffs)}\n" + "\n".join(lines)
         + "\nResume with the same config, or start the stage afresh in a new run directory."

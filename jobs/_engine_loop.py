@@ -23,6 +23,7 @@ from dataprep.loader import StreamingLoader
 from jobs._engine_config import (METHOD_STATE, StageContext, TrainConfig, TrainResult, build_optimizer, lr_at,
                                  make_accelerator, peak_lr)
 from jobs._engine_watch import MetricsLog, PreemptionWatch, peak_flops
+from jobs._extensions import resume_expect
 from jobs._grad_clip import clip_grad_per_param
 from jobs._live import open_live
 from jobs.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, code_version, restore_rng_state
@@ -161,7 +162,8 @@ def _resume(run: _Run) -> None:
             with open(path) as f:
                 metrics_text.append(f.read())
 
-    meta = run.ckpt.restore(read, info, expect=run.meta_expect)
+    meta = run.ckpt.restore(read, info, expect=resume_expect(run.meta_expect, run.ctx.stage_url,
+                                                           run.ctx.storage_options))
     run.loader.load_state_dict(meta["loader"])
     restore_rng_state(meta["rng"])
     run.step = run.resumed_from = run.saved_step = int(meta["step"])

@@ -162,8 +162,9 @@ def load_timm_weights(arch: str, weights: str, model_args: dict[str, Any], saved
 
 
 def timm_export_config(architecture: str, model_args: dict[str, Any], img_size: int,
-                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """timm hub-style config for any timm model (``model_args`` includes ``num_classes``)."""
+                       extra: dict[str, Any] | None = None, label_names: list[str] | None = None) -> dict[str, Any]:
+    """timm hub-style config for any timm model (``model_args`` includes ``num_classes``); a classifier's
+    ``label_names`` (class index -> name, as timm's ``save_for_hf`` writes them) when given."""
     import timm
 
     with torch.device("meta"):
@@ -175,6 +176,7 @@ def timm_export_config(architecture: str, model_args: dict[str, Any], img_size: 
         "num_classes": num_classes,
         "num_features": int(model.num_features),
         "global_pool": _pool_name(model),
+        **({"label_names": list(label_names)} if label_names and len(label_names) == num_classes else {}),
         "model_args": dict(model_args),
         "pretrained_cfg": {
             "input_size": [int(model_args.get("in_chans", 3)), img_size, img_size],
@@ -189,7 +191,8 @@ def timm_export_config(architecture: str, model_args: dict[str, Any], img_size: 
 def export_timm_model(module: nn.Module, architecture: str, model_args: dict[str, Any], dest_url: str, *,
                       img_size: int, rank: int = 0, storage_options: dict[str, Any] | None = None,
                       extra: dict[str, Any] | None = None,
-                      convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+                      convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                      label_names: list[str] | None = None) -> None:
     """Export any timm model (a classifier, a CNN, …): ``timm.create_model(architecture, **model_args)``
     must accept the state dict of ``module`` after ``convert`` (e.g. merging LoRA weights, folding a
     BatchNorm into a head). Every rank calls it (ZeRO gathers); rank 0 converts and writes.
@@ -199,7 +202,8 @@ def export_timm_model(module: nn.Module, architecture: str, model_args: dict[str
         return
     if convert is not None:
         state = convert(state)
-    _write_export(state, timm_export_config(architecture, model_args, img_size, extra), dest_url, storage_options)
+    _write_export(state, timm_export_config(architecture, model_args, img_size, extra, label_names), dest_url,
+                  storage_options)
 
 
 def _write_export(state: dict[str, torch.Tensor], config: dict[str, Any], dest_url: str,

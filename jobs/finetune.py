@@ -282,6 +282,7 @@ class FinetuneMethod(Method):
         self.num_classes = cfg.num_classes or 0
         self.train_ids: np.ndarray | None = None  # None: every train sample
         self.labeled_samples = 0
+        self.label_names: list[str] | None = None  # the manifest's classes, for the export's label_names
 
     def setup(self, ctx: StageContext) -> None:
         self.storage_options = ctx.storage_options
@@ -292,6 +293,7 @@ class FinetuneMethod(Method):
                 raise ValueError(f"stage {self.cfg.name!r}: the manifest at {ctx.data_url} has no classes; "
                                  "fine-tuning needs labeled shards (or give num_classes)")
             self.num_classes = len(manifest.classes)
+        self.label_names = manifest.classes if manifest.classes and len(manifest.classes) == self.num_classes else None
         self._choose_labels(ctx, manifest.split("train").samples)
 
     def _choose_labels(self, ctx: StageContext, train_samples: int) -> None:
@@ -390,7 +392,7 @@ class FinetuneMethod(Method):
         elif self.cfg.mode == "lora":
             convert = lambda state: merge_lora_state(state, self.cfg.lora.alpha / self.cfg.lora.r)  # noqa: E731
         export_timm_model(model, self.export_cfg["architecture"], args, dest_url, img_size=self.img_size, rank=rank,
-                          storage_options=storage_options, convert=convert,
+                          storage_options=storage_options, convert=convert, label_names=self.label_names,
                           extra={**extra, "mode": self.cfg.mode, "init": self.cfg.init or "random",
                                  "label_fraction": self.cfg.label_fraction, "labeled_samples": self.labeled_samples})
 

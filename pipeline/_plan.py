@@ -23,7 +23,8 @@ from dataprep.manifest import MANIFEST
 from jobs.evaluate import EVAL_JSON
 from jobs.export import CONFIG as EXPORT_CONFIG
 from jobs.layout import EXPORT_NAME, RUN_YAML_NAME, SHARDS_NAME, STATUS_NAME, StageStatus
-from pipeline.spec import RunSpec, SpecError, dump_spec, input_paths, stage_inputs
+from pipeline._changes import classify, describe, stamped
+from pipeline.spec import RunSpec, SpecError, dump_spec, input_paths, is_training_kind, stage_inputs
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,15 @@ class RunConflictError(SpecError):
 @dataclass
 class Plan:
     done: set[str] = field(default_factory=set)        # verified finished: skipped
-    reset: list[str] = field(default_factory=list)     # cleared, then re-run (--restart-from)
+    reset: list[str] = field(default_factory=list)     # cleared, then re-run (--restart-from, or an extension)
     first_launch: bool = True
+    notes: list[str] = field(default_factory=list)     # changes since run.yaml that were taken
+    extended: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> extension record (_changes.py)
+
+    @property
+    def changed(self) -> bool:
+        """run.yaml is rewritten: stages were cleared or changes taken."""
+        return bool(self.reset or self.notes)
 
 
 def output_of(kind: str) -> str:
@@ -109,13 +117,15 @@ def plan_run(spec: RunSpec, restart_from: str | None = None) -> Plan:
                  "continues from its checkpoint on the new gang", store.url_of(RUN_YAML), _fmt(moved))
         changed = [k for k in changed if k not in moved]
     if changed and restart_from is None:
+        changed = _take_safe_changes(plan, old, spec, changed)
+    if changed and restart_from is None:
         raise RunConflictError(
             f"{store.url_of(RUN_YAML)} holds a different spec; changed: {_fmt(changed)}.\n"
             "Finished stages are never redone silently: pass --restart-from STAGE to re-run STAGE and every "
             "stage downstream of it with the new spec, or give the run a new name.")
     for stage in spec.stages:
         status = StageStatus(spec.stage_url(stage.name), spec.storage_options).read()
-        if stage.name in plan.reset:
+        if stage.name in plan.reset or stage.name in plan.extended:
             continue
         if is_done(spec, stage.name, status):
             plan.done.add(stage.name)
@@ -125,6 +135,29 @@ def plan_run(spec: RunSpec, restart_from: str | None = None) -> Plan:
                 f"stage {stage.name!r} finished with another config; changed: {_fmt(keys)}.\n"
                 f"Pass --restart-from {stage.name} to re-run it and every stage downstream of it.")
     return plan
+
+
+def _take_safe_changes(plan: Plan, old: dict[str, Any], spec: RunSpec, changed: list[str]) -> list[str]:
+    """Take the changes outside the stages' digests and the extensions into ``plan``; the rest stays refused."""
+    split = classify(old, spec, changed, is_training_kind)
+    if split.refused:
+        return changed  # refused as a whole: the message names every changed key
+    if split.safe:
+        plan.notes.append(f"changed since the last launch, outside the stages' digests: {_fmt(split.safe)}")
+    plan.extended = split.extended
+    for name, record in split.extended.items():
+        plan.notes.append(describe(name, record))
+        plan.reset += [d for d in downstream(spec, name)[1:] if d not in plan.reset]
+    return []
+
+
+def record_extensions(spec: RunSpec, plan: Plan) -> None:
+    """Append each extension to its stage's STATUS ``extensions`` (a stage that never started has no STATUS)."""
+    for name, record in plan.extended.items():
+        status = StageStatus(spec.stage_url(name), spec.storage_options)
+        before = status.read()
+        if before.get("state"):
+            status.update(extensions=[*before.get("extensions", []), stamped(record, before)])
 
 
 def clear_stage(spec: RunSpec, name: str) -> None:

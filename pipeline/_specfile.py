@@ -12,6 +12,8 @@ any key that does not exist, naming its path.
 from __future__ import annotations
 
 import copy
+import difflib
+import io
 from typing import Any, Sequence
 
 import yaml
@@ -32,14 +34,21 @@ def read_yaml(path: str) -> tuple[Any, dict[tuple, int]]:
     except OSError as exc:
         raise SpecError(f"cannot read run spec {path}: {exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.safe_load(_named(text, path))
         lines: dict[tuple, int] = {}
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(_named(text, path), Loader=yaml.SafeLoader)
         if node is not None:
             _walk(node, (), lines)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path} is not valid YAML: {exc}") from None
     return raw, lines
+
+
+def _named(text: str, path: str) -> io.StringIO:
+    """``text`` as a stream named ``path``: YAML's error marks then name the file, not ``<unicode string>``."""
+    stream = io.StringIO(text)
+    stream.name = path
+    return stream
 
 
 def _walk(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> None:
@@ -124,4 +133,6 @@ def _index(items: list, part: str, path: str, where: str) -> int:
             return i
     if part.lstrip("-").isdigit() and -len(items) <= int(part) < len(items):
         return int(part)
-    raise SpecError(f"--set {path}: {where}: no stage named {part!r}; stages: {', '.join(map(str, names))}")
+    close = difflib.get_close_matches(part, [str(n) for n in names], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise SpecError(f"--set {path}: {where}: no stage named {part!r}{hint} (stages: {', '.join(map(str, names))})")

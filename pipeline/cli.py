@@ -131,6 +131,8 @@ def run(
                                      help="Clear STAGE and every stage downstream of it, then re-run them (needed "
                                      "when the spec of a started run changed)."),
     address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved spec and the plan (which stages "
+                                 "run, skip or resume); write nothing."),
 ) -> None:
     """Run a spec's stages in order; finished stages are skipped, an interrupted one resumes.
 
@@ -141,7 +143,40 @@ def run(
     (SIGTERM/SIGINT; run again to continue), 1 failed.
     """
     loaded = _load_spec_or_exit(spec, set_ or ())
+    if dry_run:
+        _print_plan(loaded, restart_from)
+        return
     _run_and_report(loaded, resume_command(spec, set_ or (), loaded.run_root), address, restart_from)
+
+
+@app.command()
+def validate(
+    spec: str = typer.Argument(..., help="Run spec YAML (see configs/)."),
+    set_: list[str] = typer.Option(None, "--set", metavar="PATH=VALUE", help="Override a spec value, as for run."),
+    restart_from: str = typer.Option(None, "--restart-from", metavar="STAGE", help="Plan with this restart."),
+    plan: bool = typer.Option(True, "--plan/--no-plan", help="Also read the run root and print the plan."),
+) -> None:
+    """Check a spec; print it resolved (defaults filled in, --set applied) and what `vitforge run` would do.
+
+    Writes nothing. Exit status: 0 valid, 2 invalid or refused by the run root (changed spec,
+    missing input), 1 the store cannot be read.
+    """
+    loaded = _load_spec_or_exit(spec, set_ or ())
+    if plan:
+        _print_plan(loaded, restart_from)
+    else:
+        from pipeline.spec import dump_spec
+
+        typer.echo(dump_spec(loaded), nl=False)
+
+
+def _print_plan(loaded: Any, restart_from: str | None) -> None:
+    """The resolved spec, then the plan of a run (reads the store only)."""
+    from pipeline._dryrun import plan_lines
+    from pipeline.spec import dump_spec
+
+    lines = _run_or_exit(lambda: plan_lines(loaded, restart_from))
+    typer.echo(dump_spec(loaded) + "\n".join(lines))
 
 
 @app.command()
@@ -300,13 +335,35 @@ def report(
 def export(
     run_root: str = typer.Argument(..., help="The run root: the spec's <storage>/<name>."),
     stage: str = typer.Argument(..., help="A finished training stage."),
-    dest: str = typer.Argument(..., help="Folder or URL to copy model.safetensors + config.json to."),
+    dest: str = typer.Argument(None, help="Folder or URL to copy model.safetensors + config.json + README.md to "
+                               "(optional with --push-to-hub)."),
+    push_to_hub: str = typer.Option(None, "--push-to-hub", metavar="REPO",
+                                    help="Also upload the export to this Hugging Face Hub model repository "
+                                    "(user/name; created when missing). Token: HF_TOKEN or `huggingface-cli login`; "
+                                    "endpoint: HF_ENDPOINT."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repository private."),
 ) -> None:
-    """Copy a finished stage's export (timm-loadable model.safetensors + config.json) to DEST."""
+    """Copy a finished stage's export (timm-loadable model.safetensors + config.json + model card) to DEST,
+    and/or push it to the Hugging Face Hub (then `timm.create_model("hf-hub:REPO", pretrained=True)` loads it)."""
+    import tempfile
+
+    from pipeline.hub import HubError, push_folder
     from pipeline.runstore import RunView, copy_export
 
-    names = _guard(lambda: copy_export(RunView(run_root), stage, dest))
-    typer.echo(f"copied {', '.join(names)} to {dest}")
+    if dest is None and push_to_hub is None:
+        _fail("give DEST, --push-to-hub REPO, or both")
+    if dest is not None:
+        names = _guard(lambda: copy_export(RunView(run_root), stage, dest))
+        typer.echo(f"copied {', '.join(names)} to {dest}")
+    if push_to_hub is None:
+        return
+    with tempfile.TemporaryDirectory(prefix="vitforge-hub-") as tmp:
+        _guard(lambda: copy_export(RunView(run_root), stage, tmp))
+        try:
+            url = push_folder(tmp, push_to_hub, private=private, message=f"vitforge export of stage {stage}")
+        except HubError as exc:
+            _fail(str(exc))
+    typer.echo(f"pushed to {push_to_hub}: {url}")
 
 
 @app.command()
@@ -371,11 +428,19 @@ def _guard(fn, *args):
 
 
 def _load_spec_or_exit(path: str, overrides: Sequence[str]) -> Any:
-    """Load and validate a spec with ``--set`` overrides; an invalid one exits with status 2."""
-    from pipeline.spec import SpecError, load_spec
+    """Load and validate a spec with ``--set`` overrides; an invalid one exits with status 2.
+
+    The file and the overrides are read before :mod:`pipeline.spec` is imported (which imports torch
+    through the method modules' configs): a missing file or a YAML syntax error is refused at once.
+    """
+    from pipeline._specfile import SpecError, apply_overrides, read_yaml
 
     try:
-        return load_spec(path, overrides=list(overrides))
+        raw, lines = read_yaml(path)
+        raw = apply_overrides(raw, overrides, source=path, lines=lines)
+        from pipeline.spec import parse_spec
+
+        return parse_spec(raw, source=path, lines=lines)
     except SpecError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2)

@@ -38,11 +38,12 @@ from cluster.storage import Store, StorageError
 from jobs._trackers import tracker_env
 from jobs.checkpoint import check_compatible, code_version
 from jobs.engine import PREEMPT_MARKER
+from jobs._extensions import resume_expect
 from jobs.reshard import resume_plan
 from jobs.layout import StageStatus
 from jobs.stage import make_method, run_worker
 from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_restart_from, check_sources,  # noqa: F401
-                            clear_stage, is_done, plan_run, record_spec)
+                            clear_stage, is_done, plan_run, record_extensions, record_spec)
 from pipeline._progress import live_progress
 from pipeline._stop import StopAborted, forward_stop_signals
 from pipeline.spec import RunSpec
@@ -81,9 +82,12 @@ def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | 
 def _run_stages(spec: RunSpec, address: str | None, fault: dict[str, Any] | None,
                 restart_from: str | None) -> RunResult:
     plan = plan_run(spec, restart_from)
+    for note in plan.notes:
+        log.warning("%s", note)
     for name in plan.reset:
         clear_stage(spec, name)
-    record_spec(spec, replace=bool(plan.reset))
+    record_extensions(spec, plan)
+    record_spec(spec, replace=plan.changed)
     result = RunResult(spec.run_root)
     for stage in spec.stages:
         if stage.name in plan.done:
@@ -221,7 +225,8 @@ def _preflight(spec: RunSpec, name: str) -> None:
     if info is None:
         return
     expect = {"arch": make_method(plan.shape(stage), 0).arch(), "config_digest": stage.digest()}
-    check_compatible(info.meta, expect, where=f"checkpoint {info.url}")
+    check_compatible(info.meta, resume_expect(expect, spec.stage_url(name), spec.storage_options),
+                     where=f"checkpoint {info.url}")
     if plan.reshaped:
         log.info("stage %s: resuming %d-worker checkpoint step %d on %d workers (batch_size %d x grad_accum %d "
                  "per worker keeps its global batch)", name, info.world_size, info.step, workers, plan.batch_size,

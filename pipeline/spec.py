@@ -29,7 +29,8 @@ from jobs.evaluate import EvalConfig
 from jobs.layout import RunLayout
 from jobs.methods import config_classes, import_methods, training_kinds
 from jobs.stage import REFERENCE_FIELDS, FaultHooks, StageJob
-from pipeline._specfile import SpecError, apply_overrides, line_of, read_yaml
+from pipeline._specerrors import FieldError, did_you_mean, format_errors, where
+from pipeline._specfile import SpecError, apply_overrides, read_yaml
 
 
 class ComputeSpec(BaseModel):
@@ -83,8 +84,8 @@ class RunSpec(BaseModel):
         from cluster.storage import credential_keys
 
         if found := credential_keys(self.storage_options):
-            raise ValueError(
-                f"{', '.join(found)}: credentials never go in a spec (it is stored in clear as the run's run.yaml). "
+            raise FieldError(
+                ("storage_options",), f"{', '.join(found)}: credentials never go in a spec (it is stored in clear as the run's run.yaml). "
                 "Set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), or AWS_PROFILE with a "
                 "profile in ~/.aws/credentials, or use the machine's instance role")
         return self
@@ -95,15 +96,14 @@ class RunSpec(BaseModel):
         seen: dict[str, str] = {}
         for i, stage in enumerate(self.stages):
             if stage.name in seen:
-                raise ValueError(f"stages[{i}]: duplicate stage name {stage.name!r}")
+                raise FieldError(("stages", i, "name"), f"duplicate stage name {stage.name!r}")
             data = getattr(stage, "data", None)
             if data is not None and not _is_url(data):
                 if data not in seen:
-                    raise ValueError(f"stages[{i}] ({stage.name}) > data: {data!r} is neither an earlier stage "
-                                     "nor a URL/path (use s3://…, file://…, /abs/path or ./rel/path)")
+                    raise FieldError(("stages", i, "data"), f"{data!r} is neither an earlier stage nor a URL/path "
+                                     f"(use s3://…, file://…, /abs/path or ./rel/path){did_you_mean(data, seen)}")
                 if seen[data] != "prep":
-                    raise ValueError(f"stages[{i}] ({stage.name}) > data: stage {data!r} is a {seen[data]} stage, "
-                                     "not a prep stage")
+                    raise FieldError(("stages", i, "data"), f"stage {data!r} is a {seen[data]} stage, not a prep stage")
             _check_references(i, stage, seen)
             _check_models(i, stage, seen)
             seen[stage.name] = stage.kind
@@ -200,10 +200,12 @@ def _check_cycles(stages: list[Any]) -> None:
     names = {s.name for s in stages}
     graph = {s.name: [r for r in stage_inputs(s) if r in names and not _is_url(r)] for s in stages}
 
+    position = {s.name: i for i, s in enumerate(stages)}
+
     def visit(name: str, trail: list[str]) -> None:
         if name in trail:
             loop = trail[trail.index(name):] + [name]
-            raise ValueError(f"stages form a cycle: {' -> '.join(loop)} (each stage may only read earlier stages)")
+            raise FieldError(("stages", position[loop[0]]), f"stages form a cycle: {' -> '.join(loop)} (each stage may only read earlier stages)")
         for dep in graph[name]:
             visit(dep, [*trail, name])
 
@@ -214,14 +216,14 @@ def _check_cycles(stages: list[Any]) -> None:
         later = [(field, ref) for field, ref in _named_inputs(s) if ref in later_names]
         if later:
             field, ref = later[0]
-            raise ValueError(f"stages[{i}] ({s.name}) > {field}: {ref!r} is a later stage: stages run in spec "
-                             f"order, so move {ref!r} before {s.name!r}")
+            raise FieldError(("stages", i, *field), f"{ref!r} is a later stage: stages run in spec order, so move "
+                             f"{ref!r} before {s.name!r}")
 
 
-def _named_inputs(stage: Any) -> list[tuple[str, str]]:
-    """``(field path, value)`` of every input field of a stage (``models[1]`` for list items)."""
-    found = [(f, getattr(stage, f, None)) for f in ("data", *REFERENCE_FIELDS)]
-    found += [(f"models[{j}]", m) for j, m in enumerate(getattr(stage, "models", None) or [])]
+def _named_inputs(stage: Any) -> list[tuple[tuple, str]]:
+    """``(key path in the stage, value)`` of every input field of a stage (``("models", 1)`` for list items)."""
+    found = [((f,), getattr(stage, f, None)) for f in ("data", *REFERENCE_FIELDS)]
+    found += [(("models", j), m) for j, m in enumerate(getattr(stage, "models", None) or [])]
     return [(f, v) for f, v in found if isinstance(v, str)]
 
 
@@ -231,11 +233,11 @@ def _check_models(i: int, stage: Any, seen: dict[str, str]) -> None:
         if _is_url(ref):
             continue
         if ref not in seen:
-            raise ValueError(f"stages[{i}] ({stage.name}) > models[{j}]: {ref!r} is neither an earlier stage nor "
-                             "an export URL/path (use s3://…, file://…, /abs/path or ./rel/path)")
+            raise FieldError(("stages", i, "models", j), f"{ref!r} is neither an earlier stage nor an export "
+                             f"URL/path (use s3://…, file://…, /abs/path or ./rel/path){did_you_mean(ref, seen)}")
         if not is_training_kind(seen[ref]):
-            raise ValueError(f"stages[{i}] ({stage.name}) > models[{j}]: stage {ref!r} is a {seen[ref]} stage; "
-                             "it exports no model (name a training stage)")
+            raise FieldError(("stages", i, "models", j), f"stage {ref!r} is a {seen[ref]} stage; it exports no "
+                             "model (name a training stage)")
 
 
 def _check_references(i: int, stage: Any, seen: dict[str, str]) -> None:
@@ -245,57 +247,15 @@ def _check_references(i: int, stage: Any, seen: dict[str, str]) -> None:
         if not isinstance(ref, str) or _is_url(ref):
             continue
         if ref not in seen:
-            raise ValueError(f"stages[{i}] ({stage.name}) > {field}: {ref!r} is neither an earlier stage nor an "
-                             "export URL/path (use s3://…, file://…, /abs/path or ./rel/path)")
+            raise FieldError(("stages", i, field), f"{ref!r} is neither an earlier stage nor an export URL/path "
+                             f"(use s3://…, file://…, /abs/path or ./rel/path){did_you_mean(ref, seen)}")
         if not is_training_kind(seen[ref]):
-            raise ValueError(f"stages[{i}] ({stage.name}) > {field}: stage {ref!r} is a {seen[ref]} stage; it "
-                             "exports no model (name a training stage)")
+            raise FieldError(("stages", i, field), f"stage {ref!r} is a {seen[ref]} stage; it exports no model "
+                             "(name a training stage)")
 
 
 def _is_url(value: str) -> bool:
     return "://" in value or value.startswith(("/", "./", "../", "~"))
-
-
-def format_errors(exc: ValidationError, raw: Any, lines: dict[tuple, int] | None = None) -> str:
-    """One line per problem: ``stages[1] (pretrain) > model > img_siz (line 12): Extra inputs are not permitted``."""
-    out = []
-    for err in exc.errors():
-        line = line_of(lines, _data_loc(err["loc"], raw)) if lines else None
-        where = "" if line is None else " (--set)" if line == 0 else f" (line {line})"
-        out.append(f"  {_path(err['loc'], raw)}{where}: {err['msg']}")
-    return "\n".join(out)
-
-
-def _data_loc(loc: tuple, raw: Any) -> tuple:
-    """``loc`` without the discriminator tags pydantic inserts (``stages, 1, mae, epochs`` -> ``stages, 1, epochs``)."""
-    out: list[Any] = []
-    node = raw
-    for i, key in enumerate(loc):
-        if i > 0 and isinstance(loc[i - 1], int) and isinstance(node, dict) and node.get("kind") == key:
-            continue
-        out.append(key)
-        if isinstance(key, int):
-            node = node[key] if isinstance(node, list) and key < len(node) else None
-        else:
-            node = node.get(key) if isinstance(node, dict) else None
-    return tuple(out)
-
-
-def _path(loc: tuple, raw: Any) -> str:
-    parts: list[str] = []
-    node = raw
-    for i, key in enumerate(loc):
-        if isinstance(key, int):
-            name = node[key].get("name") if isinstance(node, list) and key < len(node) and isinstance(node[key], dict) else None
-            parts[-1:] = [f"{parts[-1] if parts else ''}[{key}]" + (f" ({name})" if name else "")]
-            node = node[key] if isinstance(node, list) and key < len(node) else None
-            continue
-        if i > 0 and loc[i - 1] != key and isinstance(loc[i - 1], int) and \
-                isinstance(node, dict) and node.get("kind") == key:
-            continue  # the discriminator tag pydantic inserts
-        parts.append(str(key))
-        node = node.get(key) if isinstance(node, dict) else None
-    return " > ".join(parts) or "(spec)"
 
 
 def parse_spec(raw: Any, source: str = "the spec", lines: dict[tuple, int] | None = None) -> RunSpec:
@@ -304,9 +264,10 @@ def parse_spec(raw: Any, source: str = "the spec", lines: dict[tuple, int] | Non
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     _import_spec_methods(raw, source, lines)
     try:
-        spec = spec_model().model_validate(raw)
+        model = spec_model()
+        spec = model.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(f"{source} is invalid:\n{format_errors(exc, raw, lines)}") from None
+        raise SpecError(f"{source} is invalid:\n{format_errors(exc, raw, lines, model)}") from None
     return spec
 
 
@@ -321,9 +282,7 @@ def _import_spec_methods(raw: dict[str, Any], source: str, lines: dict[tuple, in
         try:
             import_methods([name])
         except Exception as exc:
-            line = line_of(lines, ("methods", i)) if lines else None
-            where = "" if line is None else " (--set)" if line == 0 else f" (line {line})"
-            raise SpecError(f"{source} is invalid:\n  methods[{i}]{where}: cannot import {name!r}: "
+            raise SpecError(f"{source} is invalid:\n  methods[{i}]{where(lines, ('methods', i))}: cannot import {name!r}: "
                             f"{type(exc).__name__}: {exc}") from None
 
 

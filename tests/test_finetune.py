@@ -16,6 +16,7 @@ import yaml
 from _train_util import TINY_MODEL, finish, metrics, stage_store, status, torchrun
 from dataprep.labels import label_subset, split_labels
 from dataprep.loader import StreamingLoader
+from dataprep.manifest import load_manifest
 from jobs.engine import StageContext
 from jobs.export import export_encoder, load_export_model
 from jobs.finetune import (FinetuneConfig, FinetuneMethod, layer_decay_groups, merge_lora_state, mix_batch,
@@ -83,6 +84,8 @@ def test_each_mode_trains_and_exports_a_plain_timm_classifier_with_the_same_outp
     loaded = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
     ours, config = load_export_model(str(tmp_path / "export"))
     assert config["num_classes"] == 3 and not any("lora" in k for k in loaded.state_dict())
+    classes = load_manifest(local_shards)[0].classes
+    assert len(classes) == 3 and config["label_names"] == classes == loaded.pretrained_cfg["label_names"]
     model.eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

@@ -173,3 +173,36 @@ def test_restart_from_an_unknown_stage_is_refused(tmp_path, s3_url, images_dir):
     result = CliRunner().invoke(app, ["run", write_spec(tmp_path, s3_url, images_dir), "--restart-from", "nope"])
     assert result.exit_code == 2 and "--restart-from 'nope': no such stage" in result.output, result.output
     assert Store(f"{s3_url}/r").ls("") == []
+
+
+@pytest.mark.slow
+def test_raising_max_steps_of_a_finished_stage_continues_it_on_a_new_cosine_and_reruns_downstream(
+        tmp_path, s3_url, images_dir, ray_local):
+    from jobs.engine import lr_at
+
+    spec = write_spec(tmp_path, s3_url, images_dir, pretrain_steps=4, name="ext")
+    root = f"{s3_url}/ext"
+    runner = CliRunner()
+    assert (first := runner.invoke(app, ["run", spec])).exit_code == 0, first.output
+    before = {name: status(root, name) for name in ("data", "pretrain", "probe")}
+
+    more = runner.invoke(app, ["run", spec, "--set", "stages.pretrain.max_steps=8",
+                               "--set", "stages.pretrain.checkpoint.every_steps=2"])
+    assert more.exit_code == 0, more.output
+    pretrain = status(root, "pretrain")
+    assert pretrain["state"] == "done" and pretrain["resumed_from"] == 4 and pretrain["step"] == 8
+    [ext] = pretrain["extensions"]
+    assert (ext["from"]["max_steps"], ext["to"]["max_steps"], ext["state"], ext["step"]) == (4, 8, "done", 4)
+    assert ext["from_digest"] == before["pretrain"]["config_digest"] == ext["from_digest"] != ext["to_digest"]
+    assert status(root, "data") == before["data"]                                   # upstream untouched
+    assert status(root, "probe")["started_at"] > pretrain["history"][-1]["started_at"]  # downstream reran
+    assert status(root, "probe")["attempts"] == 1
+    records = [yaml.safe_load(line) for line in Store(f"{root}/stages/pretrain").get_bytes("metrics.jsonl").decode().splitlines()]
+    lr = {r["step"]: r["lr"] for r in records if "lr" in r}
+    peak = 1.5e-4 * TRAIN["batch_size"] / 256
+    assert [lr[s] for s in range(1, 5)] == pytest.approx([lr_at(s - 1, 4, 0, peak) for s in range(1, 5)])
+    assert [lr[s] for s in range(5, 9)] == pytest.approx([lr_at(s - 1, 8, 0, peak) for s in range(5, 9)])
+    assert yaml.safe_load(Store(root).get_bytes("run.yaml"))["stages"][1]["max_steps"] == 8
+    again = runner.invoke(app, ["run", spec, "--set", "stages.pretrain.max_steps=8",
+                                "--set", "stages.pretrain.checkpoint.every_steps=2"])
+    assert again.exit_code == 0 and again.output.count("finished earlier") == 3, again.output

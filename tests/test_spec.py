@@ -74,7 +74,8 @@ def test_wrong_type_from_the_command_line_names_the_set_path(write, s3_url):
 
 def test_dangling_reference_is_refused(write, s3_url):
     result = cli("run", write(s3_url, probe_init="pretrian"))
-    assert_refused(result, "stages[2] (probe) > init: 'pretrian' is neither an earlier stage")
+    assert_refused(result, "stages[2] (probe) > init (line 11): 'pretrian' is neither an earlier stage",
+                   "did you mean 'pretrain'?")
     assert_nothing_written(f"{s3_url}/specrun")
 
 
@@ -117,8 +118,9 @@ def test_set_overrides_take_yaml_typed_values_and_address_stages_by_name(write, 
 def test_invalid_yaml_and_missing_file_are_spec_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
-    with pytest.raises(SpecError, match="not valid YAML"):
+    with pytest.raises(SpecError, match="not valid YAML") as err:
         load_spec(str(bad))
+    assert f'in "{bad}", line 2' in str(err.value) and "<unicode string>" not in str(err.value)
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(str(tmp_path / "absent.yaml"))
 
@@ -128,3 +130,16 @@ def test_run_yaml_round_trips_through_the_loader(write, tmp_path):
 
     spec = load_spec(write(str(tmp_path / "runs")))
     assert parse_spec(yaml.safe_load(dump_spec(spec))) == spec
+
+
+def test_near_misses_of_keys_kinds_values_and_stage_names_are_suggested_with_their_lines(write, s3_url):
+    path = write(s3_url, pretrain_extra="\n" + " " * 12 + "optim: {base_lrr: 0.1}\n" + " " * 12 + "precision: bf61")
+    result = cli("run", path, "--set", "stages.probe.kind=finetun")
+    assert_refused(result, "stages[1] (pretrain) > optim > base_lrr (line 11)", "did you mean 'base_lr'?",
+                   "stages[1] (pretrain) > precision (line 12)", "did you mean 'bf16'?",
+                   "stages[2] (probe) > kind (--set)", "did you mean 'finetune'?")
+    typo = cli("run", write(s3_url), "--set", "stages.pretrain.data=dta")
+    assert_refused(typo, "stages[1] (pretrain) > data (--set): 'dta' is neither", "did you mean 'data'?")
+    loop = cli("run", write(s3_url), "--set", "stages.pretrain.data=probe")
+    assert_refused(loop, "stages[1] (pretrain) (line 6): stages form a cycle")
+    assert_nothing_written(f"{s3_url}/specrun")

@@ -107,3 +107,30 @@ def test_export_copies_a_finished_stage_and_refuses_others(run_root, tmp_path):
         copy_export(view, "data", str(dest))
     with pytest.raises(ExportNotReadyError, match="has no stage 'nope'"):
         copy_export(view, "nope", str(dest))
+
+
+def test_export_push_to_hub_uploads_the_export_through_huggingface_hub_to_the_hf_endpoint(tmp_path, monkeypatch):
+    """The real huggingface_hub client against a Hub on localhost (tests/_stub_hub.py), never the network."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests._stub_hub import StubHub
+
+    root = str(tmp_path / "runs" / "demo")
+    make_run(root)
+    with StubHub() as hub:
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.url)  # what HF_ENDPOINT sets at import
+        monkeypatch.setenv("HF_TOKEN", "hf_local_test")
+        result = CliRunner().invoke(app, ["export", root, "pretrain", "--push-to-hub", "lab/mae-digits"])
+        assert result.exit_code == 0, result.output
+        assert "pushed to lab/mae-digits" in result.output
+        assert not [call for call in hub.unknown if call.startswith("POST")], hub.unknown
+        stored = RunView(root).export_store("pretrain")
+        assert hub.repos["lab/mae-digits"] == {n: stored.get_bytes(n) for n in ("model.safetensors", "config.json")}
+        assert set(hub.tokens) == {"Bearer hf_local_test"}
+        refused = CliRunner().invoke(app, ["export", root, "tune", "--push-to-hub", "lab/x"])
+        assert refused.exit_code == 1 and "has no export yet" in refused.output and "lab/x" not in hub.repos
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    offline = CliRunner().invoke(app, ["export", root, "pretrain", "--push-to-hub", "lab/mae-digits"])
+    assert offline.exit_code == 1 and "HF_HUB_OFFLINE is set" in offline.output, offline.output
