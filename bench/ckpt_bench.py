@@ -14,6 +14,8 @@ what the background upload costs the loop on the same cores.
     python bench/ckpt_bench.py --state-mb 1000 --steps 24 --every 8 --mbps 0 --no-probe     # ~1 GB
     python bench/ckpt_bench.py --state-mb 4000 --steps 30 --every 15 --mbps 0 --modes async --no-probe
 
+    python bench/ckpt_bench.py --hash-cost --state-mb 1000     # checksum MB/s and % of a 1 GB save
+
 Steps are split into those with no upload in flight ("idle") and those run while the background
 upload shares the cores ("during upload"): their medians show what the upload costs the loop.
 
@@ -176,6 +178,57 @@ def upload_seconds(url: str, storage_options: dict, state_mb: float) -> float:
     return seconds
 
 
+def _hashers() -> dict:
+    """The per-file checksums worth considering: name -> () -> object with update()."""
+    import hashlib
+    import zlib
+
+    class Crc32:
+        def __init__(self) -> None:
+            self.value = 0
+
+        def update(self, data) -> None:
+            self.value = zlib.crc32(data, self.value)
+
+    out = {"sha256": hashlib.sha256, "blake2b": hashlib.blake2b, "md5": hashlib.md5, "crc32 (zlib)": Crc32}
+    try:
+        import xxhash  # optional: not a vitforge dependency
+        out["xxh3_64"] = xxhash.xxh3_64
+    except ImportError:
+        pass
+    return out
+
+
+def hash_cost(state_mb: float, passes: int) -> dict:
+    """MB/s of each checksum over a torch.save'd file of ``state_mb`` MB (8 MiB chunks, as the upload
+    hashes), next to size-only, and each as a percent of the time torch.save takes to write that file."""
+    os.makedirs(WORK, exist_ok=True)
+    path = os.path.join(WORK, "hash-cost.pt")
+    state = {"w": torch.randn(int(state_mb * 2**20 / 4))}
+    save_s = min(_timed(lambda: torch.save(state, path)) for _ in range(passes))
+    with open(path, "rb") as f:
+        data = memoryview(f.read())
+    chunk = 8 << 20
+    res = {"state_mb": state_mb, "save_s": round(save_s, 3), "load_avg_1m": os.getloadavg()[0], "hashes": {}}
+    res["hashes"]["size-only"] = {"s": round(min(_timed(lambda: os.path.getsize(path)) for _ in range(passes)), 6)}
+    for name, make in _hashers().items():
+        def run(make=make) -> None:
+            h = make()
+            for i in range(0, len(data), chunk):
+                h.update(data[i:i + chunk])
+        s = min(_timed(run) for _ in range(passes))
+        res["hashes"][name] = {"s": round(s, 3), "mb_s": round(len(data) / 2**20 / s, 1),
+                               "pct_of_save": round(100 * s / save_s, 1)}
+    os.remove(path)
+    return res
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--state-mb", type=float, default=150.0, help="model + AdamW state size (MB)")
@@ -187,8 +240,24 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1024, help="Linear width (bigger: fewer, larger tensors)")
     ap.add_argument("--batch", type=int, default=8, help="rows per training step")
     ap.add_argument("--no-probe", action="store_true", help="skip the plain-upload yardstick (saves time at GB sizes)")
+    ap.add_argument("--hash-cost", action="store_true",
+                    help="only: MB/s of sha256 / blake2b / md5 / crc32 / xxhash (if installed) vs size-only, "
+                         "and their cost as a percent of torch.save of --state-mb")
+    ap.add_argument("--no-checksum", action="store_true",
+                    help="upload without computing per-file sha256 (to measure what checksums add to a save)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.no_checksum:
+        from cluster.storage import Store
+
+        put_file = Store.put_file
+        Store.put_file = lambda self, local, rel, checksum=False: put_file(self, local, rel)
+    if args.hash_cost:
+        res = hash_cost(args.state_mb, 3)
+        for name, r in res["hashes"].items():
+            print(f"{name:14s} " + "  ".join(f"{k}={v}" for k, v in r.items()))
+        print(json.dumps(res))
+        return
     torch.manual_seed(0)
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)

@@ -124,9 +124,9 @@ def bare_loop(jpegs: list[bytes]):
     return run
 
 
-def ours(shards: str, workers: int, batch: int):
+def ours(shards: str, workers: int, batch: int, verify: bool = True):
     loader = StreamingLoader(shards, batch_size=batch, seed=0, transform=crop_flip_normalize(), num_workers=workers,
-                             partial="drop", window_shards=4)
+                             partial="drop", window_shards=4, verify_shards=verify)
     return lambda: sum(len(b["key"]) for b in loader)  # each run is the next epoch
 
 
@@ -168,6 +168,20 @@ def gpu_decode(jpegs: list[bytes], batch: int, passes: int) -> float | None:
     return max(rate(run) for _ in range(passes))
 
 
+def verify_cost(shards: str, args: argparse.Namespace) -> None:
+    """Images/s of the one-process loader with shard verification on and off (best of ``passes``,
+    interleaved so load from elsewhere hits both alike), and the cost of verifying in percent."""
+    runners = {"verify": ours(shards, 0, args.batch, True), "no_verify": ours(shards, 0, args.batch, False)}
+    best = dict.fromkeys(runners, 0.0)
+    for _ in range(args.passes):
+        for name, run in runners.items():
+            best[name] = max(best[name], rate(run))
+    res = {"images": args.images, "passes": args.passes, "load_avg_1m": os.getloadavg()[0],
+           "verify_img_s": best["verify"], "no_verify_img_s": best["no_verify"],
+           "verify_cost_pct": 100 * (1 - best["verify"] / best["no_verify"])}
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=3000)
@@ -176,11 +190,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--gpu", action="store_true", help="also time batched decode_jpeg on CUDA")
+    ap.add_argument("--verify-cost", action="store_true",
+                    help="only: one-process StreamingLoader with and without shard sha256 checks, interleaved")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one core per process in every path
 
     jpegs = make_jpegs(args.images)
     shards, folder = write_datasets(jpegs, args.shard_size)
+    if args.verify_cost:
+        verify_cost(shards, args)
+        return
     w = max(1, args.workers)
     runners = {
         "bare": bare_loop(jpegs),

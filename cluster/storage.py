@@ -45,12 +45,13 @@ from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 import fsspec
 
+from ._digest import CHECKSUM, DigestReader, copy_digest, new_hasher
 from ._retry import (OUTAGE_ENV, RetryPolicy, StorageAuthError, StorageClockSkewError, StorageError,
                      StorageNotFoundError, StorageUnreachableError, _SECRETS, classify, credential_source, with_retries)
 from ._s3 import (BUCKETS_SEEN, MiB, delete_objects, endpoint_of, endpoint_source, explain_bare_403, prepare_client,
                   put_object, put_small, s3_options)
 
-__all__ = ["COMMITTED", "LATEST", "MiB", "OUTAGE_ENV", "RetryPolicy", "RetryingReader", "StorageAuthError",
+__all__ = ["CHECKSUM", "COMMITTED", "LATEST", "MiB", "OUTAGE_ENV", "RetryPolicy", "RetryingReader", "StorageAuthError",
            "StorageClockSkewError", "StorageError", "StorageNotFoundError", "StorageUnreachableError", "Store", "TransferConfig", "classify", "commit",
            "CorruptRecordError", "committed_dirs", "credential_keys", "credential_source", "is_committed", "local_staging", "read_latest", "register_fence",
            "with_retries", "write_latest"]
@@ -257,17 +258,28 @@ class Store:
                 f"{self.url_of(rel)} is corrupt: it does not parse as JSON ({exc}; {len(data)} bytes). Writes are "
                 "whole-object, so it is not being written: it was damaged or truncated") from None
 
-    def get_file(self, rel: str, local_path: str) -> None:
-        """Download ``rel`` to ``local_path`` (written to a temp name, then renamed)."""
+    def get_file(self, rel: str, local_path: str, checksum: bool = False) -> str | None:
+        """Download ``rel`` to ``local_path`` (written to a temp name, then renamed).
+
+        ``checksum``: return the hex :data:`CHECKSUM` digest of the bytes, hashed as they arrive.
+        """
         os.makedirs(os.path.dirname(os.path.abspath(local_path)) or ".", exist_ok=True)
         tmp = f"{local_path}.part-{os.getpid()}-{threading.get_ident()}"
 
-        def _get() -> None:
-            self.fs.get_file(self.path(rel), tmp)
+        def _get() -> str | None:
+            digest = None
+            if checksum:  # streamed: a reader reopens at its position after a fault, so each byte is hashed once
+                hasher = new_hasher()
+                with self.open_read(rel) as src, open(tmp, "wb") as dst:
+                    copy_digest(src, dst, hasher)
+                digest = hasher.hexdigest()
+            else:
+                self.fs.get_file(self.path(rel), tmp)
             os.replace(tmp, local_path)
+            return digest
 
         try:
-            self._call("download", rel, _get)
+            return self._call("download", rel, _get)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
@@ -298,15 +310,24 @@ class Store:
         return self._call("list", rel, _ls)
 
     # ---- writes (whole objects only) ----------------------------------------------------
-    def put_file(self, local_path: str, rel: str) -> None:
-        """Upload a finished local file. Nothing is visible at ``rel`` unless this returns."""
+    def put_file(self, local_path: str, rel: str, checksum: bool = False) -> str | None:
+        """Upload a finished local file. Nothing is visible at ``rel`` unless this returns.
+
+        ``checksum``: return the hex :data:`CHECKSUM` digest of the file, hashed as it is uploaded
+        (S3, local copies; other backends read the file once more to hash it).
+        """
+        if self.protocol == "file":
+            return self._call("write", rel, lambda: _replace_local(local_path, self.path(rel), checksum))
+        hasher = new_hasher() if checksum else None
         if self.protocol == "s3":
-            with open(local_path, "rb") as src:
-                put_object(self, rel, src, os.path.getsize(local_path))
-        elif self.protocol == "file":
-            self._call("write", rel, lambda: _replace_local(local_path, self.path(rel)))
+            with open(local_path, "rb") as src:  # put_object reads src once, front to back (parts are retried)
+                put_object(self, rel, DigestReader(src, hasher) if hasher else src, os.path.getsize(local_path))
         else:  # other fsspec backends: their put_file is the best whole-object write they offer
+            if hasher:
+                with open(local_path, "rb") as src:
+                    copy_digest(src, _Discard(), hasher)
             self._call("write", rel, lambda: self.fs.put_file(local_path, self.path(rel)))
+        return hasher.hexdigest() if hasher else None
 
     def put_fileobj(self, rel: str, src: BinaryIO) -> None:
         """Upload everything readable from ``src`` (read once, front to back).
@@ -447,15 +468,29 @@ class RetryingReader(io.RawIOBase):
         return f"RetryingReader({self._store.url_of(self._rel)!r})"
 
 
-def _replace_local(local_path: str, dest: str) -> None:
-    """Copy ``local_path`` to ``dest`` through a temp name in the same directory, then rename."""
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _replace_local(local_path: str, dest: str, checksum: bool = False) -> str | None:
+    """Copy ``local_path`` to ``dest`` through a temp name in the same directory, then rename
+    (``checksum``: returns the hex digest of the bytes, hashed as they are copied)."""
     import shutil
 
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     tmp = f"{dest}.part-{os.getpid()}-{threading.get_ident()}"
+    digest = None
     try:
-        shutil.copyfile(local_path, tmp)
+        if checksum:
+            hasher = new_hasher()
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                copy_digest(src, dst, hasher)
+            digest = hasher.hexdigest()
+        else:
+            shutil.copyfile(local_path, tmp)
         os.replace(tmp, dest)
+        return digest
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

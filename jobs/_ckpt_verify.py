@@ -5,8 +5,12 @@ directory (no absolute path, no ``..``); others are dropped with a warning, so a
 can make a restore neither read another stage's files nor copy from outside the store.
 
 :func:`newest_verified`: a restore takes the newest committed checkpoint whose every listed file
-exists with the size ``COMMITTED`` records; one that fails is logged with what was wrong and the
-previous committed checkpoint is used. (Sizes only: per-file checksums are not recorded yet.)
+exists with the size ``COMMITTED`` records (a listing and one HEAD per file, no download); one
+that fails is logged with what was wrong and the previous committed checkpoint is used.
+
+:func:`check_digest`: the sha256 ``COMMITTED`` records for a file, against the digest of the bytes
+a restore downloaded (hashed as they arrived); a mismatch is :class:`CheckpointChecksumError`
+naming the file and both hashes, and the restore falls back (``CheckpointManager.restore``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from cluster.storage import CorruptRecordError, confined_rel
+from cluster.storage import CHECKSUM, CorruptRecordError, confined_rel
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,19 @@ class CheckpointVerificationError(RuntimeError):
     """Every committed checkpoint of a stage failed verification (a restart cannot clear it)."""
 
     permanent = True
+
+
+class CheckpointChecksumError(RuntimeError):
+    """A downloaded checkpoint file does not hash to what its ``COMMITTED`` record says."""
+
+
+def check_digest(url: str, rec: dict[str, Any], actual: str | None) -> None:
+    """Raise :class:`CheckpointChecksumError` when ``actual`` is not the checksum ``rec`` records
+    (records without one, from before checksums were kept, pass)."""
+    expected = rec.get(CHECKSUM)
+    if expected is not None and actual != expected:
+        raise CheckpointChecksumError(f"{url}: {CHECKSUM} of the downloaded bytes is {actual}, COMMITTED records "
+                                      f"{expected} ({rec.get('size')} bytes): the file changed after its commit")
 
 
 def problems(store: Any, name: str, files: dict[str, Any]) -> list[str]:

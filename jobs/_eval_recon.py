@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
-from cluster.storage import Store, local_staging
+from cluster.storage import CHECKSUM, Store, local_staging
 from dataprep.loader import StreamingLoader
 from dataprep.transforms import eval_transform
+from jobs._ckpt_verify import check_digest
+from jobs._safe_load import safe_loading
 from jobs.checkpoint import latest_committed
 from jobs.method import method_class
 
@@ -46,8 +48,10 @@ def load_from_checkpoint(stage_url: str, storage_options: dict[str, Any] | None 
     with local_staging("vitforge-recon-") as tmp:
         for name in info.files:
             if name.startswith("engine/"):
-                store.get_file(name, os.path.join(tmp, name))
-        state = get_fp32_state_dict_from_zero_checkpoint(os.path.join(tmp, "engine"))  # engine/latest names the tag
+                check_digest(store.url_of(name), info.files[name],
+                             store.get_file(name, os.path.join(tmp, name), checksum=CHECKSUM in info.files[name]))
+        with safe_loading():
+            state = get_fp32_state_dict_from_zero_checkpoint(os.path.join(tmp, "engine"))  # engine/latest: the tag
     chans = int(state["encoder.patch_embed.proj.weight"].shape[1])  # the stage took it from its data's manifest
     if cfg.model.in_chans is None and chans != 3:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"in_chans": chans})})

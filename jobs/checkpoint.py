@@ -12,7 +12,7 @@ protocol are :class:`CheckpointManager`. The training engine owns the loop and c
 Store layout (``<stage_url>/checkpoints/``)::
 
     step-00001200/<files written by write_fn on each rank>
-    step-00001200/ranks/rank-00003.done    # rank 3's marker: session, file names + sizes, its meta
+    step-00001200/ranks/rank-00003.done    # rank 3's marker: session, file names + sizes + sha256, its meta
     step-00001200/COMMITTED                # written by rank 0 last, once all W markers are verified
     latest                                 # names the newest committed step; written after COMMITTED
 
@@ -27,9 +27,12 @@ Contracts
 * Markers carry a session id agreed by all ranks at construction, so markers left by a killed
   earlier attempt at the same step never count towards this attempt's commit.
 * The background thread uses only the object store, never ``torch.distributed``.
-* Checkpoint files are loaded by the engine's ``read_fn``; loading pickled files (``torch.load``
-  without ``weights_only=True``, DeepSpeed's own loader) executes code: never restore checkpoints
-  from a store you do not trust.
+* Every file's sha256 is computed while it uploads and recorded in its rank's marker and in
+  ``COMMITTED``; :meth:`CheckpointManager.restore` checks each file as it downloads and falls back
+  to the previous committed checkpoint when one does not match (checkpoints written before
+  checksums were recorded are checked by size).
+* Checkpoint files are loaded by the engine's ``read_fn``; the engine unpickles them with
+  ``weights_only=True`` and an allow-list (:mod:`jobs._safe_load`).
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.housekeeping import tolerate
-from jobs._ckpt_verify import confined_files, newest_verified
-from cluster.storage import (COMMITTED, RetryPolicy, Store, commit, committed_dirs, is_committed, read_latest,
+from jobs._ckpt_verify import (CheckpointChecksumError, CheckpointVerificationError, check_digest, confined_files,
+                               newest_verified)
+from cluster.storage import (CHECKSUM, COMMITTED, RetryPolicy, Store, commit, committed_dirs, is_committed, read_latest,
                              write_latest)
 from jobs._ckpt_state import (CheckpointError, CheckpointMismatchError, capture_rng_state, check_compatible,
                               code_version, json_digest, restore_rng_state)
@@ -108,7 +112,7 @@ class CheckpointInfo:
     name: str                       # step-XXXXXXXX
     url: str                        # full URL of the step directory
     world_size: int
-    files: dict[str, dict[str, int]]  # relative name -> {"size": bytes, "rank": writer}
+    files: dict[str, dict[str, Any]]  # relative name -> {"size": bytes, "rank": writer, "sha256": hex}
     meta: dict[str, Any]            # rank 0's meta as passed to save()
     committed_at: float = 0.0
 
@@ -262,6 +266,7 @@ class CheckpointManager:
         self._job: _SaveJob | None = None
         self._last_step: int | None = None
         self._last_time = time.monotonic()
+        self.restored: CheckpointInfo | None = None
 
     @property
     def local_dir(self) -> str:
@@ -373,10 +378,10 @@ class CheckpointManager:
             shutil.rmtree(job.local_dir, ignore_errors=True)
 
     def _upload(self, job: _SaveJob) -> None:
-        for rel in job.files:
-            self.store.put_file(os.path.join(job.local_dir, *rel.split("/")), f"{job.name}/{rel}")
+        digests = {rel: self.store.put_file(os.path.join(job.local_dir, *rel.split("/")), f"{job.name}/{rel}",
+                                            checksum=True) for rel in job.files}  # hashed as they are uploaded
         marker = {"format": FORMAT, "session": self.session, "rank": self.rank, "step": job.step,
-                  "files": job.files, "meta": job.meta}
+                  "files": job.files, CHECKSUM: digests, "meta": job.meta}
         self.store.put_json(f"{job.name}/{RANKS}/{_marker(self.rank)}", marker)
         log.debug("rank %d uploaded %d file(s) of %s", self.rank, len(job.files), job.name)
 
@@ -416,9 +421,10 @@ class CheckpointManager:
             raise CheckpointCommitError(f"rank {r} failed to upload its part of {name}: {data.get('error')}")
         return done if len(done) == self.world_size else None
 
-    def _verify(self, name: str, markers: dict[int, dict[str, Any]]) -> dict[str, dict[str, int]]:
-        """The union of all ranks' files, each checked to exist in the store with its recorded size."""
-        files: dict[str, dict[str, int]] = {}
+    def _verify(self, name: str, markers: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The union of all ranks' files (size, writer, checksum), each checked to exist in the store with
+        its recorded size."""
+        files: dict[str, dict[str, Any]] = {}
         for r in sorted(markers):
             for rel, size in markers[r]["files"].items():
                 if rel in files:
@@ -427,6 +433,8 @@ class CheckpointManager:
                         "Make write_fn write rank-distinct file names (or shared files on rank 0 only)."
                     )
                 files[rel] = {"size": int(size), "rank": r}
+                if digest := markers[r].get(CHECKSUM, {}).get(rel):
+                    files[rel][CHECKSUM] = digest
         for rel, rec in files.items():
             try:
                 actual = self.store.size(f"{name}/{rel}")
@@ -534,14 +542,49 @@ class CheckpointManager:
         Every file of the checkpoint is downloaded, unless ``own_files_only``: then only the files
         this rank and rank 0 wrote (enough for DeepSpeed ZeRO 1-3 without elastic checkpoints at an
         unchanged world size, and W times less traffic).
+        Each file is checked against the checksum ``COMMITTED`` records as it downloads, before
+        ``read_fn`` sees anything; a checkpoint that fails is logged naming the file and both hashes,
+        and the previous committed checkpoint that verifies is restored instead (written by as many
+        ranks; else :class:`CheckpointVerificationError`). :attr:`restored` is the one restored.
         ``expect``: keys that must equal rank 0's saved meta (e.g. ``config_digest``), else
         :class:`CheckpointMismatchError` before anything is downloaded. Returns this rank's saved
-        meta (rank 0's when this rank did not exist in the saved run). ``read_fn`` may unpickle:
-        never restore from an untrusted store.
+        meta (rank 0's when this rank did not exist in the saved run). Loading a checkpoint's
+        pickles is up to ``read_fn`` (the engine's goes through :mod:`jobs._safe_load`).
         """
         info = info or self.latest()
         if info is None:
             raise CheckpointNotFoundError(f"no committed checkpoint under {self.url}")
+        failed: list[str] = []
+        while True:
+            try:
+                meta = self._restore_one(read_fn, info, expect, own_files_only)
+                self.restored = info
+                return meta
+            except CheckpointChecksumError as exc:
+                log.warning("checkpoint %s failed verification: %s", info.url, exc)
+                failed.append(f"{info.name}: {exc}")
+                info = self._fallback(info, own_files_only, failed)
+
+    def _fallback(self, bad: CheckpointInfo, own_files_only: bool, failed: list[str]) -> CheckpointInfo:
+        """The newest committed checkpoint older than ``bad`` whose files verify by size, or
+        :class:`CheckpointVerificationError` (permanent) naming what failed."""
+        older = sorted((n for n in committed_dirs(self.store, "", PREFIX) if n < bad.name), reverse=True)
+        why = " | ".join(failed)
+        if own_files_only:  # ranks checked different files: falling back alone could split the gang
+            raise CheckpointVerificationError(f"{why}. Restored with own_files_only, so ranks cannot agree on a "
+                                              "fallback; restore every file (own_files_only=False)")
+        if not older:
+            raise CheckpointVerificationError(f"no committed checkpoint under {self.url} verifies: {why}. Restore "
+                                              "the files, or clear the stage (--restart-from) to start over")
+        prev = newest_verified(self.store, older[0], lambda: older, self.info)
+        if prev.world_size != bad.world_size:
+            raise CheckpointVerificationError(f"{why}; the previous committed {prev.name} was written by "
+                                              f"{prev.world_size} ranks, not {bad.world_size}: rerun to resume from it")
+        log.warning("resuming from %s instead of %s, which failed verification", prev.name, bad.name)
+        return prev
+
+    def _restore_one(self, read_fn: Callable[[str], Any], info: CheckpointInfo, expect: Mapping[str, Any] | None,
+                     own_files_only: bool) -> dict[str, Any]:
         if expect:
             check_compatible(info.meta, expect, where=f"checkpoint {info.url}")
         meta = self._rank_meta(info)
@@ -555,7 +598,9 @@ class CheckpointManager:
             for rel, rec in info.files.items():
                 if own_files_only and rec["rank"] not in (0, self.rank):
                     continue
-                self.store.get_file(f"{info.name}/{rel}", os.path.join(local, *rel.split("/")))
+                actual = self.store.get_file(f"{info.name}/{rel}", os.path.join(local, *rel.split("/")),
+                                             checksum=CHECKSUM in rec)
+                check_digest(f"{info.url}/{rel}", rec, actual)
             read_fn(local)
         except Exception as exc:
             if _is_disk_full(exc, self.local_dir):

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from jobs._ckpt_state import CheckpointMismatchError
+from jobs._safe_load import safe_loading
 from jobs.checkpoint import CheckpointInfo, latest_committed
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,12 @@ def resume_plan(stage_url: str, storage_options: dict[str, Any] | None, world_si
 
 
 def load_engine_state(accelerator: Any, engine: Any, engine_dir: str, saved_world: int, world_size: int) -> None:
+    """:func:`_load_engine_state` with every ``torch.load`` weights-only (:mod:`jobs._safe_load`)."""
+    with safe_loading():
+        _load_engine_state(accelerator, engine, engine_dir, saved_world, world_size)
+
+
+def _load_engine_state(accelerator: Any, engine: Any, engine_dir: str, saved_world: int, world_size: int) -> None:
     """Load ``accelerator.save_state``'s directory ``engine_dir`` into the prepared DeepSpeed ``engine``.
 
     The same number of workers: ``accelerator.load_state`` as it is. Another one: partitioned

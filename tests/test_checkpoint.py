@@ -99,9 +99,10 @@ def test_second_save_waits_for_the_upload_in_flight(s3_server):
     events: list = []
     put_file = ckpt.store.put_file
 
-    def observed_put(local: str, rel: str) -> None:  # observe, then do the real upload
-        put_file(local, rel)
+    def observed_put(local: str, rel: str, **kw):  # observe, then do the real upload
+        digest = put_file(local, rel, **kw)
         events.append(("put", rel.split("/")[0]))
+        return digest
 
     ckpt.store.put_file = observed_put
     ckpt.save(1, writer(1, events), {"step": 1}, sync=True)

@@ -53,3 +53,42 @@ def test_when_no_committed_checkpoint_verifies_the_error_says_so(s3_url):
     Store(s3_url).child("checkpoints").put_bytes("step-00000001/w.bin", b"")
     with pytest.raises(CheckpointVerificationError, match="no committed checkpoint .* verifies: step-00000001"):
         CheckpointManager(s3_url, CheckpointPolicy(every_steps=1)).latest()
+
+
+def test_committed_records_each_files_sha256_computed_while_uploading(s3_url, tmp_path):
+    import hashlib
+
+    _save_steps(s3_url, [1])
+    rec = Store(s3_url).child("checkpoints").get_json("step-00000001/COMMITTED")
+    assert rec["files"]["w.bin"]["sha256"] == hashlib.sha256(b"weights of step 1").hexdigest()
+    local = f"file://{tmp_path}/run"  # the local-copy path hashes as it copies, too
+    _save_steps(local, [3])
+    rec = Store(local).child("checkpoints").get_json("step-00000003/COMMITTED")
+    assert rec["files"]["w.bin"]["sha256"] == hashlib.sha256(b"weights of step 3").hexdigest()
+
+
+def test_a_newest_checkpoint_whose_bytes_changed_at_the_same_size_falls_back_naming_file_and_hashes(s3_url, caplog):
+    import hashlib
+
+    _save_steps(s3_url, [1, 2])
+    ckpt = Store(s3_url).child("checkpoints")
+    ckpt.put_bytes("step-00000002/w.bin", b"weights of step X")  # same size: only the checksum can tell
+    manager = CheckpointManager(s3_url, CheckpointPolicy(every_steps=1))
+    got: list[bytes] = []
+    with caplog.at_level(logging.WARNING, logger="jobs.checkpoint"):
+        meta = manager.restore(lambda d: got.append(open(os.path.join(d, "w.bin"), "rb").read()))
+    assert got == [b"weights of step 1"] and meta["step"] == 1 and manager.restored.step == 1
+    assert "step-00000002/w.bin" in caplog.text
+    assert hashlib.sha256(b"weights of step X").hexdigest() in caplog.text
+    assert hashlib.sha256(b"weights of step 2").hexdigest() in caplog.text
+
+
+def test_when_every_checkpoint_fails_its_checksum_the_error_is_permanent_and_names_them(s3_url):
+    _save_steps(s3_url, [1, 2])
+    ckpt = Store(s3_url).child("checkpoints")
+    for step in (1, 2):
+        ckpt.put_bytes(f"step-0000000{step}/w.bin", b"weights of step X")
+    read = []
+    with pytest.raises(CheckpointVerificationError, match="step-00000002.*step-00000001") as err:
+        CheckpointManager(s3_url, CheckpointPolicy(every_steps=1)).restore(read.append)
+    assert err.value.permanent and read == []  # read_fn never saw unverified bytes
