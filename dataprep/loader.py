@@ -6,7 +6,7 @@
     loader.load_state_dict(saved)              # optional: continue exactly where a run stopped
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)                # keeps a just-loaded position in that same epoch
-        for batch in loader:                   # {"image", "label", "key", "index", "pad"} (+ "mask")
+        for batch in loader:                   # {"image", "label", "key", "index", "pad", "epoch"} (+ "mask")
             ...
             state = loader.state_dict()        # after the step: the position after this batch
 
@@ -135,6 +135,7 @@ class _RankBatches(IterableDataset):
             "key": list(keys),
             "index": torch.tensor(sids, dtype=torch.long),
             "pad": torch.tensor(flags, dtype=torch.bool),
+            "epoch": self.epoch,
             "_skipped": skipped,
             "_bytes_read": fetcher.source.bytes_read - before,
         }

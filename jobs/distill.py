@@ -15,6 +15,14 @@ Losses (weights configurable; ``None`` picks by the teacher):
   teacher's; a CNN student's feature map is resized to the teacher's grid (its pooled features
   stand in for the CLS token).
 
+``targets: cached`` (with ``cache: STAGE``, a ``teacher_outputs`` stage or its cache URL) runs no
+teacher: the KL target of each (epoch, sample) is rebuilt from the cache's top-k log-probabilities
+(``jobs/_cache_reader.py``: the remaining mass spread uniformly over the other classes), and the
+cached pooled feature (if stored) is the CLS target. The loader replays the exact crop the teacher
+saw (augmentation is seeded by (seed, epoch, sample id) on any number of workers). A cache made for
+another recipe (img_size, crop_scale, seed), data, temperature or teacher is refused, naming what
+differs: at spec time when both stages are in one spec, else when the stage starts.
+
 The student's export is a plain timm model (the projector is not exported).
 """
 
@@ -28,7 +36,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.storage import Store, local_staging
 from dataprep.transforms import mae_transform
@@ -66,10 +74,28 @@ class DistillConfig(TrainConfig):
     """A ``kind: distill`` stage: ``model`` is the student (any timm model), ``teacher`` the frozen teacher."""
 
     kind: Literal["distill"] = "distill"
-    teacher: str | TeacherWeights = Field(description="an earlier training stage, an export URL/path, or timm + weights")
+    teacher: str | TeacherWeights | None = Field(
+        default=None, description="an earlier training stage, an export URL/path, or timm + weights")
     model: TimmModelConfig
     loss: DistillLoss = Field(default_factory=DistillLoss)
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    targets: Literal["online", "cached"] = Field(default="online", description="online: run the teacher each step; "
+                                                 "cached: read a teacher_outputs stage's cache")
+    cache: str | None = Field(default=None, description="targets: cached: the teacher_outputs stage (or its cache URL)")
+
+    @model_validator(mode="after")
+    def _targets_source(self) -> "DistillConfig":
+        if self.targets == "online" and self.teacher is None:
+            raise ValueError("targets: online needs a teacher (an earlier stage, an export, or {arch, weights}); "
+                             "or set targets: cached with cache: <teacher_outputs stage>")
+        if self.targets == "cached" and self.cache is None:
+            raise ValueError("targets: cached needs cache: <a teacher_outputs stage or its cache URL>")
+        if self.targets == "online" and self.cache is not None:
+            raise ValueError("cache is only read with targets: cached (drop it, or set targets: cached)")
+        if self.targets == "cached" and self.loss.patch_weight:
+            raise ValueError("loss.patch_weight needs the teacher's patch tokens, which a cache does not hold: use "
+                             "targets: online for patch distillation")
+        return self
 
 
 # ---- features of any timm model -------------------------------------------------------------------
@@ -161,6 +187,14 @@ def load_teacher(teacher: str | TeacherWeights, url: str | None, img_size: int,
     return model.eval().requires_grad_(False), classes, size
 
 
+def teacher_forward(teacher: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
+    """The frozen teacher's ``forward_features`` of ``x`` (already in its dtype), resized to its input ``size``."""
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        return teacher.forward_features(x)
+
+
 def _timm_with_weights(teacher: TeacherWeights, storage_options: dict[str, Any] | None) -> nn.Module:
     if "://" not in teacher.weights:
         return load_timm_weights(teacher.arch, os.path.expanduser(teacher.weights), teacher.args, teacher.num_classes)
@@ -185,6 +219,11 @@ class DistillMethod(Method):
         self.teacher_classes, self.teacher_size = 0, cfg.model.img_size
 
     def setup(self, ctx: StageContext) -> None:
+        if self.cfg.targets == "cached":
+            from jobs._cached_targets import setup_cached
+
+            setup_cached(self, ctx)
+            return
         self.teacher, self.teacher_classes, self.teacher_size = load_teacher(
             self.cfg.teacher, ctx.refs.get("teacher"), self.cfg.model.img_size, ctx.storage_options)
         self.weights = self._loss_weights()
@@ -193,6 +232,10 @@ class DistillMethod(Method):
 
     def _loss_weights(self) -> dict[str, float]:
         loss, classifier = self.cfg.loss, self.teacher_classes > 0
+        if self.cfg.targets == "cached":
+            from jobs._cached_targets import cached_loss_weights
+
+            return cached_loss_weights(self)
         weights = {"logits": loss.logits_weight if loss.logits_weight is not None else float(classifier),
                    "cls": loss.cls_weight if loss.cls_weight is not None else float(not classifier),
                    "patch": loss.patch_weight if loss.patch_weight is not None else float(not classifier)}
@@ -210,7 +253,8 @@ class DistillMethod(Method):
         student = build_timm_model(self.cfg.model, num_classes=self.num_classes)
         projector = None
         if self.weights["cls"] or self.weights["patch"]:
-            projector = FeatureProjector(int(student.num_features), int(self.teacher.num_features))
+            teacher_dim = self.cache.manifest["feature_dim"] if self.teacher is None else self.teacher.num_features
+            projector = FeatureProjector(int(student.num_features), int(teacher_dim))
         return DistillStudent(student, projector)
 
     def train_transform(self) -> Callable:
@@ -223,11 +267,8 @@ class DistillMethod(Method):
             dtype = torch.bfloat16 if use_bf16(self.cfg, imgs.is_cuda) else torch.float32
             self.teacher.to(imgs.device, dtype=dtype)
             p = next(self.teacher.parameters())
-        x = imgs.to(p.dtype)
-        if x.shape[-1] != self.teacher_size:
-            x = F.interpolate(x, size=(self.teacher_size, self.teacher_size), mode="bicubic", align_corners=False)
+        feats = teacher_forward(self.teacher, imgs.to(p.dtype), self.teacher_size)
         with torch.no_grad():
-            feats = self.teacher.forward_features(x)
             out: dict[str, Any] = {}
             if self.weights["logits"]:
                 out["logits"] = self.teacher.forward_head(feats).float()  # [N, C]
@@ -238,6 +279,10 @@ class DistillMethod(Method):
         return out
 
     def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.cfg.targets == "cached":
+            from jobs._cached_targets import cached_step
+
+            return cached_step(self, model, batch)
         imgs = batch["image"]  # [N, 3, S, S], on the student's device and dtype
         target = self._teacher_targets(imgs)
         out = model(imgs, target.get("grid"))
@@ -251,7 +296,7 @@ class DistillMethod(Method):
         return loss, {f"loss_{k}": float(v.detach()) for k, v in parts.items()}
 
     def arch(self) -> dict[str, Any]:
-        teacher = self.cfg.teacher if isinstance(self.cfg.teacher, str) else self.cfg.teacher.model_dump()
+        teacher = self.cfg.teacher if not isinstance(self.cfg.teacher, TeacherWeights) else self.cfg.teacher.model_dump()
         return {"student": self.cfg.model.model_dump(), "teacher": teacher, "loss": self.cfg.loss.model_dump()}
 
     def no_weight_decay(self, model: nn.Module) -> set[str]:
@@ -269,6 +314,9 @@ class DistillMethod(Method):
         """3x the student's forward plus the teacher's forward."""
         if not hasattr(self, "_flops"):
             student = forward_flops(lambda: build_timm_model(self.cfg.model, self.num_classes), self.cfg.model.img_size)
+            if self.teacher is None:  # cached targets: no teacher forward
+                self._flops = 3.0 * student
+                return self._flops
             teacher = 2.0 * sum(p.numel() for p in self.teacher.parameters()) * self._teacher_tokens()
             self._flops = 3.0 * student + teacher
         return self._flops

@@ -11,6 +11,7 @@
         checkpoints/step-00001200/        .checkpoints, checkpoint_name(step)
         export/                           .export      (training)
         eval.json                         .eval_json   (eval)
+        cache/units/ manifest.json        .cache       (teacher_outputs)
 
 Every property is a URL; the ``*_NAME`` constants are the same names relative to their folder, for
 code that holds a :class:`~cluster.storage.Store` of the folder already.
@@ -38,6 +39,7 @@ METRICS_NAME = "metrics.jsonl"
 CHECKPOINTS_NAME = "checkpoints"
 EXPORT_NAME = "export"
 EVAL_JSON_NAME = "eval.json"
+CACHE_NAME = "cache"
 CHECKPOINT_PREFIX = "step-"   # checkpoints/step-00001200/
 
 
@@ -90,6 +92,10 @@ class StageLayout:
     @property
     def eval_json(self) -> str:
         return _join(self.url, EVAL_JSON_NAME)
+
+    @property
+    def cache(self) -> str:
+        return _join(self.url, CACHE_NAME)
 
 
 @dataclass(frozen=True)

@@ -67,13 +67,14 @@ class StageJob(BaseModel):
     methods: list[str] = Field(default_factory=list, description="plugin modules that register methods")
     init_url: str | None = None
     teacher_url: str | None = None
+    cache_url: str | None = Field(default=None, description="a distill stage's teacher_outputs cache (targets: cached)")
     fault: FaultHooks | None = None
     lease: dict[str, Any] | None = Field(default=None, description="the run lease's fence (cluster/lease.py)")
 
     @property
     def refs(self) -> dict[str, str]:
         """The resolved references by field (``{"init": <export URL>}``), as ``StageContext.refs``."""
-        return {f: url for f in REFERENCE_FIELDS if (url := getattr(self, f"{f}_url"))}
+        return {f: url for f in (*REFERENCE_FIELDS, "cache") if (url := getattr(self, f"{f}_url"))}
 
     def config(self) -> TrainConfig:
         """The stage's config, validated by its kind's method (import :attr:`methods` first)."""

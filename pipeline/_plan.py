@@ -22,7 +22,8 @@ from cluster.storage import CorruptRecordError, Store
 from dataprep.manifest import MANIFEST
 from jobs.evaluate import EVAL_JSON
 from jobs.export import CONFIG as EXPORT_CONFIG
-from jobs.layout import EXPORT_NAME, RUN_YAML_NAME, SHARDS_NAME, STATUS_NAME, StageStatus
+from jobs.layout import CACHE_NAME, EXPORT_NAME, RUN_YAML_NAME, SHARDS_NAME, STATUS_NAME, StageStatus
+from jobs.teacher_cache import MANIFEST as CACHE_MANIFEST
 from pipeline._changes import classify, describe, stamped
 from pipeline.spec import RunSpec, SpecError, dump_spec, input_paths, is_training_kind, stage_inputs
 
@@ -63,6 +64,8 @@ def output_of(kind: str) -> str:
         return posixpath.join(SHARDS, MANIFEST)
     if kind == "eval":
         return EVAL_JSON
+    if kind == "teacher_outputs":
+        return posixpath.join(CACHE_NAME, CACHE_MANIFEST)
     return posixpath.join(EXPORT, EXPORT_CONFIG)
 
 

@@ -107,6 +107,10 @@ def _run_stage(spec: RunSpec, stage: Any, address: str | None, fault: dict[str, 
         return run_prep_stage(spec, stage.name, address=address)
     if stage.kind == "eval":
         return run_eval_stage(spec, stage.name, address=address)
+    if stage.kind == "teacher_outputs":
+        from jobs.teacher_cache import run_teacher_outputs_stage
+
+        return run_teacher_outputs_stage(spec, stage.name, address=address)
     return run_training_stage(spec, stage.name, address=address, fault=fault)
 
 

@@ -29,6 +29,7 @@ from jobs.evaluate import EvalConfig
 from jobs.layout import RunLayout
 from jobs.methods import config_classes, import_methods, training_kinds
 from jobs.stage import REFERENCE_FIELDS, FaultHooks, StageJob
+from jobs.teacher_cache import TeacherOutputsConfig, check_cache_reference
 from pipeline._specerrors import FieldError, did_you_mean, format_errors, where
 from pipeline._specfile import SpecError, apply_overrides, read_yaml
 
@@ -59,12 +60,13 @@ class PrepStage(PrepOptions):
 
 
 def _stage_union(configs: tuple[type, ...]) -> Any:
-    return Annotated[Union[(PrepStage, *configs, EvalConfig)], Field(discriminator="kind")]
+    return Annotated[Union[(PrepStage, *configs, EvalConfig, TeacherOutputsConfig)], Field(discriminator="kind")]
 
 
 _BUILTIN_CONFIGS = config_classes()
 Stage = _stage_union(_BUILTIN_CONFIGS)  # the built-in kinds; see spec_model() for plugins
 TRAINING_KINDS = training_kinds()  # the built-in ones; is_training_kind() also knows plugins
+INPUT_FIELDS = ("data", *REFERENCE_FIELDS, "cache")  # stage fields naming an earlier stage or a URL
 
 
 class RunSpec(BaseModel):
@@ -105,6 +107,7 @@ class RunSpec(BaseModel):
                 if seen[data] != "prep":
                     raise FieldError(("stages", i, "data"), f"stage {data!r} is a {seen[data]} stage, not a prep stage")
             _check_references(i, stage, seen)
+            check_cache_reference(i, stage, {s.name: s for s in self.stages[:i]})
             _check_models(i, stage, seen)
             seen[stage.name] = stage.kind
         return self
@@ -151,9 +154,17 @@ class RunSpec(BaseModel):
             raise ValueError(f"stage {name!r} is a {stage.kind} stage, not a training stage")
         refs = {f"{f}_url": self.export_url(getattr(stage, f)) for f in REFERENCE_FIELDS
                 if isinstance(getattr(stage, f, None), str)}
+        if isinstance(getattr(stage, "cache", None), str):
+            refs["cache_url"] = self.cache_url(stage.cache)
         return StageJob(stage=stage.model_dump(mode="json"), stage_url=self.stage_url(name),
                         data_url=self.data_url(stage), storage_options=self.storage_options, launcher=launcher,
                         methods=self.methods, fault=FaultHooks(**fault) if fault else None, **refs).dump()
+
+    def cache_url(self, ref: str) -> str:
+        """Where ``cache: REF`` points: a teacher_outputs stage's cache folder, or the URL."""
+        if _is_url(ref):
+            return ref if "://" in ref else os.path.abspath(os.path.expanduser(ref))
+        return self.layout.stage(ref).cache
 
     def eval_job(self, name: str) -> dict[str, Any]:
         """The JSON-able job of eval stage ``name`` (see ``jobs/evaluate.py``): its models resolved to export URLs."""
@@ -191,7 +202,7 @@ def is_training_kind(kind: str) -> bool:
 
 def stage_inputs(stage: Any) -> list[str]:
     """The stage names or URLs a stage reads: ``data``, ``init``, ``teacher`` and ``models``."""
-    refs = [getattr(stage, f, None) for f in ("data", *REFERENCE_FIELDS)]
+    refs = [getattr(stage, f, None) for f in INPUT_FIELDS]
     return [r for r in [*refs, *(getattr(stage, "models", None) or [])] if isinstance(r, str)]
 
 
@@ -222,7 +233,7 @@ def _check_cycles(stages: list[Any]) -> None:
 
 def _named_inputs(stage: Any) -> list[tuple[tuple, str]]:
     """``(key path in the stage, value)`` of every input field of a stage (``("models", 1)`` for list items)."""
-    found = [((f,), getattr(stage, f, None)) for f in ("data", *REFERENCE_FIELDS)]
+    found = [((f,), getattr(stage, f, None)) for f in INPUT_FIELDS]
     found += [(("models", j), m) for j, m in enumerate(getattr(stage, "models", None) or [])]
     return [(f, v) for f, v in found if isinstance(v, str)]
 
@@ -303,7 +314,7 @@ def input_paths(spec: RunSpec) -> list[tuple[str, str]]:
         where = f"stages[{i}] ({stage.name})"
         if stage.kind == "prep":
             found.append((f"{where} > source", stage.source))
-        for field in ("data", *REFERENCE_FIELDS):
+        for field in INPUT_FIELDS:
             ref = getattr(stage, field, None)
             if isinstance(ref, str) and _is_url(ref):
                 found.append((f"{where} > {field}", ref))

@@ -1,0 +1,198 @@
+"""Cached teacher outputs: a teacher_outputs cache of the digits replays the online teacher's targets.
+
+Default tier, in one process: the cache's units are computed as the stage's Ray tasks compute them
+(``run_units``), the student's loader is the engine's (same seed, transform, ``partial="drop"``).
+With k = every class the cached distillation's loss equals the online one step for step within
+the fp16 bound stated in :func:`fp16_bound`; on another world size each rank reads its own entries;
+a cache of another crop scale (or temperature, data, teacher) is refused naming what differs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from _train_util import write_digit_shards
+from dataprep.loader import StreamingLoader
+from jobs._cache_reader import CacheMismatchError, soft_targets
+from jobs.distill import DistillConfig, DistillMethod
+from jobs.engine import StageContext
+from jobs.teacher_cache import (TeacherOutputsConfig, all_units, data_digest, run_units, unit_name,
+                                write_manifest)
+from cluster.storage import Store
+from pipeline.spec import SpecError, parse_spec
+
+STUDENT = {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32,
+           "num_heads": 2}
+TEACHER_ARGS = {"channels": [8, 16, 32, 64], "stem_width": 8}
+T = 2.0
+
+
+def write_teacher(path: str) -> dict:
+    """A 10-class CNN teacher whose outputs are peaked and depend on the crop (a scaled random head)."""
+    torch.manual_seed(0)
+    teacher = timm.create_model("resnet18", num_classes=10, **TEACHER_ARGS)
+    with torch.no_grad():
+        teacher.fc.weight.mul_(40.0)
+    save_file(teacher.state_dict(), path)
+    return {"arch": "resnet18", "weights": path, "num_classes": 10, "args": TEACHER_ARGS}
+
+
+def make_cache(tmp_path, data_url: str, teacher: dict, **over) -> str:
+    """Every unit of a teacher_outputs stage, computed and committed, then its manifest; returns the cache URL."""
+    cfg = TeacherOutputsConfig(**{"name": "targets", "data": "data", "teacher": teacher, "epochs": 2, "topk": 10,
+                                  "temperature": T, "img_size": 32, "crop_scale": (0.35, 1.0), "seed": 3,
+                                  "batch_size": 32, **over})
+    url = str(tmp_path / f"cache-{cfg.digest()[:8]}")
+    dig = data_digest(data_url)
+    job = {"stage": cfg.model_dump(mode="json"), "cache_url": url, "data_url": data_url, "data_digest": dig}
+    units = all_units(cfg, data_url, {})
+    run_units(job, units)
+    write_manifest(cfg, Store(url), units, data_url, {}, dig)
+    return url
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tc")
+    data_url = write_digit_shards(str(root / "data"), images=96, per_shard=32)
+    teacher = write_teacher(str(root / "teacher.safetensors"))
+    return root, data_url, teacher, make_cache(root, data_url, teacher)
+
+
+def student(data_url: str, cache_url: str | None, online_teacher: dict | None, **over) -> DistillMethod:
+    """A distill method (online with ``teacher``, else cached from ``cache_url``), set up on the digits."""
+    targets = {"targets": "cached", "cache": "targets"} if cache_url else {"teacher": online_teacher}
+    fields = {"name": "s", "data": "data", "model": STUDENT, "crop_scale": (0.35, 1.0), "seed": 3,
+              "loss": {"temperature": T}, **targets, **over}
+    method = DistillMethod(DistillConfig(**fields))
+    method.setup(StageContext(stage_url="/unused", data_url=data_url, refs={"cache": cache_url} if cache_url else {}))
+    return method
+
+
+def loader(method: DistillMethod, data_url: str, rank: int = 0, world: int = 1) -> StreamingLoader:
+    """The engine's train loader of ``method``."""
+    return StreamingLoader(data_url, batch_size=16, seed=method.cfg.seed, rank=rank, world_size=world,
+                           transform=method.train_transform(), partial="drop")
+
+
+def fp16_bound(method: DistillMethod, model, batch) -> float:
+    """The loss difference fp16 log-probabilities allow: each stored log-prob l has |dl| <= 2**-11 |l|,
+    so |dKL| <= T**2 * mean_n sum_c p_c |dl_c| (1 + |l_c - log q_c|) (first order; x1.5 for the rest)."""
+    with torch.no_grad():
+        lp = torch.log_softmax(method._teacher_targets(batch["image"])["logits"] / T, -1)
+        lq = torch.log_softmax(model(batch["image"], None)["logits"] / T, -1)
+        per = (lp.exp() * lp.abs() * 2.0 ** -11 * (1 + (lp - lq).abs())).sum(-1)
+    return 1.5 * T * T * float(per.mean()) + 1e-6
+
+
+def test_cached_losses_equal_online_losses_step_for_step_with_k_all_classes(digits):
+    _, data_url, teacher, cache_url = digits
+    online, cached = student(data_url, None, teacher), student(data_url, cache_url, None)
+    assert cached.teacher is None and cached.num_classes == 10
+    models = []
+    for m in (online, cached):
+        torch.manual_seed(0)
+        models.append(m.build_model())
+    opts = [torch.optim.SGD(mod.parameters(), lr=0.05) for mod in models]
+    steps = 0
+    for epoch in range(2):
+        streams = []
+        for m in (online, cached):
+            ld = loader(m, data_url)
+            ld.set_epoch(epoch)
+            streams.append(iter(ld))
+        for b_on, b_ca in zip(*streams):
+            assert torch.equal(b_on["index"], b_ca["index"]) and b_ca["epoch"] == epoch
+            bound = fp16_bound(online, models[0], b_on)
+            l_on, _ = online.step(models[0], b_on, steps)
+            l_ca, _ = cached.step(models[1], b_ca, steps)
+            assert abs(float(l_on) - float(l_ca)) <= bound, (steps, float(l_on), float(l_ca), bound)
+            for loss, opt in zip((l_on, l_ca), opts):
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            steps += 1
+    assert steps == 2 * (96 // 16)
+    assert float(l_on) > 0.01  # the teacher's targets are far from what the student predicts
+
+
+def test_another_world_size_reads_each_ranks_own_entries(digits):
+    """Rank 1 of 2 (epoch 1): its cached soft targets are the online teacher's for its own crops."""
+    _, data_url, teacher, cache_url = digits
+    online, cached = student(data_url, None, teacher), student(data_url, cache_url, None)
+    ld = loader(online, data_url, rank=1, world=2)
+    ld.set_epoch(1)
+    for batch in ld:
+        want = torch.softmax(online._teacher_targets(batch["image"])["logits"] / T, -1)
+        got = cached.cache.lookup(batch["epoch"], batch["index"])
+        probs = soft_targets(got["logprobs"], got.get("indices"), 10)
+        assert torch.allclose(probs, want, atol=2e-3), (probs - want).abs().max()
+
+
+def test_top3_soft_targets_keep_the_top_classes_and_spread_the_rest(digits):
+    root, data_url, teacher, _ = digits
+    url = make_cache(root, data_url, teacher, topk=3)
+    cached = student(data_url, url, None)
+    got = cached.cache.lookup(0, torch.arange(40))
+    assert got["indices"].dtype == torch.int64 and got["logprobs"].shape == (40, 3)
+    probs = soft_targets(got["logprobs"], got["indices"], 10)
+    assert torch.allclose(probs.sum(-1), torch.ones(40), atol=1e-3)
+    top = got["logprobs"].exp()
+    rest = (1 - top.sum(-1, keepdim=True)).clamp_min(0) / 7
+    mask = torch.ones(40, 10, dtype=torch.bool).scatter_(-1, got["indices"], False)
+    assert torch.allclose(probs[mask].view(40, 7), rest.expand(-1, 7))
+    manifest = cached.cache.manifest
+    assert manifest["dtypes"] == {"logprobs": "float16", "indices": "uint8"}
+    per_logit = manifest["bytes"] / (96 * 2 * 3)
+    assert per_logit < 3.0 + 900 / (32 * 3)  # 2 B value + 1 B index, plus the npz header of each unit
+
+
+def test_a_cache_of_another_crop_scale_or_temperature_is_refused_naming_it(digits):
+    _, data_url, teacher, cache_url = digits
+    with pytest.raises(CacheMismatchError, match=r"recipe.crop_scale: cache \[0.35, 1.0\], student \[0.2, 1.0\]"):
+        student(data_url, cache_url, None, crop_scale=(0.2, 1.0))
+    with pytest.raises(CacheMismatchError, match="temperature: cache 2.0, student 4.0"):
+        student(data_url, cache_url, None, loss={"temperature": 4.0})
+    with pytest.raises(CacheMismatchError, match="teacher: cache"):
+        student(data_url, cache_url, None, teacher="another-stage")
+    with pytest.raises(CacheMismatchError, match=r"epoch 2 is not in the cache .* \(epochs \[0, 2\)\)"):
+        student(data_url, cache_url, None).cache.lookup(2, torch.arange(3))
+
+
+def test_the_spec_refuses_a_cache_stage_of_another_recipe_naming_what_differs(tmp_path):
+    def spec(**student_over):
+        return {"name": "r", "storage": str(tmp_path), "stages": [
+            {"name": "data", "kind": "prep", "source": str(tmp_path)},
+            {"name": "targets", "kind": "teacher_outputs", "data": "data", "epochs": 2, "img_size": 32,
+             "teacher": {"arch": "resnet18", "weights": "/t.safetensors", "num_classes": 10}},
+            {"name": "s", "kind": "distill", "data": "data", "targets": "cached", "cache": "targets",
+             "model": STUDENT, "epochs": 2, **student_over}]}
+    parsed = parse_spec(spec(crop_scale=[0.2, 1.0], loss={"temperature": 1.0}))
+    assert parsed.stage_job("s", "ray")["cache_url"].endswith("/r/stages/targets/cache")
+    with pytest.raises(SpecError, match=r"recipe.crop_scale: cache \[0.2, 1.0\], student \[0.5, 1.0\]"):
+        parse_spec(spec(crop_scale=[0.5, 1.0], loss={"temperature": 1.0}))
+    with pytest.raises(SpecError, match=r"epochs: cache \[0, 2\), student \[0, 3\)"):
+        parse_spec(spec(epochs=3, loss={"temperature": 1.0}))
+    with pytest.raises(SpecError, match="targets: cached needs cache"):
+        parse_spec(spec(cache=None))
+
+
+def test_units_are_committed_by_their_record_and_never_redone(digits, tmp_path):
+    root, data_url, teacher, cache_url = digits
+    store = Store(cache_url)
+    name = unit_name(1, 2)
+    before = store.fs.info(store.path(f"units/{name}.npz"))["mtime"]
+    cfg = TeacherOutputsConfig(name="targets", data="data", teacher=teacher, epochs=2, topk=10, temperature=T,
+                               img_size=32, crop_scale=(0.35, 1.0), seed=3, batch_size=32)
+    job = {"stage": cfg.model_dump(mode="json"), "cache_url": cache_url, "data_url": data_url,
+           "data_digest": data_digest(data_url)}
+    assert run_units(job, [(1, 2)]) == []  # committed: skipped
+    assert store.fs.info(store.path(f"units/{name}.npz"))["mtime"] == before
+    with np.load(store.path(f"units/{name}.npz")) as z:
+        assert z["logprobs"].dtype == np.float16 and "indices" not in z.files  # k = C: no indices
+        total = np.exp(z["logprobs"].astype(np.float32)).sum(1)
+    assert np.allclose(total, 1.0, atol=1e-2)
