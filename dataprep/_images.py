@@ -15,6 +15,7 @@ libjpeg-turbo again.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -45,6 +46,13 @@ class Reject(Exception):
         self.reason, self.detail = reason, detail
 
 
+# far above any training size (ViTs train at 224-518 px): a 72-megapixel photo stored whole costs
+# ~30x the bytes and decode time of one at this size and gains a model nothing
+MAX_SIDE_DEFAULT = 4096
+log = logging.getLogger(__name__)
+_warned_max_side = False
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """What each output image must look like (a slice of the prep options)."""
@@ -54,6 +62,7 @@ class ImageSpec:
     quality: int = 90
     min_side: int = 8
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+    max_side: int | None = MAX_SIDE_DEFAULT  # without resize: a longer side above this shrinks to it
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -74,7 +83,7 @@ def process(data: bytes, spec: ImageSpec) -> bytes:
     size = (im.height, im.width) if orientation in (5, 6, 7, 8) else (im.width, im.height)
     if min(size) < spec.min_side:
         raise Reject(TOO_SMALL, f"{size[0]}x{size[1]} px, smaller than {spec.min_side} px on a side")
-    target = _target_size(size, spec.resize)
+    target = _target_size(size, spec.resize) or _capped_size(size, spec.max_side)
     swapped = orientation in (5, 6, 7, 8)
     arr = _decode(data, im, (target[1], target[0]) if target and swapped else target)  # [H, W, 3] uint8
     if target is None and orientation == 1 and im.mode == "RGB" and EXT_OF_FORMAT.get(fmt) == spec.ext:
@@ -134,6 +143,21 @@ def _orientation(im: Image.Image) -> int:
     except Exception:  # a broken EXIF block does not make the pixels unusable
         return 1
     return value if value in range(1, 9) else 1
+
+
+def _capped_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int] | None:
+    """Output (w, h) with the longer side at ``max_side`` when it is longer (warned once per process)."""
+    global _warned_max_side
+    w, h = size
+    if not max_side or max(w, h) <= max_side:
+        return None
+    if not _warned_max_side:
+        _warned_max_side = True
+        log.warning("an input of %dx%d px is far larger than any training size: stored with its longer side at "
+                    "%d px (prep's max_side; set resize to choose the size, or max_side: null to keep such "
+                    "images whole)", w, h, max_side)
+    scale = max_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
 
 
 def _target_size(size: tuple[int, int], resize: int | None) -> tuple[int, int] | None:

@@ -32,7 +32,7 @@ from cluster.housekeeping import tolerate
 from cluster.storage import CorruptRecordError, Store, StorageNotFoundError
 
 from ._arrays import CHANNELS, ArraySpec
-from ._images import DUPLICATE, MASK, REASONS, ImageSpec
+from ._images import DUPLICATE, MASK, MAX_SIDE_DEFAULT, REASONS, ImageSpec
 from ._stats import ChannelStats
 from ._sources import (Entry, Listing, SourceError, attach_masks, list_source, normalise_labels, scan_container,
                        scan_files)
@@ -85,6 +85,8 @@ class PrepOptions(BaseModel):
     reject_threshold: float = Field(0.05, ge=0.0, le=1.0, description="fail when a larger fraction is rejected")
     min_side: int = Field(8, ge=1, description="reject images with a side shorter than this")
     max_pixels: int = Field(89_478_485, ge=1, description="reject larger images as decompression bombs (PIL's limit)")
+    max_side: int | None = Field(MAX_SIDE_DEFAULT, ge=1, description="jpg/png without resize: shrink an image whose "
+                                 "longer side is above this to it (a warning says so); null keeps every size")
     source_kind: Literal["auto", "imagefolder", "flat", "csv", "jsonl", "parquet", "wds"] = "auto"
     masks: str | None = Field(None, min_length=1, description="per-sample segmentation masks (<key>.mask.png): a "
                                                               "folder of <input name>.png, or 'column' for a list's "
@@ -102,6 +104,8 @@ class PrepOptions(BaseModel):
     def output_options(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _OUTPUT_OPTIONS}
         out.update({k: v for k in ("channels", "to_rgb", "masks") if (v := getattr(self, k))})  # only when set: old digests hold
+        if self.max_side != MAX_SIDE_DEFAULT:
+            out["max_side"] = self.max_side
         if out["shard_size"] is None and out["shard_bytes"] is None:
             out["shard_size"] = DEFAULT_SHARD_SIZE
         return out
@@ -204,7 +208,7 @@ def _image_spec(options: PrepOptions, plan: "_Plan") -> ImageSpec | ArraySpec:
         return ArraySpec(channels=channels, dtype=dtype, resize=options.resize, min_side=options.min_side,
                          max_pixels=options.max_pixels)
     return ImageSpec(ext=plan.ext, resize=options.resize, quality=options.quality, min_side=options.min_side,
-                     max_pixels=options.max_pixels)
+                     max_pixels=options.max_pixels, max_side=options.max_side)
 
 
 def _start_ray(address: str | None, workers: int | None) -> int:

@@ -90,6 +90,8 @@ def prep(
     reject_threshold: float = typer.Option(0.05, help="Fail when a larger fraction of inputs is rejected."),
     min_side: int = typer.Option(8, help="Reject images with a side shorter than this (pixels)."),
     max_pixels: int = typer.Option(89_478_485, help="Reject larger images as decompression bombs (PIL's limit)."),
+    max_side: int = typer.Option(4096, help="jpg/png without --resize: shrink a longer side above this to it "
+                                 "(with a warning); 0 keeps every size."),
     source_kind: str = typer.Option("auto", help="auto, imagefolder, flat, csv, jsonl, parquet or wds."),
     address: str = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)."),
     overwrite: bool = typer.Option(False, help="Replace a prep with other options or another source at DEST."),
@@ -106,7 +108,8 @@ def prep(
         options = PrepOptions(
             shard_size=shard_size, shard_bytes=shard_bytes, resize=resize, format=format, quality=quality,
             val_fraction=val_fraction, seed=seed, workers=workers, reject_threshold=reject_threshold,
-            min_side=min_side, max_pixels=max_pixels, source_kind=source_kind, overwrite=overwrite,
+            min_side=min_side, max_pixels=max_pixels, max_side=max_side or None, source_kind=source_kind,
+            overwrite=overwrite,
             channels=[c.strip() for c in channels.split(",") if c.strip()] if channels else None, to_rgb=to_rgb,
             masks=masks,
         )

@@ -10,6 +10,8 @@ import shutil
 import tarfile
 
 import pytest
+import io
+
 from PIL import Image
 
 from _prep_util import bad_inputs, download, odd_but_good, output_objects, read_with_webdataset, sha, write_files
@@ -144,3 +146,24 @@ def test_prep_stage_of_a_run_writes_through_the_specs_storage_options(tmp_path, 
     manifest, _ = load_manifest(f"{spec.stage_url('data')}/shards/manifest.json", opts)
     assert manifest.totals["written"] == 60 and manifest.splits["train"].samples == 60
     assert not Store(f"s3://{s3.bucket}/").exists("runs")  # nothing went to the environment's server
+
+
+def test_images_far_larger_than_any_training_size_shrink_to_max_side_with_a_warning(caplog):
+    import dataprep._images as images
+    from dataprep._images import MAX_SIDE_DEFAULT, ImageSpec, process
+    from dataprep.prep import PrepOptions
+
+    buf = io.BytesIO()
+    Image.new("RGB", (MAX_SIDE_DEFAULT + 904, 250), (200, 30, 30)).save(buf, format="PNG")
+    images._warned_max_side = False
+    with caplog.at_level("WARNING", logger="dataprep._images"):
+        out = Image.open(io.BytesIO(process(buf.getvalue(), ImageSpec(ext="png"))))
+    assert out.size == (MAX_SIDE_DEFAULT, 205)
+    assert "far larger than any training size" in caplog.text and "max_side" in caplog.text
+    kept = Image.open(io.BytesIO(process(buf.getvalue(), ImageSpec(ext="png", max_side=None))))
+    assert kept.size == (MAX_SIDE_DEFAULT + 904, 250)
+    resized = Image.open(io.BytesIO(process(buf.getvalue(), ImageSpec(ext="png", resize=50))))
+    assert resized.size == (1000, 50)  # resize decides the size; max_side only caps images it leaves alone
+    # the default leaves the digest of earlier preps as it was; another max_side changes it
+    assert "max_side" not in PrepOptions().output_options()
+    assert PrepOptions(max_side=1024).digest() != PrepOptions().digest()
