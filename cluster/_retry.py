@@ -225,46 +225,65 @@ def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, bucket: st
         except StorageError:
             raise
         except Exception as exc:  # classify, then retry or translate
-            kind = classify(exc)
-            never_connected = _in_chain(exc, _CONNECT_TYPES)
-            if endpoint and not never_connected:
-                mark_reached(endpoint[0])  # it answered (an error reply is an answer)
-            if kind == "skew":
-                raise StorageClockSkewError(
-                    f"the store refused to {what}: this machine's clock differs from the server's by more than it "
-                    f"allows (RequestTimeTooSkewed; S3 allows 15 minutes). Synchronise the clock (NTP, chrony, "
-                    f"`timedatectl set-ntp true`) and run again.") from None
-            if kind == "auth" and _in_chain(exc, _NO_CREDENTIALS_TYPES):
-                raise StorageAuthError(
-                    f"no S3 credentials found while trying to {what}: set AWS_ACCESS_KEY_ID and "
-                    f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (a profile in ~/.aws/credentials), or run where an "
-                    f"instance role provides them.") from None
-            if (kind == "transient" and endpoint and never_connected and endpoint[0] not in _reached()
-                    and time.monotonic() + backoff > start + _first_contact_s()):
-                raise StorageUnreachableError(
-                    f"could not connect to the S3 endpoint {endpoint[0]} (from {endpoint[1]}) while trying to "
-                    f"{what}: {type(exc).__name__} for {time.monotonic() - start:.0f} s, and it never answered. "
-                    f"Check the endpoint URL and that the server is up; the outage window ({OUTAGE_ENV}) applies "
-                    f"only to a store that answered before ({FIRST_CONTACT_ENV} sets this bound).") from None
-            if kind == "auth":
-                raise StorageAuthError(_auth_message(exc, what, bucket, source)) from None
-            if kind == "missing":
-                if bucket and "NoSuchBucket" in repr(exc) + repr(exc.__cause__):
-                    raise StorageNotFoundError(
-                        f"bucket {bucket!r} does not exist (while trying to {what}); create it or fix the URL"
-                    ) from None
+            error = _final_error(exc, what, bucket, source, endpoint, attempt, time.monotonic() - start, backoff)
+            if error is None and time.monotonic() + backoff > deadline:
+                error = StorageError(f"could not {what} after {attempt} attempt(s): {type(exc).__name__}: "
+                                     f"{_redact(str(exc))} (still failing after the {policy.outage_window_s:.0f} s "
+                                     f"outage window; raise it with {OUTAGE_ENV})")
+            if error is exc:
                 raise
-            if kind != "transient" or time.monotonic() + backoff > deadline:
-                hint = (f" (still failing after the {policy.outage_window_s:.0f} s outage window; raise it with "
-                        f"{OUTAGE_ENV})") if kind == "transient" else ""
-                raise StorageError(
-                    f"could not {what} after {attempt} attempt(s): {type(exc).__name__}: {_redact(str(exc))}{hint}"
-                ) from None
-            level = logging.WARNING if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
-            log.log(level, "storage: %s failed (%s, attempt %d), retrying in %.1fs for up to %.0fs more",
-                    what, type(exc).__name__, attempt, backoff, max(0.0, deadline - time.monotonic()))
+            if error is not None:
+                raise error from None
+            _log_retry(what, exc, attempt, backoff, deadline)
             time.sleep(backoff)
             backoff = min(backoff * 2, policy.max_backoff_s)
+
+
+def _final_error(exc: Exception, what: str, bucket: str | None, source: str | None,
+                 endpoint: tuple[str, str] | None, attempt: int, elapsed: float,
+                 backoff: float) -> BaseException | None:
+    """The error that ends the retries of ``exc`` (``exc`` itself for a missing object), or None: a
+    transient fault to retry (within the outage window, which the caller checks)."""
+    kind = classify(exc)
+    never_connected = _in_chain(exc, _CONNECT_TYPES)
+    if endpoint and not never_connected:
+        mark_reached(endpoint[0])  # it answered (an error reply is an answer)
+    if kind == "skew":
+        return StorageClockSkewError(
+            f"the store refused to {what}: this machine's clock differs from the server's by more than it "
+            f"allows (RequestTimeTooSkewed; S3 allows 15 minutes). Synchronise the clock (NTP, chrony, "
+            f"`timedatectl set-ntp true`) and run again.")
+    if kind == "auth":
+        if _in_chain(exc, _NO_CREDENTIALS_TYPES):
+            return StorageAuthError(
+                f"no S3 credentials found while trying to {what}: set AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (a profile in ~/.aws/credentials), or run where an "
+                f"instance role provides them.")
+        return StorageAuthError(_auth_message(exc, what, bucket, source))
+    if kind == "transient":
+        if endpoint and never_connected and endpoint[0] not in _reached() and elapsed + backoff > _first_contact_s():
+            return _unreachable(exc, what, endpoint, elapsed)
+        return None
+    if kind == "missing":
+        if bucket and "NoSuchBucket" in repr(exc) + repr(exc.__cause__):
+            return StorageNotFoundError(f"bucket {bucket!r} does not exist (while trying to {what}); create it or "
+                                        "fix the URL")
+        return exc
+    return StorageError(f"could not {what} after {attempt} attempt(s): {type(exc).__name__}: {_redact(str(exc))}")
+
+
+def _unreachable(exc: Exception, what: str, endpoint: tuple[str, str], waited: float) -> StorageUnreachableError:
+    return StorageUnreachableError(
+        f"could not connect to the S3 endpoint {endpoint[0]} (from {endpoint[1]}) while trying to "
+        f"{what}: {type(exc).__name__} for {waited:.0f} s, and it never answered. "
+        f"Check the endpoint URL and that the server is up; the outage window ({OUTAGE_ENV}) applies "
+        f"only to a store that answered before ({FIRST_CONTACT_ENV} sets this bound).")
+
+
+def _log_retry(what: str, exc: Exception, attempt: int, backoff: float, deadline: float) -> None:
+    level = logging.WARNING if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
+    log.log(level, "storage: %s failed (%s, attempt %d), retrying in %.1fs for up to %.0fs more",
+            what, type(exc).__name__, attempt, backoff, max(0.0, deadline - time.monotonic()))
 
 
 def _auth_message(exc: BaseException, what: str, bucket: str | None, source: str | None) -> str:

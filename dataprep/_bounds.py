@@ -22,17 +22,41 @@ MAX_PIXELS_DEFAULT = 89_478_485  # prep's default (PIL's MAX_IMAGE_PIXELS)
 
 
 class HashingReader:
-    """A read-only stream that counts and sha256-hashes what passes through it."""
+    """A read-only stream that counts and sha256-hashes what passes through it.
 
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw, self.count = raw, 0
+    The underlying stream is read in blocks of ``block`` bytes, each hashed once as it arrives
+    (``hashlib`` releases the GIL for big buffers, so the hash overlaps with decoding in other
+    threads), and the tar parser's many small reads are served from that block.
+    """
+
+    def __init__(self, raw: IO[bytes], block: int = 1 << 20) -> None:
+        self.raw, self.count, self.block = raw, 0, block
         self._hash = hashlib.sha256()
+        self._buf, self._pos = b"", 0
+
+    def _fill(self) -> bool:
+        data = self.raw.read(self.block)
+        self._hash.update(data)
+        self._buf, self._pos = data, 0
+        return bool(data)
 
     def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.count += len(data)
-        self._hash.update(data)
-        return data
+        if n is None or n < 0:
+            parts = [self._buf[self._pos:]]
+            while self._fill():
+                parts.append(self._buf)
+            self._buf, self._pos = b"", 0
+            out = b"".join(parts)
+        else:
+            parts, want = [], n
+            while want > 0 and (self._pos < len(self._buf) or self._fill()):
+                piece = self._buf[self._pos:self._pos + want]
+                self._pos += len(piece)
+                want -= len(piece)
+                parts.append(piece)
+            out = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.count += len(out)
+        return out
 
     def finish_hash(self) -> str:
         """Read the stream to its end and return the hex sha256 of all of it."""

@@ -54,8 +54,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.housekeeping import tolerate
 from jobs._ckpt_verify import (CheckpointChecksumError, CheckpointVerificationError, check_digest, confined_files,
-                               newest_verified)
-from cluster.storage import (CHECKSUM, COMMITTED, RetryPolicy, Store, commit, committed_dirs, is_committed, read_latest,
+                               newest_verified, problems)
+from cluster.storage import (CHECKSUM, COMMITTED, CorruptRecordError, RetryPolicy, Store, commit, committed_dirs, is_committed, read_latest,
                              write_latest)
 from jobs._ckpt_state import (CheckpointError, CheckpointMismatchError, capture_rng_state, check_compatible,
                               code_version, json_digest, restore_rng_state)
@@ -470,14 +470,16 @@ class CheckpointManager:
         _poll(committed, self.commit_timeout_s, f"rank 0 to commit {self.store.url_of(job.name)}")
 
     def _retain(self, newest: int) -> None:
-        """Keep the newest ``keep_last`` committed checkpoints up to ``newest``; delete every older step dir
-        (committed or stale uncommitted). Dirs newer than ``newest`` may be uploads in progress: untouched."""
+        """Keep the newest ``keep_last`` committed checkpoints up to ``newest``, and beyond them the newest one
+        whose files verify (a fallback a restore can use) when none of those does; delete every other older
+        step dir (committed or stale uncommitted). Dirs newer than ``newest`` may be uploads in progress."""
         older = sorted(((s, n) for n in self.store.ls("") if (s := _step_of(n)) is not None and s <= newest),
                        reverse=True)
-        kept = 0
+        kept, verified = 0, False
         for s, n in older:
-            if kept < self.policy.keep_last and is_committed(self.store, n):
+            if is_committed(self.store, n) and (kept < self.policy.keep_last or not verified):
                 kept += 1
+                verified = verified or self._verifies(n)
                 continue
             if s == newest:
                 continue
@@ -485,6 +487,16 @@ class CheckpointManager:
             if tolerate("retention delete", self.store.delete, f"{n}/{COMMITTED}") and \
                     tolerate("retention delete", self.store.delete, n, recursive=True):
                 log.debug("retention removed %s", n)
+
+    def _verifies(self, name: str) -> bool:
+        """Whether committed checkpoint ``name`` lists only files present with their recorded sizes."""
+        try:
+            bad = problems(self.store, name, self.info(name).files)
+        except (CorruptRecordError, KeyError, TypeError, ValueError) as exc:
+            bad = [f"COMMITTED unreadable ({exc})"]
+        if bad:
+            log.warning("retention keeps an older checkpoint: %s does not verify (%s)", name, "; ".join(bad[:3]))
+        return not bad
 
     # ---- flushing ----------------------------------------------------------------------------
     @property

@@ -92,3 +92,17 @@ def test_when_every_checkpoint_fails_its_checksum_the_error_is_permanent_and_nam
     with pytest.raises(CheckpointVerificationError, match="step-00000002.*step-00000001") as err:
         CheckpointManager(s3_url, CheckpointPolicy(every_steps=1)).restore(read.append)
     assert err.value.permanent and read == []  # read_fn never saw unverified bytes
+
+
+def test_retention_keeps_the_newest_verified_checkpoint_when_the_newest_does_not_verify(s3_url, caplog):
+    _save_steps(s3_url, [1, 2, 3])
+    store = Store(s3_url).child("checkpoints")
+    store.delete("step-00000003/w.bin")  # the newest commit lost a file after it committed
+    ckpt = CheckpointManager(s3_url, CheckpointPolicy(every_steps=1, keep_last=1))
+    with caplog.at_level(logging.WARNING, logger="jobs.checkpoint"):
+        ckpt._retain(3)  # what the commit of step 3 runs after writing COMMITTED
+    assert [i.step for i in ckpt.committed()] == [2, 3]  # 2 is the fallback; 1 is deleted
+    assert "step-00000003 does not verify" in caplog.text
+    assert ckpt.latest().step == 2
+    ckpt.save(4, lambda d: open(os.path.join(d, "w.bin"), "wb").write(b"weights of step 4"), {"step": 4}, sync=True)
+    assert [i.step for i in ckpt.committed()] == [4]  # a verifying newest needs no older fallback
