@@ -353,7 +353,9 @@ def run_teacher_outputs_stage(spec: Any, name: str, address: str | None = None,
             task = ray.remote(run_units).options(num_cpus=spec.compute.cpus_per_worker,
                                                  num_gpus=spec.compute.gpus_per_worker,
                                                  max_retries=spec.compute.max_failures, name=f"{spec.name}-{name}")
-            ray.get([task.remote(job, part) for part in split_round_robin(pending, spec.compute.workers)])
+            refs = [task.remote(job, part) for part in split_round_robin(pending, spec.compute.workers)]
+            ray.wait(refs, num_returns=len(refs))  # every task ends before the stage reports (no writer left behind)
+            ray.get(refs)
         manifest = write_manifest(stage, store, units, job["data_url"], opts, job["data_digest"])
     except Exception as exc:
         record_failure(url, opts, exc)

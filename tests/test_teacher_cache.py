@@ -196,3 +196,50 @@ def test_units_are_committed_by_their_record_and_never_redone(digits, tmp_path):
         assert z["logprobs"].dtype == np.float16 and "indices" not in z.files  # k = C: no indices
         total = np.exp(z["logprobs"].astype(np.float32)).sum(1)
     assert np.allclose(total, 1.0, atol=1e-2)
+
+
+def cache_spec(tmp_path, data_url: str, teacher: dict, max_failures: int) -> object:
+    """A run whose teacher_outputs stage reads ``data_url`` on 2 Ray tasks."""
+    return parse_spec({"name": "tc", "storage": str(tmp_path / "runs"),
+                       "compute": {"workers": 2, "cpus_per_worker": 1, "max_failures": max_failures},
+                       "stages": [{"name": "targets", "kind": "teacher_outputs", "data": data_url, "teacher": teacher,
+                                   "epochs": 2, "topk": 3, "img_size": 32, "crop_scale": [0.35, 1.0], "seed": 3,
+                                   "batch_size": 32}]})
+
+
+def unit_files(url: str) -> dict[str, tuple[float, bytes]]:
+    store = Store(url)
+    return {n: (store.fs.info(store.path(f"units/{n}"))["mtime"], store.get_bytes(f"units/{n}"))
+            for n in sorted(store.ls("units"))}
+
+
+@pytest.mark.slow
+def test_a_cache_stage_killed_by_sigkill_resumes_without_redoing_a_unit(digits, tmp_path, ray_local):
+    """Each task SIGKILLs itself after its first commit (no retries): the stage fails with 2 of 6 units
+    committed; the rerun computes only the other 4, and the cache equals an uninterrupted run's."""
+    from cluster.gang import GangFailedError
+    from jobs.layout import StageStatus
+    from jobs.teacher_cache import run_teacher_outputs_stage
+
+    _, data_url, teacher, _ = digits
+    spec = cache_spec(tmp_path / "killed", data_url, teacher, max_failures=0)
+    cache = spec.layout.stage("targets").cache
+    with pytest.raises(GangFailedError):
+        run_teacher_outputs_stage(spec, "targets", fault={"kill_after_units": 1})
+    killed = unit_files(cache)
+    assert len([n for n in killed if n.endswith(".json")]) == 2 and not Store(cache).exists("manifest.json")
+    assert StageStatus(spec.stage_url("targets")).read()["state"] == "failed"
+
+    assert run_teacher_outputs_stage(spec, "targets") == "done"
+    status = StageStatus(spec.stage_url("targets")).read()
+    assert status["state"] == "done" and status["computed_units"] == 4 and status["units"] == 6
+    after = unit_files(cache)
+    assert all(after[n] == killed[n] for n in killed)  # same mtime, same bytes: not redone
+
+    clean = cache_spec(tmp_path / "clean", data_url, teacher, max_failures=0)
+    assert run_teacher_outputs_stage(clean, "targets") == "done"
+    assert {n: b for n, (_, b) in unit_files(clean.layout.stage("targets").cache).items()} == \
+        {n: b for n, (_, b) in after.items()}
+    manifest = Store(cache).get_json("manifest.json")
+    assert manifest == Store(clean.layout.stage("targets").cache).get_json("manifest.json")
+    assert manifest["epochs"] == [0, 2] and manifest["topk"] == 3 and manifest["samples"] == 96
