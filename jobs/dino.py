@@ -34,6 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from dataprep.transforms import dino_transform
 from jobs._dino_loss import DINOLoss
 from jobs.engine import OptimConfig, TrainConfig
+from jobs.init import InitFields, read_stage_init, start_encoder
 from jobs.method import Method
 from jobs.models import build_encoder, encoder_flops_per_token, set_grad_checkpointing
 
@@ -58,8 +59,9 @@ def _dino_optim() -> OptimConfig:
                        clip_grad=3.0)
 
 
-class DINOConfig(TrainConfig):
-    """A ``kind: dino`` stage: the common training fields plus DINO's own.
+class DINOConfig(TrainConfig, InitFields):
+    """A ``kind: dino`` stage: the common training fields plus DINO's own. ``init`` / ``peft``:
+    the backbone starts from existing weights (the head fresh) and trains partly (``jobs/init.py``).
 
     ``optim.weight_decay`` is where the weight-decay cosine starts; ``weight_decay_end`` where it ends.
     """
@@ -259,9 +261,13 @@ class DINOMethod(Method):
         self._freeze = False
 
     # ---- engine hooks ----------------------------------------------------------------------------
+    def setup(self, ctx: Any) -> None:
+        self.init_source = read_stage_init(self.cfg, ctx)
+
     def build_model(self) -> DINOModel:
         """The student (for DeepSpeed), and the teacher as its copy (kept here, never wrapped)."""
         student = build_dino(self.cfg)
+        start_encoder(student.backbone, self.init_source, self.cfg.peft)  # the teacher copies it below
         self.teacher = copy.deepcopy(student).eval().requires_grad_(False)
         for p in student.head.last_layer.parameters():  # frozen in the first epoch(s): zero gradients
             p.register_hook(self._last_layer_grad)

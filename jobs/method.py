@@ -69,6 +69,9 @@ class Method:
 
     Config: ClassVar[type[TrainConfig]]
     kind: ClassVar[str]
+    # the weights the model starts from (a jobs.init.InitSource, set by setup when the stage has an init):
+    # its digest is in every checkpoint, and a resume from another init is refused
+    init_source: Any = None
 
     def __init__(self, cfg: TrainConfig, rank: int = 0) -> None:
         self.cfg, self.rank = cfg, rank
