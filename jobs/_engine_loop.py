@@ -29,6 +29,7 @@ from jobs._live import open_live
 from jobs.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, code_version, restore_rng_state
 from jobs.layout import EXPORT_NAME, METRICS_NAME
 from jobs.method import Method
+from jobs.peft import param_counts
 from jobs.reshard import ResumePlan, load_engine_state, resume_plan, seed_new_rank
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class _Run:
     val: StreamingLoader | None = None  # the val split, for a method with eval_step
     steps_per_epoch: int = 1
     live: Any = None  # rank 0's heartbeat + trackers (jobs/_live.py)
+    params: dict[str, int] = field(default_factory=dict)  # trainable / total parameter counts
 
 
 def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: PreemptionWatch | None = None,
@@ -102,6 +104,7 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext, plan: ResumePlan
     accelerator = make_accelerator(cfg, ctx.world_size)
     method.setup(ctx)
     model = method.build_model()
+    params = param_counts(model)
     optimizer = build_optimizer(model, cfg.optim, method.no_weight_decay(model), method.param_groups(model, cfg.optim))
     loader = StreamingLoader(ctx.data_url, split="train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
                              world_size=ctx.world_size, transform=method.train_transform(),
@@ -122,9 +125,11 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext, plan: ResumePlan
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(cfg.optim.warmup_epochs * steps_per_epoch)
     method.set_run_length(total, steps_per_epoch)
     expect = {"arch": method.arch(), "config_digest": digest}  # not world_size: see jobs/reshard.py
+    if method.init_source is not None:  # the weights it started from: a resume never mixes two inits
+        expect["init_digest"] = method.init_source.digest
     return _Run(cfg, ctx, method, accelerator, model, accelerator.unwrap_model(model), optimizer, loader, ckpt,
                 MetricsLog(store, ctx.rank == 0), store, total, min(warmup, total), peak_lr(cfg, ctx.world_size), expect,
-                plan, val=_val_loader(method, cfg, ctx, loader), steps_per_epoch=steps_per_epoch)
+                plan, val=_val_loader(method, cfg, ctx, loader), steps_per_epoch=steps_per_epoch, params=params)
 
 
 def _val_loader(method: Method, cfg: TrainConfig, ctx: StageContext, train: StreamingLoader) -> StreamingLoader | None:
@@ -289,6 +294,8 @@ def _log_step(run: _Run, extra: dict[str, float], seconds: float) -> None:
     images = run.cfg.batch_size * run.cfg.grad_accum * run.ctx.world_size
     record = {"step": run.step, "epoch": run.loader.epoch, "loss": run.losses[-1], "step_time_s": seconds,
               "images_per_s": images / seconds if seconds > 0 else None, **extra}
+    if run.step == 1:
+        record.update(run.params)
     peak = peak_flops()
     flops = run.method.flops_per_sample() if peak and seconds > 0 else None
     if flops is not None:
@@ -362,7 +369,7 @@ def _export(run: _Run) -> None:
     if run.method.pool is not None:
         extra["pool"] = run.method.pool  # what eval pools by default
     run.method.export(run.module, run.store.url_of(EXPORT_NAME), rank=run.ctx.rank, storage_options=run.ctx.storage_options,
-                      extra=extra)
+                      extra={**extra, **run.params})
 
 
 def _progress_bar(run: _Run):

@@ -37,6 +37,7 @@ from jobs._dino_loss import DINOLoss
 from jobs._engine_config import param_groups
 from jobs._teacher import cosine, ema_copy, ema_update, load_teacher_state, momentum_at, teacher_state
 from jobs.engine import OptimConfig, TrainConfig
+from jobs.init import InitFields, read_stage_init, start_encoder
 from jobs.method import Method
 from jobs.models import ModelConfig, build_encoder, encoder_flops_per_token, set_grad_checkpointing
 
@@ -75,8 +76,9 @@ def _dino_model(value: Any) -> Any:
     return value
 
 
-class DINOConfig(TrainConfig):
-    """A ``kind: dino`` stage: the common training fields plus DINO's own.
+class DINOConfig(TrainConfig, InitFields):
+    """A ``kind: dino`` stage: the common training fields plus DINO's own. ``init`` / ``peft``:
+    the backbone starts from existing weights (the head fresh) and trains partly (``jobs/init.py``).
 
     ``optim.weight_decay`` is where the weight-decay cosine starts; ``weight_decay_end`` where it ends.
     """
@@ -240,9 +242,13 @@ class DINOMethod(Method):
         self._freeze = False
 
     # ---- engine hooks ----------------------------------------------------------------------------
+    def setup(self, ctx: Any) -> None:
+        self.init_source = read_stage_init(self.cfg, ctx)
+
     def build_model(self) -> DINOModel:
         """The student (for DeepSpeed), and the teacher as its copy (kept here, never wrapped)."""
         student = build_dino(self.cfg)
+        start_encoder(student.backbone, self.init_source, self.cfg.peft)  # the teacher copies it below
         self.teacher = ema_copy(student)
         if self.cfg.head.use_bn:
             self.teacher.head.train()  # as main_dino.py's teacher: batch statistics in the head's BatchNorm

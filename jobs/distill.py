@@ -42,22 +42,14 @@ from cluster.storage import Store, local_staging
 from dataprep.transforms import mae_transform
 from jobs.engine import StageContext, TrainConfig, use_bf16
 from jobs.export import export_timm_model, load_export_model, load_timm_weights
+from jobs.init import InitFields, WeightsFile, read_stage_init, start_encoder
 from jobs.method import Method
 from jobs.models import TimmModelConfig, build_timm_model, forward_flops
 
 log = logging.getLogger(__name__)
 
 
-class TeacherWeights(BaseModel):
-    """Any timm model with a weights file (``.safetensors``; a path or a store URL)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    arch: str
-    weights: str
-    num_classes: int = Field(default=0, ge=0, description="the classifier size in the file (0: none)")
-    img_size: int | None = Field(default=None, ge=8, description="its input resolution; default: the student's")
-    args: dict[str, Any] = Field(default_factory=dict, description="other timm constructor arguments")
+TeacherWeights = WeightsFile  # any timm model with a weights file (.safetensors; a path or a store URL)
 
 
 class DistillLoss(BaseModel):
@@ -70,8 +62,9 @@ class DistillLoss(BaseModel):
     feature_loss: Literal["cosine", "smooth_l1"] = "cosine"
 
 
-class DistillConfig(TrainConfig):
-    """A ``kind: distill`` stage: ``model`` is the student (any timm model), ``teacher`` the frozen teacher."""
+class DistillConfig(TrainConfig, InitFields):
+    """A ``kind: distill`` stage: ``model`` is the student (any timm model), ``teacher`` the frozen teacher.
+    ``init`` / ``peft``: the student starts from existing weights and trains partly (``jobs/init.py``)."""
 
     kind: Literal["distill"] = "distill"
     teacher: str | TeacherWeights | None = Field(
@@ -227,6 +220,7 @@ class DistillMethod(Method):
         self.teacher, self.teacher_classes, self.teacher_size = load_teacher(
             self.cfg.teacher, ctx.refs.get("teacher"), self.cfg.model.img_size, ctx.storage_options)
         self.weights = self._loss_weights()
+        self.init_source = read_stage_init(self.cfg, ctx)
         log.info("distilling %s (%d classes, %d px) into %s; loss weights %s", type(self.teacher).__name__,
                  self.teacher_classes, self.teacher_size, self.cfg.model.arch, self.weights)
 
@@ -251,6 +245,8 @@ class DistillMethod(Method):
 
     def build_model(self) -> DistillStudent:
         student = build_timm_model(self.cfg.model, num_classes=self.num_classes)
+        head = (getattr(student, "pretrained_cfg", None) or {}).get("classifier") or "head"
+        start_encoder(student, self.init_source, self.cfg.peft, trainable=(f"{head}.*",))
         projector = None
         if self.weights["cls"] or self.weights["patch"]:
             teacher_dim = self.cache.manifest["feature_dim"] if self.teacher is None else self.teacher.num_features

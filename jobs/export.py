@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from cluster.storage import Store, local_staging
 from dataprep.transforms import IMAGENET_MEAN, IMAGENET_STD
 from jobs.models import ModelConfig, build_encoder
+from jobs.peft import merged_state
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def export_encoder(encoder: nn.Module, model_cfg: ModelConfig, dest_url: str, *,
     state = gather_fp32_state_dict(encoder)
     if rank != 0:
         return
+    state = merged_state(encoder, state)  # LoRA adapters folded in: a plain timm encoder
     store = Store(dest_url, storage_options)
     with local_staging("vitforge-export-") as tmp:
         path = os.path.join(tmp, WEIGHTS)
@@ -200,6 +202,7 @@ def export_timm_model(module: nn.Module, architecture: str, model_args: dict[str
     state = gather_fp32_state_dict(module)
     if rank != 0:
         return
+    state = merged_state(module, state)  # LoRA adapters folded in
     if convert is not None:
         state = convert(state)
     _write_export(state, timm_export_config(architecture, model_args, img_size, extra, label_names), dest_url,

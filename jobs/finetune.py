@@ -57,15 +57,14 @@ from dataprep.labels import label_subset, split_labels
 from dataprep.manifest import load_manifest
 from dataprep.transforms import eval_transform, mae_transform
 from jobs.engine import OptimConfig, StageContext, TrainConfig, TrainResult, train
-from jobs.export import export_timm_model, load_export_model, timm_export_config
+from jobs.export import export_timm_model, timm_export_config
+from jobs.init import InitFields, WeightsFile, init_arch, load_init, read_init, weights_file_config
 from jobs.layout import METRICS_NAME
 from jobs.method import Method
 from jobs.models import TimmModelConfig, forward_flops
+from jobs.peft import LORA_TARGETS, LoraConfig, PeftConfig, apply_peft, merge_lora_state  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-LORA_TARGETS = r".*\.attn\.(qkv|proj)$"
-
 
 class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -76,12 +75,13 @@ class LoraSettings(BaseModel):
     target_modules: str = Field(default=LORA_TARGETS, description="regex over module names (peft)")
 
 
-class FinetuneConfig(TrainConfig):
-    """A ``kind: finetune`` stage: ``init`` (an export) or ``model`` (random init), exactly one.
-    ``None`` recipe fields take the mode's defaults (see :data:`RECIPES`)."""
+class FinetuneConfig(TrainConfig, InitFields):
+    """A ``kind: finetune`` stage: ``init`` (an export, or timm weights) or ``model`` (random init),
+    exactly one. ``None`` recipe fields take the mode's defaults (see :data:`RECIPES`). ``peft``
+    (``jobs/peft.py``) trains only some backbone tensors plus the head; ``mode: lora`` is
+    ``peft: {lora: …}`` from the ``lora`` settings when ``peft`` is not given."""
 
     kind: Literal["finetune"] = "finetune"
-    init: str | None = Field(default=None, description="an earlier training stage's name, or an export URL/path")
     model: TimmModelConfig | None = Field(default=None, description="without init: the timm model to train from "
                                           "random initialisation (seeded by seed)")
     mode: Literal["full", "linear", "lora"] = "full"
@@ -107,6 +107,9 @@ class FinetuneConfig(TrainConfig):
         if self.init is not None and self.model is not None:
             raise ValueError(f"init ({self.init!r}) and model are both given: the architecture comes from init's "
                              "export; drop model, or drop init to train model from random initialisation")
+        if self.peft is not None and self.mode == "linear":
+            raise ValueError("peft with mode linear: a linear probe trains no encoder tensor; use mode full "
+                             "(or lora) with peft, or drop peft")
         if self.model is not None and self.model.drop_path_rate:
             raise ValueError("model > drop_path_rate: set the stage's drop_path_rate instead (the fine-tune recipe "
                              "owns it)")
@@ -166,40 +169,6 @@ def fold_batchnorm_into_head(state: dict[str, torch.Tensor], classifier: str,
     out = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     out[f"{classifier}.weight"] = (w * scale).float()
     out[f"{classifier}.bias"] = (b - (w * scale) @ mean).float()
-    return out
-
-
-def add_lora(model: nn.Module, settings: LoraSettings, trainable: tuple[str, ...]) -> nn.Module:
-    """Inject LoRA adapters (peft); only the adapters and the modules named in ``trainable`` train."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=settings.target_modules)
-    model = inject_adapter_in_model(config, model)
-    if not any("lora_" in name for name, _ in model.named_parameters()):
-        raise ValueError(f"lora: no module of {type(model).__name__} matches target_modules "
-                         f"{settings.target_modules!r}")
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name or name.split(".")[0] in trainable)
-    return model
-
-
-def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Fold every adapter into its base weight (``W + B @ A * scaling``) and restore timm's names."""
-    out: dict[str, torch.Tensor] = {}
-    for name, value in state.items():
-        if ".lora_A." in name or ".lora_B." in name:
-            continue
-        m = re.match(r"(.*)\.base_layer\.(weight|bias)$", name)
-        if m is None:
-            out[name] = value
-            continue
-        prefix, kind = m.groups()
-        if kind == "weight":
-            a = state[next(k for k in state if k.startswith(f"{prefix}.lora_A.") and k.endswith(".weight"))]  # [r, in]
-            b = state[next(k for k in state if k.startswith(f"{prefix}.lora_B.") and k.endswith(".weight"))]  # [out, r]
-            value = (value.double() + (b.double() @ a.double()) * scaling).float()
-        out[f"{prefix}.{kind}"] = value
     return out
 
 
@@ -286,7 +255,7 @@ class FinetuneMethod(Method):
 
     def setup(self, ctx: StageContext) -> None:
         self.storage_options = ctx.storage_options
-        self.init_url = ctx.refs.get("init") or self.cfg.init
+        self.init_url = ctx.refs.get("init") or (self.cfg.init if isinstance(self.cfg.init, str) else None)
         manifest = load_manifest(ctx.data_url, ctx.storage_options)[0]
         if not self.cfg.num_classes:
             if not manifest.classes:
@@ -321,20 +290,39 @@ class FinetuneMethod(Method):
         if cfg.mode == "linear":
             return LinearProbe(self._backbone(num_classes=0), self.num_classes)
         model = self._backbone(num_classes=self.num_classes, drop_path_rate=cfg.drop_path_rate)
-        if cfg.mode == "lora":
-            model = add_lora(model, cfg.lora, trainable=(self.classifier,))
+        if self.peft is not None:
+            model = apply_peft(model, self.peft, trainable=(f"{self.classifier}.*",))
         return model
 
+    @property
+    def peft(self) -> PeftConfig | None:
+        """``peft``, or for ``mode: lora`` without it, LoRA from the ``lora`` settings."""
+        if self.cfg.peft is not None or self.cfg.mode != "lora":
+            return self.cfg.peft
+        lora = self.cfg.lora
+        return PeftConfig(lora=LoraConfig(rank=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                          targets=lora.target_modules))
+
     def _backbone(self, **overrides: Any) -> nn.Module:
-        """The init export's model, or (no init) timm's random init of ``model`` (torch is seeded by the engine)."""
-        if self.init_url:
-            model, self.export_cfg = load_export_model(self.init_url, self.storage_options, **overrides)
-            return model
+        """The init's model (its architecture, its weights: ``jobs/init.py``), or (no init) timm's random
+        init of ``model`` (torch is seeded by the engine)."""
         import timm
 
-        m = self.cfg.model
-        self.export_cfg = timm_export_config(m.arch, m.timm_kwargs(num_classes=0), m.img_size)
-        return timm.create_model(m.arch, pretrained=False, **{**self.export_cfg["model_args"], **overrides})
+        init = self.cfg.init if self.cfg.init is not None else self.init_url
+        if init is not None:
+            self.init_source = read_init(init, self.init_url, self.storage_options)
+        if isinstance(init, WeightsFile):
+            self.export_cfg = weights_file_config(init)
+        elif init is not None:
+            self.export_cfg = self.init_source.config
+        else:
+            m = self.cfg.model
+            self.export_cfg = timm_export_config(m.arch, m.timm_kwargs(num_classes=0), m.img_size)
+        model = timm.create_model(self.export_cfg["architecture"], pretrained=False,
+                                  **{**self.export_cfg["model_args"], **overrides})
+        if self.init_source is not None:
+            load_init(model, self.init_source)
+        return model
 
     @property
     def classifier(self) -> str:
@@ -377,8 +365,10 @@ class FinetuneMethod(Method):
         return {"pos_embed", "cls_token", "reg_token", "dist_token"}
 
     def arch(self) -> dict[str, Any]:
-        out = {"init": self.cfg.init, "mode": self.cfg.mode, "num_classes": self.cfg.num_classes,
+        out = {"init": init_arch(self.cfg.init), "mode": self.cfg.mode, "num_classes": self.cfg.num_classes,
                "lora": self.cfg.lora.model_dump() if self.cfg.mode == "lora" else None}
+        if self.cfg.peft is not None:
+            out["peft"] = self.cfg.peft.model_dump()
         return out if self.cfg.model is None else {**out, "model": self.cfg.model.model_dump()}
 
     def export(self, model: nn.Module, dest_url: str, *, rank: int, storage_options: dict[str, Any],
@@ -389,11 +379,9 @@ class FinetuneMethod(Method):
         convert = None
         if self.cfg.mode == "linear":
             convert = lambda state: fold_batchnorm_into_head(state, self.classifier, model.bn.eps)  # noqa: E731
-        elif self.cfg.mode == "lora":
-            convert = lambda state: merge_lora_state(state, self.cfg.lora.alpha / self.cfg.lora.r)  # noqa: E731
         export_timm_model(model, self.export_cfg["architecture"], args, dest_url, img_size=self.img_size, rank=rank,
                           storage_options=storage_options, convert=convert, label_names=self.label_names,
-                          extra={**extra, "mode": self.cfg.mode, "init": self.cfg.init or "random",
+                          extra={**extra, "mode": self.cfg.mode, "init": init_arch(self.cfg.init) or "random",
                                  "label_fraction": self.cfg.label_fraction, "labeled_samples": self.labeled_samples})
 
     def flops_per_sample(self) -> float:

@@ -28,6 +28,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from dataprep.transforms import mae_transform
 from jobs._eval_recon import mae_reconstruction
 from jobs.engine import TrainConfig
+from jobs.init import InitFields, read_stage_init, start_encoder
 from jobs.method import Method
 from jobs.models import (ModelConfig, build_encoder, encoder_flops_per_token, set_grad_checkpointing, sincos_pos_embed_2d,
                          with_data_channels)
@@ -42,8 +43,10 @@ class DecoderConfig(BaseModel):
     mlp_ratio: float = Field(default=4.0, gt=0)
 
 
-class MAEConfig(TrainConfig):
-    """A ``kind: mae`` stage: the common training fields plus MAE's own."""
+class MAEConfig(TrainConfig, InitFields):
+    """A ``kind: mae`` stage: the common training fields plus MAE's own. With ``init`` the encoder
+    starts from existing weights (``jobs/init.py``; the decoder starts fresh), with ``peft`` only
+    some of its tensors train (``jobs/peft.py``)."""
 
     kind: Literal["mae"] = "mae"
     mask_ratio: float = Field(default=0.75, gt=0, lt=1)
@@ -216,9 +219,11 @@ class MAEMethod(Method):
         """``in_chans`` from the data: the decoder then predicts every channel of each patch."""
         model = with_data_channels(self.cfg.model, ctx.data_url, ctx.storage_options, self.cfg.name)
         self.cfg = self.cfg.model_copy(update={"model": model})
+        self.init_source = read_stage_init(self.cfg, ctx)
 
     def build_model(self) -> MaskedAutoencoder:
-        model = build_mae(self.cfg)
+        model = build_mae(self.cfg)  # the init is loaded after _init_weights: nothing overwrites it
+        start_encoder(model.encoder, self.init_source, self.cfg.peft)
         self.grid = model.grid
         return model
 

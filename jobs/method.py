@@ -72,6 +72,9 @@ class Method:
     #: the pooling the method trains (``token``: the CLS token; ``avg``: the mean patch token), recorded in
     #: the export's ``config.json`` (``vitforge.pool``); ``eval`` uses it unless the eval stage sets ``pool``
     pool: ClassVar[Literal["token", "avg"] | None] = None
+    # the weights the model starts from (a jobs.init.InitSource, set by setup when the stage has an init):
+    # its digest is in every checkpoint, and a resume from another init is refused
+    init_source: Any = None
 
     def __init__(self, cfg: TrainConfig, rank: int = 0) -> None:
         self.cfg, self.rank = cfg, rank

@@ -39,6 +39,7 @@ from jobs._trackers import tracker_env
 from jobs.checkpoint import check_compatible, code_version
 from jobs.engine import PREEMPT_MARKER
 from jobs._extensions import resume_expect
+from jobs.init import check_inits
 from jobs.reshard import resume_plan
 from jobs.layout import StageStatus
 from jobs.stage import make_method, run_worker
@@ -74,6 +75,7 @@ def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | 
     (:class:`LeaseHeldError`) and a writer whose lease was taken over commits nothing.
     """
     check_sources(spec)
+    check_inits(spec)  # an init that cannot fit its stage's model fails here, naming both shapes
     check_restart_from(spec, restart_from)  # a typo writes nothing, not even the lease
     with Lease(Store(spec.run_root, spec.storage_options)).held():
         return _run_stages(spec, address, fault, restart_from)
