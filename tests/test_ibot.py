@@ -98,7 +98,7 @@ def test_ibot_step_trains_cls_patch_and_koleo_and_checkpoints_both_centers():
     torch.manual_seed(0)
     assert method_class("ibot") is IBOTMethod
     method = IBOTMethod(tiny_cfg(koleo_weight=0.1, mask_ratio=[0.4], mask_ratio_var=[0.0],
-                                 freeze_last_layer_epochs=0))
+                                 freeze_last_layer_epochs=0, warmup_teacher_temp_epochs=1))
     model = method.build_model()
     method.set_run_length(10, 5)
     crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
