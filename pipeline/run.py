@@ -31,7 +31,7 @@ from typing import Any
 
 from cluster.gang import GangFailedError, GangSpec, run_gang
 from cluster.housekeeping import failures as housekeeping_failures
-from cluster.housekeeping import tolerate
+from cluster.housekeeping import check_delete, tolerate
 from cluster.lease import Lease, fence_for
 from cluster.runtime import ensure_ray
 from cluster.storage import Store, StorageError
@@ -72,12 +72,14 @@ def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | 
     names a stage, which is then cleared and re-run with every stage downstream of it.
     Stops at the first stage that does not finish (``preempted``); raises when one fails.
     The run root's lease (``cluster/lease.py``) is held throughout: a second writer is refused
-    (:class:`LeaseHeldError`) and a writer whose lease was taken over commits nothing.
+    (:class:`LeaseHeldError`) and a writer whose lease was taken over commits nothing. The identity's
+    delete permission is probed next (:func:`cluster.housekeeping.check_delete`).
     """
     check_sources(spec)
     check_inits(spec)  # an init that cannot fit its stage's model fails here, naming both shapes
     check_restart_from(spec, restart_from)  # a typo writes nothing, not even the lease
     with Lease(Store(spec.run_root, spec.storage_options)).held():
+        check_delete(Store(spec.run_root, spec.storage_options))  # retention needs it: found now, not hours later
         return _run_stages(spec, address, fault, restart_from)
 
 

@@ -53,3 +53,42 @@ def test_clearing_a_stop_marker_that_is_absent_or_undeletable_is_fine(s3, s3_url
         store = Store(s3_url, {"client_kwargs": {"endpoint_url": proxy.endpoint}})
         store.put_bytes("PREEMPT", b"stop\n")
         assert not tolerate("stop-marker clean-up", store.delete, "PREEMPT")
+
+
+def test_delete_permission_is_probed_at_run_start_naming_bucket_prefix_and_permission(s3, s3_url, monkeypatch):
+    from cluster.housekeeping import ALLOW_NO_DELETE_ENV, DeletePermissionError, check_delete
+
+    assert check_delete(Store(s3_url)) is True
+    assert not [n for n in Store(s3_url).ls("") if n.startswith("_probe")]  # the probe is gone
+    with FaultProxy(s3.endpoint, deny_deletes=True, lifetime_s=60) as proxy:
+        store = Store(s3_url, {"client_kwargs": {"endpoint_url": proxy.endpoint}})
+        with pytest.raises(DeletePermissionError) as err:
+            check_delete(store)
+        msg = str(err.value)
+        assert f"bucket {s3.bucket!r}" in msg and "_probe" in msg and "s3:DeleteObject" in msg
+        assert ALLOW_NO_DELETE_ENV in msg and s3.admin.secret_key not in msg
+        monkeypatch.setenv(ALLOW_NO_DELETE_ENV, "1")
+        assert check_delete(store) is False  # opted out: a warning, the run goes on
+
+
+def test_vitforge_run_without_delete_permission_exits_1_before_any_stage(s3, s3_url, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from _shards_util import write_shards
+    from _train_util import TINY_MODEL
+    from pipeline.cli import app
+
+    data = f"{s3_url}-data"
+    write_shards(data, [8])
+    with FaultProxy(s3.endpoint, deny_deletes=True, lifetime_s=120) as proxy:
+        doc = {"name": "r", "storage": s3_url, "storage_options": {"client_kwargs": {"endpoint_url": proxy.endpoint}},
+               "compute": {"workers": 1, "cpus_per_worker": 1},
+               "stages": [{"name": "pretrain", "kind": "mae", "model": TINY_MODEL, "data": data, "max_steps": 2,
+                           "batch_size": 4, "loader_workers": 0, "checkpoint": {"every_steps": 1}}]}
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(yaml.safe_dump(doc))
+        result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 1, result.output
+    assert "s3:DeleteObject" in result.output and "_probe" in result.output
+    assert not Store(s3_url).exists("stages/pretrain/STATUS.json")  # no stage started
