@@ -229,7 +229,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--state-mb", type=float, default=150.0, help="model + AdamW state size (MB)")
     ap.add_argument("--steps", type=int, default=60)
@@ -245,7 +245,38 @@ def main() -> None:
                          "and their cost as a percent of torch.save of --state-mb")
     ap.add_argument("--no-checksum", action="store_true",
                     help="upload without computing per-file sha256 (to measure what checksums add to a save)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _save_rows(args: argparse.Namespace, model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[dict]:
+    """One row per (bandwidth, save mode): checkpointed training against a local S3 (throttled by a proxy)."""
+    results = []
+    with LocalS3(os.path.join(WORK, "s3")) as s3:
+        os.environ.update(s3.env())
+        for mbps in [float(v) for v in args.mbps.split(",")]:
+            proxy, endpoint = None, s3.endpoint
+            if mbps > 0:
+                proxy, port = start_proxy(s3.ports["s3.port"], mbps)
+                endpoint = f"http://127.0.0.1:{port}"
+            opts = {"client_kwargs": {"endpoint_url": endpoint}}
+            try:
+                url = f"s3://{s3.bucket}/bench-{int(mbps)}"
+                upload = None if args.no_probe else upload_seconds(url, opts, args.state_mb)
+                for sync in [m == "sync" for m in args.modes.split(",")]:
+                    row = run(f"{url}/{'sync' if sync else 'async'}/stages/bench", model, opt, args.steps, args.every,
+                              sync, opts, args.batch)
+                    row.update(upload_mbps_limit=mbps or None, plain_upload_s=upload)
+                    results.append(row)
+                    print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                          flush=True)
+            finally:
+                if proxy is not None:
+                    proxy.kill()
+    return results
+
+
+def main() -> None:
+    args = _args()
     torch.set_num_threads(args.threads)
     if args.no_checksum:
         from cluster.storage import Store
@@ -262,38 +293,14 @@ def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
     model, opt = build(args.state_mb, args.width)
-    modes = [m == "sync" for m in args.modes.split(",")]
-    results = []
-    with LocalS3(os.path.join(WORK, "s3")) as s3:
-        os.environ.update(s3.env())
-        for mbps in [float(v) for v in args.mbps.split(",")]:
-            proxy, endpoint = None, s3.endpoint
-            if mbps > 0:
-                proxy, port = start_proxy(s3.ports["s3.port"], mbps)
-                endpoint = f"http://127.0.0.1:{port}"
-            opts = {"client_kwargs": {"endpoint_url": endpoint}}
-            try:
-                url = f"s3://{s3.bucket}/bench-{int(mbps)}"
-                upload = None if args.no_probe else upload_seconds(url, opts, args.state_mb)
-                for sync in modes:
-                    row = run(f"{url}/{'sync' if sync else 'async'}/stages/bench", model, opt, args.steps, args.every,
-                              sync, opts, args.batch)
-                    row.update(upload_mbps_limit=mbps or None, plain_upload_s=upload)
-                    results.append(row)
-                    print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                          flush=True)
-            finally:
-                if proxy is not None:
-                    proxy.kill()
+    results = _save_rows(args, model, opt)
     shutil.rmtree(WORK, ignore_errors=True)
-    summary = {"bench": "ckpt", "state_mb": args.state_mb, "steps": args.steps, "every": args.every,
-               "threads": args.threads, "load_avg": os.getloadavg(), "rows": results}
     for r in results:
         for k, v in r.items():
             if isinstance(v, float):
                 r[k] = round(v, 4)
-    print(json.dumps(summary))
-
+    print(json.dumps({"bench": "ckpt", "state_mb": args.state_mb, "steps": args.steps, "every": args.every,
+                      "threads": args.threads, "load_avg": os.getloadavg(), "rows": results}))
 
 if __name__ == "__main__":
     main()

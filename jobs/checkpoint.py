@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.housekeeping import tolerate
+from cluster.lease import pid_alive
 from jobs._ckpt_verify import (CheckpointChecksumError, CheckpointVerificationError, check_digest, confined_files,
                                newest_verified, problems)
 from cluster.storage import (CHECKSUM, COMMITTED, CorruptRecordError, RetryPolicy, Store, commit, committed_dirs, is_committed, read_latest,
@@ -182,19 +183,9 @@ def _private_staging_dir() -> str:
     tmp = tempfile.gettempdir()
     for entry in os.listdir(tmp):
         parts = entry.split("-")
-        if entry.startswith("vitforge-ckpt-") and len(parts) > 3 and parts[2].isdigit() and not _alive(int(parts[2])):
+        if entry.startswith("vitforge-ckpt-") and len(parts) > 3 and parts[2].isdigit() and not pid_alive(int(parts[2])):
             shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"vitforge-ckpt-{os.getpid()}-")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _agree_session(world_size: int) -> str:
@@ -435,14 +426,8 @@ class CheckpointManager:
                 files[rel] = {"size": int(size), "rank": r}
                 if digest := markers[r].get(CHECKSUM, {}).get(rel):
                     files[rel][CHECKSUM] = digest
-        for rel, rec in files.items():
-            try:
-                actual = self.store.size(f"{name}/{rel}")
-            except FileNotFoundError:
-                actual = None
-            if actual != rec["size"]:
-                raise CheckpointCommitError(f"{name}/{rel} from rank {rec['rank']}: expected {rec['size']} bytes "
-                                            f"in the store, found {actual}")
+        if bad := problems(self.store, name, files):
+            raise CheckpointCommitError(f"{self.store.url_of(name)} after every rank's upload: {'; '.join(bad[:5])}")
         return dict(sorted(files.items()))
 
     def _commit(self, job: _SaveJob) -> None:
