@@ -23,6 +23,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
+from .options import MAX_SIDE_DEFAULT
+
 # Reasons a sample is rejected (the values written to rejects.jsonl).
 CORRUPT, TRUNCATED, EMPTY, TOO_SMALL, TOO_LARGE = "corrupt", "truncated", "empty", "too_small", "too_large"
 UNSUPPORTED, DUPLICATE, UNREADABLE = "unsupported", "duplicate", "unreadable"
@@ -46,9 +48,6 @@ class Reject(Exception):
         self.reason, self.detail = reason, detail
 
 
-# far above any training size (ViTs train at 224-518 px): a 72-megapixel photo stored whole costs
-# ~30x the bytes and decode time of one at this size and gains a model nothing
-MAX_SIDE_DEFAULT = 4096
 log = logging.getLogger(__name__)
 _warned_max_side = False
 

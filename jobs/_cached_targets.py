@@ -10,21 +10,8 @@ import torch.nn as nn
 from jobs._cache_reader import CacheReader, kl_soft, soft_targets
 from jobs.distill import feature_distance
 from jobs.engine import StageContext
-from jobs.teacher_cache import data_digest, student_recipe
-
-
-def cache_expectations(cfg: Any, data_dig: str | None = None) -> dict[str, Any]:
-    """What the cache must match for student ``cfg``: recipe, temperature, teacher (if named), data."""
-    from jobs.distill import TeacherWeights
-
-    expect: dict[str, Any] = {"recipe": student_recipe(cfg.model.img_size, cfg.crop_scale, cfg.seed),
-                              "temperature": cfg.loss.temperature}
-    if cfg.teacher is not None:
-        expect["teacher"] = cfg.teacher.model_dump(mode="json") if isinstance(cfg.teacher, TeacherWeights) \
-            else cfg.teacher
-    if data_dig is not None:
-        expect["data_digest"] = data_dig
-    return expect
+from jobs.config.teacher_outputs import cache_expectations  # noqa: F401  (re-exported)
+from jobs.teacher_cache import data_digest
 
 
 def setup_cached(method: Any, ctx: StageContext) -> None:

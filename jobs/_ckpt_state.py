@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import json
 import random
 import subprocess
@@ -18,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from jobs.config.digest import json_digest  # noqa: F401  (re-exported)
 
 
 class CheckpointError(RuntimeError):
@@ -75,10 +76,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # ---- digests, versions, checks -----------------------------------------------------------------
 
 
-def json_digest(obj: Any) -> str:
-    """sha256 of the canonical JSON of ``obj`` (sorted keys, no whitespace): a config digest."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,21 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
-
-
-class DenseConfig(BaseModel):
-    """``dense:`` of a ``kind: eval`` stage (any field may be left out)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(default=30, ge=1, description="of the linear patch classifier (AdamW, cosine)")
-    batch_size: int = Field(default=1024, ge=1, description="tokens per probe step")
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    high_norm_factor: float = Field(default=4.0, gt=1, description="a token is high-norm above this x the median")
-    max_train_images: int | None = Field(default=None, ge=1, description="train images for the probe; None: all")
+from jobs.config.evaluate import DenseConfig  # noqa: F401  (re-exported)
 
 
 def majority_patch_labels(masks: torch.Tensor, patch: int) -> torch.Tensor:

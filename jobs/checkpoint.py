@@ -50,14 +50,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from cluster.housekeeping import tolerate
 from cluster.lease import pid_alive
 from jobs._ckpt_verify import (CheckpointChecksumError, CheckpointVerificationError, check_digest, confined_files,
                                newest_verified, problems)
 from cluster.storage import (CHECKSUM, COMMITTED, CorruptRecordError, RetryPolicy, Store, commit, committed_dirs, is_committed, read_latest,
                              write_latest)
+from jobs.config.train import CheckpointPolicy
 from jobs._ckpt_state import (CheckpointError, CheckpointMismatchError, capture_rng_state, check_compatible,
                               code_version, json_digest, restore_rng_state)
 from jobs.layout import CHECKPOINT_PREFIX as PREFIX
@@ -87,22 +86,6 @@ class CheckpointCommitError(CheckpointError):
 
 class CheckpointNotFoundError(CheckpointError):
     """No committed checkpoint exists where one was asked for."""
-
-
-class CheckpointPolicy(BaseModel):
-    """When to checkpoint and how many committed checkpoints to keep (a stage's ``checkpoint:``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    every_steps: int | None = Field(default=None, ge=1, description="save when step % every_steps == 0")
-    every_minutes: float | None = Field(default=None, gt=0, description="save when this long since the last save")
-    keep_last: int = Field(default=2, ge=1, description="committed checkpoints kept; older ones are deleted")
-
-    @model_validator(mode="after")
-    def _some_trigger(self) -> "CheckpointPolicy":
-        if self.every_steps is None and self.every_minutes is None:
-            raise ValueError("checkpoint: give every_steps and/or every_minutes")
-        return self
 
 
 @dataclass(frozen=True)

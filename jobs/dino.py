@@ -23,12 +23,11 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
@@ -36,86 +35,11 @@ from dataprep.transforms import dino_transform
 from jobs._dino_loss import DINOLoss
 from jobs._engine_config import param_groups
 from jobs._teacher import cosine, ema_copy, ema_update, load_teacher_state, momentum_at, teacher_state
-from jobs.engine import OptimConfig, TrainConfig
-from jobs.init import InitFields, read_stage_init, start_encoder
+from jobs.config.dino import DROP_PATH, DINOConfig, DINOHeadConfig, _dino_model, _dino_optim  # noqa: F401
+from jobs.engine import OptimConfig
+from jobs.init import read_stage_init, start_encoder
 from jobs.method import Method
-from jobs.models import ModelConfig, build_encoder, encoder_flops_per_token, set_grad_checkpointing
-
-# ---- configuration ------------------------------------------------------------------------------
-
-
-class DINOHeadConfig(BaseModel):
-    """The projection head: MLP -> bottleneck -> L2 normalisation -> weight-normalised linear."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    out_dim: int = Field(default=65536, ge=2, description="prototypes (K)")
-    hidden_dim: int = Field(default=2048, ge=1)
-    bottleneck_dim: int = Field(default=256, ge=1)
-    layers: int = Field(default=3, ge=1)
-    norm_last_layer: bool = Field(default=True, description="fix the last layer's weight norm to 1")
-    use_bn: bool = Field(default=False, description="BatchNorm1d after each hidden linear layer (DINO's "
-                         "--use_bn_in_head, default False in main_dino.py); statistics per rank, not synced")
-
-
-def _dino_optim() -> OptimConfig:
-    # main_dino.py's recipe: lr 5e-4 * batch / 256 after 10 warmup epochs, cosine to 1e-6, wd from 0.04,
-    # each parameter's gradient clipped to norm 3 on its own (--clip_grad 3.0, utils.clip_gradients)
-    return OptimConfig(base_lr=5e-4, min_lr=1e-6, weight_decay=0.04, betas=(0.9, 0.999), warmup_epochs=10,
-                       clip_grad=3.0, clip_grad_mode="per_param")
-
-
-DROP_PATH = 0.1  # main_dino.py --drop_path_rate (the student's stochastic depth), for ViT-S and larger
-
-
-def _dino_model(value: Any) -> Any:
-    """``model:`` with DINO's drop path unless the stage sets one: 0.1 from ViT-S up, timm's 0 for ViT-Ti."""
-    if isinstance(value, dict) and "drop_path_rate" not in value:
-        tiny = str(value.get("arch", "")).startswith("vit_tiny")
-        return {**value, "drop_path_rate": 0.0 if tiny else DROP_PATH}
-    return value
-
-
-class DINOConfig(TrainConfig, InitFields):
-    """A ``kind: dino`` stage: the common training fields plus DINO's own. ``init`` / ``peft``:
-    the backbone starts from existing weights (the head fresh) and trains partly (``jobs/init.py``).
-
-    ``optim.weight_decay`` is where the weight-decay cosine starts; ``weight_decay_end`` where it ends.
-    """
-
-    kind: Literal["dino"] = "dino"
-    optim: OptimConfig = Field(default_factory=_dino_optim)
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig.model_validate(_dino_model({})),
-                               description="the encoder; drop_path_rate defaults to 0.1 (main_dino.py "
-                               "--drop_path_rate) from ViT-S up, 0 for ViT-Ti")
-    head: DINOHeadConfig = Field(default_factory=DINOHeadConfig)
-    local_crops: int = Field(default=8, ge=0)
-    local_size: int | None = Field(default=None, ge=8, description="default: img_size * 96/224")
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    student_temp: float = Field(default=0.1, gt=0)
-    teacher_temp: float = Field(default=0.04, gt=0, description="after the warmup (main_dino.py --teacher_temp "
-                                "0.04; the paper raises it to 0.07 over 30 epochs for longer runs)")
-    warmup_teacher_temp: float = Field(default=0.04, gt=0, description="main_dino.py --warmup_teacher_temp")
-    warmup_teacher_temp_epochs: float = Field(default=0.0, ge=0, description="linear warmup from "
-                                              "warmup_teacher_temp (main_dino.py --warmup_teacher_temp_epochs 0)")
-    teacher_momentum: float = Field(default=0.996, ge=0, le=1, description="start of the cosine to 1")
-    center_momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay_end: float = Field(default=0.4, ge=0)
-    freeze_last_layer_epochs: float = Field(default=1.0, ge=0, description="no optimizer update of the head's "
-                                            "last layer for this long (main_dino.py --freeze_last_layer 1)")
-    export_from: Literal["student", "teacher"] = Field(default="student", description="which backbone to export")
-
-    @field_validator("optim", mode="before")
-    @classmethod
-    def _over_dino_defaults(cls, value: Any) -> Any:
-        """``optim: {base_lr: …}`` changes that field only; the rest stays DINO's recipe, not the generic one."""
-        return {**_dino_optim().model_dump(), **value} if isinstance(value, dict) else value
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _dino_drop_path(cls, value: Any) -> Any:
-        return _dino_model(value)
+from jobs.models import build_encoder, encoder_flops_per_token, set_grad_checkpointing
 
 
 LAST_LAYER = "last_layer"  # the head's last layer's AdamW group

@@ -34,65 +34,24 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.storage import Store
 from dataprep.labels import label_subset
 from dataprep.loader import StreamingLoader
 from dataprep.transforms import eval_transform
-from jobs._eval_dense import DenseConfig, dense_report
-from jobs.checkpoint import code_version, json_digest
+from jobs._eval_dense import dense_report
+from jobs.config.evaluate import DenseConfig, EvalConfig, ProbeConfig  # noqa: F401  (re-exported)
+from jobs.checkpoint import code_version
 from jobs.layout import EVAL_JSON_NAME, StageStatus
 from jobs.methods import import_methods, method_class
 
 log = logging.getLogger(__name__)
 
 EVAL_JSON = EVAL_JSON_NAME
-
-
-class ProbeConfig(BaseModel):
-    """The linear probe: AdamW on standardised frozen features, cosine schedule, fixed seed."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(default=100, ge=1)
-    batch_size: int = Field(default=256, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
-
-
-class EvalConfig(BaseModel):
-    """A ``kind: eval`` stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    kind: Literal["eval"] = "eval"
-    data: str = Field(description="a prep stage's name, or a manifest URL / prep output directory (labelled)")
-    models: list[str] = Field(min_length=1, description="earlier training stages (their export) or export URLs")
-    train_split: str = "train"
-    val_split: str = "val"
-    pool: Literal["token", "avg"] | None = Field(
-        default=None, description="ViTs: the CLS token, or the mean patch token; default: what each export's "
-        "method trained (its config.json vitforge.pool: token for DINO, avg for MAE), else token")
-    img_size: int | None = Field(default=None, ge=8, description="default: each export's own input size")
-    knn_k: int = Field(default=20, ge=1)
-    knn_temperature: float = Field(default=0.07, gt=0)
-    probe: ProbeConfig = Field(default_factory=ProbeConfig)
-    label_fraction: float = Field(default=1.0, gt=0, le=1, description="stratified share of train labels used")
-    reconstruction: bool = Field(default=True, description="MAE stages: val reconstruction loss vs trivial baselines")
-    dense: DenseConfig | None = Field(default=None, description="patch-token probe (mIoU on the prep's masks) and "
-                                                                "high-norm token count per model (jobs/_eval_dense.py)")
-    batch_size: int = Field(default=256, ge=1, description="images per forward pass when extracting features")
-    loader_workers: int = Field(default=2, ge=0)
-    seed: int = 0
-
-    def digest(self) -> str:
-        return json_digest(self.model_dump(mode="json", exclude={"loader_workers", "batch_size"}))
 
 
 # ---- 1. features ------------------------------------------------------------------------------------

@@ -27,29 +27,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
-
 from cluster.storage import Store, local_staging
-from jobs.peft import PeftConfig
+from jobs.config.init import InitFields, InitRef, WeightsFile  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 HEAD_PREFIXES = ("head.", "fc_norm.", "head_drop.")  # the classifier of a timm ViT: fresh when it differs
-
-
-class WeightsFile(BaseModel):
-    """Any timm model with a weights file (``.safetensors``; a path or a store URL)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    arch: str
-    weights: str
-    num_classes: int = Field(default=0, ge=0, description="the classifier size in the file (0: none)")
-    img_size: int | None = Field(default=None, ge=8, description="its input resolution; default: the stage's")
-    args: dict[str, Any] = Field(default_factory=dict, description="other timm constructor arguments")
-
-
-InitRef = str | WeightsFile
 
 
 class InitMismatchError(ValueError):
@@ -207,15 +190,6 @@ def start_encoder(encoder: nn.Module, source: InitSource | None, peft: Any = Non
 
         encoder = apply_peft(encoder, peft, trainable)
     return encoder
-
-
-class InitFields(BaseModel):
-    """The stage fields that start a model from existing weights, shared by every training kind."""
-
-    init: InitRef | None = Field(default=None, description="an earlier training stage, an export URL/path, or "
-                                 "{arch, weights: PATH_OR_URL} (timm safetensors); default: random init")
-    peft: PeftConfig | None = Field(default=None, description="train only some encoder tensors (jobs/peft.py: lora, "
-                      "unfreeze_last, unfreeze)")
 
 
 def read_stage_init(cfg: Any, ctx: Any) -> InitSource | None:

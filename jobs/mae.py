@@ -17,42 +17,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from pydantic import BaseModel, ConfigDict, Field
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from dataprep.transforms import mae_transform
 from jobs._eval_recon import mae_reconstruction
-from jobs.engine import TrainConfig
-from jobs.init import InitFields, read_stage_init, start_encoder
+from jobs.config.mae import DecoderConfig, MAEConfig
+from jobs.init import read_stage_init, start_encoder
 from jobs.method import Method
 from jobs.models import (ModelConfig, build_encoder, encoder_flops_per_token, set_grad_checkpointing, sincos_pos_embed_2d,
                          with_data_channels)
-
-
-class DecoderConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    embed_dim: int = Field(default=512, ge=8)
-    depth: int = Field(default=8, ge=1)
-    num_heads: int = Field(default=16, ge=1)
-    mlp_ratio: float = Field(default=4.0, gt=0)
-
-
-class MAEConfig(TrainConfig, InitFields):
-    """A ``kind: mae`` stage: the common training fields plus MAE's own. With ``init`` the encoder
-    starts from existing weights (``jobs/init.py``; the decoder starts fresh), with ``peft`` only
-    some of its tensors train (``jobs/peft.py``)."""
-
-    kind: Literal["mae"] = "mae"
-    mask_ratio: float = Field(default=0.75, gt=0, lt=1)
-    norm_pix_loss: bool = True
-    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
-    crop_scale: tuple[float, float] = (0.2, 1.0)
 
 
 class MaskedAutoencoder(nn.Module):

@@ -22,35 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-LORA_TARGETS = r".*\.attn\.(qkv|proj)$"
-
-
-class LoraConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(default=8, ge=1)
-    alpha: float = Field(default=16.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    targets: str = Field(default=LORA_TARGETS, description="regex over the encoder's module names")
-
-
-class PeftConfig(BaseModel):
-    """Which encoder tensors train (everything else in the encoder is frozen)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lora: LoraConfig | None = None
-    unfreeze_last: int = Field(default=0, ge=0, description="train the last K transformer blocks fully")
-    unfreeze: list[str] = Field(default_factory=list, description="fnmatch patterns of parameter names to train")
-
-    @model_validator(mode="after")
-    def _something_trains(self) -> "PeftConfig":
-        if self.lora is None and not self.unfreeze_last and not self.unfreeze:
-            raise ValueError("peft trains nothing of the encoder: give lora: {rank: 8}, unfreeze_last: K or "
-                             "unfreeze: [patterns] (or drop peft to train every weight)")
-        return self
+from jobs.config.peft import LORA_TARGETS, LoraConfig, PeftConfig  # noqa: F401  (re-exported)
 
 
 def apply_peft(encoder: nn.Module, cfg: PeftConfig, trainable: tuple[str, ...] = ()) -> nn.Module:
