@@ -44,7 +44,7 @@ from jobs.engine import StageContext, use_bf16
 from jobs.export import export_timm_model, load_export_model, load_timm_weights
 from jobs.init import read_stage_init, start_encoder
 from jobs.method import Method
-from jobs.models import build_timm_model, forward_flops
+from jobs.models import build_timm_model, forward_flops, timm_model_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class DistillMethod(Method):
                extra: dict[str, Any]) -> None:
         """The student alone, as a plain timm model (every rank calls: ZeRO gathers)."""
         student = model.student
-        export_timm_model(student, self.cfg.model.arch, self.cfg.model.timm_kwargs(self.num_classes), dest_url,
+        export_timm_model(student, self.cfg.model.arch, timm_model_kwargs(self.cfg.model, self.num_classes), dest_url,
                           img_size=self.cfg.model.img_size, rank=rank, storage_options=storage_options,
                           extra={**extra, "teacher": self.arch()["teacher"]})
 

@@ -61,7 +61,7 @@ from jobs.export import export_timm_model, timm_export_config
 from jobs.init import WeightsFile, init_arch, load_init, read_init, weights_file_config
 from jobs.layout import METRICS_NAME
 from jobs.method import Method
-from jobs.models import forward_flops
+from jobs.models import forward_flops, timm_model_kwargs
 from jobs.peft import LORA_TARGETS, LoraConfig, PeftConfig, apply_peft, merge_lora_state  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class FinetuneMethod(Method):
             self.export_cfg = self.init_source.config
         else:
             m = self.cfg.model
-            self.export_cfg = timm_export_config(m.arch, m.timm_kwargs(num_classes=0), m.img_size)
+            self.export_cfg = timm_export_config(m.arch, timm_model_kwargs(m, num_classes=0), m.img_size)
         model = timm.create_model(self.export_cfg["architecture"], pretrained=False,
                                   **{**self.export_cfg["model_args"], **overrides})
         if self.init_source is not None:

@@ -38,8 +38,10 @@ SHARDS_NAME = "shards"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINTS_NAME = "checkpoints"
 EXPORT_NAME = "export"
+EXPORT_CONFIG_NAME = "config.json"  # export/config.json: written last, so it proves the export
 EVAL_JSON_NAME = "eval.json"
 CACHE_NAME = "cache"
+CACHE_MANIFEST_NAME = "manifest.json"  # cache/manifest.json: written last, so it proves the cache
 CHECKPOINT_PREFIX = "step-"   # checkpoints/step-00001200/
 
 

@@ -3,8 +3,9 @@
 A method (``jobs/mae.py``, a plugin module of your own) is a subclass of :class:`Method` that
 declares its stage config as the class attribute ``Config`` (a :class:`~jobs.engine.TrainConfig`
 subclass whose ``kind`` field is a ``Literal`` with a default). Declaring ``Config`` registers the
-class under that ``kind``; the run spec's stage union and its training kinds are built from the
-registry (``pipeline/spec.py``), so a new method is one file::
+class under that ``kind``, and the ``Config`` as the kind's stage config in :mod:`jobs.config.kinds`,
+from which the run spec's stage union and its training kinds are built (``pipeline/spec.py``, which
+imports no method module, hence no torch), so a new method is one file::
 
     class BlockMAEConfig(TrainConfig):
         kind: Literal["block_mae"] = "block_mae"
@@ -24,8 +25,9 @@ place for one process.
 
 Methods outside ``jobs/`` are found by module: a run spec names them in its top-level
 ``methods: [my_lab.block_mae]`` (dotted module paths, importable on the driver and on every
-worker); :func:`import_methods` imports them, which registers their kinds. The built-in kinds are
-registered by importing ``jobs.methods``.
+worker); :func:`import_methods` imports them, which registers their kinds. The built-in kinds'
+configs are registered by importing :mod:`jobs.config` (torch-free), their methods by importing
+``jobs.methods``.
 
 Every hook below has a documented default; the engine calls each of them directly. ``model``
 is the unwrapped ``nn.Module`` that :meth:`Method.build_model` returned, except in
@@ -37,16 +39,17 @@ through it (attributes of your module: keep what you need from ``build_model``).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
 
 from jobs._engine_config import OptimConfig, StageContext, TrainConfig
+from jobs.config.kinds import (config_classes, import_methods, kind_of, register_config,  # noqa: F401  (re-exported)
+                               same_source, training_kinds)
 from jobs.export import export_encoder
 
 log = logging.getLogger(__name__)
@@ -189,16 +192,7 @@ class Method:
 
 
 def _kind_of(cls: type[Method]) -> str:
-    config = cls.__dict__["Config"]
-    if not (isinstance(config, type) and issubclass(config, TrainConfig)):
-        raise TypeError(f"method {cls.__qualname__}: Config must be a subclass of jobs.engine.TrainConfig, "
-                        f"got {config!r}")
-    field = config.model_fields.get("kind")
-    kind = field.default if field is not None else None
-    if not isinstance(kind, str) or not kind:
-        raise TypeError(f"method {cls.__qualname__}: {config.__qualname__} needs a field "
-                        f"kind: Literal['<kind>'] = '<kind>' (the stage's kind in a run spec)")
-    return kind
+    return kind_of(cls.__dict__["Config"], cls.__qualname__)
 
 
 def _check_hooks(cls: type[Method]) -> None:
@@ -225,25 +219,20 @@ def _first_line(fn: Any) -> str:
 
 
 def register(cls: type[Method], replace: bool = False) -> type[Method]:
-    """Register ``cls`` under its ``kind`` (subclassing with a ``Config`` does this).
+    """Register ``cls`` under its ``kind``, and its ``Config`` as that kind's (subclassing with a ``Config``
+    does this).
 
     Another class already holding the kind is an error unless ``replace`` (a test's variant), or it
     is the same class imported again under another module name (same file, same name).
     """
     kind = cls.Config.model_fields["kind"].default
     held = _REGISTRY.get(kind)
-    if held is not None and held is not cls and not replace and not _same_source(held, cls):
+    if held is not None and held is not cls and not replace and not same_source(held, cls):
         raise TypeError(f"method kind {kind!r} is already registered by {held.__module__}.{held.__qualname__}; "
                         f"{cls.__module__}.{cls.__qualname__} needs another kind")
+    register_config(cls.Config, replace=replace)
     _REGISTRY[kind] = cls
     return cls
-
-
-def _same_source(a: type, b: type) -> bool:
-    try:
-        return a.__qualname__ == b.__qualname__ and inspect.getsourcefile(a) == inspect.getsourcefile(b)
-    except TypeError:
-        return False
 
 
 def method_class(kind: str) -> type[Method]:
@@ -253,19 +242,3 @@ def method_class(kind: str) -> type[Method]:
     except KeyError:
         raise ValueError(f"unknown training stage kind {kind!r}; known: {', '.join(sorted(_REGISTRY))} (a method "
                          "of your own: name its module in the run spec's methods: list)") from None
-
-
-def training_kinds() -> tuple[str, ...]:
-    """Every registered kind, in registration order."""
-    return tuple(_REGISTRY)
-
-
-def config_classes() -> tuple[type[TrainConfig], ...]:
-    """The stage config class of every registered kind, in registration order."""
-    return tuple(cls.Config for cls in _REGISTRY.values())
-
-
-def import_methods(modules: Iterable[str]) -> None:
-    """Import each dotted module path (a plugin's methods register themselves on import)."""
-    for name in modules:
-        importlib.import_module(name)

@@ -11,6 +11,8 @@ flash / memory-efficient kernels on GPU.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +23,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from jobs import channelvit as _channelvit  # noqa: F401  registers channelvit_*_patch16_224 with timm
-from jobs.config.models import ModelConfig, TimmModelConfig, takes_kwarg  # noqa: F401  (re-exported)
+from jobs.config.models import ModelConfig, TimmModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +96,69 @@ def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
 
 # ---- any timm model (distillation students, CNNs included) ---------------------------------------
 
+VIT_FIELDS = ("patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "reg_tokens")
+
+
+def timm_model_kwargs(cfg: TimmModelConfig, num_classes: int = 0) -> dict[str, Any]:
+    """Keyword arguments for ``timm.create_model(cfg.arch, **kwargs)`` (also what an export records)."""
+    kw: dict[str, Any] = {"num_classes": num_classes, **cfg.args}
+    if takes_kwarg(cfg.arch, "img_size"):
+        kw["img_size"] = cfg.img_size
+    for name in VIT_FIELDS:
+        value = getattr(cfg, name)
+        if value:
+            kw[name] = value
+    return kw
+
+
+def takes_kwarg(arch: str, name: str) -> bool:
+    """Whether timm model ``arch``'s class constructor takes ``name`` (cheap: built on the meta device)."""
+    return name in _constructor_params(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _constructor_params(arch: str) -> frozenset[str]:
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False)
+    names: set[str] = set()
+    for cls in type(model).__mro__:  # a subclass taking **kwargs (ChannelViT) passes its base's on
+        params = inspect.signature(cls.__init__).parameters
+        names |= set(params)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) or cls is torch.nn.Module:
+            break
+    return frozenset(names)
+
+
+# ---- what timm says about a stage's model (the spec itself is validated without timm) -----------
+
+
+def model_problems(cfg: Any) -> list[tuple[str, str]]:
+    """``(field, message)`` for each thing timm refuses in a stage's ``model``: an unknown architecture,
+    a ViT field for a model that has none. [] when it builds (or ``cfg`` is no model config)."""
+    if isinstance(cfg, ModelConfig):
+        return vit_arch_problems(cfg.arch)
+    if isinstance(cfg, TimmModelConfig):
+        if not timm.is_model(cfg.arch):
+            return [("arch", f"unknown timm model {cfg.arch!r}: give a name from timm.list_models(), "
+                     "e.g. vit_tiny_patch16_224, resnet18, convnext_atto")]
+        return [(name, f"{cfg.arch} has no {name!r} (it applies to ViTs; give other constructor arguments under "
+                 "args)") for name in VIT_FIELDS if getattr(cfg, name) and not takes_kwarg(cfg.arch, name)]
+    return []
+
+
+def vit_arch_problems(arch: str) -> list[tuple[str, str]]:
+    """``[("arch", message)]`` unless ``arch`` is a timm ViT (or a ChannelViT) name."""
+    if arch.startswith(("vit_", "channelvit_")) and arch in timm.list_models(arch):
+        return []
+    sizes = ", ".join(f"vit_{s}_patch16_224" for s in ("tiny", "small", "base", "large"))
+    return [("arch", f"unknown ViT architecture {arch!r}: give a timm ViT name such as {sizes} "
+             "or vit_huge_patch14_224 (see timm.list_models('vit_*'))")]
+
 
 def build_timm_model(cfg: TimmModelConfig, num_classes: int = 0) -> torch.nn.Module:
     """A randomly initialised timm model for ``cfg`` with ``num_classes`` outputs (0: features only)."""
     return timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate,
-                             **cfg.timm_kwargs(num_classes))
+                             **timm_model_kwargs(cfg, num_classes))
 
 
 def forward_flops(build: Callable[[], torch.nn.Module], img_size: int) -> float:

@@ -48,12 +48,12 @@ from dataprep.transforms import mae_transform
 from jobs._ckpt_state import json_digest
 from jobs.config.teacher_outputs import (TeacherOutputsConfig, check_cache_reference,  # noqa: F401  (re-exported)
                                          student_recipe)
-from jobs.layout import StageLayout
+from jobs.layout import CACHE_MANIFEST_NAME, StageLayout
 
 log = logging.getLogger(__name__)
 
 UNITS = "units"
-MANIFEST = "manifest.json"
+MANIFEST = CACHE_MANIFEST_NAME
 CACHE_FORMAT = 1
 
 

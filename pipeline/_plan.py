@@ -20,10 +20,8 @@ import yaml
 
 from cluster.storage import CorruptRecordError, Store
 from dataprep.manifest import MANIFEST
-from jobs.evaluate import EVAL_JSON
-from jobs.export import CONFIG as EXPORT_CONFIG
-from jobs.layout import CACHE_NAME, EXPORT_NAME, RUN_YAML_NAME, SHARDS_NAME, STATUS_NAME, StageStatus
-from jobs.teacher_cache import MANIFEST as CACHE_MANIFEST
+from jobs.layout import (CACHE_MANIFEST_NAME, CACHE_NAME, EVAL_JSON_NAME, EXPORT_CONFIG_NAME, EXPORT_NAME, RUN_YAML_NAME,
+                         SHARDS_NAME, STATUS_NAME, StageStatus)
 from pipeline._changes import classify, describe, stamped
 from pipeline.spec import RunSpec, SpecError, dump_spec, input_paths, is_training_kind, stage_inputs
 
@@ -63,10 +61,10 @@ def output_of(kind: str) -> str:
     if kind == "prep":
         return posixpath.join(SHARDS, MANIFEST)
     if kind == "eval":
-        return EVAL_JSON
+        return EVAL_JSON_NAME
     if kind == "teacher_outputs":
-        return posixpath.join(CACHE_NAME, CACHE_MANIFEST)
-    return posixpath.join(EXPORT, EXPORT_CONFIG)
+        return posixpath.join(CACHE_NAME, CACHE_MANIFEST_NAME)
+    return posixpath.join(EXPORT, EXPORT_CONFIG_NAME)
 
 
 def is_done(spec: RunSpec, name: str, status: dict[str, Any] | None = None) -> bool:

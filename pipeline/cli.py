@@ -168,16 +168,20 @@ def validate(
     if plan:
         _print_plan(loaded, restart_from)
     else:
+        from pipeline._modelcheck import check_models
         from pipeline.spec import dump_spec
 
+        _run_or_exit(lambda: check_models(loaded))
         typer.echo(dump_spec(loaded), nl=False)
 
 
 def _print_plan(loaded: Any, restart_from: str | None) -> None:
-    """The resolved spec, then the plan of a run (reads the store only)."""
+    """The resolved spec, then the plan of a run (reads the store only), once the models pass timm's checks."""
     from pipeline._dryrun import plan_lines
+    from pipeline._modelcheck import check_models
     from pipeline.spec import dump_spec
 
+    _run_or_exit(lambda: check_models(loaded))
     lines = _run_or_exit(lambda: plan_lines(loaded, restart_from))
     typer.echo(dump_spec(loaded) + "\n".join(lines))
 
@@ -433,8 +437,7 @@ def _guard(fn, *args):
 def _load_spec_or_exit(path: str, overrides: Sequence[str]) -> Any:
     """Load and validate a spec with ``--set`` overrides; an invalid one exits with status 2.
 
-    The file and the overrides are read before :mod:`pipeline.spec` is imported (which imports torch
-    through the method modules' configs): a missing file or a YAML syntax error is refused at once.
+    Neither reading nor validating imports torch, timm or torchvision: a typo is refused at once.
     """
     from pipeline._specfile import SpecError, apply_overrides, read_yaml
 
@@ -457,11 +460,12 @@ def _run_or_exit(fn: Callable[[], Any]) -> Any:
     from dataprep._sources import SourceError
     from dataprep.prep import PrepError
     from jobs.checkpoint import CheckpointMismatchError
+    from jobs.init import InitMismatchError
     from pipeline.spec import SpecError
 
     try:
         return fn()
-    except (SpecError, LeaseHeldError) as exc:
+    except (SpecError, LeaseHeldError, InitMismatchError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2)
     except (StorageError, CheckpointMismatchError, GangFailedError, SourceError, PrepError) as exc:

@@ -39,10 +39,10 @@ from jobs._trackers import tracker_env
 from jobs.checkpoint import check_compatible, code_version
 from jobs.engine import PREEMPT_MARKER
 from jobs._extensions import resume_expect
-from jobs.init import check_inits
 from jobs.reshard import resume_plan
 from jobs.layout import StageStatus
 from jobs.stage import make_method, run_worker
+from pipeline._modelcheck import check_models
 from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_restart_from, check_sources,  # noqa: F401
                             clear_stage, is_done, plan_run, record_extensions, record_spec)
 from pipeline._progress import live_progress
@@ -76,7 +76,7 @@ def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | 
     delete permission is probed next (:func:`cluster.housekeeping.check_delete`).
     """
     check_sources(spec)
-    check_inits(spec)  # an init that cannot fit its stage's model fails here, naming both shapes
+    check_models(spec)  # timm refuses a model, or an init cannot fit its model: fails here, naming both
     check_restart_from(spec, restart_from)  # a typo writes nothing, not even the lease
     with Lease(Store(spec.run_root, spec.storage_options)).held():
         check_delete(Store(spec.run_root, spec.storage_options))  # retention needs it: found now, not hours later

@@ -2,10 +2,15 @@
 
 Every model forbids unknown keys, so a typo is an error that names its path
 (``stages[1] (pretrain) > model > img_siz: unknown field``). Stages are a discriminated union on
-``kind``; each training kind's fields live with its method (``jobs/mae.py``'s ``MAEConfig``), the
-prep fields with ``dataprep.prep.PrepOptions``. The training kinds are the registered methods
-(``jobs/method.py``): the built-ins, plus those of the modules a spec names in ``methods:``,
-imported by :func:`parse_spec` before the stages are validated (and by every worker).
+``kind``; each training kind's fields live in its config module (``jobs/config/mae.py``'s
+``MAEConfig``, re-exported by ``jobs/mae.py``), the prep fields in ``dataprep.options.PrepOptions``.
+The training kinds are the registered ones (``jobs/config/kinds.py``): the built-ins, plus those of
+the methods in the modules a spec names in ``methods:``, imported by :func:`parse_spec` before the
+stages are validated (and by every worker).
+
+Validation imports no torch, timm or torchvision (a typo is refused in well under two seconds);
+what needs timm (the architecture exists, an ``init`` fits its model) is checked after it, by
+:func:`pipeline._modelcheck.check_models` (the runner, ``vitforge validate``, ``--dry-run``).
 
     name: mae-digits
     storage: s3://my-bucket/runs          # run root = <storage>/<name>
@@ -22,14 +27,16 @@ import posixpath
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
 
-from dataprep.prep import PrepOptions
-from jobs.evaluate import EvalConfig
+from cluster.storage import credential_keys
+from dataprep.options import PrepOptions
+from jobs.config import config_classes, import_methods, training_kinds
+from jobs.config.digest import json_digest
+from jobs.config.evaluate import EvalConfig
+from jobs.config.stage import REFERENCE_FIELDS, FaultHooks, StageJob
+from jobs.config.teacher_outputs import TeacherOutputsConfig, check_cache_reference
 from jobs.layout import RunLayout
-from jobs.methods import config_classes, import_methods, training_kinds
-from jobs.stage import REFERENCE_FIELDS, FaultHooks, StageJob
-from jobs.teacher_cache import TeacherOutputsConfig, check_cache_reference
 from pipeline._specerrors import FieldError, did_you_mean, format_errors, where
 from pipeline._specfile import SpecError, apply_overrides, read_yaml
 
@@ -54,8 +61,6 @@ class PrepStage(PrepOptions):
 
     def digest(self) -> str:
         """Digest of what shapes the shards: the output options and the source (not ``workers``)."""
-        from jobs.checkpoint import json_digest
-
         return json_digest({"options": self.output_options(), "source": self.source})
 
 
@@ -79,12 +84,17 @@ class RunSpec(BaseModel):
     methods: list[str] = Field(default_factory=list, description="modules defining methods of your own (dotted "
                                "import paths, importable on the driver and every worker)")
     stages: list[Stage] = Field(min_length=1)
+    # where the spec came from, for later checks' messages (pipeline/_modelcheck.py): set by parse_spec
+    _source: str = PrivateAttr(default="the spec")
+    _lines: dict[tuple, int] | None = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when the fields are: where a spec was read from is no part of it."""
+        return isinstance(other, RunSpec) and self.model_dump() == other.model_dump()
 
     @model_validator(mode="after")
     def _no_secrets(self) -> "RunSpec":
         """The spec is stored in clear (run.yaml): credentials in storage_options are refused."""
-        from cluster.storage import credential_keys
-
         if found := credential_keys(self.storage_options):
             raise FieldError(
                 ("storage_options",), f"{', '.join(found)}: credentials never go in a spec (it is stored in clear as the run's run.yaml). "
@@ -279,6 +289,7 @@ def parse_spec(raw: Any, source: str = "the spec", lines: dict[tuple, int] | Non
         spec = model.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(f"{source} is invalid:\n{format_errors(exc, raw, lines, model)}") from None
+    spec._source, spec._lines = source, lines
     return spec
 
 

@@ -14,6 +14,7 @@ from _train_util import TINY_MODEL, finish, metrics, stage_store, status, torchr
 from jobs.distill import DistillConfig, DistillMethod, kl_logits, split_features
 from jobs.engine import StageContext
 from jobs.export import load_export_model
+from pipeline._modelcheck import check_models
 from pipeline.spec import SpecError, parse_spec
 from test_finetune import write_mae_export
 
@@ -92,11 +93,12 @@ def test_distill_spec_checks_the_teacher_reference_and_the_student_arch():
     assert spec.stage_job("student", "ray")["teacher_url"] == "s3://b/runs/r/stages/pretrain/export"
     with pytest.raises(SpecError, match=r"stages\[1\] \(student\) > teacher: 'pretrained' is neither"):
         parse_spec({"name": "r", "storage": "/r", "stages": [mae, {**student, "teacher": "pretrained"}]})
-    with pytest.raises(SpecError, match=r"stages\[0\] \(student\) > model > arch"):
-        parse_spec({"name": "r", "storage": "/r", "stages": [{**student, "teacher": "/t", "model": {"arch": "resnet_9000"}}]})
-    with pytest.raises(SpecError, match=r"resnet18 has no 'depth'"):
-        parse_spec({"name": "r", "storage": "/r", "stages": [{**student, "teacher": "/t",
-                                                               "model": {**SMALL_CNN, "depth": 3}}]})
+    with pytest.raises(SpecError, match=r"stages\[0\] \(student\) > model > arch: unknown timm model"):
+        check_models(parse_spec({"name": "r", "storage": "/r",
+                                 "stages": [{**student, "teacher": "/t", "model": {"arch": "resnet_9000"}}]}))
+    with pytest.raises(SpecError, match=r"stages\[0\] \(student\) > model > depth: resnet18 has no 'depth'"):
+        check_models(parse_spec({"name": "r", "storage": "/r", "stages": [{**student, "teacher": "/t",
+                                                                            "model": {**SMALL_CNN, "depth": 3}}]}))
 
 
 # ---- on a 2-worker DeepSpeed gang --------------------------------------------------------------------

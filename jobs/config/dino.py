@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobs.config.init import InitFields
 from jobs.config.models import ModelConfig
+from jobs.config.kinds import register_config
 from jobs.config.train import OptimConfig, TrainConfig
 
 
@@ -85,4 +86,4 @@ class DINOConfig(TrainConfig, InitFields):
         return _dino_model(value)
 
 
-
+register_config(DINOConfig)

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.config.init import InitFields, WeightsFile
 from jobs.config.models import TimmModelConfig
+from jobs.config.kinds import register_config
 from jobs.config.train import TrainConfig
 
 
@@ -53,4 +54,4 @@ class DistillConfig(TrainConfig, InitFields):
         return self
 
 
-
+register_config(DistillConfig)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from jobs.config.init import InitFields
 from jobs.config.models import TimmModelConfig
 from jobs.config.peft import LORA_TARGETS
+from jobs.config.kinds import register_config
 from jobs.config.train import OptimConfig, TrainConfig
 
 
@@ -77,3 +78,5 @@ RECIPES: dict[str, dict[str, float]] = {
     "lora": {"layer_decay": 1.0, "drop_path_rate": 0.0, "label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0},
 }
 
+
+register_config(FinetuneConfig)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from jobs.config.dino import DINOConfig
+from jobs.config.kinds import register_config
 
 
 class IBOTConfig(DINOConfig):
@@ -44,4 +45,4 @@ class IBOTConfig(DINOConfig):
         return list(zip(self.mask_ratio, var))
 
 
-
+register_config(IBOTConfig)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.config.init import InitFields
+from jobs.config.kinds import register_config
 from jobs.config.train import TrainConfig
 
 
@@ -31,4 +32,4 @@ class MAEConfig(TrainConfig, InitFields):
     crop_scale: tuple[float, float] = (0.2, 1.0)
 
 
-
+register_config(MAEConfig)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.config.train import TrainConfig
-from jobs.methods import method_class
+from jobs.config.kinds import config_class
 
 # Stage fields that name an earlier stage's export (or an export URL); a stage job carries each one
 # resolved as ``<field>_url`` (pipeline/spec.py), which reaches the method as ``ctx.refs[<field>]``.
@@ -57,7 +57,4 @@ class StageJob(BaseModel):
 
 def stage_config_class(kind: str) -> type:
     """The stage config class of training ``kind`` (its registered method's ``Config``)."""
-    return method_class(kind).Config
-
-
-
+    return config_class(kind)
