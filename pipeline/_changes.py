@@ -2,6 +2,9 @@
 
 A relaunch with another spec than ``run.yaml`` is refused unless every changed key is one of:
 
+* **in a stage that never started** (nothing in its directory: no ``STATUS.json``, no checkpoint, no
+  output; e.g. downstream of a stage that was preempted): any change, taken with a note, since the
+  stage has computed nothing the change could contradict;
 * **outside its stage's digest** (``checkpoint``, ``loader_workers``, ``trackers``, ``progress`` of a
   training stage, a prep stage's ``workers``, an eval stage's ``batch_size``): taken, with a note;
 * **a longer training stage**: ``epochs`` (or ``max_steps``) raised, nothing else in the digest
@@ -23,6 +26,7 @@ old digest is accepted for the new one through that record (:func:`jobs._extensi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +38,15 @@ LENGTH_FIELDS = ("epochs", "max_steps")
 @dataclass
 class StageChanges:
     safe: list[str] = field(default_factory=list)                  # outside the digests: taken as they are
+    unstarted: list[str] = field(default_factory=list)             # in stages that never started: taken too
     extended: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> its extension record
     refused: list[str] = field(default_factory=list)               # change what a stage computes
 
 
-def classify(old_spec: dict[str, Any], spec: Any, changed: list[str], is_training: Any) -> StageChanges:
-    """Split ``changed`` (keys of :func:`pipeline._plan.spec_diff`) by what they do to their stage."""
+def classify(old_spec: dict[str, Any], spec: Any, changed: list[str], is_training: Callable[[str], bool],
+             started: Callable[[str], bool]) -> StageChanges:
+    """Split ``changed`` (keys of :func:`pipeline._plan.spec_diff`) by what they do to their stage;
+    ``started(name)``: whether stage ``name`` has written anything yet."""
     old_stages = {s.get("name"): s for s in old_spec.get("stages") or [] if isinstance(s, dict)}
     names = {s.name for s in spec.stages}
     by_stage: dict[str, list[str]] = {}
@@ -51,6 +58,9 @@ def classify(old_spec: dict[str, Any], spec: Any, changed: list[str], is_trainin
         else:
             out.refused.append(key)
     for name, keys in by_stage.items():
+        if not started(name):
+            out.unstarted += keys
+            continue
         stage = spec.stage(name)
         verdict = _verdict(old_stages[name], stage, is_training(stage.kind))
         if verdict == "safe":

@@ -140,16 +140,23 @@ def plan_run(spec: RunSpec, restart_from: str | None = None) -> Plan:
 
 def _take_safe_changes(plan: Plan, old: dict[str, Any], spec: RunSpec, changed: list[str]) -> list[str]:
     """Take the changes outside the stages' digests and the extensions into ``plan``; the rest stays refused."""
-    split = classify(old, spec, changed, is_training_kind)
+    split = classify(old, spec, changed, is_training_kind, lambda name: started(spec, name))
     if split.refused:
         return changed  # refused as a whole: the message names every changed key
     if split.safe:
         plan.notes.append(f"changed since the last launch, outside the stages' digests: {_fmt(split.safe)}")
+    if split.unstarted:
+        plan.notes.append(f"changed since the last launch, in stages that never started: {_fmt(split.unstarted)}")
     plan.extended = split.extended
     for name, record in split.extended.items():
         plan.notes.append(describe(name, record))
         plan.reset += [d for d in downstream(spec, name)[1:] if d not in plan.reset]
     return []
+
+
+def started(spec: RunSpec, name: str) -> bool:
+    """Whether stage ``name`` has written anything (STATUS, a checkpoint, an output) to its directory."""
+    return bool(Store(spec.stage_url(name), spec.storage_options).ls(""))
 
 
 def record_extensions(spec: RunSpec, plan: Plan) -> None:

@@ -108,3 +108,23 @@ def test_settings_outside_the_digest_and_a_longer_stage_are_planned_with_notes(t
         assert result.exit_code == 2 and "holds a different spec" in result.output and key in result.output, \
             (refused, result.output)
     assert files_under(root) == before
+
+
+def test_a_change_to_a_stage_that_never_started_is_taken_with_a_note(tmp_path, images_dir):
+    path = write_spec(tmp_path, images_dir)
+    root = started_run(path)  # pretrain preempted at step 5; probe downstream of it has written nothing
+    before = files_under(root)
+    result = cli("validate", path, "--set", "stages.probe.mode=full", "--set", "stages.probe.epochs=3")
+    assert result.exit_code == 0, result.output
+    assert "in stages that never started: stages.probe.epochs, stages.probe.mode, stages.probe.layer_decay" \
+        in result.output, result.output  # the mode's recipe defaults change with it
+    assert "pretrain  mae       resume: from checkpoint step 4" in result.output
+    assert "probe     finetune  run" in result.output
+    # with a change to a started stage beside it, the spec is still a different one
+    mixed = cli("validate", path, "--set", "stages.probe.mode=full", "--set", "stages.pretrain.optim.base_lr=0.1")
+    assert mixed.exit_code == 2 and "holds a different spec" in mixed.output, mixed.output
+    # once the stage has written something (its STATUS), the same change is refused
+    StageStatus(f"{root}/stages/probe").update(state="preempted", kind="finetune")
+    started = cli("validate", path, "--set", "stages.probe.mode=full")
+    assert started.exit_code == 2 and "stages.probe.mode" in started.output, started.output
+    assert files_under(root) == {**before, **{k: v for k, v in files_under(root).items() if "/probe/" in k}}
