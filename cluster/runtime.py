@@ -3,6 +3,12 @@
 The embedded cluster binds to loopback, keeps its dashboard off unless asked (and on
 127.0.0.1 when on), and inherits this process's environment, so S3 endpoints and credentials
 set in the environment reach every task and worker without ever being written into a spec.
+
+Every Ray worker process of the job runs :func:`quiet_ray_workers` first (the runtime env's
+``worker_process_setup_hook``): Ray Train's placement-group cleaner, a detached actor, logs "Failed to
+query Ray Train Controller actor state" as a warning each time Ray's state API is slow to answer (a
+busy machine: about 20 per run), though it only retries. Those records are demoted to DEBUG there,
+in the actor's own process, where a driver-side logger level cannot reach.
 """
 
 from __future__ import annotations
@@ -24,6 +30,27 @@ STORAGE_SETTINGS_ENV_VARS = (
 )
 STORAGE_SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 STORAGE_ENV_VARS = STORAGE_SETTINGS_ENV_VARS + STORAGE_SECRET_ENV_VARS
+SETUP_HOOK = f"{__name__}.quiet_ray_workers"  # the runtime env's worker_process_setup_hook
+# Ray Train's logger and message of its placement-group cleaner's retry (ray 2.60)
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_CLEANER_RETRY = "Failed to query Ray Train Controller actor state"
+
+
+class _DemoteCleanerRetries(logging.Filter):
+    """The cleaner's retry warning becomes a DEBUG record (dropped unless DEBUG is on for its logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and str(record.msg).startswith(_CLEANER_RETRY):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_ray_workers() -> None:
+    """Run in every Ray worker process of the job before it does anything (see the module docstring)."""
+    logger = logging.getLogger(_CLEANER_LOGGER)
+    if not any(isinstance(f, _DemoteCleanerRetries) for f in logger.filters):
+        logger.addFilter(_DemoteCleanerRetries())
 
 
 def storage_env(include_secrets: bool = True) -> dict[str, str]:
@@ -46,12 +73,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
     if ray.is_initialized():
         return ray.cluster_resources()
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True,
+                              "runtime_env": {"worker_process_setup_hook": SETUP_HOOK}}
     if address:
         log.info("connecting to Ray cluster at %s", address)
         settings = storage_env(include_secrets=False) if forward_storage_env else {}
         if settings:
-            kwargs["runtime_env"] = {"env_vars": settings}
+            kwargs["runtime_env"]["env_vars"] = settings
         ray.init(address=address, **kwargs)
     else:
         log.info("starting an embedded local Ray cluster")

@@ -12,6 +12,7 @@ Tiny: 32 px digits, a depth-2 ViT, a few steps, one worker per gang.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -206,3 +207,29 @@ def test_raising_max_steps_of_a_finished_stage_continues_it_on_a_new_cosine_and_
     again = runner.invoke(app, ["run", spec, "--set", "stages.pretrain.max_steps=8",
                                 "--set", "stages.pretrain.checkpoint.every_steps=2"])
     assert again.exit_code == 0 and again.output.count("finished earlier") == 3, again.output
+
+
+def test_ray_trains_placement_group_cleaner_retry_warning_is_demoted_in_its_detached_actor(ray_local, capfd):
+    """Ray Train's cleaner (a detached actor) warns "Failed to query Ray Train Controller actor state"
+    whenever the state API is slow; every worker of our job demotes that record to DEBUG
+    (cluster.runtime.quiet_ray_workers), while its other warnings still reach the driver."""
+    ray = ray_local
+    from cluster.runtime import _CLEANER_LOGGER
+
+    @ray.remote(num_cpus=0)
+    class Cleaner:
+        def log(self) -> None:
+            logger = logging.getLogger(_CLEANER_LOGGER)
+            logger.warning("Failed to query Ray Train Controller actor state. State API may be temporarily "
+                           "unavailable. Continuing to monitor.")
+            logger.warning("cleaner-warning-that-stays")
+
+    actor = Cleaner.options(lifetime="detached").remote()
+    try:
+        ray.get(actor.log.remote())
+        seen: list[str] = []
+        wait_for(lambda: seen.append(capfd.readouterr().err) or "cleaner-warning-that-stays" in "".join(seen),
+                 timeout=60, what="the actor's log lines at the driver")
+    finally:
+        ray.kill(actor)
+    assert "Failed to query Ray Train Controller" not in "".join(seen)
