@@ -48,8 +48,8 @@ import torch
 import torch.nn as nn
 
 from jobs._engine_config import OptimConfig, StageContext, TrainConfig
-from jobs.config.kinds import (config_classes, import_methods, kind_of, register_config,  # noqa: F401  (re-exported)
-                               same_source, training_kinds)
+from jobs.config.kinds import (config_class, config_classes, import_methods, kind_of,  # noqa: F401  (re-exported)
+                               register_config, same_source, training_kinds)
 from jobs.export import export_encoder
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,8 @@ def register(cls: type[Method], replace: bool = False) -> type[Method]:
 
 def method_class(kind: str) -> type[Method]:
     """The registered method of ``kind`` (built-ins: import ``jobs.methods``; plugins: :func:`import_methods`)."""
-    try:
-        return _REGISTRY[kind]
-    except KeyError:
-        raise ValueError(f"unknown training stage kind {kind!r}; known: {', '.join(sorted(_REGISTRY))} (a method "
-                         "of your own: name its module in the run spec's methods: list)") from None
+    config_class(kind)  # an unknown kind: the spec's error, naming the known ones
+    if kind not in _REGISTRY:
+        raise ValueError(f"stage kind {kind!r} has a config but no method registered in this process: import "
+                         "jobs.methods (the built-in methods) or the module that defines its method")
+    return _REGISTRY[kind]
