@@ -7,7 +7,7 @@ Stages: ``prep`` (images -> shards, Ray tasks), training kinds (``mae``, ``dino`
     stages/<name>/STATUS.json     state: running | done | preempted | failed, attempts, history
                                   (per attempt: start, end, seconds, outcome), config digest
     stages/<name>/shards/…        prep stages (manifest.json last)
-    stages/<name>/metrics.jsonl   per-step metrics (rank 0)
+    stages/<name>/metrics/…       per-step metrics (rank 0), numbered append-only chunks
     stages/<name>/checkpoints/…   committed checkpoints (the stage resumes from the newest)
     stages/<name>/export/…        the trained model (timm-loadable; config.json last)
     stages/<name>/eval.json       eval stages

@@ -132,7 +132,7 @@ def test_secret_key_is_never_in_store_objects_status_metrics_checkpoints_or_outp
     secret = s3.admin.secret_key.encode()
     written = {**_all_objects(s3, storage), **_all_objects(s3, dest), **_all_objects(s3, dest + "-wds")}
     kinds = {k.rsplit("/", 1)[-1] for k in written}
-    assert {"STATUS.json", "metrics.jsonl", "COMMITTED", "manifest.json", "model.safetensors"} <= kinds, kinds
+    assert {"STATUS.json", "00000000.jsonl", "COMMITTED", "manifest.json", "model.safetensors"} <= kinds, kinds
     assert [k for k, body in written.items() if secret in body] == []
     printed = {"prep output": prep_output.encode(), "training output": train_output.encode()}
     assert [k for k, text in printed.items() if secret in text] == []
