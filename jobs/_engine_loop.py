@@ -22,13 +22,14 @@ from cluster.storage import Store
 from dataprep.loader import StreamingLoader
 from jobs._engine_config import (METHOD_STATE, StageContext, TrainConfig, TrainResult, build_optimizer, lr_at,
                                  make_accelerator, peak_lr)
-from jobs._engine_watch import MetricsLog, PreemptionWatch, peak_flops
+from jobs._engine_watch import PreemptionWatch, peak_flops
 from jobs._extensions import resume_expect
 from jobs._grad_clip import clip_grad_per_param
 from jobs._live import open_live
 from jobs.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, code_version, restore_rng_state
 from jobs.layout import EXPORT_NAME, METRICS_NAME
 from jobs.method import Method
+from jobs.metrics import MetricsLog
 from jobs.peft import param_counts
 from jobs.reshard import ResumePlan, load_engine_state, resume_plan, seed_new_rank
 
@@ -175,7 +176,7 @@ def _resume(run: _Run) -> None:
     if run.ctx.rank >= info.world_size:  # no stream of its own in the checkpoint
         seed_new_rank(run.cfg.seed, run.step, run.ctx.rank)
     if metrics_text:
-        run.metrics.restore(metrics_text[0], run.step)
+        run.metrics.restore(metrics_text[-1], run.step)  # the checkpoint restored (after any fallback)
 
 
 def _loop(run: _Run, watch: PreemptionWatch) -> Literal["done", "preempted"]:
@@ -315,9 +316,9 @@ def _save(run: _Run, sync: bool) -> None:
         run.accelerator.save_state(os.path.join(local_dir, "engine"))
         if method_state is not None and run.ctx.rank == 0:
             save_file(method_state, os.path.join(local_dir, METHOD_STATE))
-        if run.ctx.rank == 0:
+        if run.ctx.rank == 0:  # the lines no chunk is known to hold yet (a resume republishes them)
             with open(os.path.join(local_dir, METRICS_NAME), "w") as f:
-                f.write(run.metrics.text())
+                f.write(run.metrics.unpublished_text())
 
     meta = {"step": step, "epoch": run.loader.epoch, "loader": run.loader.state_dict(), "rng": capture_rng_state(),
             "config": run.cfg.model_dump(mode="json"), "code_version": code_version(), **run.meta_expect,

@@ -1,11 +1,11 @@
-"""What the training loop watches and reports: preemption requests and per-step metrics.
+"""What the training loop watches and reports: preemption requests and per-step metrics (the
+writer of the metrics chunks is :class:`jobs.metrics.MetricsLog`).
 
 Public names are re-exported by :mod:`jobs.engine`; import them from there.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -16,7 +16,6 @@ import torch
 
 from cluster.storage import Store
 from jobs._engine_config import PREEMPT_MARKER
-from jobs.layout import METRICS_NAME
 
 log = logging.getLogger(__name__)
 
@@ -75,40 +74,3 @@ def peak_flops() -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((v * 1e12 for k, v in PEAK_TFLOPS_BF16.items() if k in name), None)
-
-
-class MetricsLog:
-    """Rank 0's ``metrics.jsonl``: kept in memory, shipped inside checkpoints and to the stage dir."""
-
-    def __init__(self, store: Store, enabled: bool) -> None:
-        self.store, self.enabled, self.lines = store, enabled, []
-        self._upload: threading.Thread | None = None
-
-    def restore(self, text: str, upto_step: int) -> None:
-        self.lines = [ln for ln in text.splitlines() if ln and json.loads(ln)["step"] <= upto_step]
-
-    def add(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            self.lines.append(json.dumps(record, sort_keys=True))
-
-    def text(self) -> str:
-        return "".join(ln + "\n" for ln in self.lines)
-
-    def publish(self, sync: bool = False) -> None:
-        """Upload ``metrics.jsonl`` to the stage directory (in the background unless ``sync``)."""
-        if not self.enabled:
-            return
-        if self._upload is not None:
-            self._upload.join()
-        data = self.text().encode()
-        if sync:
-            self.store.put_bytes(METRICS_NAME, data)
-            return
-        self._upload = threading.Thread(target=self._put, args=(data,), daemon=True, name="metrics-upload")
-        self._upload.start()
-
-    def _put(self, data: bytes) -> None:
-        try:
-            self.store.put_bytes(METRICS_NAME, data)
-        except Exception as exc:  # metrics are also inside every checkpoint; the next publish retries
-            log.warning("could not upload metrics.jsonl: %s", exc)

@@ -4,8 +4,9 @@ DeepSpeed (``torch_checkpoint_engine``, the universal-checkpoint converter, ``ze
 accelerate unpickle the files they restore with ``weights_only`` off. Inside
 :func:`safe_loading` those calls go through ``weights_only=True`` with :data:`ALLOWED`, the
 explicit allow-list of the non-tensor types the two libraries store (found with
-``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3 checkpoints and accelerate's
-RNG files). A pickle naming any other global (``os.system``, ``builtins.exec``, a planted class)
+``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3 checkpoints in fp32, bf16 and
+fp16 (a ``deepspeed: {fp16: ...}`` pass-through: its dynamic loss scaler), with and without optimizer
+offload, and accelerate's RNG files). A pickle naming any other global (``os.system``, ``builtins.exec``, a planted class)
 is refused before anything in it runs: :class:`UnsafeCheckpointError` names the file and the global.
 """
 
@@ -33,12 +34,12 @@ def allowed_globals() -> list[Any]:
     import codecs
 
     import numpy as np
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     np_core = getattr(np, "_core", None) or np.core
-    out = [LossScaler, ZeroStageEnum, fragment_address,                   # DeepSpeed model/optimizer states
+    out = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address,  # DeepSpeed model/optimizer states
            np_core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]  # accelerate's RNG states
     out += [getattr(np.dtypes, n) for n in ("UInt32DType", "Float64DType", "Int64DType") if hasattr(np, "dtypes")]
     return out

@@ -15,8 +15,9 @@ transform, and optionally the other hooks that class documents (``after_step``, 
   newest committed one at the exact data position, refusing a different architecture or config.
 * Preemption: SIGTERM/SIGINT (or a ``PREEMPT`` marker a driver writes in the stage directory)
   finishes the current step, saves synchronously and returns ``state="preempted"``.
-* Metrics per step (loss, lr, grad norm, images/s, step time, MFU on GPU) to ``metrics.jsonl``
-  by rank 0; a progress bar on rank 0 only on a terminal.
+* Metrics per step (loss, lr, grad norm, images/s, step time, MFU on GPU) by rank 0, uploaded as
+  numbered append-only chunks under ``<stage>/metrics/`` (:mod:`jobs.metrics`); a progress bar on
+  rank 0 only on a terminal.
 
 One *step* is one optimizer update (``grad_accum`` micro-batches); checkpoints fall on step
 boundaries only, so the saved loader position is always exact.
@@ -37,7 +38,8 @@ from jobs._engine_config import (METHOD_STATE, PREEMPT_MARKER, PREEMPTED_EXIT_CO
 from jobs._engine_loop import train
 from jobs.layout import RunLayout
 from jobs.method import Method
-from jobs._engine_watch import PEAK_TFLOPS_BF16, MetricsLog, PreemptionWatch, peak_flops
+from jobs._engine_watch import PEAK_TFLOPS_BF16, PreemptionWatch, peak_flops
+from jobs.metrics import MetricsLog
 
 # what a method author needs; the rest stays importable from here for the engine's own callers
 __all__ = ["Method", "OptimConfig", "StageContext", "TrainConfig", "TrainResult", "train", "use_bf16"]

@@ -22,7 +22,7 @@ engine seeds torch before building), identical on every rank and attempt.
 (:func:`dataprep.labels.label_subset`: per class ``max(1, round(n_c * f))``, the subset a
 ``kind: eval`` stage with the same fraction and seed uses). The loader serves only those samples
 (``StreamingLoader(subset=)``), so the order, the epochs and exact resume are as without it.
-``label_fraction`` and ``labeled_samples`` are in every step record of ``metrics.jsonl`` and in
+``label_fraction`` and ``labeled_samples`` are in every step record of the stage's metrics and in
 the export's ``config.json``.
 
 Every export is a plain timm classifier (backbone + head, ``num_classes`` from the manifest),
@@ -37,7 +37,6 @@ Library entry (e.g. a low-label fine-tune inside an evaluation): :func:`run_fine
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -59,7 +58,7 @@ from jobs.config.finetune import RECIPES, FinetuneConfig, LoraSettings  # noqa: 
 from jobs.engine import OptimConfig, StageContext, TrainResult, train
 from jobs.export import export_timm_model, timm_export_config
 from jobs.init import WeightsFile, init_arch, load_init, read_init, weights_file_config
-from jobs.layout import METRICS_NAME
+from jobs.metrics import read_metrics
 from jobs.method import Method
 from jobs.models import forward_flops, timm_model_kwargs
 from jobs.peft import LORA_TARGETS, LoraConfig, PeftConfig, apply_peft, merge_lora_state  # noqa: F401
@@ -336,7 +335,7 @@ def run_finetune(cfg: FinetuneConfig | dict[str, Any], *, data_url: str, stage_u
                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune ``init_url``'s export (else ``cfg.init``, else ``cfg.model`` from random init) on
     ``data_url`` in this process (one rank, no gang), e.g. the low-label fine-tune of an evaluation.
-    Writes checkpoints, ``metrics.jsonl`` and ``export/`` under ``stage_url`` (resuming from its
+    Writes checkpoints, metrics chunks and ``export/`` under ``stage_url`` (resuming from its
     checkpoints if any) and returns the last epoch's val metrics (``val_top1``, ``val_top5``,
     ``val_loss``, ``val_count``), ``step`` and ``labeled_samples``.
 
@@ -353,7 +352,7 @@ def run_finetune(cfg: FinetuneConfig | dict[str, Any], *, data_url: str, stage_u
                        storage_options=storage_options or {}, launcher="local",
                        refs={"init": init_url} if init_url else {})
     result: TrainResult = train(FinetuneMethod(cfg, rank=rank), cfg, ctx)
-    records = [json.loads(line) for line in Store(stage_url, storage_options).get_bytes(METRICS_NAME).decode().splitlines()]
+    records = read_metrics(Store(stage_url, storage_options))
     evaluated = [r for r in records if "val_top1" in r]
     last = evaluated[-1] if evaluated else {}
     labeled = records[-1].get("labeled_samples") if records else None

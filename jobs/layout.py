@@ -7,7 +7,9 @@
         STATUS.json                       .status      (StageStatus writes it)
         PREEMPT                           .preempt     (a driver's stop request)
         shards/ manifest.json             .shards      (prep)
-        metrics.jsonl                     .metrics     (training)
+        metrics/00000000.jsonl ...        .metrics     (training: numbered append-only chunks,
+                                                        metrics_chunk_name(i); jobs/metrics.py)
+        metrics.jsonl                     .metrics_legacy  (runs written before chunks)
         checkpoints/step-00001200/        .checkpoints, checkpoint_name(step)
         export/                           .export      (training)
         eval.json                         .eval_json   (eval)
@@ -35,7 +37,9 @@ STAGES_NAME = "stages"
 STATUS_NAME = "STATUS.json"
 PREEMPT_NAME = "PREEMPT"
 SHARDS_NAME = "shards"
-METRICS_NAME = "metrics.jsonl"
+METRICS_NAME = "metrics.jsonl"   # the one-file format of older runs; also the metrics file inside a checkpoint
+METRICS_DIR_NAME = "metrics"     # metrics/00000012.jsonl: chunk 12
+METRICS_CHUNK_SUFFIX = ".jsonl"
 CHECKPOINTS_NAME = "checkpoints"
 EXPORT_NAME = "export"
 EXPORT_CONFIG_NAME = "config.json"  # export/config.json: written last, so it proves the export
@@ -55,6 +59,17 @@ def checkpoint_step(name: str) -> int:
     if not name.startswith(CHECKPOINT_PREFIX):
         raise ValueError(f"{name!r} is not a checkpoint name ({CHECKPOINT_PREFIX}XXXXXXXX)")
     return int(name[len(CHECKPOINT_PREFIX):])
+
+
+def metrics_chunk_name(index: int) -> str:
+    """``metrics/00000012.jsonl``: chunk ``index`` of a stage's metrics (zero-padded, so names sort by index)."""
+    return f"{METRICS_DIR_NAME}/{index:08d}{METRICS_CHUNK_SUFFIX}"
+
+
+def metrics_chunk_index(name: str) -> int | None:
+    """The index of a chunk's file name under ``metrics/`` (``00000012.jsonl`` -> 12); None for anything else."""
+    stem = name[:-len(METRICS_CHUNK_SUFFIX)] if name.endswith(METRICS_CHUNK_SUFFIX) else ""
+    return int(stem) if stem.isdigit() and len(stem) == 8 else None
 
 
 def _join(url: str, *names: str) -> str:
@@ -81,6 +96,12 @@ class StageLayout:
 
     @property
     def metrics(self) -> str:
+        """The folder of the numbered metrics chunks (:func:`metrics_chunk_name`)."""
+        return _join(self.url, METRICS_DIR_NAME)
+
+    @property
+    def metrics_legacy(self) -> str:
+        """The single ``metrics.jsonl`` of runs written before chunks (still read, never written)."""
         return _join(self.url, METRICS_NAME)
 
     @property

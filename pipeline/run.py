@@ -7,7 +7,7 @@ Stages: ``prep`` (images -> shards, Ray tasks), training kinds (``mae``, ``dino`
     stages/<name>/STATUS.json     state: running | done | preempted | failed, attempts, history
                                   (per attempt: start, end, seconds, outcome), config digest
     stages/<name>/shards/…        prep stages (manifest.json last)
-    stages/<name>/metrics.jsonl   per-step metrics (rank 0)
+    stages/<name>/metrics/…       per-step metrics (rank 0), numbered append-only chunks
     stages/<name>/checkpoints/…   committed checkpoints (the stage resumes from the newest)
     stages/<name>/export/…        the trained model (timm-loadable; config.json last)
     stages/<name>/eval.json       eval stages
@@ -31,7 +31,8 @@ from typing import Any
 
 from cluster.gang import GangFailedError, GangSpec, run_gang
 from cluster.housekeeping import failures as housekeeping_failures
-from cluster.housekeeping import check_delete, tolerate
+from cluster.access import check_access
+from cluster.housekeeping import tolerate
 from cluster.lease import Lease, fence_for
 from cluster.runtime import ensure_ray
 from cluster.storage import Store, StorageError
@@ -47,7 +48,7 @@ from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_restart_fr
                             clear_stage, is_done, plan_run, record_extensions, record_spec)
 from pipeline._progress import live_progress
 from pipeline._stop import StopAborted, forward_stop_signals
-from pipeline.spec import RunSpec
+from pipeline.spec import RunSpec, is_training_kind
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,26 @@ def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | 
     names a stage, which is then cleared and re-run with every stage downstream of it.
     Stops at the first stage that does not finish (``preempted``); raises when one fails.
     The run root's lease (``cluster/lease.py``) is held throughout: a second writer is refused
-    (:class:`LeaseHeldError`) and a writer whose lease was taken over commits nothing. The identity's
-    delete permission is probed next (:func:`cluster.housekeeping.check_delete`).
+    (:class:`LeaseHeldError`) and a writer whose lease was taken over commits nothing. Before the lease,
+    the identity's read, list, write and delete permissions under the run root are probed and any the
+    run needs but lacks are named in one error (:func:`cluster.access.check_access`).
     """
     check_sources(spec)
     check_models(spec)  # timm refuses a model, or an init cannot fit its model: fails here, naming both
     check_restart_from(spec, restart_from)  # a typo writes nothing, not even the lease
+    check_access(Store(spec.run_root, spec.storage_options), access_needs(spec, restart_from), spec.storage_options)
     with Lease(Store(spec.run_root, spec.storage_options)).held():
-        check_delete(Store(spec.run_root, spec.storage_options))  # retention needs it: found now, not hours later
         return _run_stages(spec, address, fault, restart_from)
+
+
+def access_needs(spec: RunSpec, restart_from: str | None = None) -> dict[str, list[str]]:
+    """Who in this run needs each storage permission under the run root (for the pre-flight's message)."""
+    names = [s.name for s in spec.stages]
+    training = [s.name for s in spec.stages if is_training_kind(s.kind)]
+    delete = [f"{', '.join(training)} (checkpoint retention, stop markers)"] if training else []
+    if restart_from:
+        delete.append(f"--restart-from {restart_from} (clearing the stages it re-runs)")
+    return {"read": names, "list": names, "write": ["the run's lease and record", *names], "delete": delete}
 
 
 def _run_stages(spec: RunSpec, address: str | None, fault: dict[str, Any] | None,

@@ -4,7 +4,8 @@ It reads what the writers leave (names from ``jobs/layout.py``) and never writes
 
     run.yaml                              stage order and kinds (read as plain YAML, not validated)
     stages/<name>/STATUS.json             state, attempts, timings (jobs/layout.py StageStatus)
-    stages/<name>/metrics.jsonl           one record per step (jobs/engine.py)
+    stages/<name>/metrics/                one record per step, in numbered chunks (jobs/metrics.py;
+                                          an older run's single metrics.jsonl is read too)
     stages/<name>/checkpoints/latest      newest committed checkpoint (checked against COMMITTED)
     stages/<name>/export/config.json      written last by an export: its presence means finished
     stages/<name>/eval.json               eval stages (jobs/evaluate.py)
@@ -15,7 +16,6 @@ Works on any fsspec URL the :class:`~cluster.storage.Store` speaks (``file://``,
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 import statistics
@@ -28,15 +28,14 @@ import yaml
 from cluster.storage import CorruptRecordError, Store, read_latest
 from jobs._live import HEARTBEAT
 from jobs.checkpoint import latest_committed
-from jobs.layout import (EVAL_JSON_NAME, EXPORT_NAME, METRICS_NAME, RUN_YAML_NAME, SHARDS_NAME, STAGES_NAME,
-                         STATUS_NAME)
+from jobs.layout import EVAL_JSON_NAME, EXPORT_NAME, RUN_YAML_NAME, SHARDS_NAME, STAGES_NAME, STATUS_NAME
+from jobs.metrics import read_metrics
 from pipeline._heartbeat import apply_heartbeat
 
 log = logging.getLogger(__name__)
 
 RUN_YAML = RUN_YAML_NAME
 STATUS = STATUS_NAME
-METRICS = METRICS_NAME
 EVAL_JSON = EVAL_JSON_NAME
 EXPORT = EXPORT_NAME
 EXPORT_CONFIG = "config.json"
@@ -140,7 +139,7 @@ class RunView:
         return view
 
     def _fill_training(self, view: StageView, store: Store, status: dict[str, Any]) -> None:
-        records = _tail_records(store, METRICS)
+        records = read_metrics(store, tail_bytes=_TAIL_BYTES)
         latest = latest_committed(store.url, self.storage_options)
         ckpt_step = latest.step if latest else None
         steps = [s for s in (status.get("step"), records[-1].get("step") if records else None, ckpt_step) if s is not None]
@@ -174,12 +173,8 @@ class RunView:
 
     # ---- metrics, evals, exports -----------------------------------------------------------
     def metrics(self, name: str) -> list[dict[str, Any]]:
-        """Every record of ``stages/<name>/metrics.jsonl`` (empty when there is none)."""
-        try:
-            text = self.stage_store(name).get_bytes(METRICS).decode()
-        except FileNotFoundError:
-            return []
-        return _parse_jsonl(text)
+        """Every step record of stage ``name``, one per step, in order (empty when there is none)."""
+        return read_metrics(self.stage_store(name))
 
     def eval_reports(self) -> dict[str, dict[str, Any]]:
         """``eval.json`` of every stage that has one: stage name -> document."""
@@ -260,32 +255,6 @@ def _get_json(store: Store, rel: str) -> Any:
     except CorruptRecordError as exc:  # writes are whole-object: never "being written"
         log.warning("%s; ignoring it", exc)
         return None
-
-
-def _tail_records(store: Store, rel: str, nbytes: int = _TAIL_BYTES) -> list[dict[str, Any]]:
-    """The last complete JSON lines of ``rel`` (reads at most ``nbytes``)."""
-    try:
-        size = store.size(rel)
-    except FileNotFoundError:
-        return []
-    with store.open_read(rel) as f:
-        if size > nbytes:
-            f.seek(size - nbytes)
-        data = f.read()
-    text = data.decode(errors="replace")
-    if size > nbytes:
-        text = text.split("\n", 1)[-1]  # drop the partial first line
-    return _parse_jsonl(text)
-
-
-def _parse_jsonl(text: str) -> list[dict[str, Any]]:
-    records = []
-    for line in text.splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a concurrent upload
-    return records
 
 
 def _duration(status: dict[str, Any]) -> float | None:

@@ -15,6 +15,8 @@ body), then, drawing from a seeded RNG per request, either
 ``deny_deletes=True`` answers every delete (``DELETE`` and ``POST ?delete``) ``403 AccessDenied``:
 an identity without delete permission.
 
+``uploaded`` counts the body bytes of every forwarded ``PUT`` by object path (what a client uploaded).
+
 It binds 127.0.0.1 only, runs its loop in a daemon thread, and stops itself after
 ``lifetime_s`` at the latest (so a forgotten proxy cannot outlive a test run).
 """
@@ -42,6 +44,7 @@ class FaultProxy:
         self.lifetime_s = lifetime_s
         self.deny_deletes = deny_deletes
         self.injected: Counter[str] = Counter()   # slowdown / cut_upload / forwarded
+        self.uploaded: Counter[str] = Counter()   # PUT body bytes forwarded, by path (/bucket/key)
         self._rng = random.Random(seed)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -133,6 +136,8 @@ class FaultProxy:
                 return  # both connections close mid-body
             if length:
                 upstream_writer.write(await reader.readexactly(length))
+            if method == "PUT":
+                self.uploaded[target.split("?", 1)[0]] += length
             await upstream_writer.drain()
             while chunk := await up_reader.read(1 << 16):
                 writer.write(chunk)

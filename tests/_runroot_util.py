@@ -1,7 +1,8 @@
 """Test helper: a run root with stages in every state, written the way the writers write it.
 
-STATUS.json fields as ``jobs/stage.py`` and ``jobs/evaluate.py`` write them, ``metrics.jsonl``
-records as ``jobs/engine.py`` logs them, checkpoints committed with ``cluster.storage.commit`` and
+STATUS.json fields as ``jobs/stage.py`` and ``jobs/evaluate.py`` write them, metrics records as
+``jobs/engine.py`` logs them (in chunks by ``jobs.metrics.MetricsLog``, or an older run's single
+``metrics.jsonl`` with ``metrics="legacy"``), checkpoints committed with ``cluster.storage.commit`` and
 ``write_latest``, an export with ``config.json`` last, a prep manifest, an ``eval.json``. Real
 runs are covered by tests/test_submit.py; this one gives status/report every state cheaply.
 """
@@ -14,6 +15,7 @@ import time
 import yaml
 
 from cluster.storage import Store, commit, write_latest
+from jobs.metrics import MetricsLog
 
 T0 = 1_700_000_000.0
 
@@ -37,7 +39,18 @@ def checkpoint(stage: Store, step: int) -> None:
     write_latest(ckpt, "", name)
 
 
-def make_run(root: str, name: str = "demo") -> Store:
+def write_metrics(stage: Store, text: str, layout: str = "chunks", chunk_lines: int = 5) -> None:
+    """``text``'s records as the engine's writer publishes them (chunks of ``chunk_lines``), or ``legacy``."""
+    if layout == "legacy":
+        stage.put_bytes("metrics.jsonl", text.encode())
+        return
+    writer = MetricsLog(stage, enabled=True, chunk_lines=chunk_lines)
+    for line in text.splitlines():
+        writer.add(json.loads(line))
+    writer.publish(sync=True)
+
+
+def make_run(root: str, name: str = "demo", metrics: str = "chunks") -> Store:
     """``data`` (prep, done), ``pretrain`` (mae, done), ``probe`` (finetune, running), ``student``
     (distill, failed), ``tune`` (finetune, preempted), ``later`` (finetune, pending), ``eval`` (done)."""
     run = Store(root)
@@ -61,11 +74,11 @@ def make_run(root: str, name: str = "demo") -> Store:
     st("data").put_json("STATUS.json", {"state": "done", "kind": "prep", "attempts": 1, "started_at": T0,
                                         "finished_at": T0 + 41, "updated_at": T0 + 41})
 
-    _training(st("pretrain"), "mae", "done", steps=30, total=30, ckpt=30, export=True, attempts=2)
-    _training(st("probe"), "finetune", "running", steps=12, total=None, ckpt=10, val_every=5)
-    _training(st("student"), "distill", "failed", steps=3, total=None, ckpt=None,
+    _training(st("pretrain"), "mae", "done", steps=30, total=30, ckpt=30, export=True, attempts=2, metrics=metrics)
+    _training(st("probe"), "finetune", "running", steps=12, total=None, ckpt=10, val_every=5, metrics=metrics)
+    _training(st("student"), "distill", "failed", steps=3, total=None, ckpt=None, metrics=metrics,
               error="Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory")
-    _training(st("tune"), "finetune", "preempted", steps=16, total=40, ckpt=16)
+    _training(st("tune"), "finetune", "preempted", steps=16, total=40, ckpt=16, metrics=metrics)
 
     st("eval").put_json("eval.json", {"stage": "eval", "knn": {"k": 20, "temperature": 0.07}, "label_fraction": 1.0,
                                       "models": {"pretrain": {"architecture": "vit_tiny_patch16_224", "feature_dim": 64,
@@ -79,8 +92,9 @@ def make_run(root: str, name: str = "demo") -> Store:
 
 
 def _training(stage: Store, kind: str, state: str, steps: int, total: int | None, ckpt: int | None,
-              export: bool = False, attempts: int = 1, val_every: int | None = None, error: str | None = None) -> None:
-    stage.put_bytes("metrics.jsonl", metrics_lines(steps, val_every=val_every).encode())
+              export: bool = False, attempts: int = 1, val_every: int | None = None, error: str | None = None,
+              metrics: str = "chunks") -> None:
+    write_metrics(stage, metrics_lines(steps, val_every=val_every), metrics)
     if ckpt:
         checkpoint(stage, ckpt)
     if export:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from cluster.storage import Store
+from jobs.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,13 +63,11 @@ def stage_store(storage: str, run: str, stage: str = "pretrain") -> Store:
 
 
 def losses(storage: str, run: str, stage: str = "pretrain") -> list[float]:
-    text = stage_store(storage, run, stage).get_bytes("metrics.jsonl").decode()
-    return [json.loads(line)["loss"] for line in text.splitlines()]
+    return [r["loss"] for r in metrics(storage, run, stage)]
 
 
 def metrics(storage: str, run: str, stage: str = "pretrain") -> list[dict[str, Any]]:
-    text = stage_store(storage, run, stage).get_bytes("metrics.jsonl").decode()
-    return [json.loads(line) for line in text.splitlines()]
+    return read_metrics(stage_store(storage, run, stage))
 
 
 def status(storage: str, run: str, stage: str = "pretrain") -> dict:

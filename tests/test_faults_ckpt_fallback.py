@@ -1,6 +1,8 @@
 """Fault suite, verified checkpoints with fallback (issue 14 point 2, sizes only), against the real SeaweedFS:
 the newest COMMITTED checkpoint with a zero-byte or missing file is skipped with the reason logged and
-the previous committed one is restored; when none verifies the error says so (never a silent step 0)."""
+the previous committed one is restored; when none verifies the error says so (never a silent step 0).
+Slow tier: a 2-rank DeepSpeed gang whose newest checkpoint file had bytes flipped (same size) resumes
+from the commit before it and its losses equal an uninterrupted run's."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import os
 
 import pytest
 
+from _train_util import TINY_MODEL
 from cluster.storage import Store
 from jobs._ckpt_verify import CheckpointVerificationError
 from jobs.checkpoint import CheckpointManager, CheckpointPolicy, latest_committed
@@ -106,3 +109,52 @@ def test_retention_keeps_the_newest_verified_checkpoint_when_the_newest_does_not
     assert ckpt.latest().step == 2
     ckpt.save(4, lambda d: open(os.path.join(d, "w.bin"), "wb").write(b"weights of step 4"), {"step": 4}, sync=True)
     assert [i.step for i in ckpt.committed()] == [4]  # a verifying newest needs no older fallback
+
+
+FALLBACK_STEPS = 8
+FALLBACK_STAGE = {"name": "pretrain", "kind": "mae", "model": TINY_MODEL,
+                  "decoder": {"embed_dim": 32, "depth": 1, "num_heads": 4}, "max_steps": FALLBACK_STEPS,
+                  "batch_size": 8, "zero_stage": 2, "loader_workers": 0,
+                  "checkpoint": {"every_steps": 2, "keep_last": 3}, "optim": {"base_lr": 1.0e-2, "warmup_steps": 2}}
+
+
+def _flip_largest_file(store: Store, step: int) -> str:
+    """Flip bytes in the middle of the largest file of committed checkpoint ``step`` (same size)."""
+    files = store.child("checkpoints").get_json(f"step-{step:08d}/COMMITTED")["files"]
+    name = max(files, key=lambda n: files[n]["size"])
+    rel = f"checkpoints/step-{step:08d}/{name}"
+    data = bytearray(store.get_bytes(rel))
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    store.put_bytes(rel, bytes(data))
+    assert store.size(rel) == files[name]["size"]
+    return name
+
+
+@pytest.mark.slow  # three 2-rank DeepSpeed runs (~4 min on 2 cores)
+def test_a_gang_resumes_through_the_hash_fallback_and_matches_an_uninterrupted_run(s3, tmp_path):
+    from _train_util import finish, losses, status, torchrun, write_digit_shards, write_job, write_spec
+
+    data = write_digit_shards(f"s3://{s3.bucket}/{tmp_path.name}-shards")
+    storage = f"s3://{s3.bucket}/{tmp_path.name}"
+    ref = write_spec(tmp_path, storage, "ref", {**FALLBACK_STAGE, "data": data})
+    rc, out = finish(torchrun(ref), timeout=900)
+    assert rc == 0, out[-3000:]
+    want = losses(storage, "ref")
+
+    spec = write_spec(tmp_path, storage, "tamper", {**FALLBACK_STAGE, "data": data})
+    rc, out = finish(torchrun(job=write_job(spec, "pretrain", {"kill_rank": 0, "kill_at_step": 5})), timeout=900)
+    assert rc != 0  # SIGKILLed after step 5: step-4 is the newest commit, step-2 the one before it
+    stage = Store(f"{storage}/tamper/stages/pretrain")
+    assert latest_committed(stage.url).step == 4
+    tampered = _flip_largest_file(stage, 4)
+
+    rc, out = finish(torchrun(spec), timeout=900)
+    assert rc == 0, out[-3000:]
+    st = status(storage, "tamper")
+    assert st["state"] == "done" and st["resumed_from"] == 2, st  # not 4 (it fails its sha256), not 0
+    assert "step-00000004" in out and tampered in out and "sha256" in out  # the skip is logged, naming the file
+    got = losses(storage, "tamper")
+    assert len(got) == len(want) == FALLBACK_STEPS  # each step once: the replay superseded steps 3..5
+    for step, (a, b) in enumerate(zip(got, want), start=1):
+        assert abs(a - b) <= 1e-6, f"step {step}: {a} != {b}"

@@ -71,3 +71,32 @@ def test_every_file_of_real_zero_0_to_3_checkpoints_loads_weights_only_with_the_
     with safe_loading():
         for f in files:
             assert torch.load(f, map_location="cpu", weights_only=False) is not None
+
+
+CHECKPOINT_KINDS = {  # what DeepSpeed writes beyond fp32 ZeRO 0-3, on CPU/gloo
+    "bf16-zero2-offload": ({"precision": "bf16", "zero_stage": 2, "offload_optimizer": True},
+                           "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+    "bf16-zero3": ({"precision": "bf16", "zero_stage": 3}, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+    "fp16-zero2": ({"precision": "fp32", "zero_stage": 2, "deepspeed": {"fp16": {"enabled": True}}},
+                   "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+}
+
+
+@pytest.mark.slow  # two one-rank DeepSpeed runs per kind (~40 s each on 2 cores)
+@pytest.mark.parametrize("kind", list(CHECKPOINT_KINDS))
+def test_bf16_fp16_and_offload_checkpoints_resume_weights_only_with_the_allow_list(tmp_path, kind):
+    import json
+
+    from jobs._safe_load import allowed_globals
+
+    variant, expected = CHECKPOINT_KINDS[kind]
+    env = {**os.environ, "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu"}
+    worker = [sys.executable, os.path.join(ROOT, "tests", "_ckpt_kinds_worker.py"), json.dumps(variant), str(tmp_path)]
+    saved = subprocess.run([*worker, "save"], env=env, timeout=600, capture_output=True, text=True)
+    assert saved.returncode == 0, saved.stdout[-2000:] + saved.stderr[-3000:]
+    found = json.loads(saved.stdout.split("GLOBALS ", 1)[1].splitlines()[0])
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in allowed_globals()}
+    assert expected in found and set(found) <= allowed, found
+    resumed = subprocess.run([*worker, "resume"], env=env, timeout=600, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resuming stage ft from" in resumed.stdout + resumed.stderr  # restored through safe_loading

@@ -15,12 +15,14 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
 from _train_util import TINY_MODEL
+from cluster.storage import Store
 from jobs.dino import DINOConfig, DINOMethod
 from jobs.distill import DistillConfig, DistillMethod
 from jobs.engine import StageContext
 from jobs.export import export_encoder
 from jobs.finetune import run_finetune
 from jobs.init import InitMismatchError
+from jobs.metrics import read_metrics
 from jobs.mae import MAEConfig, MAEMethod, build_mae
 from jobs.peft import param_counts
 from pipeline.run import run_spec
@@ -165,7 +167,7 @@ def test_engine_records_parameter_counts_and_the_init_hash(tmp_path, shards):
     cfg = {"name": "ft", "data": shards, "init": str(tmp_path / "src"), "num_classes": 3, "max_steps": 2,
            "batch_size": 8, "loader_workers": 0, "trackers": [], "peft": {"lora": {"rank": 4}}}
     run_finetune(cfg, data_url=shards, stage_url=str(tmp_path / "stage"))
-    first = json.loads((tmp_path / "stage" / "metrics.jsonl").read_text().splitlines()[0])
+    first = read_metrics(Store(str(tmp_path / "stage")))[0]
     assert 0 < first["trainable_params"] < first["total_params"]
     config = json.loads((tmp_path / "stage" / "export" / "config.json").read_text())
     assert config["vitforge"]["trainable_params"] == first["trainable_params"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.storage import Store
-from jobs.layout import RunLayout, StageStatus, checkpoint_name, checkpoint_step
+from jobs.layout import RunLayout, StageStatus, checkpoint_name, checkpoint_step, metrics_chunk_index, metrics_chunk_name
 from pipeline.spec import parse_spec
 
 
@@ -13,8 +13,11 @@ def test_stage_layout_names_every_place_of_the_run_store():
     stage = RunLayout("s3://bucket/runs/r/").stage("pretrain")
     assert stage.url == "s3://bucket/runs/r/stages/pretrain"
     assert [stage.status, stage.preempt, stage.metrics, stage.checkpoints, stage.export, stage.shards,
-            stage.eval_json] == [f"{stage.url}/{n}" for n in ("STATUS.json", "PREEMPT", "metrics.jsonl", "checkpoints",
-                                                              "export", "shards", "eval.json")]
+            stage.eval_json, stage.metrics_legacy] == [
+        f"{stage.url}/{n}" for n in ("STATUS.json", "PREEMPT", "metrics", "checkpoints", "export", "shards",
+                                     "eval.json", "metrics.jsonl")]
+    assert metrics_chunk_name(12) == "metrics/00000012.jsonl" and metrics_chunk_index("00000012.jsonl") == 12
+    assert metrics_chunk_index("00000012.jsonl.tmp") is None and metrics_chunk_index("notes.jsonl") is None
     assert RunLayout("s3://bucket/runs/r").run_yaml == "s3://bucket/runs/r/run.yaml"
     assert checkpoint_name(1200) == "step-00001200" and checkpoint_step("step-00001200") == 1200
     with pytest.raises(ValueError, match="not a checkpoint name"):

@@ -59,6 +59,7 @@ import pytest
 import torch
 
 from cluster.storage import Store
+from jobs.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,7 @@ def export_initial_encoder(stage: dict, dest: str) -> None:
 
 
 def last_val_top1(spec, stage: str) -> tuple[float, dict]:
-    text = Store(spec.stage_url(stage)).get_bytes("metrics.jsonl").decode()
-    records = [json.loads(line) for line in text.splitlines()]
+    records = read_metrics(Store(spec.stage_url(stage)))
     return [r for r in records if "val_top1" in r][-1]["val_top1"], records[-1]
 
 

@@ -7,7 +7,6 @@ The throwaway method lives in this file and nowhere else: the run spec names thi
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 import pytest
@@ -17,6 +16,7 @@ from pydantic import Field
 from typer.testing import CliRunner
 
 from cluster.storage import Store
+from jobs.metrics import read_metrics
 from dataprep.transforms import mae_transform
 from jobs.engine import TrainConfig
 from jobs.method import Method, method_class
@@ -86,7 +86,7 @@ def test_a_method_defined_in_a_test_file_runs_through_vitforge_run_on_a_one_work
     stage = Store(f"{s3_url}/toy/stages/toy")
     status = stage.get_json("STATUS.json")
     assert status["state"] == "done" and status["kind"] == "toy_energy" and status["step"] == 3
-    records = [json.loads(line) for line in stage.get_bytes("metrics.jsonl").decode().splitlines()]
+    records = read_metrics(stage)
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["feature_norm"] > 0 for r in records)
     config = stage.get_json("export/config.json")
     assert config["architecture"] == TINY_MODEL["arch"]

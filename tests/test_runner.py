@@ -23,6 +23,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cluster.storage import Store
+from jobs.metrics import read_metrics
 from pipeline.cli import app
 from tests._train_util import ROOT, TINY_MODEL, finish, wait_for
 
@@ -198,7 +199,7 @@ def test_raising_max_steps_of_a_finished_stage_continues_it_on_a_new_cosine_and_
     assert status(root, "data") == before["data"]                                   # upstream untouched
     assert status(root, "probe")["started_at"] > pretrain["history"][-1]["started_at"]  # downstream reran
     assert status(root, "probe")["attempts"] == 1
-    records = [yaml.safe_load(line) for line in Store(f"{root}/stages/pretrain").get_bytes("metrics.jsonl").decode().splitlines()]
+    records = read_metrics(Store(f"{root}/stages/pretrain"))
     lr = {r["step"]: r["lr"] for r in records if "lr" in r}
     peak = 1.5e-4 * TRAIN["batch_size"] / 256
     assert [lr[s] for s in range(1, 5)] == pytest.approx([lr_at(s - 1, 4, 0, peak) for s in range(1, 5)])

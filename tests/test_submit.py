@@ -23,6 +23,7 @@ import yaml
 
 from cluster.localstore import free_ports
 from cluster.storage import Store
+from jobs.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "VITFORGE_TEST_RAY_HEAD"
@@ -186,7 +187,7 @@ def test_submitted_run_wrote_its_outputs_to_s3(submitted):
     assert stage.get_bytes("checkpoints/latest").decode().strip() == "step-00000002"
     assert stage.exists("checkpoints/step-00000002/COMMITTED")
     assert stage.exists("export/model.safetensors") and stage.exists("export/config.json")
-    assert len(stage.get_bytes("metrics.jsonl").decode().splitlines()) == 2
+    assert [r["step"] for r in read_metrics(stage)] == [1, 2]
 
 
 def test_status_json_reads_the_submitted_run(submitted):

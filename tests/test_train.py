@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from cluster.storage import Store
+from jobs.metrics import read_metrics
 from tests._train_util import TINY_MODEL, download_checkpoint, finish, wait_for, write_digit_shards, zero_fp32_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,8 +46,7 @@ def stage_store(storage: str, name: str) -> Store:
 
 
 def losses(storage: str, name: str) -> list[float]:
-    text = stage_store(storage, name).get_bytes("metrics.jsonl").decode()
-    return [json.loads(line)["loss"] for line in text.splitlines()]
+    return [r["loss"] for r in read_metrics(stage_store(storage, name))]
 
 
 def status(storage: str, name: str) -> dict:
