@@ -44,6 +44,7 @@ from cluster.storage import Store
 from dataprep.labels import label_subset
 from dataprep.loader import StreamingLoader
 from dataprep.transforms import eval_transform
+from jobs._channels import ChannelPlan, data_channels, model_channel_plan
 from jobs._eval_dense import DenseConfig, dense_report
 from jobs.checkpoint import code_version, json_digest
 from jobs.layout import EVAL_JSON_NAME, StageStatus
@@ -80,6 +81,9 @@ class EvalConfig(BaseModel):
         default=None, description="ViTs: the CLS token, or the mean patch token; default: what each export's "
         "method trained (its config.json vitforge.pool: token for DINO, avg for MAE), else token")
     img_size: int | None = Field(default=None, ge=8, description="default: each export's own input size")
+    channels: list[str] | None = Field(default=None, min_length=1, description="the data's channels each model "
+                                       "reads, by name and in order (default: all): a ChannelViT takes any subset "
+                                       "of its trained channels, a plain model exactly its in_chans")
     knn_k: int = Field(default=20, ge=1)
     knn_temperature: float = Field(default=0.07, gt=0)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
@@ -118,13 +122,15 @@ def pool_features(model: torch.nn.Module, images: torch.Tensor, pool: str) -> to
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, loader: StreamingLoader, pool: str, device: torch.device) -> Features:
-    """Every (unpadded) sample of ``loader``'s split, once, in stream order."""
+def extract_features(model: torch.nn.Module, loader: StreamingLoader, pool: str, device: torch.device,
+                     plan: ChannelPlan | None = None) -> Features:
+    """Every (unpadded) sample of ``loader``'s split, once, in stream order (``plan``: the channels read)."""
     model.eval()
     xs, ys = [], []
     for batch in loader:
         keep = ~batch["pad"]
-        images = batch["image"][keep].to(device, non_blocking=True)
+        images = batch["image"][keep] if plan is None else plan.select(batch["image"][keep])
+        images = images.to(device, non_blocking=True)
         xs.append(pool_features(model, images, pool).float().cpu())
         ys.append(batch["label"][keep])
     return Features(torch.cat(xs), torch.cat(ys))
@@ -253,9 +259,12 @@ def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_clas
     pretrained = config.get("pretrained_cfg", {})
     size = cfg.img_size or int(pretrained.get("input_size", [3, 224, 224])[-1])
     pool = cfg.pool or (config.get("vitforge") or {}).get("pool") or "token"  # the stage's, else the method's
+    plan = model_channel_plan(f"eval {cfg.name!r}, model {name!r}", cfg.channels, config,
+                              data_channels(data_url, storage_options))
+    plan.bind(model)
     loaders = {split: _loader(cfg, data_url, split, size, pretrained, storage_options)
                for split in (cfg.train_split, cfg.val_split)}
-    feats = {split: extract_features(model, loader, pool, device) for split, loader in loaders.items()}
+    feats = {split: extract_features(model, loader, pool, device, plan) for split, loader in loaders.items()}
     for split, f in feats.items():
         if len(f.y) == 0 or int(f.y.min()) < 0:
             raise ValueError(f"eval {cfg.name!r}: the {split} split of {data_url} has unlabelled samples; "
