@@ -130,3 +130,4 @@ def export_channels(info: ChannelInfo | None, count: int, plan: ChannelPlan | No
     if subset and plan.model is not None:
         out["input"] = list(plan.names)
     return out
+

@@ -39,6 +39,7 @@ from jobs._trackers import tracker_env
 from jobs.checkpoint import check_compatible, code_version
 from jobs.engine import PREEMPT_MARKER
 from jobs._extensions import resume_expect
+from jobs._channel_check import check_stage_channels
 from jobs.init import check_inits
 from jobs.reshard import resume_plan
 from jobs.layout import StageStatus
@@ -77,6 +78,7 @@ def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | 
     """
     check_sources(spec)
     check_inits(spec)  # an init that cannot fit its stage's model fails here, naming both shapes
+    check_stage_channels(spec)  # channels: a plain ViT cannot take fails here, naming the fix
     check_restart_from(spec, restart_from)  # a typo writes nothing, not even the lease
     with Lease(Store(spec.run_root, spec.storage_options)).held():
         check_delete(Store(spec.run_root, spec.storage_options))  # retention needs it: found now, not hours later

@@ -208,3 +208,24 @@ def test_channelvit_trains_under_mae_and_dino_and_its_exports_load_through_timm(
         assert list(loaded.pretrained_cfg["input_size"]) == [6, 32, 32]
         assert _export_config(tmp_path / name)["pretrained_cfg"]["input_size"] == [6, 32, 32]
         assert loaded(torch.randn(1, 4, 32, 32), channels=[0, 1, 2, 5]).shape == (1, 32)
+
+
+def test_a_subset_a_plain_vit_cannot_take_is_refused_when_the_run_starts(tmp_path):
+    from jobs._channel_check import check_stage_channels
+    from pipeline.spec import parse_spec
+
+    def spec(arch: str, stage: dict) -> object:
+        return parse_spec({"name": "c", "storage": str(tmp_path / "runs"), "stages": [
+            {"name": "data", "kind": "prep", "source": str(tmp_path / "cells.csv"), "source_kind": "csv",
+             "format": "npy", "channels": CHANNELS},
+            {"name": "pretrain", "kind": "mae", "data": "data", "model": {**TINY, "arch": arch}}, stage]})
+
+    ft = {"name": "ft", "kind": "finetune", "data": "data", "init": "pretrain", "channels": ["DNA", "ER"]}
+    with pytest.raises(ValueError, match=r"stages\[2\] \(ft\) > channels, model 'pretrain': channels: \['DNA', 'ER'\] "
+                                         r"selects 2 channels, but the model \(vit_tiny_patch16_224\) takes exactly "
+                                         r"in_chans=6.*use a ChannelViT"):
+        check_stage_channels(spec("vit_tiny_patch16_224", ft))
+    ev = {"name": "ev", "kind": "eval", "data": "data", "models": ["pretrain"], "channels": ["DNA", "Golgi"]}
+    with pytest.raises(ValueError, match=r"channels: \['Golgi'\] are not channels of the data"):
+        check_stage_channels(spec("channelvit_tiny_patch16_224", ev))
+    check_stage_channels(spec("channelvit_tiny_patch16_224", ft))  # any subset of its channels
