@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _cells import CHANNELS, cells, write_npy_shards, write_tiff_folder
-from _train_util import assert_same_losses, finish, losses, status, torchrun, write_job, write_spec
+from _train_util import assert_same_losses, finish, kill_then_resume, losses, torchrun, write_spec
 from cluster.storage import Store
 from jobs.engine import StageContext
 from jobs.evaluate import EvalConfig, evaluate_model
@@ -57,8 +57,9 @@ def test_six_channel_mae_learns_the_cells_that_the_rgb_8bit_path_cannot_see(tmp_
         assert set(run_spec(spec).states.values()) == {"done"}
         report = Store(spec.stage_url("eval")).get_json("eval.json")["models"]["pretrain"]
         rec = report["reconstruction"]
-        rows[fmt["format"]] = {"knn": report["knn_top1"], "linear": report["linear_top1"], "step0_knn":
-                               _step0_knn(spec, tmp_path), "loss": rec["loss"], "mean_patch": rec["baseline_mean_patch"],
+        rows[fmt["format"]] = {"knn": report["knn_top1"], "linear": report["linear_top1"],
+                               "step0_knn": _step0_knn(spec, tmp_path), "loss": rec["loss"],
+                               "mean_patch": rec["baseline_mean_patch"],
                                "visible_mean": rec["baseline_visible_mean"]}
     for name, r in rows.items():
         print(f"{name}: kNN {r['knn']:.3f} (step 0: {r['step0_knn']:.3f}), linear {r['linear']:.3f}, "
@@ -85,10 +86,6 @@ def test_six_channel_mae_killed_after_its_first_checkpoint_resumes_to_identical_
     rc, out = finish(torchrun(ref))
     assert rc == 0, out[-4000:]
     spec = write_spec(tmp_path, storage, "kill", {**KILL_STAGE, "name": "pretrain", "data": data})
-    rc, out = finish(torchrun(job=write_job(spec, "pretrain", fault={"kill_rank": 1, "kill_at_step": 3})))
-    assert rc != 0 and status(storage, "kill")["state"] == "running", out[-3000:]
-    rc, out = finish(torchrun(spec))
-    assert rc == 0, out[-4000:]
-    st = status(storage, "kill")
+    st = kill_then_resume(spec, storage, "kill", {"kill_rank": 1, "kill_at_step": 3})
     assert st["state"] == "done" and st["resumed_from"] == 2 and st["attempts"] == 2
     assert_same_losses(losses(storage, "kill"), losses(storage, "whole"), 6)

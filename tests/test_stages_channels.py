@@ -83,7 +83,8 @@ def test_dino_trains_on_six_channels_and_exports_the_data_statistics(tmp_path, d
 
     with pytest.raises(ValueError, match=r"stage 'bad': model.in_chans is 3 but the data at .* has 6 channels "
                                          r"\(DNA, ER, RNA, AGP, Mito, BF\); remove model.in_chans or set it to 6"):
-        DINOMethod(DINOConfig(name="bad", data=url, model={**TINY, "in_chans": 3}, head=HEAD)).setup(_ctx(tmp_path, url))
+        bad = DINOConfig(name="bad", data=url, model={**TINY, "in_chans": 3}, head=HEAD)
+        DINOMethod(bad).setup(_ctx(tmp_path, url))
 
 
 def _six_channel_export(tmp_path, info, name: str = "teacher", model: dict = TINY) -> str:
@@ -146,9 +147,9 @@ def test_finetune_on_six_channels_and_on_a_named_subset(tmp_path, data):
     assert config["pretrained_cfg"]["input_size"] == [2, 32, 32] and config["pretrained_cfg"]["mean"] == [
         info.mean[4], info.mean[0]] and config["vitforge"]["channels"]["names"] == ["Mito", "DNA"]
 
-    with pytest.raises(ValueError, match=r"stage 'ft': channels: \['DNA', 'ER', 'RNA', 'AGP'\] selects 4 channels, but "
-                                         r"the model \(vit_tiny_patch16_224\) takes exactly in_chans=6.*use a ChannelViT "
-                                         r"\(model: \{arch: channelvit_tiny_patch16_224\}\)"):
+    with pytest.raises(ValueError, match=r"stage 'ft': channels: \['DNA', 'ER', 'RNA', 'AGP'\] selects 4 channels, "
+                                         r"but the model \(vit_tiny_patch16_224\) takes exactly in_chans=6.*use a "
+                                         r"ChannelViT \(model: \{arch: channelvit_tiny_patch16_224\}\)"):
         _finetune(tmp_path, url, init=str(tmp_path / "teacher"), channels=CHANNELS[:4])
     with pytest.raises(ValueError, match=r"channels: \['Golgi'\] are not channels of the data; it has \['DNA'"):
         _finetune(tmp_path, url, init=str(tmp_path / "teacher"), channels=["Golgi"])
