@@ -66,12 +66,13 @@ def test_six_channel_mae_learns_the_cells_that_the_rgb_8bit_path_cannot_see(tmp_
               f"val reconstruction {r['loss']:.4f} vs mean-patch baseline {r['mean_patch']:.4f} "
               f"({r['loss'] / r['mean_patch']:.3f}x), visible-mean baseline {r['visible_mean']:.4f}")
     ours, rgb = rows["npy"], rows["png"]
-    assert ours["knn"] >= ours["step0_knn"] + 0.10, ours
-    assert ours["loss"] < RECON_RATIO * ours["mean_patch"], ours
-    assert ours["knn"] >= rgb["knn"] + 0.20, rows  # the 8-bit path sees less than one level of the signal
+    # measured (6 classes x 40, 200 steps): kNN 0.833 vs 0.367 at step 0 and 0.167 (chance) on the 8-bit path;
+    # val reconstruction 0.600 = 0.81x the visible-mean baseline (0.739). The mean-patch baseline (0.454) fills
+    # each masked patch with its own per-channel mean, an oracle that the cells' Poisson noise keeps out of reach
+    assert ours["knn"] >= ours["step0_knn"] + 0.30, ours
+    assert ours["loss"] < 0.9 * ours["visible_mean"], ours
+    assert ours["knn"] >= rgb["knn"] + 0.40, rows  # the 8-bit path keeps less than one level of the signal
 
-
-RECON_RATIO = 1.0  # measured, see the closing note: the Poisson noise of the cells bounds what any model predicts
 
 KILL_STAGE = {**MAE, "max_steps": 6, "batch_size": 8, "checkpoint": {"every_steps": 2, "keep_last": 2}}
 
