@@ -96,7 +96,8 @@ class EvalConfig(BaseModel):
     seed: int = 0
 
     def digest(self) -> str:
-        return json_digest(self.model_dump(mode="json", exclude={"loader_workers", "batch_size"}))
+        skip = {"loader_workers", "batch_size"} | ({"channels"} if self.channels is None else set())  # old digests hold
+        return json_digest(self.model_dump(mode="json", exclude=skip))
 
 
 # ---- 1. features ------------------------------------------------------------------------------------
