@@ -27,7 +27,8 @@ from dataprep._bounds import HashingReader, member_cap
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "npy")
+# the members (and source files) that hold a sample: images, and [C, H, W] arrays (.npy, format: npy)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "npy")
 
 
 class ShardError(RuntimeError):

@@ -38,12 +38,11 @@ from cluster.storage import Store, StorageError, with_retries
 
 from ._arrays import Layout, probe
 from ._images import EMPTY, UNREADABLE, UNSUPPORTED, sniff_format
-from ._shards import unsafe_member_name
+from ._shards import IMAGE_EXTS, unsafe_member_name
 
 log = logging.getLogger(__name__)
 
 KINDS = ("imagefolder", "flat", "csv", "jsonl", "parquet", "wds")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 _HEADER_WORDS = {"path", "file", "filename", "image", "url", "src"}
 _LABEL_COLUMNS = ("label", "labels", "cls", "class")
 _IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")

@@ -52,7 +52,8 @@ def load_from_checkpoint(stage_url: str, storage_options: dict[str, Any] | None 
                              store.get_file(name, os.path.join(tmp, name), checksum=CHECKSUM in info.files[name]))
         with safe_loading():
             state = get_fp32_state_dict_from_zero_checkpoint(os.path.join(tmp, "engine"))  # engine/latest: the tag
-    chans = int(state["encoder.patch_embed.proj.weight"].shape[1])  # the stage took it from its data's manifest
+    embed = state.get("encoder.patch_embed.channel_embed")  # a ChannelViT: one embedding per channel
+    chans = int(embed.shape[0] if embed is not None else state["encoder.patch_embed.proj.weight"].shape[1])
     if cfg.model.in_chans is None and chans != 3:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"in_chans": chans})})
     torch.manual_seed(cfg.seed)
@@ -82,8 +83,9 @@ def _flat_patches(model, imgs: torch.Tensor) -> torch.Tensor:
     if model.norm_pix_loss:
         return torch.zeros_like(patches)
     n, length, _ = patches.shape
-    per_channel = patches.view(n, length, -1, model.in_chans).mean(dim=2, keepdim=True)  # [N, L, 1, C]
-    return per_channel.expand(-1, -1, patches.shape[-1] // model.in_chans, -1).reshape(patches.shape)
+    c = model.token_chans  # channels per token: C, or 1 for a ChannelViT's channel tokens
+    per_channel = patches.view(n, length, -1, c).mean(dim=2, keepdim=True)  # [N, L, 1, C]
+    return per_channel.expand(-1, -1, patches.shape[-1] // c, -1).reshape(patches.shape)
 
 
 @torch.no_grad()
@@ -98,7 +100,7 @@ def reconstruction_report(model, data_url: str, split: str = "val", seed: int = 
     for b, batch in enumerate(loader):
         imgs = batch["image"][~batch["pad"]]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        noise = torch.rand(imgs.shape[0], model.grid ** 2, generator=gen)
+        noise = torch.rand(imgs.shape[0], model.length, generator=gen)
         latent, mask, ids_restore = model.forward_encoder(imgs, noise)
         pred = model.forward_decoder(latent, ids_restore).float()  # [N, L, p*p*C]
         target = _norm_targets(model, imgs)

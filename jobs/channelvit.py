@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from timm.layers import trunc_normal_
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -48,7 +48,7 @@ class ChannelPatchEmbed(nn.Module):
         """``channels``: ``[C]`` or ``[B, C]`` indices (into ``in_chans``) of the channels ``x`` holds."""
         b, c, h, w = x.shape
         t = self.proj(x.reshape(b * c, 1, h, w))  # [B*C, D, g, g]
-        t = t.flatten(2).transpose(1, 2).reshape(b, c, self.num_patches, -1)  # [B, C, L, D]
+        t = t.flatten(2).transpose(1, 2).reshape(b, c, -1, t.shape[1])  # [B, C, L, D]
         emb = self.channel_embed[channels]  # [C, D] or [B, C, D]
         return t + (emb[None, :, None] if emb.ndim == 2 else emb[:, :, None])
 
@@ -102,12 +102,21 @@ class ChannelVisionTransformer(VisionTransformer):
         if self.training and self.hcs:
             x, idx = hierarchical_channel_sampling(x, idx)
         t = self.patch_embed(x, idx)  # [B, C, L, D]
-        t = (t + self.pos_embed[:, None, 1:]).flatten(1, 2)  # [B, C*L, D]: positions shared by channels
+        grid = (x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1])
+        t = (t + self.patch_pos(grid)[:, None]).flatten(1, 2)  # [B, C*L, D]: positions shared by channels
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)  # [B, 1, D]
         x = self.pos_drop(torch.cat([cls, t], dim=1))  # [B, 1 + C*L, D]
         x = self.norm_pre(self.patch_drop(x))
         x = self.blocks(x)
         return self.norm(x)
+
+    def patch_pos(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``[1, g*g, D]``: the patch positions' embedding on ``grid``, resampled as timm does (bicubic) from
+        the trained grid when another image size comes in (DINO's local crops)."""
+        pos, trained = self.pos_embed[:, 1:], tuple(self.patch_embed.grid_size)
+        if tuple(grid) == trained:
+            return pos
+        return resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(trained), num_prefix_tokens=0)
 
     def forward(self, x: torch.Tensor, channels: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, channels))

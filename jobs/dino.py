@@ -39,7 +39,9 @@ from jobs.config.dino import DROP_PATH, DINOConfig, DINOHeadConfig, _dino_model,
 from jobs.engine import OptimConfig
 from jobs.init import read_stage_init, start_encoder
 from jobs.method import Method
-from jobs.models import build_encoder, encoder_flops_per_token, set_grad_checkpointing
+from jobs._channels import data_channels
+from jobs.models import (build_encoder, encoder_flops_per_token, fit_data_channels, patch_embed_flops,
+                         set_grad_checkpointing, token_count)
 
 
 LAST_LAYER = "last_layer"  # the head's last layer's AdamW group
@@ -167,6 +169,11 @@ class DINOMethod(Method):
 
     # ---- engine hooks ----------------------------------------------------------------------------
     def setup(self, ctx: Any) -> None:
+        """``in_chans`` from the data (its manifest's channels); the init, if any."""
+        self.data_channels = data_channels(ctx.data_url, ctx.storage_options)
+        model = fit_data_channels(self.cfg.model, self.data_channels, f"stage {self.cfg.name!r}",
+                                  f"the data at {ctx.data_url}")
+        self.cfg = self.cfg.model_copy(update={"model": model})
         self.init_source = read_stage_init(self.cfg, ctx)
 
     def build_model(self) -> DINOModel:
@@ -205,7 +212,7 @@ class DINOMethod(Method):
 
     def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         sched = self._sched()
-        crops = batch["image"]  # V x [B, 3, S, S], on the student's device and dtype
+        crops = batch["image"]  # V x [B, C, S, S], on the student's device and dtype
         self._freeze = sched.last_layer_frozen(step)
         teacher = self._teacher_on(crops[0].device)
         temp = sched.teacher_temp(step)
@@ -250,13 +257,13 @@ class DINOMethod(Method):
         if not hasattr(self, "_flops"):
             with torch.device("meta"):
                 enc = build_encoder(self.cfg.model)
-            patch, size = enc.patch_embed.patch_size[0], self._img_size()
+            size = self._img_size()
             local = self.cfg.local_size or max(8, round(size * 96 / 224 / 8) * 8)
 
-            def crop(s: int) -> float:
-                tokens = (s // patch) ** 2 + enc.num_prefix_tokens
+            def crop(s: int) -> float:  # the patch embedding reads all C channels; a ChannelViT has C x L tokens
+                tokens = token_count(enc, s) + enc.num_prefix_tokens
                 attn = 4.0 * len(enc.blocks) * tokens * tokens * enc.embed_dim
-                return encoder_flops_per_token(enc) * tokens + attn
+                return encoder_flops_per_token(enc) * tokens + attn + patch_embed_flops(enc, s)
 
             h = self.cfg.head
             dims = [enc.embed_dim] + [h.hidden_dim] * (h.layers - 1) + [h.bottleneck_dim, h.out_dim]

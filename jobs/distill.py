@@ -44,7 +44,9 @@ from jobs.engine import StageContext, use_bf16
 from jobs.export import export_timm_model, load_export_model, load_timm_weights
 from jobs.init import read_stage_init, start_encoder
 from jobs.method import Method
-from jobs.models import build_timm_model, forward_flops, timm_model_kwargs
+from jobs._channels import channel_names, data_channels, export_channels
+from jobs.channelvit import ChannelVisionTransformer
+from jobs.models import build_timm_model, fit_data_channels, forward_flops, model_in_chans, timm_model_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,11 @@ class DistillMethod(Method):
         self.teacher_classes, self.teacher_size = 0, cfg.model.img_size
 
     def setup(self, ctx: StageContext) -> None:
+        """The student's ``in_chans`` from the data (its manifest's channels); the teacher (or its cache)."""
+        self.data_channels = data_channels(ctx.data_url, ctx.storage_options)
+        model = fit_data_channels(self.cfg.model, self.data_channels, f"stage {self.cfg.name!r}",
+                                  f"the data at {ctx.data_url}")
+        self.cfg = self.cfg.model_copy(update={"model": model})
         if self.cfg.targets == "cached":
             from jobs._cached_targets import setup_cached
 
@@ -177,10 +184,19 @@ class DistillMethod(Method):
             return
         self.teacher, self.teacher_classes, self.teacher_size = load_teacher(
             self.cfg.teacher, ctx.refs.get("teacher"), self.cfg.model.img_size, ctx.storage_options)
+        self._check_teacher_channels(ctx.data_url)
         self.weights = self._loss_weights()
         self.init_source = read_stage_init(self.cfg, ctx)
         log.info("distilling %s (%d classes, %d px) into %s; loss weights %s", type(self.teacher).__name__,
                  self.teacher_classes, self.teacher_size, self.cfg.model.arch, self.weights)
+
+    def _check_teacher_channels(self, data_url: str) -> None:
+        """The teacher reads the data's channels as the student does: a count that differs is refused."""
+        have, want = model_in_chans(self.teacher), len(channel_names(self.data_channels))
+        if have != want and not isinstance(self.teacher, ChannelVisionTransformer):
+            raise ValueError(f"stage {self.cfg.name!r}: the teacher takes {have} input channels but the data at "
+                             f"{data_url} has {want} ({', '.join(channel_names(self.data_channels))}); distil from a "
+                             f"teacher trained on this data, or prep the data with {have} channels")
 
     def _loss_weights(self) -> dict[str, float]:
         loss, classifier = self.cfg.loss, self.teacher_classes > 0
@@ -237,7 +253,7 @@ class DistillMethod(Method):
             from jobs._cached_targets import cached_step
 
             return cached_step(self, model, batch)
-        imgs = batch["image"]  # [N, 3, S, S], on the student's device and dtype
+        imgs = batch["image"]  # [N, C, S, S], on the student's device and dtype
         target = self._teacher_targets(imgs)
         out = model(imgs, target.get("grid"))
         w, parts = self.weights, {}
@@ -262,7 +278,8 @@ class DistillMethod(Method):
         student = model.student
         export_timm_model(student, self.cfg.model.arch, timm_model_kwargs(self.cfg.model, self.num_classes), dest_url,
                           img_size=self.cfg.model.img_size, rank=rank, storage_options=storage_options,
-                          extra={**extra, "teacher": self.arch()["teacher"]})
+                          extra={**extra, "teacher": self.arch()["teacher"]},
+                          channels=export_channels(self.data_channels, model_in_chans(student)))
 
     def flops_per_sample(self) -> float:
         """3x the student's forward plus the teacher's forward."""

@@ -43,6 +43,7 @@ from cluster.storage import Store
 from dataprep.labels import label_subset
 from dataprep.loader import StreamingLoader
 from dataprep.transforms import eval_transform
+from jobs._channels import ChannelPlan, data_channels, model_channel_plan
 from jobs._eval_dense import dense_report
 from jobs.config.evaluate import DenseConfig, EvalConfig, ProbeConfig  # noqa: F401  (re-exported)
 from jobs.checkpoint import code_version
@@ -77,13 +78,15 @@ def pool_features(model: torch.nn.Module, images: torch.Tensor, pool: str) -> to
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, loader: StreamingLoader, pool: str, device: torch.device) -> Features:
-    """Every (unpadded) sample of ``loader``'s split, once, in stream order."""
+def extract_features(model: torch.nn.Module, loader: StreamingLoader, pool: str, device: torch.device,
+                     plan: ChannelPlan | None = None) -> Features:
+    """Every (unpadded) sample of ``loader``'s split, once, in stream order (``plan``: the channels read)."""
     model.eval()
     xs, ys = [], []
     for batch in loader:
         keep = ~batch["pad"]
-        images = batch["image"][keep].to(device, non_blocking=True)
+        images = batch["image"][keep] if plan is None else plan.select(batch["image"][keep])
+        images = images.to(device, non_blocking=True)
         xs.append(pool_features(model, images, pool).float().cpu())
         ys.append(batch["label"][keep])
     return Features(torch.cat(xs), torch.cat(ys))
@@ -212,9 +215,12 @@ def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_clas
     pretrained = config.get("pretrained_cfg", {})
     size = cfg.img_size or int(pretrained.get("input_size", [3, 224, 224])[-1])
     pool = cfg.pool or (config.get("vitforge") or {}).get("pool") or "token"  # the stage's, else the method's
+    plan = model_channel_plan(f"eval {cfg.name!r}, model {name!r}", cfg.channels, config,
+                              data_channels(data_url, storage_options))
+    plan.bind(model)
     loaders = {split: _loader(cfg, data_url, split, size, pretrained, storage_options)
                for split in (cfg.train_split, cfg.val_split)}
-    feats = {split: extract_features(model, loader, pool, device) for split, loader in loaders.items()}
+    feats = {split: extract_features(model, loader, pool, device, plan) for split, loader in loaders.items()}
     for split, f in feats.items():
         if len(f.y) == 0 or int(f.y.min()) < 0:
             raise ValueError(f"eval {cfg.name!r}: the {split} split of {data_url} has unlabelled samples; "

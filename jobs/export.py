@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from cluster.storage import Store, local_staging
 from dataprep.transforms import IMAGENET_MEAN, IMAGENET_STD
 from jobs.layout import EXPORT_CONFIG_NAME
-from jobs.models import ModelConfig, build_encoder
+from jobs.models import ModelConfig, build_encoder, encoder_in_chans
 from jobs.peft import merged_state
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,24 @@ def gather_fp32_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_config(model_cfg: ModelConfig, encoder: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """timm hub-style config for the exported encoder."""
+def normalization(chans: int, channels: dict[str, Any] | None) -> tuple[list[float], list[float]]:
+    """The export's ``pretrained_cfg`` mean / std: the data's per-channel train statistics when the stage's
+    data described its channels (``jobs._channels.export_channels``), else ImageNet's for RGB."""
+    if channels and len(channels.get("mean", ())) == chans:
+        return list(channels["mean"]), list(channels["std"])
+    return (list(IMAGENET_MEAN), list(IMAGENET_STD)) if chans == 3 else ([0.0] * chans, [1.0] * chans)
+
+
+def export_config(model_cfg: ModelConfig, encoder: nn.Module, extra: dict[str, Any] | None = None,
+                  channels: dict[str, Any] | None = None) -> dict[str, Any]:
+    """timm hub-style config for the exported encoder; ``channels``: its data's (names, dtype, mean, std)."""
     kwargs = model_cfg.timm_kwargs()  # num_classes=0 included: the export is headless
     size = int(encoder.patch_embed.img_size[0])
-    chans = int(getattr(encoder.patch_embed, "in_chans", None) or encoder.patch_embed.proj.in_channels)
+    chans = encoder_in_chans(encoder)
     if chans != 3:  # the encoder's own count (a stage may have taken it from its data's manifest)
         kwargs["in_chans"] = chans
-    mean, std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if chans == 3 else ([0.0] * chans, [1.0] * chans)
+    mean, std = normalization(chans, channels)
+    extra = {**(extra or {}), **({"channels": channels} if channels else {})}
     return {
         "architecture": model_cfg.arch,
         "num_classes": 0,
@@ -98,7 +108,8 @@ def export_config(model_cfg: ModelConfig, encoder: nn.Module, extra: dict[str, A
 
 
 def export_encoder(encoder: nn.Module, model_cfg: ModelConfig, dest_url: str, *, rank: int = 0,
-                   storage_options: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+                   storage_options: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                   channels: dict[str, Any] | None = None) -> None:
     """Write ``dest_url/model.safetensors`` and ``config.json`` (every rank calls; rank 0 writes).
 
     The config is written last: an export without ``config.json`` is unfinished.
@@ -112,7 +123,7 @@ def export_encoder(encoder: nn.Module, model_cfg: ModelConfig, dest_url: str, *,
         path = os.path.join(tmp, WEIGHTS)
         save_file(state, path, metadata={"format": "pt", "architecture": model_cfg.arch})
         store.put_file(path, WEIGHTS)
-    config = export_config(model_cfg, encoder, extra)
+    config = export_config(model_cfg, encoder, extra, channels)
     store.put_bytes(MODEL_CARD, model_card(config).encode())
     store.put_json(CONFIG, config)
     log.info("exported %s encoder (%d tensors) to %s", model_cfg.arch, len(state), store.url)
@@ -165,15 +176,20 @@ def load_timm_weights(arch: str, weights: str, model_args: dict[str, Any], saved
 
 
 def timm_export_config(architecture: str, model_args: dict[str, Any], img_size: int,
-                       extra: dict[str, Any] | None = None, label_names: list[str] | None = None) -> dict[str, Any]:
+                       extra: dict[str, Any] | None = None, label_names: list[str] | None = None,
+                       channels: dict[str, Any] | None = None) -> dict[str, Any]:
     """timm hub-style config for any timm model (``model_args`` includes ``num_classes``); a classifier's
-    ``label_names`` (class index -> name, as timm's ``save_for_hf`` writes them) when given."""
+    ``label_names`` (class index -> name, as timm's ``save_for_hf`` writes them) when given; ``channels``:
+    its data's (names, dtype, mean, std: ``jobs._channels.export_channels``)."""
     import timm
 
     with torch.device("meta"):
         model = timm.create_model(architecture, pretrained=False, **model_args)
     base = dict(getattr(model, "pretrained_cfg", None) or {})
     num_classes = int(model_args.get("num_classes", getattr(model, "num_classes", 0)))
+    chans = int(model_args.get("in_chans", 3))
+    mean, std = normalization(chans, channels)
+    extra = {**(extra or {}), **({"channels": channels} if channels else {})}
     return {
         "architecture": architecture,
         "num_classes": num_classes,
@@ -182,8 +198,7 @@ def timm_export_config(architecture: str, model_args: dict[str, Any], img_size: 
         **({"label_names": list(label_names)} if label_names and len(label_names) == num_classes else {}),
         "model_args": dict(model_args),
         "pretrained_cfg": {
-            "input_size": [int(model_args.get("in_chans", 3)), img_size, img_size],
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "input_size": [chans, img_size, img_size], "mean": mean, "std": std,
             "interpolation": "bicubic", "crop_pct": 0.875, "num_classes": num_classes,
             "first_conv": base.get("first_conv"), "classifier": base.get("classifier"),
         },
@@ -195,7 +210,7 @@ def export_timm_model(module: nn.Module, architecture: str, model_args: dict[str
                       img_size: int, rank: int = 0, storage_options: dict[str, Any] | None = None,
                       extra: dict[str, Any] | None = None,
                       convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-                      label_names: list[str] | None = None) -> None:
+                      label_names: list[str] | None = None, channels: dict[str, Any] | None = None) -> None:
     """Export any timm model (a classifier, a CNN, …): ``timm.create_model(architecture, **model_args)``
     must accept the state dict of ``module`` after ``convert`` (e.g. merging LoRA weights, folding a
     BatchNorm into a head). Every rank calls it (ZeRO gathers); rank 0 converts and writes.
@@ -206,8 +221,8 @@ def export_timm_model(module: nn.Module, architecture: str, model_args: dict[str
     state = merged_state(module, state)  # LoRA adapters folded in
     if convert is not None:
         state = convert(state)
-    _write_export(state, timm_export_config(architecture, model_args, img_size, extra, label_names), dest_url,
-                  storage_options)
+    _write_export(state, timm_export_config(architecture, model_args, img_size, extra, label_names, channels),
+                  dest_url, storage_options)
 
 
 def _write_export(state: dict[str, torch.Tensor], config: dict[str, Any], dest_url: str,

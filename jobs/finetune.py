@@ -54,13 +54,14 @@ from cluster.storage import Store
 from dataprep.labels import label_subset, split_labels
 from dataprep.manifest import load_manifest
 from dataprep.transforms import eval_transform, mae_transform
+from jobs._channels import ChannelPlan, export_channels, is_channelvit, model_channel_plan
 from jobs.config.finetune import RECIPES, FinetuneConfig, LoraSettings  # noqa: F401  (re-exported)
 from jobs.engine import OptimConfig, StageContext, TrainResult, train
-from jobs.export import export_timm_model, timm_export_config
+from jobs.export import export_timm_model, read_export_config, timm_export_config
 from jobs.init import WeightsFile, init_arch, load_init, read_init, weights_file_config
 from jobs.metrics import read_metrics
 from jobs.method import Method
-from jobs.models import forward_flops, timm_model_kwargs
+from jobs.models import fit_data_channels, forward_flops, timm_model_kwargs
 from jobs.peft import LORA_TARGETS, LoraConfig, PeftConfig, apply_peft, merge_lora_state  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,30 @@ class FinetuneMethod(Method):
             self.num_classes = len(manifest.classes)
         self.label_names = manifest.classes if manifest.classes and len(manifest.classes) == self.num_classes else None
         self._choose_labels(ctx, manifest.split("train").samples)
+        self.data_channels = manifest.channels
+        self.export_cfg = self._source_config(ctx.data_url)
+        self.plan = self._channel_plan()
+
+    def _source_config(self, data_url: str) -> dict[str, Any]:
+        """The export-style config of the model to fine-tune: the init's, or (no init) ``model``'s with
+        ``in_chans`` from the data (or from ``channels``)."""
+        init = self.cfg.init if self.cfg.init is not None else self.init_url
+        if isinstance(init, WeightsFile):
+            return weights_file_config(init)
+        if init is not None:
+            return read_export_config(self.init_url or init, self.storage_options)
+        m = self.cfg.model
+        selected = self.cfg.channels if not is_channelvit(m.arch) else None
+        m = fit_data_channels(m, self.data_channels, f"stage {self.cfg.name!r}", f"the data at {data_url}", selected)
+        return timm_export_config(m.arch, timm_model_kwargs(m, num_classes=0), m.img_size)
+
+    def _channel_plan(self) -> ChannelPlan:
+        """Which data channels the model reads (``channels``), checked against what the model takes."""
+        return model_channel_plan(f"stage {self.cfg.name!r}", self.cfg.channels, self.export_cfg, self.data_channels)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.export_cfg["pretrained_cfg"]["input_size"][0])
 
     def _choose_labels(self, ctx: StageContext, train_samples: int) -> None:
         """Every train sample, or (``label_fraction`` < 1) a stratified seeded subset: the same on every rank."""
@@ -222,9 +247,11 @@ class FinetuneMethod(Method):
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         if cfg.mode == "linear":
-            return LinearProbe(self._backbone(num_classes=0), self.num_classes)
-        model = self._backbone(num_classes=self.num_classes, drop_path_rate=cfg.drop_path_rate)
-        if self.peft is not None:
+            model = LinearProbe(self._backbone(num_classes=0), self.num_classes)
+        else:
+            model = self._backbone(num_classes=self.num_classes, drop_path_rate=cfg.drop_path_rate)
+        self.plan.bind(model)  # a ChannelViT on a subset: which of its channels the input holds
+        if self.peft is not None and cfg.mode != "linear":
             model = apply_peft(model, self.peft, trainable=(f"{self.classifier}.*",))
         return model
 
@@ -245,13 +272,6 @@ class FinetuneMethod(Method):
         init = self.cfg.init if self.cfg.init is not None else self.init_url
         if init is not None:
             self.init_source = read_init(init, self.init_url, self.storage_options)
-        if isinstance(init, WeightsFile):
-            self.export_cfg = weights_file_config(init)
-        elif init is not None:
-            self.export_cfg = self.init_source.config
-        else:
-            m = self.cfg.model
-            self.export_cfg = timm_export_config(m.arch, timm_model_kwargs(m, num_classes=0), m.img_size)
         model = timm.create_model(self.export_cfg["architecture"], pretrained=False,
                                   **{**self.export_cfg["model_args"], **overrides})
         if self.init_source is not None:
@@ -273,7 +293,7 @@ class FinetuneMethod(Method):
         return eval_transform(self.img_size)
 
     def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        imgs, labels = batch["image"], batch["label"]  # on the model's device (and dtype)
+        imgs, labels = self.plan.select(batch["image"]), batch["label"]  # on the model's device (and dtype)
         targets = soft_targets(labels, self.num_classes, self.cfg.label_smoothing)  # [N, C]
         if self.cfg.mode == "full":
             imgs, targets = mix_batch(imgs, targets, self.cfg, step_rng(self.cfg.seed, step, self.rank))
@@ -283,7 +303,7 @@ class FinetuneMethod(Method):
 
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
         """Sums over this rank's real (non-padded) val samples."""
-        imgs, labels = batch["image"], batch["label"]
+        imgs, labels = self.plan.select(batch["image"]), batch["label"]
         keep = ~batch["pad"].to(labels.device)
         logits = model(imgs).float()[keep]  # [n, C]
         labels = labels[keep]
@@ -315,6 +335,7 @@ class FinetuneMethod(Method):
             convert = lambda state: fold_batchnorm_into_head(state, self.classifier, model.bn.eps)  # noqa: E731
         export_timm_model(model, self.export_cfg["architecture"], args, dest_url, img_size=self.img_size, rank=rank,
                           storage_options=storage_options, convert=convert, label_names=self.label_names,
+                          channels=export_channels(self.data_channels, self.in_chans, self.plan),
                           extra={**extra, "mode": self.cfg.mode, "init": init_arch(self.cfg.init) or "random",
                                  "label_fraction": self.cfg.label_fraction, "labeled_samples": self.labeled_samples})
 

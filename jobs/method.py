@@ -48,9 +48,11 @@ import torch
 import torch.nn as nn
 
 from jobs._engine_config import OptimConfig, StageContext, TrainConfig
+from jobs._channels import export_channels
 from jobs.config.kinds import (config_class, config_classes, import_methods, kind_of,  # noqa: F401  (re-exported)
                                register_config, same_source, training_kinds)
 from jobs.export import export_encoder
+from jobs.models import encoder_in_chans
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ class Method:
     # the weights the model starts from (a jobs.init.InitSource, set by setup when the stage has an init):
     # its digest is in every checkpoint, and a resume from another init is refused
     init_source: Any = None
+    # the data's channels (its manifest's dataprep.manifest.ChannelInfo; None: 8-bit images), set by setup:
+    # the export records their names and per-channel mean / std
+    data_channels: Any = None
 
     def __init__(self, cfg: TrainConfig, rank: int = 0) -> None:
         self.cfg, self.rank = cfg, rank
@@ -113,8 +118,9 @@ class Method:
                extra: dict[str, Any]) -> None:
         """Write the stage's export to ``dest_url`` (every rank calls: ZeRO-3 gathers). Default: the
         :meth:`encoder` with ``cfg.model`` as a timm model (:func:`jobs.export.export_encoder`)."""
-        export_encoder(self.encoder(model), self.cfg.model, dest_url, rank=rank, storage_options=storage_options,
-                       extra=extra)
+        encoder = self.encoder(model)
+        export_encoder(encoder, self.cfg.model, dest_url, rank=rank, storage_options=storage_options, extra=extra,
+                       channels=export_channels(self.data_channels, encoder_in_chans(encoder)))
 
     # ---- optional, with no-op defaults -------------------------------------------------------------
     def setup(self, ctx: StageContext) -> None:

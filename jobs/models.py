@@ -22,27 +22,42 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from dataprep.manifest import ChannelInfo
 from jobs import channelvit as _channelvit  # noqa: F401  registers channelvit_*_patch16_224 with timm
+from jobs._channels import data_channels, data_in_chans
 from jobs.config.models import ModelConfig, TimmModelConfig
 
 log = logging.getLogger(__name__)
 
 
-def with_data_channels(model: ModelConfig, data_url: str, storage_options: dict[str, Any] | None = None,
-                       stage: str = "") -> ModelConfig:
+def with_data_channels(model: ModelConfig | TimmModelConfig, data_url: str,
+                       storage_options: dict[str, Any] | None = None, stage: str = "",
+                       selected: list[str] | None = None) -> ModelConfig | TimmModelConfig:
     """``model`` with ``in_chans`` from the data's manifest (``format: npy`` shards name their channels;
-    images are 3). An explicit ``in_chans`` that disagrees is an error naming both."""
-    from dataprep.manifest import load_manifest
+    images are 3), or from ``selected`` of its channels. An explicit ``in_chans`` that disagrees is an error
+    naming both; a 3-channel model keeps ``in_chans`` unset (its record is that of an RGB model)."""
+    return fit_data_channels(model, data_channels(data_url, storage_options), f"stage {stage!r}",
+                             f"the data at {data_url}", selected)
 
-    channels = load_manifest(data_url, storage_options)[0].channels
-    count = channels.count if channels is not None else 3
-    if model.in_chans is None:
-        return model.model_copy(update={"in_chans": count}) if count != 3 else model
-    if model.in_chans != count:
-        names = f" ({', '.join(channels.names)})" if channels is not None else " (RGB images)"
-        raise ValueError(f"stage {stage!r}: model.in_chans is {model.in_chans} but the data at {data_url} has "
-                         f"{count} channels{names}; remove model.in_chans or set it to {count}")
-    return model
+
+def fit_data_channels(model: ModelConfig | TimmModelConfig, info: ChannelInfo | None, where: str, data: str,
+                      selected: list[str] | None = None) -> ModelConfig | TimmModelConfig:
+    """As :func:`with_data_channels`, for a manifest's ``channels`` already read (None: RGB images)."""
+    count = data_in_chans(model.in_chans, info, where, data=data, selected=selected)
+    return model.model_copy(update={"in_chans": count}) if count != 3 and model.in_chans is None else model
+
+
+def encoder_in_chans(encoder: torch.nn.Module) -> int:
+    """The input channels of a timm ViT (a ChannelViT: the channels it has embeddings for)."""
+    embed = encoder.patch_embed
+    return int(getattr(embed, "in_chans", None) or embed.proj.in_channels)
+
+
+def model_in_chans(model: torch.nn.Module) -> int:
+    """The input channels of any timm model: a ViT's patch embedding, else the first convolution's."""
+    if hasattr(model, "patch_embed"):
+        return encoder_in_chans(model)
+    return int(next((m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 3))
 
 
 def build_encoder(cfg: ModelConfig, **extra: Any) -> VisionTransformer:
@@ -68,6 +83,18 @@ def encoder_flops_per_token(model: VisionTransformer) -> float:
     dim = model.embed_dim
     hidden = model.blocks[0].mlp.fc1.out_features
     return 2.0 * len(model.blocks) * (4 * dim * dim + 2 * dim * hidden)
+
+
+def token_count(encoder: torch.nn.Module, img_size: int) -> int:
+    """Patch tokens of one ``img_size`` image (a ChannelViT: one per channel and patch)."""
+    grid = (img_size // encoder.patch_embed.patch_size[0]) ** 2
+    return grid * (encoder_in_chans(encoder) if isinstance(encoder, _channelvit.ChannelVisionTransformer) else 1)
+
+
+def patch_embed_flops(encoder: torch.nn.Module, img_size: int) -> float:
+    """Forward FLOPs of the patch embedding of one ``img_size`` image: every pixel of every channel C."""
+    patch = encoder.patch_embed.patch_size[0]
+    return 2.0 * (img_size // patch) ** 2 * encoder.embed_dim * patch * patch * encoder_in_chans(encoder)
 
 
 # ---- fixed 2-D sin-cos position embeddings (MAE, MoCo v3) ----------------------------------------
@@ -108,6 +135,8 @@ def timm_model_kwargs(cfg: TimmModelConfig, num_classes: int = 0) -> dict[str, A
         value = getattr(cfg, name)
         if value:
             kw[name] = value
+    if cfg.in_chans:
+        kw["in_chans"] = cfg.in_chans
     return kw
 
 
@@ -167,8 +196,7 @@ def forward_flops(build: Callable[[], torch.nn.Module], img_size: int) -> float:
 
     with torch.device("meta"):
         model = build().eval()
-        chans = next((m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 3)  # C, not 3
-        x = torch.empty(1, int(getattr(model, "in_chans", None) or chans), img_size, img_size)
+        x = torch.empty(1, model_in_chans(model), img_size, img_size)  # C, not 3
         with FlopCounterMode(display=False) as counter:
             model(x)
     return float(counter.get_total_flops())

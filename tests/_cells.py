@@ -103,27 +103,41 @@ def write_float_npy(root: str, samples: list[tuple[np.ndarray, int]]) -> dict[st
     return out
 
 
-def write_npy_shards(dest: str, arrays: list[np.ndarray], per_shard: int = 10) -> ChannelInfo:
-    """Shards of ``<key>.npy`` + ``<key>.cls`` and a manifest with the arrays' channel statistics, written
-    directly (no Ray): stands in for prep in loader and training tests."""
-    os.makedirs(os.path.join(dest, "train"), exist_ok=True)
-    stats, shards = ChannelStats(arrays[0].shape[0], arrays[0].dtype.name), []
-    for s in range(0, len(arrays), per_shard):
-        name = f"train/shard-{s // per_shard:06d}.tar"
+def write_npy_shards(dest: str, arrays: list[np.ndarray], per_shard: int = 10, labels: list[int] | None = None,
+                     val: list[tuple[np.ndarray, int]] | None = None, names: list[str] | None = None) -> ChannelInfo:
+    """Shards of ``<key>.npy`` + ``<key>.cls`` and a manifest with the train arrays' channel statistics,
+    written directly (no Ray): stands in for prep in loader and training tests. ``labels`` default to
+    ``i % 3``; ``val``: (array, label) pairs of a val split; ``names``: the channels' (default c0, c1, …)."""
+    labels = [i % 3 for i in range(len(arrays))] if labels is None else labels
+    stats = ChannelStats(arrays[0].shape[0], arrays[0].dtype.name)
+    for a in arrays:
+        stats.add(a)
+    splits = {"train": SplitInfo(shards=_npy_split(dest, "train", list(zip(arrays, labels)), per_shard))}
+    if val:
+        splits["val"] = SplitInfo(shards=_npy_split(dest, "val", val, per_shard))
+    info = ChannelInfo.build(names or [f"c{i}" for i in range(stats.channels)], stats.dtype, stats.summary())
+    classes = [str(c) for c in range(max(labels + [lb for _, lb in val or []]) + 1)]
+    save_manifest(Store(dest), Manifest(splits=splits, classes=classes, image_ext="npy", channels=info))
+    return info
+
+
+def _npy_split(dest: str, split: str, samples: list[tuple[np.ndarray, int]], per_shard: int) -> list[ShardInfo]:
+    os.makedirs(os.path.join(dest, split), exist_ok=True)
+    shards, prefix = [], "" if split == "train" else split  # train keys: the sample's index
+    for s in range(0, len(samples), per_shard):
+        name = f"{split}/shard-{s // per_shard:06d}.tar"
         with tarfile.open(os.path.join(dest, name), "w") as tar:
-            for i in range(s, min(s + per_shard, len(arrays))):
-                for member, data in ((f"{i:05d}.npy", encode_npy(arrays[i])), (f"{i:05d}.cls", str(i % 3).encode())):
+            for i in range(s, min(s + per_shard, len(samples))):
+                arr, label = samples[i]
+                key = f"{prefix}{i:05d}"
+                for member, data in ((f"{key}.npy", encode_npy(arr)), (f"{key}.cls", str(label).encode())):
                     info = tarfile.TarInfo(member)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-                stats.add(arrays[i])
         path = os.path.join(dest, name)
-        shards.append(ShardInfo(name=name, samples=min(per_shard, len(arrays) - s), bytes=os.path.getsize(path),
+        shards.append(ShardInfo(name=name, samples=min(per_shard, len(samples) - s), bytes=os.path.getsize(path),
                                 sha256=hashlib.sha256(open(path, "rb").read()).hexdigest()))
-    info = ChannelInfo.build([f"c{i}" for i in range(stats.channels)], stats.dtype, stats.summary())
-    save_manifest(Store(dest), Manifest(splits={"train": SplitInfo(shards=shards)}, classes=["0", "1", "2"],
-                                        image_ext="npy", channels=info))
-    return info
+    return shards
 
 
 def _write(path: str, data: bytes) -> None:

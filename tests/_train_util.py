@@ -99,6 +99,16 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
     return proc.returncode, out
 
 
+def kill_then_resume(spec: str, storage: str, run: str, fault: dict[str, int], stage: str = "pretrain") -> dict:
+    """Run ``stage`` of ``spec`` with ``fault`` (a rank SIGKILLs itself), check it died mid-stage, run it
+    again to the end; returns its final STATUS."""
+    rc, out = finish(torchrun(job=write_job(spec, stage, fault=fault)))
+    assert rc != 0 and status(storage, run, stage)["state"] == "running", out[-3000:]
+    rc, out = finish(torchrun(spec, stage))
+    assert rc == 0, out[-4000:]
+    return status(storage, run, stage)
+
+
 def wait_for(check, timeout: float = 120, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

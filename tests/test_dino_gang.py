@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests._shards_util import write_shards
-from tests._train_util import (TINY_MODEL, assert_same_losses, download_checkpoint, finish, losses, metrics,
-                               stage_store, status, torchrun, write_job, write_spec, zero_fp32_state_dict)
+from tests._train_util import (TINY_MODEL, assert_same_losses, download_checkpoint, finish, kill_then_resume, losses,
+                               metrics, stage_store, status, torchrun, write_spec, zero_fp32_state_dict)
 from jobs.dino import DINOConfig, DINOMethod, DINOSchedule
 from jobs.engine import METHOD_STATE
 
@@ -115,11 +115,7 @@ def test_zero3_worker_killed_then_resumed_logs_the_same_losses_as_uninterrupted(
     storage = f"s3://{s3.bucket}/{tmp_path.name}"
     spec = write_spec(tmp_path, storage, "kill", {**STAGE, "data": manifest,
                                                   "checkpoint": {"every_steps": 2, "keep_last": 2}})
-    rc, out = finish(torchrun(job=write_job(spec, "pretrain", fault={"kill_rank": 1, "kill_at_step": 5})))
-    assert rc != 0 and status(storage, "kill")["state"] == "running", out[-3000:]
-    rc, out = finish(torchrun(spec))
-    assert rc == 0, out[-4000:]
-    st = status(storage, "kill")
+    st = kill_then_resume(spec, storage, "kill", {"kill_rank": 1, "kill_at_step": 5})
     assert st["state"] == "done" and st["resumed_from"] == 4 and st["attempts"] == 2
     assert_same_losses(losses(storage, "kill"), losses(zero3[0], "zero3"), STEPS)
 

@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from _train_util import TINY_MODEL, finish, metrics, stage_store, status, torchrun
+from _train_util import TINY_MODEL, finish, metrics, stage_store, status, torchrun, write_digit_shards
 from jobs.distill import DistillConfig, DistillMethod, kl_logits, split_features
 from jobs.engine import StageContext
 from jobs.export import load_export_model
@@ -24,8 +24,9 @@ SMALL_CNN = {"arch": "resnet18", "img_size": 32, "args": {"channels": [8, 16, 32
 
 
 def distill(tmp_path, student: dict, teacher_url: str, **cfg) -> tuple[DistillMethod, torch.nn.Module]:
-    method = DistillMethod(DistillConfig(name="s", data="/x", teacher="pretrain", model=student, **cfg))
-    method.setup(StageContext(stage_url=str(tmp_path / "st"), data_url="/x", refs={"teacher": teacher_url}))
+    data = write_digit_shards(str(tmp_path / "data"), images=20)  # the student takes its channels from the data
+    method = DistillMethod(DistillConfig(name="s", data=data, teacher="pretrain", model=student, **cfg))
+    method.setup(StageContext(stage_url=str(tmp_path / "st"), data_url=data, refs={"teacher": teacher_url}))
     return method, method.build_model()
 
 
@@ -73,9 +74,10 @@ def test_a_classifier_teacher_from_timm_weights_is_distilled_by_kl_on_logits(tmp
     save_file(teacher.state_dict(), str(tmp_path / "teacher.safetensors"))
     cfg = {"arch": "resnet18", "weights": str(tmp_path / "teacher.safetensors"), "num_classes": 5,
            "args": {"channels": [8, 16, 32, 64], "stem_width": 8}}
-    method = DistillMethod(DistillConfig(name="s", data="/x", teacher=cfg, model=SMALL_VIT,
+    data = write_digit_shards(str(tmp_path / "data"), images=20)
+    method = DistillMethod(DistillConfig(name="s", data=data, teacher=cfg, model=SMALL_VIT,
                                          loss={"temperature": 2.0}))
-    method.setup(StageContext(stage_url=str(tmp_path / "st"), data_url="/x"))
+    method.setup(StageContext(stage_url=str(tmp_path / "st"), data_url=data))
     assert method.weights == {"logits": 1.0, "cls": 0.0, "patch": 0.0}
     model = method.build_model()
     assert model.student.num_classes == 5 and model.projector is None

@@ -178,3 +178,37 @@ def test_one_file_per_channel_lists_from_s3_jsonl_and_parquet_via_the_cli(tmp_pa
     result = CliRunner().invoke(app, ["prep", csv_path, str(tmp_path / "bad"), "--format", "npy", "--channels",
                                       "DNA,Golgi", "--no-progress"])
     assert result.exit_code != 0 and "no column(s) ['Golgi']" in result.output
+
+
+def test_npy_files_are_samples_wherever_a_source_is_scanned(tmp_path, ray_local):
+    import tarfile
+
+    from dataprep._arrays import encode_npy
+    from dataprep._sources import SourceError, list_source
+
+    samples = cells(per_class=3, classes=2, size=16)
+    tar_path = tmp_path / "wds" / "part-000.tar"  # a WebDataset tar of <key>.npy + <key>.cls members
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w") as tar:
+        for i, (arr, label) in enumerate(samples):
+            for member, data in ((f"s{i:03d}.npy", encode_npy(arr)), (f"s{i:03d}.cls", str(label).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    dest = str(tmp_path / "out")
+    run_prep(str(tmp_path / "wds"), dest, PrepOptions(format="npy", shard_size=4), progress=False)
+    got, m = _read_back(dest, tmp_path, "wds")
+    assert m.totals["rejected"] == 0 and len(got) == len(samples)
+    want = {f"part-000.tar:s{i:03d}": a for i, (a, _) in enumerate(samples)}
+    assert all(np.array_equal(a, want[k]) and a.dtype == np.uint16 for k, (a, _) in got.items())
+
+    folder = tmp_path / "folder"  # class folders of .npy: an ImageFolder; a .npy at the root is an input too
+    (folder / "0").mkdir(parents=True)
+    np.save(folder / "0" / "a.npy", samples[0][0])
+    (folder / "README.txt").write_text("not an image")
+    listing = list_source(str(folder))
+    assert listing.kind == "imagefolder" and [f[0] for f in listing.files] == ["0/a.npy"]
+    np.save(folder / "stray.npy", samples[1][0])  # as a stray .jpg would: the folder is flat, nothing dropped
+    assert {f[0] for f in list_source(str(folder)).files} == {"0/a.npy", "stray.npy", "README.txt"}
+    with pytest.raises(SourceError, match=r"images outside class folders \(e\.g\. 'stray\.npy'\)"):
+        list_source(str(folder), kind="imagefolder")

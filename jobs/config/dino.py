@@ -39,7 +39,7 @@ DROP_PATH = 0.1  # main_dino.py --drop_path_rate (the student's stochastic depth
 def _dino_model(value: Any) -> Any:
     """``model:`` with DINO's drop path unless the stage sets one: 0.1 from ViT-S up, timm's 0 for ViT-Ti."""
     if isinstance(value, dict) and "drop_path_rate" not in value:
-        tiny = str(value.get("arch", "")).startswith("vit_tiny")
+        tiny = str(value.get("arch", "")).startswith(("vit_tiny", "channelvit_tiny"))
         return {**value, "drop_path_rate": 0.0 if tiny else DROP_PATH}
     return value
 

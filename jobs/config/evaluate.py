@@ -49,6 +49,9 @@ class EvalConfig(BaseModel):
         default=None, description="ViTs: the CLS token, or the mean patch token; default: what each export's "
         "method trained (its config.json vitforge.pool: token for DINO, avg for MAE), else token")
     img_size: int | None = Field(default=None, ge=8, description="default: each export's own input size")
+    channels: list[str] | None = Field(default=None, min_length=1, description="the data's channels each model "
+                                       "reads, by name and in order (default: all): a ChannelViT takes any subset "
+                                       "of its trained channels, a plain model exactly its in_chans")
     knn_k: int = Field(default=20, ge=1)
     knn_temperature: float = Field(default=0.07, gt=0)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
@@ -61,7 +64,8 @@ class EvalConfig(BaseModel):
     seed: int = 0
 
     def digest(self) -> str:
-        return json_digest(self.model_dump(mode="json", exclude={"loader_workers", "batch_size"}))
+        skip = {"loader_workers", "batch_size"} | ({"channels"} if self.channels is None else set())  # old digests hold
+        return json_digest(self.model_dump(mode="json", exclude=skip))
 
 
 

@@ -42,6 +42,9 @@ class FinetuneConfig(TrainConfig, InitFields):
     mix_prob: float = Field(default=1.0, ge=0, le=1)
     switch_prob: float = Field(default=0.5, ge=0, le=1, description="cutmix instead of mixup when both are on")
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    channels: list[str] | None = Field(default=None, min_length=1, description="the data's channels the model "
+                                       "reads, by name and in order (default: all): a ChannelViT takes any subset, "
+                                       "a plain model exactly its in_chans")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(base_lr=1e-3, betas=(0.9, 0.999)))
 

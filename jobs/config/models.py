@@ -66,4 +66,6 @@ class TimmModelConfig(BaseModel):
     mlp_ratio: float | None = Field(default=None, gt=0)
     reg_tokens: int = Field(default=0, ge=0)
     drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
+    in_chans: int | None = Field(default=None, ge=1, description="input channels; default: the data's (its "
+                                                                  "manifest's channels), 3 for RGB images")
     args: dict[str, Any] = Field(default_factory=dict, description="other timm constructor arguments")
