@@ -102,9 +102,21 @@ class StageContext:
     world_size: int = 1
     storage_options: dict[str, Any] = field(default_factory=dict)
     launcher: str = "torchrun"        # "ray" | "torchrun" | "local"
-    kill_at_step: int | None = None   # fault injection (tests): SIGKILL self after this step
-    kill_rank: int | None = None
     refs: dict[str, str] = field(default_factory=dict)  # resolved references, e.g. {"init": <export URL>}
+
+
+@dataclass(frozen=True)
+class StepEnd:
+    """What a step callback (``train(..., on_step=[...])``) sees after each optimizer step: its metrics
+    are logged, its checkpoint not yet decided. Every rank calls its callbacks."""
+
+    step: int                         # optimizer steps completed
+    total_steps: int
+    rank: int
+    world_size: int
+    resumed_from: int | None          # the step this attempt resumed from (None: a fresh start)
+    saved_step: int | None            # the newest step this attempt (or its checkpoint) saved
+    checkpoints: Any                  # the stage's jobs.checkpoint.CheckpointManager
 
 
 @dataclass

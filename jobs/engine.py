@@ -32,7 +32,7 @@ from typing import Any
 
 from cluster.storage import Store
 from jobs._engine_config import (METHOD_STATE, PREEMPT_MARKER, PREEMPTED_EXIT_CODE, OptimConfig, StageContext,
-                                 TrainConfig, TrainResult, build_optimizer, deepspeed_config, lr_at, make_accelerator,
+                                 StepEnd, TrainConfig, TrainResult, build_optimizer, deepspeed_config, lr_at, make_accelerator,
                                  param_groups, peak_lr, use_bf16)
 from jobs._engine_loop import train
 from jobs.layout import RunLayout

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.housekeeping import failures as housekeeping_failures
 from cluster.lease import install_fence
 from cluster.storage import Store
+from jobs._faults import FaultHooks
 from jobs.checkpoint import code_version
 from jobs.engine import PreemptionWatch, StageContext, TrainConfig, train
 from jobs.layout import STATUS_NAME, StageStatus
@@ -45,15 +46,6 @@ STATUS = STATUS_NAME
 REFERENCE_FIELDS = ("init", "teacher")
 
 
-class FaultHooks(BaseModel):
-    """Fault injection for tests: SIGKILL rank ``kill_rank`` once, right after step ``kill_at_step``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kill_at_step: int | None = Field(default=None, ge=0)
-    kill_rank: int | None = Field(default=None, ge=0)
-
-
 class StageJob(BaseModel):
     """One training stage, resolved for its workers (the module docstring shows its JSON form)."""
 
@@ -68,7 +60,7 @@ class StageJob(BaseModel):
     init_url: str | None = None
     teacher_url: str | None = None
     cache_url: str | None = Field(default=None, description="a distill stage's teacher_outputs cache (targets: cached)")
-    fault: FaultHooks | None = None
+    fault: FaultHooks | None = Field(default=None, description="tests only: step callbacks that kill a worker")
     lease: dict[str, Any] | None = Field(default=None, description="the run lease's fence (cluster/lease.py)")
 
     @property
@@ -126,10 +118,8 @@ def run_worker(job: dict[str, Any] | StageJob) -> str:
     install_fence(job.lease, job.storage_options)  # commits/STATUS refused once the lease is lost
     import_methods(job.methods)
     cfg = job.config()
-    fault = job.fault or FaultHooks()
     ctx = StageContext(stage_url=job.stage_url, data_url=job.data_url, rank=rank, world_size=world,
-                       storage_options=job.storage_options, launcher=job.launcher, kill_at_step=fault.kill_at_step,
-                       kill_rank=fault.kill_rank, refs=job.refs)
+                       storage_options=job.storage_options, launcher=job.launcher, refs=job.refs)
     # stop requests are honoured from here on (start-up takes a while; a SIGTERM must not be lost)
     watch = PreemptionWatch(Store(ctx.stage_url, ctx.storage_options) if rank == 0 else None)
     nodes = _gather_node_ids(world)
@@ -140,7 +130,8 @@ def run_worker(job: dict[str, Any] | StageJob) -> str:
                      launcher=ctx.launcher, config_digest=cfg.digest(), code_version=code_version())
     plan = resume_plan(ctx.stage_url, ctx.storage_options, world, cfg)
     # the method sees the per-worker batch it will train with; the engine keeps cfg's digest
-    result = train(make_method(plan.shape(cfg), rank), cfg, ctx, watch, plan)
+    result = train(make_method(plan.shape(cfg), rank), cfg, ctx, watch, plan,
+                   on_step=job.fault.callbacks() if job.fault else ())
     if rank == 0:
         status.finish(result.state, step=result.step, total_steps=result.total_steps, resumed_from=result.resumed_from,
                       **({"housekeeping_failures": hk} if (hk := housekeeping_failures()) else {}))

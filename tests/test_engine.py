@@ -34,3 +34,63 @@ def test_deepspeed_mapping_in_a_stage_is_merged_over_ours():
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 1000
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0 and ds["train_batch_size"] == 64 * 4
+
+
+# ---- one collective per step, timed checkpoints included (2 gloo ranks) --------------------------------
+
+
+def _count_collectives(rank: int, port: int, url: str, out_dir: str) -> None:
+    """Each rank: the engine's per-step agreement and checkpoint decision under every_minutes, with every
+    torch.distributed collective counted; rank 0's clock says "due" at step 1, only rank 1's at step 2."""
+    import json
+    import os
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    from jobs._engine_loop import _all_agree
+    from jobs.checkpoint import CheckpointManager, CheckpointPolicy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    ckpt = CheckpointManager(url, CheckpointPolicy(every_minutes=60), rank=rank, world_size=2)
+    calls: list[str] = []
+    for name in ("all_reduce", "broadcast", "broadcast_object_list", "all_gather", "all_gather_object", "barrier",
+                 "reduce", "gather", "scatter"):
+        def counted(*args, _fn=getattr(dist, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+        setattr(dist, name, counted)
+    run = types.SimpleNamespace(ctx=types.SimpleNamespace(rank=rank, world_size=2), ckpt=ckpt, losses=[],
+                                accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+    steps = []
+    for step, late_rank in ((1, 0), (2, 1)):
+        ckpt.schedule.last_time = ckpt.schedule.clock() - (7200 if rank == late_rank else 0)
+        before = len(calls)
+        stop, time_due = _all_agree(run, torch.tensor(1.0 + rank), stop_requested=False)
+        due = ckpt.due(step, time_flag=time_due)
+        steps.append({"calls": calls[before:], "due": due, "stop": stop, "loss": run.losses[-1]})
+    before = len(calls)
+    ckpt.due(3)  # without the agreed flag the manager must broadcast rank 0's clock: the counting sees it
+    result = {"steps": steps, "unagreed": calls[before:]}
+    with open(os.path.join(out_dir, f"rank-{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_a_step_with_timed_checkpoints_costs_one_collective_and_follows_rank_0s_clock(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    from cluster.localstore import free_ports
+
+    mp.spawn(_count_collectives, args=(free_ports(1)[0], f"file://{tmp_path}/stage", str(tmp_path)), nprocs=2,
+             join=True)
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    for rank, rec in enumerate(ranks):
+        assert [s["calls"] for s in rec["steps"]] == [["all_reduce"], ["all_reduce"]], rank
+        assert [s["due"] for s in rec["steps"]] == [True, False], rank  # rank 0's clock decides for both
+        assert [s["loss"] for s in rec["steps"]] == [1.5, 1.5] and not any(s["stop"] for s in rec["steps"])
+        assert rec["unagreed"] == ["broadcast"]
