@@ -34,7 +34,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from dataprep.transforms import dino_transform
 from jobs._dino_loss import DINOLoss
-from jobs._engine_config import param_groups
 from jobs._teacher import cosine, ema_copy, ema_update, load_teacher_state, momentum_at, teacher_state
 from jobs.engine import OptimConfig, TrainConfig
 from jobs.init import InitFields, read_stage_init, start_encoder
@@ -105,12 +104,6 @@ class DINOConfig(TrainConfig, InitFields):
     freeze_last_layer_epochs: float = Field(default=1.0, ge=0, description="no optimizer update of the head's "
                                             "last layer for this long (main_dino.py --freeze_last_layer 1)")
     export_from: Literal["student", "teacher"] = Field(default="student", description="which backbone to export")
-
-    @field_validator("optim", mode="before")
-    @classmethod
-    def _over_dino_defaults(cls, value: Any) -> Any:
-        """``optim: {base_lr: …}`` changes that field only; the rest stays DINO's recipe, not the generic one."""
-        return {**_dino_optim().model_dump(), **value} if isinstance(value, dict) else value
 
     @field_validator("model", mode="before")
     @classmethod
@@ -260,7 +253,7 @@ class DINOMethod(Method):
         """The engine's decayed / not groups, plus the head's last layer as its own group ``last_layer``
         (decayed), which :meth:`frozen_groups` keeps out of the optimizer while it is frozen."""
         last = {id(p) for p in model.head.last_layer.parameters()}
-        groups = param_groups(model, optim.weight_decay, self.no_weight_decay(model))
+        groups = super().param_groups(model, optim)
         for g in groups:
             g["params"] = [p for p in g["params"] if id(p) not in last]
         own = [p for p in model.head.last_layer.parameters() if p.requires_grad]

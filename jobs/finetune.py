@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 from collections.abc import Callable
 from typing import Any, Literal
@@ -170,30 +169,6 @@ def fold_batchnorm_into_head(state: dict[str, torch.Tensor], classifier: str,
     out[f"{classifier}.weight"] = (w * scale).float()
     out[f"{classifier}.bias"] = (b - (w * scale) @ mean).float()
     return out
-
-
-def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float,
-                       no_decay_names: set[str]) -> list[dict[str, Any]]:
-    """AdamW groups with ``lr_scale = layer_decay ** (L + 1 - layer)``: embeddings are layer 0,
-    block ``i`` is layer ``i + 1``, everything after the blocks (norm, head) layer ``L + 1``."""
-    depth = len(getattr(model, "blocks", []))
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer = _layer_id(name, depth)
-        decay = not (p.ndim <= 1 or name in no_decay_names or name.split(".")[-1] in no_decay_names)
-        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                                   "lr_scale": layer_decay ** (depth + 1 - layer)})
-        group["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
-
-
-def _layer_id(name: str, depth: int) -> int:
-    if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed", "mask_token", "dist_token")):
-        return 0
-    m = re.match(r"blocks\.(\d+)\.", name)
-    return int(m.group(1)) + 1 if m else depth + 1
 
 
 # ---- mixup / cutmix --------------------------------------------------------------------------------
@@ -358,8 +333,9 @@ class FinetuneMethod(Method):
         return {"top1": float(hits[:, 0].sum()), "top5": float(hits.any(dim=1).sum()),
                 "loss": float(F.cross_entropy(logits, labels, reduction="sum")), "count": float(keep.sum())}
 
-    def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-        return layer_decay_groups(model, optim.weight_decay, self.cfg.layer_decay, self.no_weight_decay(model))
+    def layer_decay(self) -> float:
+        """The engine's layer-decay groups in every mode (the recipe's ``layer_decay``; 1.0: all scales 1)."""
+        return self.cfg.layer_decay
 
     def no_weight_decay(self, model: nn.Module) -> set[str]:
         return {"pos_embed", "cls_token", "reg_token", "dist_token"}

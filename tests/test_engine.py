@@ -94,3 +94,56 @@ def test_a_step_with_timed_checkpoints_costs_one_collective_and_follows_rank_0s_
         assert [s["due"] for s in rec["steps"]] == [True, False], rank  # rank 0's clock decides for both
         assert [s["loss"] for s in rec["steps"]] == [1.5, 1.5] and not any(s["stop"] for s in rec["steps"])
         assert rec["unagreed"] == ["broadcast"]
+
+
+# ---- AdamW groups: one no-decay rule, layer decay included ---------------------------------------------
+
+
+def _named(model, groups) -> list[tuple[float, float, list[str]]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(g.get("lr_scale", 1.0), g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in groups]
+
+
+def test_layer_decay_groups_of_the_finetune_recipe_are_those_it_always_had():
+    """The groups (members, order, decay, scale) fine-tuning had before layer decay moved into the engine;
+    a change here changes a checkpoint's optimizer layout and every fine-tune's result."""
+    import timm
+
+    from jobs.engine import param_groups
+    from jobs.finetune import FinetuneConfig, FinetuneMethod
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                              num_classes=5, reg_tokens=2)
+    method = FinetuneMethod(FinetuneConfig(name="ft", data="/x", model={"arch": "vit_tiny_patch16_224", "img_size": 32}))
+    groups = param_groups(model, 0.05, method.no_weight_decay(model), method.layer_decay())
+    block = lambda i, kind: [f"blocks.{i}.{n}" for n in (  # noqa: E731
+        ("norm1.weight", "norm1.bias", "attn.qkv.bias", "attn.proj.bias", "norm2.weight", "norm2.bias",
+         "mlp.fc1.bias", "mlp.fc2.bias") if kind == "no_decay" else
+        ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"))]
+    assert _named(model, groups) == [
+        (0.421875, 0.0, ["cls_token", "reg_token", "pos_embed", "patch_embed.proj.bias"]),
+        (0.421875, 0.05, ["patch_embed.proj.weight"]),
+        (0.5625, 0.0, block(0, "no_decay")), (0.5625, 0.05, block(0, "decay")),
+        (0.75, 0.0, block(1, "no_decay")), (0.75, 0.05, block(1, "decay")),
+        (1.0, 0.0, ["norm.weight", "norm.bias", "head.bias"]), (1.0, 0.05, ["head.weight"])]
+    plain = param_groups(model, 0.05, method.no_weight_decay(model))  # no layer decay: decayed, then the rest
+    assert [(wd, len(names)) for _, wd, names in _named(model, plain)] == [(0.05, 10), (0.0, 23)]
+
+
+def test_a_partial_optim_changes_only_the_fields_it_names_in_every_method():
+    """One rule for every method: ``optim: {base_lr: …}`` keeps the rest of the method's own recipe
+    (fine-tuning's betas (0.9, 0.999) used to fall back to the generic (0.9, 0.95))."""
+    import jobs.methods  # noqa: F401  registers the built-in kinds
+    from jobs.method import config_classes
+
+    needs = {"finetune": {"init": "pretrain"},
+             "distill": {"teacher": "pretrain", "model": {"arch": "vit_tiny_patch16_224", "img_size": 32}}}
+    kinds = []
+    for cls in config_classes():
+        kind = cls.model_fields["kind"].default
+        base = {"name": "s", "data": "/x", **needs.get(kind, {})}
+        default = cls.model_validate(base).optim
+        got = cls.model_validate({**base, "optim": {"base_lr": 0.123, "warmup_steps": 3}}).optim
+        assert got == default.model_copy(update={"base_lr": 0.123, "warmup_steps": 3}), kind
+        kinds.append((kind, default.betas))
+    assert ("finetune", (0.9, 0.999)) in kinds and ("dino", (0.9, 0.999)) in kinds and ("mae", (0.9, 0.95)) in kinds
