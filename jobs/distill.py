@@ -44,7 +44,7 @@ from jobs.engine import StageContext, TrainConfig, use_bf16
 from jobs.export import export_timm_model, load_export_model, load_timm_weights
 from jobs.init import InitFields, WeightsFile, read_stage_init, start_encoder
 from jobs.method import Method
-from jobs.models import TimmModelConfig, build_timm_model, forward_flops
+from jobs.models import TimmModelConfig, build_timm_model, forward_flops, split_features
 
 log = logging.getLogger(__name__)
 
@@ -89,28 +89,6 @@ class DistillConfig(TrainConfig, InitFields):
             raise ValueError("loss.patch_weight needs the teacher's patch tokens, which a cache does not hold: use "
                              "targets: online for patch distillation")
         return self
-
-
-# ---- features of any timm model -------------------------------------------------------------------
-
-
-def split_features(model: nn.Module, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """``forward_features`` output -> (global [N, D], spatial [N, D, H, W], grid (H, W)).
-
-    Token models (ViTs): global = the CLS token (the mean patch token without one), spatial = the
-    patch tokens on their square grid. CNNs (NCHW maps): global = the average-pooled map.
-    """
-    if feats.ndim == 3:  # [N, P + L, D]
-        prefix = int(getattr(model, "num_prefix_tokens", 0))
-        patches = feats[:, prefix:]  # [N, L, D]
-        side = int(round(patches.shape[1] ** 0.5))
-        spatial = patches.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], side, side)  # [N, D, g, g]
-        has_cls = getattr(model, "cls_token", None) is not None
-        return (feats[:, 0] if has_cls else patches.mean(1)), spatial, (side, side)
-    if feats.ndim == 4:  # [N, C, H, W]
-        return feats.mean(dim=(2, 3)), feats, (feats.shape[2], feats.shape[3])
-    raise ValueError(f"{type(model).__name__}.forward_features gave shape {tuple(feats.shape)}: "
-                     "expected tokens [N, T, D] or a feature map [N, C, H, W]")
 
 
 class FeatureProjector(nn.Module):

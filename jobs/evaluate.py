@@ -48,6 +48,7 @@ from jobs._eval_dense import DenseConfig, dense_report
 from jobs.checkpoint import code_version, json_digest
 from jobs.layout import EVAL_JSON_NAME, StageStatus
 from jobs.methods import import_methods, method_class
+from jobs.models import pool_features
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +107,6 @@ class Features:
     y: torch.Tensor
 
 
-def pool_features(model: torch.nn.Module, images: torch.Tensor, pool: str) -> torch.Tensor:
-    """[N, 3, H, W] -> [N, D]: a ViT's CLS token or mean patch token; a CNN's global average."""
-    out = model.forward_features(images)
-    if out.ndim == 4:  # CNN: [N, C, h, w]
-        return out.mean(dim=(2, 3))
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    if pool == "token" and prefix > 0:
-        return out[:, 0]  # [N, D]
-    return out[:, prefix:].mean(dim=1)  # [N, D]
-
-
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, loader: StreamingLoader, pool: str, device: torch.device) -> Features:
     """Every (unpadded) sample of ``loader``'s split, once, in stream order."""
@@ -125,7 +115,7 @@ def extract_features(model: torch.nn.Module, loader: StreamingLoader, pool: str,
     for batch in loader:
         keep = ~batch["pad"]
         images = batch["image"][keep].to(device, non_blocking=True)
-        xs.append(pool_features(model, images, pool).float().cpu())
+        xs.append(pool_features(model, model.forward_features(images), pool).float().cpu())
         ys.append(batch["label"][keep])
     return Features(torch.cat(xs), torch.cat(ys))
 

@@ -60,7 +60,7 @@ from jobs.export import export_timm_model, timm_export_config
 from jobs.init import InitFields, WeightsFile, init_arch, load_init, read_init, weights_file_config
 from jobs.layout import METRICS_NAME
 from jobs.method import Method
-from jobs.models import TimmModelConfig, forward_flops
+from jobs.models import TimmModelConfig, forward_flops, pool_features
 from jobs.peft import LORA_TARGETS, LoraConfig, PeftConfig, apply_peft, merge_lora_state  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,8 @@ class LinearProbe(nn.Module):
         return self
 
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.encoder.forward_head(self.encoder.forward_features(imgs), pre_logits=True)  # [N, D]
+        with torch.no_grad():  # the encoder's own pre-logits pooling, what its timm classifier head sees
+            return pool_features(self.encoder, self.encoder.forward_features(imgs), None)  # [N, D]
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.head(self.bn(self.features(imgs)))  # [N, C]
