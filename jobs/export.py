@@ -73,48 +73,25 @@ def gather_fp32_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_config(model_cfg: ModelConfig, encoder: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """timm hub-style config for the exported encoder."""
+def encoder_export_args(model_cfg: ModelConfig, encoder: nn.Module) -> tuple[dict[str, Any], int, int]:
+    """(timm ``model_args``, input size, channels) of a headless ViT ``encoder`` built from ``model_cfg``:
+    its own input size, and its own channel count (a stage may have taken it from its data's manifest)."""
     kwargs = model_cfg.timm_kwargs()  # num_classes=0 included: the export is headless
-    size = int(encoder.patch_embed.img_size[0])
     chans = int(getattr(encoder.patch_embed, "in_chans", None) or encoder.patch_embed.proj.in_channels)
-    if chans != 3:  # the encoder's own count (a stage may have taken it from its data's manifest)
+    if chans != 3:
         kwargs["in_chans"] = chans
-    mean, std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if chans == 3 else ([0.0] * chans, [1.0] * chans)
-    return {
-        "architecture": model_cfg.arch,
-        "num_classes": 0,
-        "num_features": int(encoder.num_features),
-        "global_pool": _pool_name(encoder),
-        "model_args": kwargs,
-        "pretrained_cfg": {
-            "input_size": [chans, size, size], "mean": mean, "std": std,
-            "interpolation": "bicubic", "crop_pct": 0.875, "num_classes": 0, "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
-        "vitforge": {"format": "vitforge-export/1", **(extra or {})},
-    }
+    return kwargs, int(encoder.patch_embed.img_size[0]), chans
 
 
 def export_encoder(encoder: nn.Module, model_cfg: ModelConfig, dest_url: str, *, rank: int = 0,
                    storage_options: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Write ``dest_url/model.safetensors`` and ``config.json`` (every rank calls; rank 0 writes).
-
-    The config is written last: an export without ``config.json`` is unfinished.
-    """
-    state = gather_fp32_state_dict(encoder)
-    if rank != 0:
-        return
-    state = merged_state(encoder, state)  # LoRA adapters folded in: a plain timm encoder
-    store = Store(dest_url, storage_options)
-    with local_staging("vitforge-export-") as tmp:
-        path = os.path.join(tmp, WEIGHTS)
-        save_file(state, path, metadata={"format": "pt", "architecture": model_cfg.arch})
-        store.put_file(path, WEIGHTS)
-    config = export_config(model_cfg, encoder, extra)
-    store.put_bytes(MODEL_CARD, model_card(config).encode())
-    store.put_json(CONFIG, config)
-    log.info("exported %s encoder (%d tensors) to %s", model_cfg.arch, len(state), store.url)
+    """Write the headless timm encoder ``encoder`` (built from ``model_cfg``) to ``dest_url``: the
+    :func:`export_timm_model` of its architecture, input size and channels; data of other than 3
+    channels is recorded as unnormalised (mean 0, std 1 per channel). Every rank calls (ZeRO gathers)."""
+    args, size, chans = encoder_export_args(model_cfg, encoder)
+    norm = None if chans == 3 else ([0.0] * chans, [1.0] * chans)
+    export_timm_model(encoder, model_cfg.arch, args, dest_url, img_size=size, rank=rank,
+                      storage_options=storage_options, extra=extra, normalisation=norm)
 
 
 def load_export(url: str, storage_options: dict[str, Any] | None = None, **overrides: Any) -> nn.Module:
@@ -164,9 +141,11 @@ def load_timm_weights(arch: str, weights: str, model_args: dict[str, Any], saved
 
 
 def timm_export_config(architecture: str, model_args: dict[str, Any], img_size: int,
-                       extra: dict[str, Any] | None = None, label_names: list[str] | None = None) -> dict[str, Any]:
+                       extra: dict[str, Any] | None = None, label_names: list[str] | None = None,
+                       normalisation: tuple[list[float], list[float]] | None = None) -> dict[str, Any]:
     """timm hub-style config for any timm model (``model_args`` includes ``num_classes``); a classifier's
-    ``label_names`` (class index -> name, as timm's ``save_for_hf`` writes them) when given."""
+    ``label_names`` (class index -> name, as timm's ``save_for_hf`` writes them) when given;
+    ``normalisation``: the input's (mean, std) per channel (default ImageNet's)."""
     import timm
 
     with torch.device("meta"):
@@ -182,7 +161,8 @@ def timm_export_config(architecture: str, model_args: dict[str, Any], img_size: 
         "model_args": dict(model_args),
         "pretrained_cfg": {
             "input_size": [int(model_args.get("in_chans", 3)), img_size, img_size],
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "mean": list(normalisation[0] if normalisation else IMAGENET_MEAN),
+            "std": list(normalisation[1] if normalisation else IMAGENET_STD),
             "interpolation": "bicubic", "crop_pct": 0.875, "num_classes": num_classes,
             "first_conv": base.get("first_conv"), "classifier": base.get("classifier"),
         },
@@ -194,10 +174,12 @@ def export_timm_model(module: nn.Module, architecture: str, model_args: dict[str
                       img_size: int, rank: int = 0, storage_options: dict[str, Any] | None = None,
                       extra: dict[str, Any] | None = None,
                       convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-                      label_names: list[str] | None = None) -> None:
+                      label_names: list[str] | None = None,
+                      normalisation: tuple[list[float], list[float]] | None = None) -> None:
     """Export any timm model (a classifier, a CNN, …): ``timm.create_model(architecture, **model_args)``
     must accept the state dict of ``module`` after ``convert`` (e.g. merging LoRA weights, folding a
     BatchNorm into a head). Every rank calls it (ZeRO gathers); rank 0 converts and writes.
+    This is the one export path: :func:`export_encoder` (a method's default export) comes here too.
     """
     state = gather_fp32_state_dict(module)
     if rank != 0:
@@ -205,8 +187,8 @@ def export_timm_model(module: nn.Module, architecture: str, model_args: dict[str
     state = merged_state(module, state)  # LoRA adapters folded in
     if convert is not None:
         state = convert(state)
-    _write_export(state, timm_export_config(architecture, model_args, img_size, extra, label_names), dest_url,
-                  storage_options)
+    _write_export(state, timm_export_config(architecture, model_args, img_size, extra, label_names, normalisation),
+                  dest_url, storage_options)
 
 
 def _write_export(state: dict[str, torch.Tensor], config: dict[str, Any], dest_url: str,
