@@ -13,10 +13,12 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs._engine_config import StepEnd
+if TYPE_CHECKING:  # annotations only: FaultHooks (a StageJob field) stays importable without torch
+    from jobs._engine_config import StepEnd
 
 log = logging.getLogger(__name__)
 
