@@ -1,6 +1,9 @@
 """S3 internals of :class:`cluster.storage.Store`: client options and hooks, whole-object uploads
 (single PutObject or a multipart upload with per-part retries, aborted on failure) and deletes
-that report per-key errors."""
+that report per-key errors.
+
+The upload and delete functions see their store only through an :class:`S3Io` the store builds
+and holds (its filesystem, naming, retried call and settings), never through its private members."""
 
 from __future__ import annotations
 
@@ -11,12 +14,13 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Iterator, TypeVar
 
 from ._retry import RetryPolicy, _error_code, _redact, with_retries
 
-if TYPE_CHECKING:
-    from .storage import Store
+T = TypeVar("T")
 
 log = logging.getLogger("cluster.storage")
 
@@ -105,99 +109,118 @@ def endpoint_of(fs: Any) -> str:
     return str((getattr(fs, "client_kwargs", None) or {}).get("endpoint_url") or "aws")
 
 
-def _bucket_key(store: "Store", rel: str) -> tuple[str, str]:
-    bucket, _, key = store.path(rel).partition("/")
+@dataclass(frozen=True)
+class S3Io:
+    """What the S3 upload and delete functions need of their :class:`~cluster.storage.Store`, handed over
+    by it: one per store (a child store builds its own, for its own root)."""
+
+    raw_fs: Any                                        # the store's s3fs filesystem (prepared by .fs)
+    path: Callable[[str], str]                         # rel -> "bucket/key"
+    url_of: Callable[[str], str]                       # rel -> "s3://bucket/key" (for messages)
+    call: Callable[[str, str, Callable[[], Any]], Any]  # call(what, rel, fn): fn retried for the outage window
+    transfer: Any                                      # the store's cluster.storage.TransferConfig
+    retry: RetryPolicy
+
+    @property
+    def fs(self) -> Any:
+        """The filesystem, prepared on first use (:func:`prepare_client`)."""
+        prepare_client(self.raw_fs)
+        return self.raw_fs
+
+
+def _bucket_key(io: S3Io, rel: str) -> tuple[str, str]:
+    bucket, _, key = io.path(rel).partition("/")
     if not bucket or not key:
-        raise ValueError(f"{store.url_of(rel)} names no object (an s3:// URL needs a bucket and a key)")
+        raise ValueError(f"{io.url_of(rel)} names no object (an s3:// URL needs a bucket and a key)")
     return bucket, key
 
 
-def put_object(store: "Store", rel: str, src: BinaryIO, size: int | None) -> None:
+def put_object(io: S3Io, rel: str, src: BinaryIO, size: int | None) -> None:
     """Upload ``src`` whole: one PutObject when small, else a multipart upload (aborted on failure)."""
-    head = _read_full(src, store.transfer.multipart_threshold + 1)
-    if len(head) <= store.transfer.multipart_threshold:
-        put_small(store, rel, head)
+    head = _read_full(src, io.transfer.multipart_threshold + 1)
+    if len(head) <= io.transfer.multipart_threshold:
+        put_small(io, rel, head)
     else:
-        _put_multipart(store, rel, head, src, size)
+        _put_multipart(io, rel, head, src, size)
 
 
-def put_small(store: "Store", rel: str, data: bytes) -> None:
+def put_small(io: S3Io, rel: str, data: bytes) -> None:
     """One retried PutObject."""
-    bucket, key = _bucket_key(store, rel)
-    store._call("write", rel, lambda: store.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data))
-    store.fs.invalidate_cache(store.path(rel))
+    bucket, key = _bucket_key(io, rel)
+    io.call("write", rel, lambda: io.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data))
+    io.fs.invalidate_cache(io.path(rel))
 
 
-def _put_multipart(store: "Store", rel: str, head: bytes, src: BinaryIO, size: int | None) -> None:
-    bucket, key = _bucket_key(store, rel)
-    part_size = max(store.transfer.part_size, 5 * MiB, -(-(size or 0) // 9000))  # S3: <= 10000 parts
+def _put_multipart(io: S3Io, rel: str, head: bytes, src: BinaryIO, size: int | None) -> None:
+    bucket, key = _bucket_key(io, rel)
+    part_size = max(io.transfer.part_size, 5 * MiB, -(-(size or 0) // 9000))  # S3: <= 10000 parts
     creates: list[float] = []
     completes: list[float] = []
 
     def _create() -> str:
         creates.append(time.time())
-        return store.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+        return io.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
 
-    upload_id = store._call("start upload of", rel, _create)
-    pool = ThreadPoolExecutor(max(1, store.transfer.concurrency), thread_name_prefix="vitforge-upload")
+    upload_id = io.call("start upload of", rel, _create)
+    pool = ThreadPoolExecutor(max(1, io.transfer.concurrency), thread_name_prefix="vitforge-upload")
     try:
         inflight: list[Future] = []
         etags: list[Future] = []
         for number, body in enumerate(_iter_parts(head, src, part_size), start=1):
-            if len(inflight) >= max(1, store.transfer.concurrency):
+            if len(inflight) >= max(1, io.transfer.concurrency):
                 inflight.pop(0).result()  # bounded memory; raises the first failed part
-            fut = pool.submit(_upload_part, store, rel, bucket, key, upload_id, number, body)
+            fut = pool.submit(_upload_part, io, rel, bucket, key, upload_id, number, body)
             inflight.append(fut)
             etags.append(fut)
         parts = [{"PartNumber": i, "ETag": f.result()} for i, f in enumerate(etags, start=1)]
-        store._call("finish upload of", rel, lambda: _complete(store, bucket, key, upload_id, parts, completes))
+        io.call("finish upload of", rel, lambda: _complete(io, bucket, key, upload_id, parts, completes))
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)  # parts still in flight end on their own
-        _abort_multipart(store, rel, bucket, key, upload_id)
+        _abort_multipart(io, rel, bucket, key, upload_id)
         raise
     finally:
         if len(creates) > 1:
-            _abort_orphans(store, rel, bucket, key, creates[0], upload_id)
+            _abort_orphans(io, rel, bucket, key, creates[0], upload_id)
     pool.shutdown(wait=True)
-    store.fs.invalidate_cache(store.path(rel))
+    io.fs.invalidate_cache(io.path(rel))
 
 
-def _complete(store: "Store", bucket: str, key: str, upload_id: str, parts: list[dict[str, Any]],
+def _complete(io: S3Io, bucket: str, key: str, upload_id: str, parts: list[dict[str, Any]],
               attempts: list[float]) -> None:
     """CompleteMultipartUpload; a retry after a timed-out attempt that the server did carry
     out gets NoSuchUpload, which counts as success when the object's ETag is this upload's."""
     attempts.append(time.time())
     try:
-        store.fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
+        io.fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
                         MultipartUpload={"Parts": parts})
     except Exception as exc:
         if len(attempts) > 1 and _error_code(exc.__cause__ or exc)[0] == "NoSuchUpload":
-            head = store.fs.call_s3("head_object", Bucket=bucket, Key=key)
+            head = io.fs.call_s3("head_object", Bucket=bucket, Key=key)
             if head.get("ETag", "").strip('"') == _multipart_etag(parts):
                 return
         raise
 
 
-def _upload_part(store: "Store", rel: str, bucket: str, key: str, upload_id: str, number: int, body: bytes) -> str:
-    out = store._call(f"upload part {number} of", rel, lambda: store.fs.call_s3(
+def _upload_part(io: S3Io, rel: str, bucket: str, key: str, upload_id: str, number: int, body: bytes) -> str:
+    out = io.call(f"upload part {number} of", rel, lambda: io.fs.call_s3(
         "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body))
     return out["ETag"]
 
 
-def _abort_multipart(store: "Store", rel: str, bucket: str, key: str, upload_id: str) -> None:
+def _abort_multipart(io: S3Io, rel: str, bucket: str, key: str, upload_id: str) -> None:
     """Abort a failed upload so its parts do not linger (they are invisible either way)."""
-    policy = RetryPolicy(outage_window_s=min(30.0, store.retry.outage_window_s),
-                         first_backoff_s=store.retry.first_backoff_s, max_backoff_s=store.retry.max_backoff_s)
+    policy = RetryPolicy(outage_window_s=min(30.0, io.retry.outage_window_s),
+                         first_backoff_s=io.retry.first_backoff_s, max_backoff_s=io.retry.max_backoff_s)
     try:
-        with_retries(lambda: store.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
-                     what=f"abort the failed upload of {store.url_of(rel)}", policy=policy, bucket=bucket)
+        with_retries(lambda: io.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id),
+                     what=f"abort the failed upload of {io.url_of(rel)}", policy=policy, bucket=bucket)
     except Exception as exc:  # the upload's own error is the one to raise
         log.warning("could not abort the failed multipart upload %s of %s (%s). It is invisible but keeps "
                     "its parts until aborted; an AbortIncompleteMultipartUpload lifecycle rule on the bucket "
-                    "cleans such uploads.", upload_id, store.url_of(rel), _redact(str(exc)))
+                    "cleans such uploads.", upload_id, io.url_of(rel), _redact(str(exc)))
 
 
-def _abort_orphans(store: "Store", rel: str, bucket: str, key: str, since: float, keep: str) -> None:
+def _abort_orphans(io: S3Io, rel: str, bucket: str, key: str, since: float, keep: str) -> None:
     """Abort uploads of ``key`` begun by our own timed-out CreateMultipartUpload attempts.
 
     A create that timed out may still have been carried out by the server; its upload id
@@ -205,28 +228,28 @@ def _abort_orphans(store: "Store", rel: str, bucket: str, key: str, since: float
     began after our first attempt (minus clock slack) are ours. Best effort.
     """
     try:
-        reply = store.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
+        reply = io.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
         for up in reply.get("Uploads") or []:
             started = up.get("Initiated")
             if up.get("Key") != key or up.get("UploadId") == keep:
                 continue
             if started is not None and started.timestamp() < since - 300:
                 continue
-            store.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
-            log.info("aborted orphaned multipart upload %s of %s", up["UploadId"], store.url_of(rel))
+            io.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
+            log.info("aborted orphaned multipart upload %s of %s", up["UploadId"], io.url_of(rel))
     except Exception as exc:
-        log.warning("could not clean up orphaned multipart uploads of %s (%s)", store.url_of(rel),
+        log.warning("could not clean up orphaned multipart uploads of %s (%s)", io.url_of(rel),
                     _redact(str(exc)))
 
 
-def delete_objects(store: "Store", rel: str, recursive: bool) -> None:
+def delete_objects(io: S3Io, rel: str, recursive: bool) -> None:
     """DeleteObjects over ``rel`` (and what is under it); per-key errors are raised, not ignored."""
-    bucket, _ = _bucket_key(store, rel)
-    path = store.path(rel)
+    bucket, _ = _bucket_key(io, rel)
+    path = io.path(rel)
     files, dirs = [path], []
     if recursive:
         with contextlib.suppress(FileNotFoundError):
-            found = store.fs.find(path, withdirs=True, detail=True)
+            found = io.fs.find(path, withdirs=True, detail=True)
             files = sorted({p for p, i in found.items() if i.get("type") != "directory"} | {path})
             # Some servers (SeaweedFS) keep emptied folders, which still list as prefixes;
             # their "dir/" keys go too, deepest first, after the files (no-ops on AWS S3).
@@ -235,12 +258,12 @@ def delete_objects(store: "Store", rel: str, recursive: bool) -> None:
     for batch in (files, [d + "/" for d in dirs]):
         keys = [p.partition("/")[2] for p in batch]
         for i in range(0, len(keys), 1000):
-            reply = store.fs.call_s3("delete_objects", Bucket=bucket,
+            reply = io.fs.call_s3("delete_objects", Bucket=bucket,
                                     Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
             errors = [e for e in reply.get("Errors") or [] if e.get("Code") != "NoSuchKey"]
             if errors:
                 raise _ObjectError(errors[0])
-    store.fs.invalidate_cache(path)
+    io.fs.invalidate_cache(path)
 
 
 def _read_full(src: BinaryIO, n: int) -> bytes:

@@ -48,7 +48,7 @@ import fsspec
 from ._digest import CHECKSUM, DigestReader, copy_digest, new_hasher
 from ._retry import (OUTAGE_ENV, RetryPolicy, StorageAuthError, StorageClockSkewError, StorageError,
                      StorageNotFoundError, StorageUnreachableError, _SECRETS, classify, credential_source, with_retries)
-from ._s3 import (BUCKETS_SEEN, MiB, delete_objects, endpoint_of, endpoint_source, explain_bare_403, prepare_client,
+from ._s3 import (BUCKETS_SEEN, MiB, S3Io, delete_objects, endpoint_of, endpoint_source, explain_bare_403, prepare_client,
                   put_object, put_small, s3_options)
 
 __all__ = ["CHECKSUM", "COMMITTED", "LATEST", "MiB", "OUTAGE_ENV", "RetryPolicy", "RetryingReader", "StorageAuthError",
@@ -141,6 +141,12 @@ class Store:
         self._storage_options = opts
         _SECRETS.update(str(opts[k]) for k in ("secret", "token") if opts.get(k))
         self._fs = fsspec.filesystem(self.protocol, **opts)
+        self._s3 = self._s3_io()
+
+    def _s3_io(self) -> S3Io:
+        """What ``cluster/_s3.py``'s uploads and deletes get of this store (a child builds its own)."""
+        return S3Io(raw_fs=self._fs, path=self.path, url_of=self.url_of, call=self._call,
+                    transfer=self.transfer, retry=self.retry)
 
     @property
     def fs(self) -> Any:
@@ -177,6 +183,7 @@ class Store:
         sub = Store.__new__(Store)
         sub.__dict__.update(self.__dict__)
         sub._root = self.path(rel)
+        sub._s3 = sub._s3_io()
         return sub
 
     def __repr__(self) -> str:  # never includes storage options (they may hold secrets)
@@ -321,7 +328,7 @@ class Store:
         hasher = new_hasher() if checksum else None
         if self.protocol == "s3":
             with open(local_path, "rb") as src:  # put_object reads src once, front to back (parts are retried)
-                put_object(self, rel, DigestReader(src, hasher) if hasher else src, os.path.getsize(local_path))
+                put_object(self._s3, rel, DigestReader(src, hasher) if hasher else src, os.path.getsize(local_path))
         else:  # other fsspec backends: their put_file is the best whole-object write they offer
             if hasher:
                 with open(local_path, "rb") as src:
@@ -335,7 +342,7 @@ class Store:
         If reading ``src`` raises, the upload is abandoned and nothing is visible at ``rel``.
         """
         if self.protocol == "s3":
-            put_object(self, rel, src, None)
+            put_object(self._s3, rel, src, None)
             return
         with self.open_write(rel) as dst:
             while chunk := src.read(8 * MiB):
@@ -359,7 +366,7 @@ class Store:
 
     def put_bytes(self, rel: str, data: bytes) -> None:
         if self.protocol == "s3" and len(data) <= self.transfer.multipart_threshold:
-            put_small(self, rel, bytes(data))
+            put_small(self._s3, rel, bytes(data))
             return
         with self.open_write(rel) as f:
             f.write(data)
@@ -386,7 +393,7 @@ class Store:
         """
         self.check_fence(rel, "delete")
         if self.protocol == "s3":
-            self._call("delete", rel, lambda: delete_objects(self, rel, recursive))
+            self._call("delete", rel, lambda: delete_objects(self._s3, rel, recursive))
             return
 
         def _rm() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,9 +36,21 @@ class StageContext:
     world_size: int = 1
     storage_options: dict[str, Any] = field(default_factory=dict)
     launcher: str = "torchrun"        # "ray" | "torchrun" | "local"
-    kill_at_step: int | None = None   # fault injection (tests): SIGKILL self after this step
-    kill_rank: int | None = None
     refs: dict[str, str] = field(default_factory=dict)  # resolved references, e.g. {"init": <export URL>}
+
+
+@dataclass(frozen=True)
+class StepEnd:
+    """What a step callback (``train(..., on_step=[...])``) sees after each optimizer step: its metrics
+    are logged, its checkpoint not yet decided. Every rank calls its callbacks."""
+
+    step: int                         # optimizer steps completed
+    total_steps: int
+    rank: int
+    world_size: int
+    resumed_from: int | None          # the step this attempt resumed from (None: a fresh start)
+    saved_step: int | None            # the newest step this attempt (or its checkpoint) saved
+    checkpoints: Any                  # the stage's jobs.checkpoint.CheckpointManager
 
 
 @dataclass
@@ -67,15 +80,50 @@ def peak_lr(cfg: TrainConfig, world_size: int) -> float:
 # ---- optimizer ------------------------------------------------------------------------------------
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: set[str]) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed weights, and the rest (biases, norms, position embeddings, tokens)."""
-    decay, no_decay = [], []
+def decayed(name: str, p: torch.Tensor, no_decay_names: set[str]) -> bool:
+    """The one weight-decay rule: every tensor is decayed but the 1-D ones (biases, norms) and those named in
+    ``no_decay_names`` (by full name or by its last component, e.g. ``pos_embed``)."""
+    return not (p.ndim <= 1 or name in no_decay_names or name.split(".")[-1] in no_decay_names)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: set[str],
+                 layer_decay: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups of ``model``'s trainable parameters, split by :func:`decayed`.
+
+    Without ``layer_decay``: two groups, decayed weights then the rest (both always present). With it
+    (layer-wise lr decay, as MAE's and BEiT's fine-tuning): one group per (layer, decayed) pair, with
+    ``lr_scale = layer_decay ** (L + 1 - layer)``, ordered by layer and no-decay first; the layers are
+    those of :func:`vit_layer_id`. The engine multiplies the scheduled lr by a group's ``lr_scale``.
+    """
+    if layer_decay is None:
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (decay if decayed(name, p, no_decay_names) else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    depth = len(getattr(model, "blocks", []))
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name in no_decay_names or name.split(".")[-1] in no_decay_names
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        layer, decay = vit_layer_id(name, depth), decayed(name, p, no_decay_names)
+        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                   "lr_scale": layer_decay ** (depth + 1 - layer)})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+_EMBEDDINGS = ("cls_token", "reg_token", "pos_embed", "patch_embed", "mask_token", "dist_token")
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """A parameter's layer for layer decay (MAE's ``get_layer_id_for_vit``): the embeddings and prefix tokens
+    are layer 0, ``blocks.i`` is layer ``i + 1``, everything after the blocks (norm, head) is ``depth + 1``.
+    A model without ``blocks`` (a CNN) has depth 0: all but its embeddings share one layer, scale 1."""
+    if name.startswith(_EMBEDDINGS):
+        return 0
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return int(m.group(1)) + 1 if m else depth + 1
 
 
 class FreezableAdamW(torch.optim.AdamW):
@@ -99,6 +147,8 @@ class FreezableAdamW(torch.optim.AdamW):
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, no_decay_names: set[str],
                     groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+    """:class:`FreezableAdamW` over ``groups`` (a method's :meth:`~jobs.method.Method.param_groups`), else over
+    the two groups of :func:`param_groups`."""
     groups = groups if groups is not None else param_groups(model, cfg.weight_decay, no_decay_names)
     return FreezableAdamW(groups, lr=cfg.base_lr, betas=cfg.betas, eps=cfg.eps)
 

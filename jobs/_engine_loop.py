@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from cluster.storage import Store
 from dataprep.loader import StreamingLoader
-from jobs._engine_config import (METHOD_STATE, StageContext, TrainConfig, TrainResult, build_optimizer, lr_at,
-                                 make_accelerator, peak_lr)
+from jobs._engine_config import (METHOD_STATE, StageContext, StepEnd, TrainConfig, TrainResult, build_optimizer,
+                                 lr_at, make_accelerator, peak_lr)
 from jobs._engine_watch import PreemptionWatch, peak_flops
 from jobs._extensions import resume_expect
 from jobs._grad_clip import clip_grad_per_param
@@ -67,10 +66,11 @@ class _Run:
     steps_per_epoch: int = 1
     live: Any = None  # rank 0's heartbeat + trackers (jobs/_live.py)
     params: dict[str, int] = field(default_factory=dict)  # trainable / total parameter counts
+    on_step: Sequence[Callable[[StepEnd], None]] = ()  # step callbacks (tests install fault injection here)
 
 
 def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: PreemptionWatch | None = None,
-          plan: ResumePlan | None = None) -> TrainResult:
+          plan: ResumePlan | None = None, on_step: Sequence[Callable[[StepEnd], None]] = ()) -> TrainResult:
     """Train ``method`` per ``cfg``; resume from the stage's newest committed checkpoint if any.
 
     Every rank calls it. Returns when the stage is done or preempted (after a synchronous
@@ -78,10 +78,13 @@ def train(method: Method, cfg: TrainConfig, ctx: StageContext, watch: Preemption
     ``watch``: a caller that must catch stop requests earlier (during start-up) passes its own.
     ``plan``: the resume plan the caller built ``method`` from (:func:`jobs.reshard.resume_plan` of
     ``cfg``, the stage's config as written); computed here when not given.
+    ``on_step``: callbacks called with a :class:`StepEnd` after each step is logged, before its
+    checkpoint is decided (every rank calls them; e.g. a test's fault injection, ``jobs/_faults.py``).
     """
     watch = watch or PreemptionWatch(Store(ctx.stage_url, ctx.storage_options) if ctx.rank == 0 else None)
     try:
         run = _setup(method, cfg, ctx, plan)
+        run.on_step = tuple(on_step)
         _resume(run)
         if ctx.rank == 0:
             run.live = open_live(run.store, cfg, ctx.stage_url, run.total_steps, run.step, run.resumed_from)
@@ -186,18 +189,18 @@ def _loop(run: _Run, watch: PreemptionWatch) -> Literal["done", "preempted"]:
         while run.step < run.total_steps:
             loss, extra, seconds = _one_step(run, batches)
             run.step += 1
-            stop = _all_agree(run, loss, watch.requested.is_set())
+            stop, time_due = _all_agree(run, loss, watch.requested.is_set())
             if run.val is not None and (run.step % run.steps_per_epoch == 0 or run.step == run.total_steps):
                 extra = {**extra, **_evaluate(run)}
             _log_step(run, extra, seconds)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{run.losses[-1]:.4f}")
-            _maybe_fault(run)
+            _callbacks(run)
             if stop:
                 _save(run, sync=True)
                 return "preempted"
-            if run.step < run.total_steps and run.ckpt.due(run.step):
+            if run.step < run.total_steps and run.ckpt.due(run.step, time_flag=time_due):
                 _save(run, sync=False)
         if run.saved_step != run.step:
             _save(run, sync=True)
@@ -281,14 +284,23 @@ def _on_device(batch: Any, module: torch.nn.Module) -> Any:
     return batch
 
 
-def _all_agree(run: _Run, loss: torch.Tensor, stop_requested: bool) -> bool:
-    """One collective per step: the mean loss over ranks, and whether any rank must stop."""
-    device = run.accelerator.device
-    buf = torch.tensor([float(loss), 1.0 if stop_requested else 0.0], dtype=torch.float64, device=device)
-    if dist.is_initialized() and run.ctx.world_size > 1:
+def _all_agree(run: _Run, loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """The step's one collective: the mean loss over ranks (appended to ``run.losses``), whether any rank
+    must stop, and whether a timed checkpoint is due by rank 0's clock (``checkpoint.every_minutes``)."""
+    time_due = run.ctx.rank == 0 and run.ckpt.schedule.time_due()
+    mean, stop, due = agree(float(loss), stop_requested, time_due, run.ctx.world_size, run.accelerator.device)
+    run.losses.append(mean)
+    return stop, due
+
+
+def agree(loss: float, stop_requested: bool, time_due: bool, world_size: int,
+          device: torch.device | str = "cpu") -> tuple[float, bool, bool]:
+    """(mean loss, any rank's stop request, any rank's ``time_due``) in one all-reduce over the gang
+    (every rank calls it; only rank 0 passes a true ``time_due``: its clock decides for all)."""
+    buf = torch.tensor([loss, float(stop_requested), float(time_due)], dtype=torch.float64, device=device)
+    if dist.is_initialized() and world_size > 1:
         dist.all_reduce(buf)
-    run.losses.append(float(buf[0]) / run.ctx.world_size)
-    return bool(buf[1] > 0)
+    return float(buf[0]) / world_size, bool(buf[1] > 0), bool(buf[2] > 0)
 
 
 def _log_step(run: _Run, extra: dict[str, float], seconds: float) -> None:
@@ -382,17 +394,11 @@ def _progress_bar(run: _Run):
     return tqdm(total=run.total_steps, initial=run.step, desc=run.cfg.name, unit="step", dynamic_ncols=True)
 
 
-def _maybe_fault(run: _Run) -> None:
-    """Fault injection for tests: SIGKILL this worker once, right after step ``kill_at_step``."""
-    ctx = run.ctx
-    if ctx.kill_at_step is not None and run.step == ctx.kill_at_step and ctx.rank == (ctx.kill_rank or 0) \
-            and run.resumed_from is None:
-        run.ckpt.wait()
-        deadline = time.monotonic() + 120
-        while run.saved_step and time.monotonic() < deadline:
-            latest = run.ckpt.latest()
-            if latest is not None and latest.step >= run.saved_step:
-                break
-            time.sleep(0.2)
-        log.warning("fault injection: SIGKILL rank %d after step %d", ctx.rank, run.step)
-        os.kill(os.getpid(), signal.SIGKILL)
+def _callbacks(run: _Run) -> None:
+    """Hand this step's :class:`StepEnd` to every step callback."""
+    if not run.on_step:
+        return
+    end = StepEnd(step=run.step, total_steps=run.total_steps, rank=run.ctx.rank, world_size=run.ctx.world_size,
+                  resumed_from=run.resumed_from, saved_step=run.saved_step, checkpoints=run.ckpt)
+    for callback in run.on_step:
+        callback(end)

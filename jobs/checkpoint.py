@@ -1,10 +1,12 @@
 """Checkpoint *storage*: stream every rank's checkpoint files to object storage and commit them.
 
-Policy (when to save, how many to keep) is :class:`CheckpointPolicy`; storage and the commit
-protocol are :class:`CheckpointManager`. The training engine owns the loop and calls::
+Policy (when to save, how many to keep) is :class:`CheckpointPolicy` with its
+:class:`~jobs._ckpt_policy.CheckpointSchedule` (``jobs/_ckpt_policy.py``: pure, no I/O); storage and
+the commit protocol are :class:`CheckpointManager`, which holds a schedule (:attr:`CheckpointManager.schedule`)
+and applies the policy's retention. The training engine owns the loop and calls::
 
     ckpt = CheckpointManager(f"{run}/stages/{stage}", policy, rank=r, world_size=W)
-    if ckpt.due(step):
+    if ckpt.due(step, time_flag):      # time_flag: rank 0's schedule.time_due(), agreed in the step's all-reduce
         ckpt.save(step, lambda d: engine.save_checkpoint(d), meta={"step": step, ...})
     ...
     ckpt.close()                       # flushes the last upload, raises its error if any
@@ -52,11 +54,11 @@ from typing import Any, TypeVar
 
 from cluster.housekeeping import tolerate
 from cluster.lease import pid_alive
+from jobs._ckpt_policy import CheckpointPolicy, CheckpointSchedule
 from jobs._ckpt_verify import (CheckpointChecksumError, CheckpointVerificationError, check_digest, confined_files,
                                newest_verified, problems)
 from cluster.storage import (CHECKSUM, COMMITTED, CorruptRecordError, RetryPolicy, Store, commit, committed_dirs, is_committed, read_latest,
                              write_latest)
-from jobs.config.train import CheckpointPolicy
 from jobs._ckpt_state import (CheckpointError, CheckpointMismatchError, capture_rng_state, check_compatible,
                               code_version, json_digest, restore_rng_state)
 from jobs.layout import CHECKPOINT_PREFIX as PREFIX
@@ -238,8 +240,7 @@ class CheckpointManager:
         self._base, self._local = local_dir, None
         self._thread: threading.Thread | None = None
         self._job: _SaveJob | None = None
-        self._last_step: int | None = None
-        self._last_time = time.monotonic()
+        self.schedule = CheckpointSchedule(policy)  # when the next save is due (jobs/_ckpt_policy.py)
         self.restored: CheckpointInfo | None = None
 
     @property
@@ -256,25 +257,19 @@ class CheckpointManager:
         """URL of the ``checkpoints/`` directory."""
         return self.store.url
 
-    # ---- policy ------------------------------------------------------------------------------
+    # ---- policy (jobs/_ckpt_policy.py) -------------------------------------------------------
     def due(self, step: int, time_flag: bool | None = None) -> bool:
-        """Whether to checkpoint after ``step``. Pure function of the step unless ``every_minutes`` is set;
-        then rank 0's clock decides and this is a collective every rank must call at every step, unless
-        the caller passes ``time_flag``: :meth:`time_due` already agreed on by all ranks (e.g. folded into
-        the engine's own per-step all-reduce, as a max), which saves one collective per step."""
-        if step == self._last_step:
-            return False
-        by_steps = self.policy.every_steps is not None and step > 0 and step % self.policy.every_steps == 0
-        if self.policy.every_minutes is None:
-            return by_steps
-        if time_flag is None:
-            time_flag = _broadcast_flag(self.time_due()) if self.world_size > 1 else self.time_due()
-        return by_steps or time_flag
+        """:meth:`CheckpointSchedule.due` of :attr:`schedule`. With ``every_minutes`` and several ranks, rank 0's
+        clock decides: pass ``time_flag`` (rank 0's :meth:`time_due`, already agreed on by every rank, as the
+        engine does in its per-step all-reduce), or this call broadcasts it (a collective every rank must
+        then call at every step)."""
+        if time_flag is None and self.policy.timed and self.world_size > 1 and step != self.schedule.last_step:
+            time_flag = _broadcast_flag(self.schedule.time_due())
+        return self.schedule.due(step, time_flag)
 
     def time_due(self) -> bool:
         """This process's clock only: ``every_minutes`` have passed since the last save (or start/restore)."""
-        return self.policy.every_minutes is not None and \
-            time.monotonic() - self._last_time >= self.policy.every_minutes * 60
+        return self.schedule.time_due()
 
     # ---- saving ------------------------------------------------------------------------------
     def save(self, step: int, write_fn: Callable[[str], Any], meta: Mapping[str, Any] | None = None,
@@ -294,7 +289,7 @@ class CheckpointManager:
             raise TypeError(f"checkpoint meta must be JSON-able ({exc}); put tensors in files via write_fn") from None
         job = self._stage(step, write_fn, meta)
         job.sync = sync
-        self._last_step, self._last_time = step, time.monotonic()
+        self.schedule.saved(step)
         self._job = job
         if sync:
             self._run_job(job)
@@ -438,20 +433,10 @@ class CheckpointManager:
         _poll(committed, self.commit_timeout_s, f"rank 0 to commit {self.store.url_of(job.name)}")
 
     def _retain(self, newest: int) -> None:
-        """Keep the newest ``keep_last`` committed checkpoints up to ``newest``, and beyond them the newest one
-        whose files verify (a fallback a restore can use) when none of those does; delete every other older
-        step dir (committed or stale uncommitted). Dirs newer than ``newest`` may be uploads in progress."""
-        older = sorted(((s, n) for n in self.store.ls("") if (s := _step_of(n)) is not None and s <= newest),
-                       reverse=True)
-        kept, verified = 0, False
-        for s, n in older:
-            if is_committed(self.store, n) and (kept < self.policy.keep_last or not verified):
-                kept += 1
-                verified = verified or self._verifies(n)
-                continue
-            if s == newest:
-                continue
-            # un-commit first: a half-deleted dir is never visible; a failed delete is a warning (housekeeping)
+        """Delete what :meth:`CheckpointPolicy.to_delete` says after ``newest`` committed: un-commit first, so
+        a half-deleted dir is never visible; a failed delete is a warning (housekeeping)."""
+        steps = [(s, n) for n in self.store.ls("") if (s := _step_of(n)) is not None]
+        for n in self.policy.to_delete(steps, newest, lambda n: is_committed(self.store, n), self._verifies):
             if tolerate("retention delete", self.store.delete, f"{n}/{COMMITTED}") and \
                     tolerate("retention delete", self.store.delete, n, recursive=True):
                 log.debug("retention removed %s", n)
@@ -589,7 +574,7 @@ class CheckpointManager:
             raise
         finally:
             shutil.rmtree(local, ignore_errors=True)
-        self._last_step, self._last_time = info.step, time.monotonic()
+        self.schedule.saved(info.step)
         return meta
 
     def _rank_meta(self, info: CheckpointInfo) -> dict[str, Any]:

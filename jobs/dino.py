@@ -33,7 +33,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from dataprep.transforms import dino_transform
 from jobs._dino_loss import DINOLoss
-from jobs._engine_config import param_groups
 from jobs._teacher import cosine, ema_copy, ema_update, load_teacher_state, momentum_at, teacher_state
 from jobs.config.dino import DROP_PATH, DINOConfig, DINOHeadConfig, _dino_model, _dino_optim  # noqa: F401
 from jobs.engine import OptimConfig
@@ -191,7 +190,7 @@ class DINOMethod(Method):
         """The engine's decayed / not groups, plus the head's last layer as its own group ``last_layer``
         (decayed), which :meth:`frozen_groups` keeps out of the optimizer while it is frozen."""
         last = {id(p) for p in model.head.last_layer.parameters()}
-        groups = param_groups(model, optim.weight_decay, self.no_weight_decay(model))
+        groups = super().param_groups(model, optim)
         for g in groups:
             g["params"] = [p for p in g["params"] if id(p) not in last]
         own = [p for p in model.head.last_layer.parameters() if p.requires_grad]

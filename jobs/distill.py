@@ -46,31 +46,12 @@ from jobs.init import read_stage_init, start_encoder
 from jobs.method import Method
 from jobs._channels import channel_names, data_channels, export_channels
 from jobs.channelvit import ChannelVisionTransformer
-from jobs.models import build_timm_model, fit_data_channels, forward_flops, model_in_chans, timm_model_kwargs
+from jobs.models import (build_timm_model, fit_data_channels, forward_flops, model_in_chans, split_features,
+                         timm_model_kwargs)
 
 log = logging.getLogger(__name__)
 
 
-# ---- features of any timm model -------------------------------------------------------------------
-
-
-def split_features(model: nn.Module, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """``forward_features`` output -> (global [N, D], spatial [N, D, H, W], grid (H, W)).
-
-    Token models (ViTs): global = the CLS token (the mean patch token without one), spatial = the
-    patch tokens on their square grid. CNNs (NCHW maps): global = the average-pooled map.
-    """
-    if feats.ndim == 3:  # [N, P + L, D]
-        prefix = int(getattr(model, "num_prefix_tokens", 0))
-        patches = feats[:, prefix:]  # [N, L, D]
-        side = int(round(patches.shape[1] ** 0.5))
-        spatial = patches.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], side, side)  # [N, D, g, g]
-        has_cls = getattr(model, "cls_token", None) is not None
-        return (feats[:, 0] if has_cls else patches.mean(1)), spatial, (side, side)
-    if feats.ndim == 4:  # [N, C, H, W]
-        return feats.mean(dim=(2, 3)), feats, (feats.shape[2], feats.shape[3])
-    raise ValueError(f"{type(model).__name__}.forward_features gave shape {tuple(feats.shape)}: "
-                     "expected tokens [N, T, D] or a feature map [N, C, H, W]")
 
 
 class FeatureProjector(nn.Module):

@@ -49,6 +49,7 @@ from jobs.config.evaluate import DenseConfig, EvalConfig, ProbeConfig  # noqa: F
 from jobs.checkpoint import code_version
 from jobs.layout import EVAL_JSON_NAME, StageStatus
 from jobs.methods import import_methods, method_class
+from jobs.models import pool_features
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +67,6 @@ class Features:
     y: torch.Tensor
 
 
-def pool_features(model: torch.nn.Module, images: torch.Tensor, pool: str) -> torch.Tensor:
-    """[N, 3, H, W] -> [N, D]: a ViT's CLS token or mean patch token; a CNN's global average."""
-    out = model.forward_features(images)
-    if out.ndim == 4:  # CNN: [N, C, h, w]
-        return out.mean(dim=(2, 3))
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    if pool == "token" and prefix > 0:
-        return out[:, 0]  # [N, D]
-    return out[:, prefix:].mean(dim=1)  # [N, D]
-
-
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, loader: StreamingLoader, pool: str, device: torch.device,
                      plan: ChannelPlan | None = None) -> Features:
@@ -87,7 +77,7 @@ def extract_features(model: torch.nn.Module, loader: StreamingLoader, pool: str,
         keep = ~batch["pad"]
         images = batch["image"][keep] if plan is None else plan.select(batch["image"][keep])
         images = images.to(device, non_blocking=True)
-        xs.append(pool_features(model, images, pool).float().cpu())
+        xs.append(pool_features(model, model.forward_features(images), pool).float().cpu())
         ys.append(batch["label"][keep])
     return Features(torch.cat(xs), torch.cat(ys))
 

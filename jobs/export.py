@@ -82,51 +82,26 @@ def normalization(chans: int, channels: dict[str, Any] | None) -> tuple[list[flo
     return (list(IMAGENET_MEAN), list(IMAGENET_STD)) if chans == 3 else ([0.0] * chans, [1.0] * chans)
 
 
-def export_config(model_cfg: ModelConfig, encoder: nn.Module, extra: dict[str, Any] | None = None,
-                  channels: dict[str, Any] | None = None) -> dict[str, Any]:
-    """timm hub-style config for the exported encoder; ``channels``: its data's (names, dtype, mean, std)."""
+def encoder_export_args(model_cfg: ModelConfig, encoder: nn.Module) -> tuple[dict[str, Any], int, int]:
+    """(timm ``model_args``, input size, channels) of a headless ViT ``encoder`` built from ``model_cfg``:
+    its own input size, and its own channel count (a stage may have taken it from its data's manifest)."""
     kwargs = model_cfg.timm_kwargs()  # num_classes=0 included: the export is headless
-    size = int(encoder.patch_embed.img_size[0])
     chans = encoder_in_chans(encoder)
-    if chans != 3:  # the encoder's own count (a stage may have taken it from its data's manifest)
+    if chans != 3:
         kwargs["in_chans"] = chans
-    mean, std = normalization(chans, channels)
-    extra = {**(extra or {}), **({"channels": channels} if channels else {})}
-    return {
-        "architecture": model_cfg.arch,
-        "num_classes": 0,
-        "num_features": int(encoder.num_features),
-        "global_pool": _pool_name(encoder),
-        "model_args": kwargs,
-        "pretrained_cfg": {
-            "input_size": [chans, size, size], "mean": mean, "std": std,
-            "interpolation": "bicubic", "crop_pct": 0.875, "num_classes": 0, "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
-        "vitforge": {"format": "vitforge-export/1", **(extra or {})},
-    }
+    return kwargs, int(encoder.patch_embed.img_size[0]), chans
 
 
 def export_encoder(encoder: nn.Module, model_cfg: ModelConfig, dest_url: str, *, rank: int = 0,
                    storage_options: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
                    channels: dict[str, Any] | None = None) -> None:
-    """Write ``dest_url/model.safetensors`` and ``config.json`` (every rank calls; rank 0 writes).
-
-    The config is written last: an export without ``config.json`` is unfinished.
-    """
-    state = gather_fp32_state_dict(encoder)
-    if rank != 0:
-        return
-    state = merged_state(encoder, state)  # LoRA adapters folded in: a plain timm encoder
-    store = Store(dest_url, storage_options)
-    with local_staging("vitforge-export-") as tmp:
-        path = os.path.join(tmp, WEIGHTS)
-        save_file(state, path, metadata={"format": "pt", "architecture": model_cfg.arch})
-        store.put_file(path, WEIGHTS)
-    config = export_config(model_cfg, encoder, extra, channels)
-    store.put_bytes(MODEL_CARD, model_card(config).encode())
-    store.put_json(CONFIG, config)
-    log.info("exported %s encoder (%d tensors) to %s", model_cfg.arch, len(state), store.url)
+    """Write the headless timm encoder ``encoder`` (built from ``model_cfg``) to ``dest_url``: the
+    :func:`export_timm_model` of its architecture, input size and channels; ``channels``: its data's
+    (names, dtype, mean, std), else ImageNet's normalisation for RGB and none (mean 0, std 1) for other
+    channel counts. Every rank calls (ZeRO gathers)."""
+    args, size, _ = encoder_export_args(model_cfg, encoder)
+    export_timm_model(encoder, model_cfg.arch, args, dest_url, img_size=size, rank=rank,
+                      storage_options=storage_options, extra=extra, channels=channels)
 
 
 def load_export(url: str, storage_options: dict[str, Any] | None = None, **overrides: Any) -> nn.Module:
@@ -214,6 +189,7 @@ def export_timm_model(module: nn.Module, architecture: str, model_args: dict[str
     """Export any timm model (a classifier, a CNN, …): ``timm.create_model(architecture, **model_args)``
     must accept the state dict of ``module`` after ``convert`` (e.g. merging LoRA weights, folding a
     BatchNorm into a head). Every rank calls it (ZeRO gathers); rank 0 converts and writes.
+    This is the one export path: :func:`export_encoder` (a method's default export) comes here too.
     """
     state = gather_fp32_state_dict(module)
     if rank != 0:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -61,7 +60,7 @@ from jobs.export import export_timm_model, read_export_config, timm_export_confi
 from jobs.init import WeightsFile, init_arch, load_init, read_init, weights_file_config
 from jobs.metrics import read_metrics
 from jobs.method import Method
-from jobs.models import fit_data_channels, forward_flops, timm_model_kwargs
+from jobs.models import fit_data_channels, forward_flops, pool_features, timm_model_kwargs
 from jobs.peft import LORA_TARGETS, LoraConfig, PeftConfig, apply_peft, merge_lora_state  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -88,8 +87,8 @@ class LinearProbe(nn.Module):
         return self
 
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.encoder.forward_head(self.encoder.forward_features(imgs), pre_logits=True)  # [N, D]
+        with torch.no_grad():  # the encoder's own pre-logits pooling, what its timm classifier head sees
+            return pool_features(self.encoder, self.encoder.forward_features(imgs), None)  # [N, D]
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.head(self.bn(self.features(imgs)))  # [N, C]
@@ -105,30 +104,6 @@ def fold_batchnorm_into_head(state: dict[str, torch.Tensor], classifier: str,
     out[f"{classifier}.weight"] = (w * scale).float()
     out[f"{classifier}.bias"] = (b - (w * scale) @ mean).float()
     return out
-
-
-def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float,
-                       no_decay_names: set[str]) -> list[dict[str, Any]]:
-    """AdamW groups with ``lr_scale = layer_decay ** (L + 1 - layer)``: embeddings are layer 0,
-    block ``i`` is layer ``i + 1``, everything after the blocks (norm, head) layer ``L + 1``."""
-    depth = len(getattr(model, "blocks", []))
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer = _layer_id(name, depth)
-        decay = not (p.ndim <= 1 or name in no_decay_names or name.split(".")[-1] in no_decay_names)
-        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                                   "lr_scale": layer_decay ** (depth + 1 - layer)})
-        group["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
-
-
-def _layer_id(name: str, depth: int) -> int:
-    if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed", "mask_token", "dist_token")):
-        return 0
-    m = re.match(r"blocks\.(\d+)\.", name)
-    return int(m.group(1)) + 1 if m else depth + 1
 
 
 # ---- mixup / cutmix --------------------------------------------------------------------------------
@@ -312,8 +287,9 @@ class FinetuneMethod(Method):
         return {"top1": float(hits[:, 0].sum()), "top5": float(hits.any(dim=1).sum()),
                 "loss": float(F.cross_entropy(logits, labels, reduction="sum")), "count": float(keep.sum())}
 
-    def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-        return layer_decay_groups(model, optim.weight_decay, self.cfg.layer_decay, self.no_weight_decay(model))
+    def layer_decay(self) -> float:
+        """The engine's layer-decay groups in every mode (the recipe's ``layer_decay``; 1.0: all scales 1)."""
+        return self.cfg.layer_decay
 
     def no_weight_decay(self, model: nn.Module) -> set[str]:
         return {"pos_embed", "cls_token", "reg_token", "dist_token"}

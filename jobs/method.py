@@ -47,7 +47,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn as nn
 
-from jobs._engine_config import OptimConfig, StageContext, TrainConfig
+from jobs._engine_config import OptimConfig, StageContext, TrainConfig, param_groups
 from jobs._channels import export_channels
 from jobs.config.kinds import (config_class, config_classes, import_methods, kind_of,  # noqa: F401  (re-exported)
                                register_config, same_source, training_kinds)
@@ -65,7 +65,7 @@ class Method:
     """What a training method supplies to :func:`jobs.engine.train` (see the module docstring).
 
     Construct with the stage's validated ``Config`` and this worker's rank. Hooks are called by
-    every rank, in this order: :meth:`setup`, :meth:`build_model`, :meth:`param_groups`,
+    every rank, in this order: :meth:`setup`, :meth:`build_model`, :meth:`param_groups` (or :meth:`layer_decay`),
     :meth:`train_sample_ids`, :meth:`train_transform` / :meth:`eval_transform`,
     :meth:`set_run_length`, then per step :meth:`weight_decay_at`, :meth:`frozen_groups`, :meth:`step`
     (per micro-batch), :meth:`after_step`; :meth:`extra_state` at each checkpoint,
@@ -141,9 +141,15 @@ class Method:
         all at ``step``: no weight decay, no moments, no optimizer state created. Default: none."""
         return set()
 
-    def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]] | None:
-        """AdamW groups instead of the engine's two (decayed / not); a group's ``lr_scale`` multiplies the
-        scheduled lr (layer decay). None (default): the engine's groups from :meth:`no_weight_decay`."""
+    def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+        """The AdamW groups; a group's ``lr_scale`` multiplies the scheduled lr, its ``name`` is what
+        :meth:`frozen_groups` names. Default: the engine's :func:`~jobs.engine.param_groups` from
+        :meth:`no_weight_decay` and :meth:`layer_decay` (override to add a group of your own)."""
+        return param_groups(model, optim.weight_decay, self.no_weight_decay(model), self.layer_decay())
+
+    def layer_decay(self) -> float | None:
+        """Layer-wise lr decay of the engine's groups (``lr_scale = layer_decay ** (L + 1 - layer)`` per ViT
+        layer, :func:`jobs.engine.param_groups`). None (default): two groups, decayed / not."""
         return None
 
     def no_weight_decay(self, model: nn.Module) -> set[str]:

@@ -15,7 +15,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import timm
@@ -182,6 +182,46 @@ def vit_arch_problems(arch: str) -> list[tuple[str, str]]:
     sizes = ", ".join(f"vit_{s}_patch16_224" for s in ("tiny", "small", "base", "large"))
     return [("arch", f"unknown ViT architecture {arch!r}: give a timm ViT name such as {sizes} "
              "or vit_huge_patch14_224 (see timm.list_models('vit_*'))")]
+
+
+# ---- pooled features of any timm model -----------------------------------------------------------
+
+
+def pool_features(model: torch.nn.Module, feats: torch.Tensor,
+                  pool: Literal["token", "avg"] | None = "token") -> torch.Tensor:
+    """``model.forward_features`` output -> one feature per image ``[N, D]`` (the one pooling rule).
+
+    Token models (ViTs, ``[N, P + L, D]`` with ``P = num_prefix_tokens``): ``token`` is the CLS token
+    (the mean patch token for a model without one), ``avg`` the mean patch token (prefix tokens such
+    as registers left out). Feature maps (CNNs, ``[N, C, H, W]``): the global average, whatever
+    ``pool``. ``None``: the model's own pre-logits pooling (timm's ``forward_head(pre_logits=True)``:
+    its ``global_pool``, then ``fc_norm``), what its classifier head sees.
+    """
+    if pool is None:
+        return model.forward_head(feats, pre_logits=True)  # [N, D]
+    if feats.ndim == 4:  # [N, C, H, W]
+        return feats.mean(dim=(2, 3))
+    if feats.ndim != 3:
+        raise ValueError(f"{type(model).__name__}.forward_features gave shape {tuple(feats.shape)}: "
+                         "expected tokens [N, T, D] or a feature map [N, C, H, W]")
+    if pool == "token" and getattr(model, "cls_token", None) is not None:
+        return feats[:, 0]  # [N, D]
+    return feats[:, int(getattr(model, "num_prefix_tokens", 0)):].mean(dim=1)  # [N, D]
+
+
+def split_features(model: torch.nn.Module, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """``forward_features`` output -> (global [N, D], spatial [N, D, H, W], grid (H, W)).
+
+    global: :func:`pool_features` with ``token`` pooling; spatial: a token model's patch tokens on their
+    square grid, or a CNN's feature map itself.
+    """
+    pooled = pool_features(model, feats, "token")  # also refuses shapes that are neither
+    if feats.ndim == 4:  # [N, C, H, W]
+        return pooled, feats, (feats.shape[2], feats.shape[3])
+    patches = feats[:, int(getattr(model, "num_prefix_tokens", 0)):]  # [N, L, D]
+    side = int(round(patches.shape[1] ** 0.5))
+    spatial = patches.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], side, side)  # [N, D, g, g]
+    return pooled, spatial, (side, side)
 
 
 def build_timm_model(cfg: TimmModelConfig, num_classes: int = 0) -> torch.nn.Module:

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from cluster.housekeeping import failures as housekeeping_failures
 from cluster.lease import install_fence
 from cluster.storage import Store
+from jobs._faults import FaultHooks
 from jobs.checkpoint import code_version
-from jobs.config.stage import REFERENCE_FIELDS, FaultHooks, StageJob, stage_config_class  # noqa: F401
+from jobs.config.stage import REFERENCE_FIELDS, StageJob, stage_config_class  # noqa: F401
 from jobs.engine import PreemptionWatch, StageContext, train
 from jobs.layout import STATUS_NAME, StageStatus
 from jobs.method import Method
@@ -77,10 +78,8 @@ def run_worker(job: dict[str, Any] | StageJob) -> str:
     install_fence(job.lease, job.storage_options)  # commits/STATUS refused once the lease is lost
     import_methods(job.methods)
     cfg = job.config()
-    fault = job.fault or FaultHooks()
     ctx = StageContext(stage_url=job.stage_url, data_url=job.data_url, rank=rank, world_size=world,
-                       storage_options=job.storage_options, launcher=job.launcher, kill_at_step=fault.kill_at_step,
-                       kill_rank=fault.kill_rank, refs=job.refs)
+                       storage_options=job.storage_options, launcher=job.launcher, refs=job.refs)
     # stop requests are honoured from here on (start-up takes a while; a SIGTERM must not be lost)
     watch = PreemptionWatch(Store(ctx.stage_url, ctx.storage_options) if rank == 0 else None)
     nodes = _gather_node_ids(world)
@@ -91,7 +90,8 @@ def run_worker(job: dict[str, Any] | StageJob) -> str:
                      launcher=ctx.launcher, config_digest=cfg.digest(), code_version=code_version())
     plan = resume_plan(ctx.stage_url, ctx.storage_options, world, cfg)
     # the method sees the per-worker batch it will train with; the engine keeps cfg's digest
-    result = train(make_method(plan.shape(cfg), rank), cfg, ctx, watch, plan)
+    result = train(make_method(plan.shape(cfg), rank), cfg, ctx, watch, plan,
+                   on_step=job.fault.callbacks() if job.fault else ())
     if rank == 0:
         status.finish(result.state, step=result.step, total_steps=result.total_steps, resumed_from=result.resumed_from,
                       **({"housekeeping_failures": hk} if (hk := housekeeping_failures()) else {}))

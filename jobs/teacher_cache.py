@@ -274,7 +274,7 @@ def split_round_robin(units: list[Any], parts: int) -> list[list[Any]]:
     return [units[i::parts] for i in range(min(parts, len(units))) if units[i::parts]]
 
 
-# ---- the stage: Ray tasks, then the manifest ---------------------------------------------------------
+# ---- the stage's job (pipeline/run.py runs it as Ray tasks, then writes the manifest) ---------------------------------------------------------
 
 
 def stage_job(spec: Any, name: str, fault: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -285,47 +285,5 @@ def stage_job(spec: Any, name: str, fault: dict[str, Any] | None = None) -> dict
             "data_url": data_url, "storage_options": opts, "data_digest": data_digest(data_url, opts),
             "teacher_url": spec.export_url(stage.teacher) if isinstance(stage.teacher, str) else None,
             **({"fault": fault} if fault else {})}
-
-
-def run_teacher_outputs_stage(spec: Any, name: str, address: str | None = None,
-                              fault: dict[str, Any] | None = None) -> str:
-    """Compute the stage's missing units as ``compute.workers`` Ray tasks, then write its manifest."""
-    import ray
-
-    from cluster.gang import GangFailedError
-    from cluster.runtime import ensure_ray
-    from jobs._ckpt_state import code_version
-    from jobs.layout import StageStatus
-    from pipeline._plan import is_done
-    from pipeline.run import record_failure
-
-    if is_done(spec, name):
-        return "done"
-    stage, url, opts = spec.stage(name), spec.stage_url(name), spec.storage_options
-    job = stage_job(spec, name, fault)
-    store = Store(job["cache_url"], opts)
-    units = all_units(stage, job["data_url"], opts)
-    pending = pending_units(store, units)
-    status = StageStatus(url, opts)
-    status.start(kind=stage.kind, name=name, config_digest=stage.digest(), code_version=code_version(),
-                 units=len(units), pending_units=len(pending))
-    try:
-        if pending:
-            ensure_ray(address)
-            task = ray.remote(run_units).options(num_cpus=spec.compute.cpus_per_worker,
-                                                 num_gpus=spec.compute.gpus_per_worker,
-                                                 max_retries=spec.compute.max_failures, name=f"{spec.name}-{name}")
-            refs = [task.remote(job, part) for part in split_round_robin(pending, spec.compute.workers)]
-            ray.wait(refs, num_returns=len(refs))  # every task ends before the stage reports (no writer left behind)
-            ray.get(refs)
-        manifest = write_manifest(stage, store, units, job["data_url"], opts, job["data_digest"])
-    except Exception as exc:
-        record_failure(url, opts, exc)
-        if isinstance(exc, ray.exceptions.RayError):
-            raise GangFailedError(f"teacher_outputs stage {name!r} failed: {exc}") from exc
-        raise
-    status.finish("done", units=len(units), computed_units=len(pending), bytes=manifest["bytes"],
-                  bytes_per_sample_epoch=round(bytes_per_sample_epoch(manifest), 2))
-    return "done"
 
 

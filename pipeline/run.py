@@ -45,6 +45,8 @@ from jobs.reshard import resume_plan
 from jobs.layout import StageStatus
 from jobs.stage import make_method, run_worker
 from pipeline._modelcheck import check_models
+from jobs.teacher_cache import (all_units, bytes_per_sample_epoch, pending_units, run_units, split_round_robin,
+                                stage_job, write_manifest)
 from pipeline._plan import (RUN_YAML, SHARDS, RunConflictError, check_restart_from, check_sources,  # noqa: F401
                             clear_stage, is_done, plan_run, record_extensions, record_spec)
 from pipeline._progress import live_progress
@@ -126,8 +128,6 @@ def _run_stage(spec: RunSpec, stage: Any, address: str | None, fault: dict[str, 
     if stage.kind == "eval":
         return run_eval_stage(spec, stage.name, address=address)
     if stage.kind == "teacher_outputs":
-        from jobs.teacher_cache import run_teacher_outputs_stage
-
         return run_teacher_outputs_stage(spec, stage.name, address=address)
     return run_training_stage(spec, stage.name, address=address, fault=fault)
 
@@ -225,6 +225,41 @@ def run_eval_stage(spec: RunSpec, name: str, address: str | None = None) -> str:
         raise GangFailedError(f"eval stage {name!r} failed: {exc}") from exc
     log.info("stage %s (%s/eval.json):\n%s", name, job["stage_url"], format_table(report))
     return StageStatus(job["stage_url"], spec.storage_options).read().get("state", "failed")
+
+
+def run_teacher_outputs_stage(spec: RunSpec, name: str, address: str | None = None,
+                              fault: dict[str, Any] | None = None) -> str:
+    """Compute the stage's missing units as ``compute.workers`` Ray tasks, then write its manifest."""
+    import ray
+
+    if is_done(spec, name):
+        return "done"
+    stage, url, opts = spec.stage(name), spec.stage_url(name), spec.storage_options
+    job = stage_job(spec, name, fault)
+    store = Store(job["cache_url"], opts)
+    units = all_units(stage, job["data_url"], opts)
+    pending = pending_units(store, units)
+    status = StageStatus(url, opts)
+    status.start(kind=stage.kind, name=name, config_digest=stage.digest(), code_version=code_version(),
+                 units=len(units), pending_units=len(pending))
+    try:
+        if pending:
+            ensure_ray(address)
+            task = ray.remote(run_units).options(num_cpus=spec.compute.cpus_per_worker,
+                                                 num_gpus=spec.compute.gpus_per_worker,
+                                                 max_retries=spec.compute.max_failures, name=f"{spec.name}-{name}")
+            refs = [task.remote(job, part) for part in split_round_robin(pending, spec.compute.workers)]
+            ray.wait(refs, num_returns=len(refs))  # every task ends before the stage reports (no writer left behind)
+            ray.get(refs)
+        manifest = write_manifest(stage, store, units, job["data_url"], opts, job["data_digest"])
+    except Exception as exc:
+        record_failure(url, opts, exc)
+        if isinstance(exc, ray.exceptions.RayError):
+            raise GangFailedError(f"teacher_outputs stage {name!r} failed: {exc}") from exc
+        raise
+    status.finish("done", units=len(units), computed_units=len(pending), bytes=manifest["bytes"],
+                  bytes_per_sample_epoch=round(bytes_per_sample_epoch(manifest), 2))
+    return "done"
 
 
 def record_failure(stage_url: str, opts: dict[str, Any], exc: BaseException) -> None:

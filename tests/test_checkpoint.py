@@ -310,3 +310,60 @@ def test_two_ranks_writing_the_same_file_name_is_refused(tmp_path):
     with pytest.raises(CheckpointCommitError, match="ranks 0 and 1 both wrote 'model.pt'"):
         r0.save(1, rank_writer(0, 1, name="model.pt"), {"step": 1}, sync=True)
     assert r0.latest() is None
+
+
+# ---- the policy alone (jobs/_ckpt_policy.py): pure, no store, no clock but the one handed in ----------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_schedule_by_steps_is_a_pure_function_of_the_step_and_the_last_save():
+    from jobs._ckpt_policy import CheckpointSchedule
+
+    clock = FakeClock()
+    sched = CheckpointSchedule(CheckpointPolicy(every_steps=4), clock)
+    clock.now += 1e6  # no clock in a steps-only policy
+    assert [s for s in range(0, 13) if sched.due(s)] == [4, 8, 12] and not sched.time_due()
+    sched.saved(8)
+    assert not sched.due(8) and sched.due(12)  # never twice at the same step
+    assert not sched.due(5, time_flag=True)  # a time flag means nothing without every_minutes
+
+
+def test_schedule_by_minutes_counts_from_the_last_save_or_restore():
+    from jobs._ckpt_policy import CheckpointSchedule
+
+    clock = FakeClock()
+    sched = CheckpointSchedule(CheckpointPolicy(every_minutes=2, every_steps=10), clock)
+    clock.now += 119.0
+    assert not sched.time_due() and not sched.due(3) and sched.due(10)
+    clock.now += 1.0
+    assert sched.time_due() and sched.due(3)
+    assert not sched.due(3, time_flag=False) and sched.due(4, time_flag=True)  # an agreed flag wins over the clock
+    sched.saved(3)
+    assert not sched.time_due() and not sched.due(3, time_flag=True) and not sched.due(4)
+    clock.now += 120.0
+    assert sched.due(4)
+
+
+def test_retention_keeps_the_newest_and_a_verifying_fallback():
+    policy = CheckpointPolicy(every_steps=1, keep_last=2)
+    steps = [(s, f"step-{s}") for s in range(1, 8)]
+    committed = {f"step-{s}" for s in (1, 2, 3, 5, 6)}.__contains__  # 4: a stale upload; 7: in flight
+    asked: list[str] = []
+
+    def verifies(name: str) -> bool:
+        asked.append(name)
+        return True
+
+    assert policy.to_delete(steps, 6, committed, verifies) == ["step-4", "step-3", "step-2", "step-1"]
+    assert asked == ["step-6"]  # verified once, newest first
+    bad = {"step-6", "step-5", "step-3"}
+    assert policy.to_delete(steps, 6, committed, lambda n: n not in bad) == ["step-4", "step-1"]  # 2 is the fallback
+    assert policy.to_delete(steps, 6, lambda n: False, verifies) == ["step-5", "step-4", "step-3", "step-2",
+                                                                     "step-1"]  # the newest stays

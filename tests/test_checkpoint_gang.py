@@ -60,7 +60,7 @@ def _ds_gang(rank: int, port: int, url: str, out_dir: str) -> None:
     ckpt = CheckpointManager(url, policy, rank=rank, world_size=WORLD)
     timed = CheckpointManager(url, CheckpointPolicy(every_minutes=60), rank=rank, world_size=WORLD)
     if rank == 1:
-        timed._last_time -= 7200  # rank 1's clock alone says "due"; rank 0's decides
+        timed.schedule.last_time -= 7200  # rank 1's clock alone says "due"; rank 0's decides
     timed_due = timed.due(1)
     for step in range(1, 7):
         train(step)

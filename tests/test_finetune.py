@@ -17,9 +17,9 @@ from _train_util import TINY_MODEL, finish, metrics, stage_store, status, torchr
 from dataprep.labels import label_subset, split_labels
 from dataprep.loader import StreamingLoader
 from dataprep.manifest import load_manifest
-from jobs.engine import StageContext
+from jobs.engine import StageContext, param_groups
 from jobs.export import export_encoder, load_export_model
-from jobs.finetune import (FinetuneConfig, FinetuneMethod, layer_decay_groups, merge_lora_state, mix_batch,
+from jobs.finetune import (FinetuneConfig, FinetuneMethod, merge_lora_state, mix_batch,
                            soft_targets, step_rng)
 from jobs.mae import MAEConfig, build_mae
 from pipeline.spec import SpecError, parse_spec
@@ -110,7 +110,7 @@ def test_lora_merge_is_w_plus_b_a_times_scaling():
 def test_layer_decay_scales_lr_from_head_down_to_embeddings():
     model = timm.create_model("vit_tiny_patch16_224", **{k: v for k, v in TINY_MODEL.items() if k != "arch"},
                               num_classes=3)
-    groups = layer_decay_groups(model, 0.05, 0.5, {"pos_embed", "cls_token"})
+    groups = param_groups(model, 0.05, {"pos_embed", "cls_token"}, layer_decay=0.5)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert scale[id(model.head.weight)] == 1.0

@@ -219,7 +219,7 @@ def test_a_cache_stage_killed_by_sigkill_resumes_without_redoing_a_unit(digits, 
     committed; the rerun computes only the other 4, and the cache equals an uninterrupted run's."""
     from cluster.gang import GangFailedError
     from jobs.layout import StageStatus
-    from jobs.teacher_cache import run_teacher_outputs_stage
+    from pipeline.run import run_teacher_outputs_stage
 
     _, data_url, teacher, _ = digits
     spec = cache_spec(tmp_path / "killed", data_url, teacher, max_failures=0)

@@ -74,12 +74,6 @@ class DINOConfig(TrainConfig, InitFields):
                                             "last layer for this long (main_dino.py --freeze_last_layer 1)")
     export_from: Literal["student", "teacher"] = Field(default="student", description="which backbone to export")
 
-    @field_validator("optim", mode="before")
-    @classmethod
-    def _over_dino_defaults(cls, value: Any) -> Any:
-        """``optim: {base_lr: …}`` changes that field only; the rest stays DINO's recipe, not the generic one."""
-        return {**_dino_optim().model_dump(), **value} if isinstance(value, dict) else value
-
     @field_validator("model", mode="before")
     @classmethod
     def _dino_drop_path(cls, value: Any) -> Any:

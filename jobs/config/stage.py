@@ -8,19 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.config.train import TrainConfig
 from jobs.config.kinds import config_class
+from jobs._faults import FaultHooks
 
 # Stage fields that name an earlier stage's export (or an export URL); a stage job carries each one
 # resolved as ``<field>_url`` (pipeline/spec.py), which reaches the method as ``ctx.refs[<field>]``.
 REFERENCE_FIELDS = ("init", "teacher")
-
-
-class FaultHooks(BaseModel):
-    """Fault injection for tests: SIGKILL rank ``kill_rank`` once, right after step ``kill_at_step``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kill_at_step: int | None = Field(default=None, ge=0)
-    kill_rank: int | None = Field(default=None, ge=0)
 
 
 class StageJob(BaseModel):
@@ -37,7 +29,7 @@ class StageJob(BaseModel):
     init_url: str | None = None
     teacher_url: str | None = None
     cache_url: str | None = Field(default=None, description="a distill stage's teacher_outputs cache (targets: cached)")
-    fault: FaultHooks | None = None
+    fault: FaultHooks | None = Field(default=None, description="tests only: step callbacks that kill a worker")
     lease: dict[str, Any] | None = Field(default=None, description="the run lease's fence (cluster/lease.py)")
 
     @property

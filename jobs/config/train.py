@@ -5,27 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from jobs._ckpt_policy import CheckpointPolicy
 from jobs.config.digest import json_digest
 from jobs.config.models import ModelConfig
-
-
-class CheckpointPolicy(BaseModel):
-    """When to checkpoint and how many committed checkpoints to keep (a stage's ``checkpoint:``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    every_steps: int | None = Field(default=None, ge=1, description="save when step % every_steps == 0")
-    every_minutes: float | None = Field(default=None, gt=0, description="save when this long since the last save")
-    keep_last: int = Field(default=2, ge=1, description="committed checkpoints kept; older ones are deleted")
-
-    @model_validator(mode="after")
-    def _some_trigger(self) -> "CheckpointPolicy":
-        if self.every_steps is None and self.every_minutes is None:
-            raise ValueError("checkpoint: give every_steps and/or every_minutes")
-        return self
-
 
 
 class OptimConfig(BaseModel):
@@ -72,6 +56,16 @@ class TrainConfig(BaseModel):
     progress: bool | None = Field(default=None, description="progress bar on rank 0; default: only on a TTY")
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"], description="experiment trackers (jobs/_trackers.py); [] for none")
+
+    @field_validator("optim", mode="before")
+    @classmethod
+    def _over_method_defaults(cls, value: Any) -> Any:
+        """A partial ``optim:`` changes only the fields it names; the others keep the method's defaults (its
+        Config's ``optim`` default, e.g. fine-tuning's betas (0.9, 0.999)), not :class:`OptimConfig`'s."""
+        if not isinstance(value, dict):
+            return value
+        default = cls.model_fields["optim"].get_default(call_default_factory=True)
+        return {**default.model_dump(), **value}
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> TrainConfig:
