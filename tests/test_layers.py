@@ -20,7 +20,6 @@ LAYERS = {"pipeline": 3, "jobs": 2, "dataprep": 1, "cluster": 0}  # a module imp
 KNOWN_LOCAL_CIRCLES = {
     ("jobs._eval_dense", "jobs.evaluate"),        # Features / ProbeConfig / fit_linear live in evaluate
     ("jobs.distill", "jobs._cached_targets"),     # _cached_targets imports distill's feature_distance
-    ("jobs.teacher_cache", "jobs._cached_targets"),  # ... and teacher_cache's data_digest
 }
 
 
