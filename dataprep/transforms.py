@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Sequence
 
 import torch
@@ -308,15 +309,24 @@ class ChannelNormalize:
 def channel_geometry(img: torch.Tensor, rng: random.Random, flips: bool = True, rot90: bool = True) -> torch.Tensor:
     """Horizontal / vertical flip and a multiple of 90 degrees, for any C (microscopy and satellite
     images have no up)."""
+    return channel_geometry_pair(img, None, rng, flips, rot90)[0]
+
+
+def channel_geometry_pair(img: torch.Tensor, mask: torch.Tensor | None, rng: random.Random, flips: bool = True,
+                          rot90: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`channel_geometry` of ``img`` ([C, H, W]) and the same flips and rotation of its ``[H, W]`` mask."""
+    ops: list[Callable[[torch.Tensor], torch.Tensor]] = []
     if flips and rng.random() < 0.5:
-        img = img.flip(-1)
+        ops.append(lambda t: t.flip(-1))
     if flips and rng.random() < 0.5:
-        img = img.flip(-2)
+        ops.append(lambda t: t.flip(-2))
     if rot90:
         k = rng.randrange(4)
         if k and img.shape[-1] == img.shape[-2]:
-            img = torch.rot90(img, k, (-2, -1))
-    return img
+            ops.append(lambda t: torch.rot90(t, k, (-2, -1)))
+    for op in ops:
+        img, mask = op(img), None if mask is None else op(mask)
+    return img, mask
 
 
 def channel_jitter(img: torch.Tensor, rng: random.Random, scale: float, shift: float) -> torch.Tensor:
@@ -361,15 +371,27 @@ class ChannelTransform:
             raise TypeError("channel data needs tensors (image_type='tensor'), not PIL images")
         return img.unsqueeze(0) if img.ndim == 2 else img
 
+    @property
+    def takes_mask(self) -> bool:
+        """``mae`` and ``eval`` move a segmentation mask with the image (:meth:`augment_pair`); ``dino`` does not."""
+        return isinstance(self.base, (MAETransform, EvalTransform))
+
     def _train_view(self, x: torch.Tensor, crop: RandomResizedCropFlip, rng: random.Random,
                     rgb_ops: "_DinoView | None" = None) -> torch.Tensor:
+        return self._train_view_pair(x, None, crop, rng, rgb_ops)[0]
+
+    def _train_view_pair(self, x: torch.Tensor, mask: torch.Tensor | None, crop: RandomResizedCropFlip,
+                         rng: random.Random, rgb_ops: "_DinoView | None" = None):
+        """One training view and, when ``mask`` ([H, W]) is given, its mask under the same crop and geometry."""
         if rgb_ops is not None and self.rgb8:  # DINO's colour ops on 8-bit RGB, as on the RGB path
             out = rgb_ops(x, rng)
-            return self.normalize(channel_geometry(out, rng, flips=False, rot90=self.rot90))
+            return self.normalize(channel_geometry(out, rng, flips=False, rot90=self.rot90)), None
         top, left, h, w = random_resized_crop_params(x.shape[-2], x.shape[-1], crop.scale, crop.ratio, rng)
         v = F.resize(self.normalize(x[:, top:top + h, left:left + w]), [crop.size, crop.size],  # normalise the crop only
                      interpolation=crop.interpolation, antialias=True)
-        v = channel_geometry(v, rng, rot90=self.rot90)
+        if mask is not None:
+            mask = resize_nearest(mask[top:top + h, left:left + w], (crop.size, crop.size))
+        v, mask = channel_geometry_pair(v, mask, rng, rot90=self.rot90)
         if self.jitter != (0.0, 0.0) and rng.random() < 0.8:
             v = channel_jitter(v, rng, *self.jitter)
         if self.channel_drop:
@@ -377,7 +399,21 @@ class ChannelTransform:
         if rgb_ops is not None and rng.random() < rgb_ops.blur_p:
             sigma = rng.uniform(*rgb_ops.blur_sigma)
             v = F.gaussian_blur(v, [rgb_ops.blur_kernel, rgb_ops.blur_kernel], [sigma, sigma])
-        return v
+        return v, mask
+
+    def augment_pair(self, img, mask: torch.Tensor, rng: random.Random | None = None):
+        """(float [C, S, S], classes [S, S]): the image exactly as ``__call__`` draws it with ``rng``, and its
+        mask under the same crop, flips and rotation (NEAREST). ``mae`` and ``eval`` only (see ``takes_mask``)."""
+        if not self.takes_mask:
+            raise ValueError(f"{type(self.base).__name__} on channel data does not move masks with the image: "
+                             "masks go with mae_transform or eval_transform")
+        rng = rng or random.Random()
+        x, base = self._tensor(img), self.base
+        if isinstance(base, MAETransform):
+            return self._train_view_pair(x, mask, base.crop, rng)
+        m = _resize_short_nearest(mask, base.resize)
+        top, left = int(round((m.shape[0] - base.img_size) / 2.0)), int(round((m.shape[1] - base.img_size) / 2.0))
+        return self(img, rng), m[top:top + base.img_size, left:left + base.img_size]
 
     def __call__(self, img, rng: random.Random | None = None):
         rng = rng or random.Random()

@@ -182,20 +182,24 @@ class DINOMethod(Method):
         self.teacher = ema_copy(student)
         if self.cfg.head.use_bn:
             self.teacher.head.train()  # as main_dino.py's teacher: batch statistics in the head's BatchNorm
-        for p in student.head.last_layer.parameters():  # frozen in the first epoch(s): kept out of every norm
+        for p in self.last_layer_params(student):  # frozen in the first epoch(s): kept out of every norm
             p.register_hook(self._last_layer_grad)
         return student
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
         """The engine's decayed / not groups, plus the head's last layer as its own group ``last_layer``
         (decayed), which :meth:`frozen_groups` keeps out of the optimizer while it is frozen."""
-        last = {id(p) for p in model.head.last_layer.parameters()}
+        own = {id(p): p for p in self.last_layer_params(model)}  # a shared layer counted once
         groups = super().param_groups(model, optim)
         for g in groups:
-            g["params"] = [p for p in g["params"] if id(p) not in last]
-        own = [p for p in model.head.last_layer.parameters() if p.requires_grad]
-        return [g for g in groups if g["params"]] + [{"name": LAST_LAYER, "params": own,
+            g["params"] = [p for p in g["params"] if id(p) not in own]
+        frozen = [p for p in own.values() if p.requires_grad]
+        return [g for g in groups if g["params"]] + [{"name": LAST_LAYER, "params": frozen,
                                                       "weight_decay": optim.weight_decay}]
+
+    def last_layer_params(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters the last-layer freeze covers: the head's last layer (main_dino.py's "last_layer")."""
+        return list(model.head.last_layer.parameters())
 
     def frozen_groups(self, step: int) -> set[str]:
         """The last layer while frozen: no update at all (main_dino.py sets its gradients to None)."""

@@ -173,10 +173,15 @@ class IBOTMethod(DINOMethod):
         student = build_ibot(self.cfg)
         self.teacher = copy.deepcopy(student).eval().requires_grad_(False)
         self.grid = student.backbone.patch_embed.grid_size[0]
-        last = {id(p): p for m in (student.head.last_layer, student.head.last_layer2) for p in m.parameters()}
-        for p in last.values():  # frozen in the first epoch(s), as DINO's (official: every "last_layer")
+        for p in self.last_layer_params(student):  # frozen in the first epoch(s): kept out of every norm
             p.register_hook(self._last_layer_grad)
         return student
+
+    def last_layer_params(self, model: nn.Module) -> list[nn.Parameter]:
+        """Both last layers (CLS and patch; one when shared): official iBOT freezes every "last_layer"; they
+        form DINO's ``last_layer`` optimizer group, which gets no update at all while frozen."""
+        layers = {id(m): m for m in (model.head.last_layer, model.head.last_layer2)}
+        return [p for m in layers.values() for p in m.parameters()]
 
     def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         sched, c = self._sched(), self.cfg

@@ -114,3 +114,34 @@ def test_ibot_step_trains_cls_patch_and_koleo_and_checkpoints_both_centers():
     other.load_extra_state(state)
     assert torch.equal(other.patch_loss.center, method.patch_loss.center)
     assert method.patch_temp(0) == pytest.approx(0.04) and method.patch_temp(10 ** 6) == pytest.approx(0.07)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_both_last_layers_form_the_frozen_group_and_get_no_optimizer_update_while_frozen(shared):
+    """The CLS and patch last layers (one when shared) are DINO's ``last_layer`` group: while frozen,
+    bit-identical with no AdamW state (no weight decay either), as official iBOT's frozen last layers."""
+    from jobs._engine_config import build_optimizer
+    from jobs.dino import LAST_LAYER
+
+    torch.manual_seed(0)
+    method = IBOTMethod(tiny_cfg(shared_head=shared, mask_ratio=[0.4], mask_ratio_var=[0.0], freeze_last_layer_epochs=1))
+    model = method.build_model()
+    method.set_run_length(10, 2)
+    groups = method.param_groups(model, method.cfg.optim)
+    last = [g for g in groups if g.get("name") == LAST_LAYER][0]["params"]
+    expected = {id(p) for m in (model.head.last_layer, model.head.last_layer2) for p in m.parameters() if p.requires_grad}
+    assert {id(p) for p in last} == expected and len(last) == (1 if shared else 2)
+    assert sum(len(g["params"]) for g in groups) == len({id(p) for p in model.parameters() if p.requires_grad})
+    opt = build_optimizer(model, method.cfg.optim, set(), groups)
+    start = [p.detach().clone() for p in last]
+    crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    for step in range(3):
+        for g in opt.param_groups:
+            g["lr"], g["frozen"] = 1e-2, g.get("name") in method.frozen_groups(step)
+        model.zero_grad()
+        loss, _ = method.step(model, {"image": crops, "index": torch.arange(4)}, step)
+        loss.backward()
+        opt.step()
+        if step < 2:
+            assert all(torch.equal(p, p0) for p, p0 in zip(last, start)) and not any(p in opt.state for p in last)
+    assert all(not torch.equal(p, p0) and p in opt.state for p, p0 in zip(last, start))

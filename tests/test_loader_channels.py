@@ -94,3 +94,30 @@ def test_resume_mid_epoch_on_channel_data_yields_identical_augmented_batches(tmp
     assert len(rest) == len(full) - 3
     for got, want in zip(rest, full[3:]):
         assert all(g.shape[1] == 6 and torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_mae_and_eval_channel_transforms_move_the_mask_with_the_image_dino_refuses():
+    """Four one-hot quadrant channels and a mask of quadrant ids: after any crop, flip and rotation the
+    mask names the channel that is hot at every unambiguous pixel; the image is what ``__call__`` draws."""
+    ids = torch.zeros(32, 32, dtype=torch.long)
+    ids[:16, 16:], ids[16:, :16], ids[16:, 16:] = 1, 2, 3
+    img = torch.nn.functional.one_hot(ids, 4).permute(2, 0, 1).float() * 100.0  # [4, 32, 32]
+    stats = ChannelStats(4, "float32")
+    stats.add(img.numpy())
+    info = ChannelInfo.build(list("abcd"), "float32", stats.summary())
+    for base in (mae_transform(16, scale=(0.3, 1.0)), eval_transform(16)):
+        t = bind_channels(base, info)
+        assert t.takes_mask
+        checked = 0
+        for seed in range(20):
+            out, mask = t.augment_pair(img, ids, random.Random(seed))
+            assert torch.equal(out, t(img, random.Random(seed))) and mask.shape == (16, 16) == out.shape[1:]
+            top2 = out.topk(2, dim=0).values
+            sure = (top2[0] - top2[1]) > 0.5 * (out.max() - out.min())  # far from any blended boundary
+            assert torch.equal(mask[sure], out.argmax(dim=0)[sure]), (type(base).__name__, seed)
+            checked += int(sure.sum())
+        assert checked > 0.6 * 20 * 256
+    dino = bind_channels(dino_transform(16, local_crops=2), info)
+    assert not dino.takes_mask
+    with pytest.raises(ValueError, match="masks go with"):
+        dino.augment_pair(img, ids, random.Random(0))
