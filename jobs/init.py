@@ -19,6 +19,7 @@ SHA-256 of its weights file, which a checkpoint records so that a resume never m
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import os
@@ -146,15 +147,18 @@ def _resample(name: str, value: torch.Tensor, target: torch.Tensor, model: nn.Mo
 
 
 def fit_state(state: dict[str, torch.Tensor], model: nn.Module, where: str,
-              target: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """``state`` made loadable into ``model`` (see the module docstring); raises :class:`InitMismatchError`."""
+              target: dict[str, torch.Tensor] | None = None, fresh: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """``state`` made loadable into ``model`` (see the module docstring); raises :class:`InitMismatchError`.
+
+    ``fresh``: ``fnmatch`` patterns of tensors the stage's model adds (prompts, adapters): they keep
+    their own init where the init has none."""
     target = model.state_dict() if target is None else target
     out: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for name, want in target.items():
         have = state.get(name)
         if have is None:
-            if not name.startswith(HEAD_PREFIXES):
+            if not name.startswith(HEAD_PREFIXES) and not any(fnmatch.fnmatchcase(name, p) for p in fresh):
                 problems.append(f"{name}: the model has {tuple(want.shape)}, the init has no such tensor")
             continue
         if tuple(have.shape) == tuple(want.shape):
@@ -179,9 +183,10 @@ def fit_state(state: dict[str, torch.Tensor], model: nn.Module, where: str,
     return out
 
 
-def load_init(model: nn.Module, source: InitSource) -> None:
-    """Copy ``source`` into ``model`` in place (every fitted tensor exactly; the fresh head stays)."""
-    state = fit_state(source.state, model, source.where)
+def load_init(model: nn.Module, source: InitSource, fresh: tuple[str, ...] = ()) -> None:
+    """Copy ``source`` into ``model`` in place (every fitted tensor exactly; the fresh head and the
+    ``fresh`` tensors stay as built)."""
+    state = fit_state(source.state, model, source.where, fresh=fresh)
     with torch.no_grad():
         own = model.state_dict()
         for name, value in state.items():

@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from timm.models.vision_transformer import VisionTransformer
 
+from jobs import adaptformer as _adaptformer  # noqa: F401  registers adaptformer_vit with timm
 from jobs import channelvit as _channelvit  # noqa: F401  registers channelvit_*_patch16_224 with timm
 
 log = logging.getLogger(__name__)
