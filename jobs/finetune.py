@@ -353,7 +353,7 @@ class FinetuneMethod(Method):
         """``init_source`` (the init's weights, if any) and ``export_cfg`` (the config of the model it holds)."""
         init = self.cfg.init if self.cfg.init is not None else self.init_url
         if init is not None:
-            self.init_source = read_init(init, self.init_url, self.storage_options)
+            self.init_source = read_init(init, self.init_url, self.storage_options, sha256=self.cfg.init_sha256)
         if isinstance(init, WeightsFile):
             self.export_cfg = weights_file_config(init)
         elif init is not None:

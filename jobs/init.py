@@ -2,8 +2,11 @@
 
 ``init`` is an earlier training stage (its export), an export directory or URL, or any timm model
 with a ``.safetensors`` file (``{arch: vit_base_patch16_224, weights: ./mae_b16.safetensors}``,
-the same shape as distillation's teacher weights). :func:`read_init` reads it once (with the
-SHA-256 of its weights file, which a checkpoint records so that a resume never mixes weights);
+the same shape as distillation's teacher weights). :func:`read_init` reads it once, with the
+SHA-256 of its weights file. A run pins that hash before any stage starts (:func:`pin_init_hashes`:
+the stage's ``init_sha256``, part of its digest) where the init is a file or URL; an init naming an
+earlier stage is covered by that stage's digest. So a finished stage is skipped, and a checkpoint
+resumes, only on the same weights (every checkpoint also records the hash, for library callers);
 :func:`load_init` puts it into the stage's freshly built model:
 
 * tensors of equal shape are copied exactly; nothing re-initialises them afterwards;
@@ -23,12 +26,16 @@ import fnmatch
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
+
+from safetensors.torch import load_file
 
 from cluster.storage import Store, local_staging
 from jobs.peft import PeftConfig
@@ -55,6 +62,10 @@ InitRef = str | WeightsFile
 
 class InitMismatchError(ValueError):
     """The init's weights cannot be loaded into the stage's model (names both shapes)."""
+
+
+class InitChangedError(ValueError):
+    """The init's weights are not the ones the stage's ``init_sha256`` pins."""
 
 
 @dataclass
@@ -92,31 +103,51 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _read_file(parent: str, name: str, storage_options: dict[str, Any] | None, where: str) -> InitSource:
-    from safetensors.torch import load_file
+def _weights_location(init: InitRef, url: str | None) -> tuple[str, str, str]:
+    """(parent URL, file name, where: for messages) of ``init``'s weights file."""
+    from jobs.export import WEIGHTS
 
+    if isinstance(init, WeightsFile):
+        weights = init.weights if "://" in init.weights else os.path.abspath(os.path.expanduser(init.weights))
+        parent, name = weights.rsplit("/", 1)
+        return parent, name, weights
+    url = url or init
+    return url, WEIGHTS, url
+
+
+@contextmanager
+def _fetched(init: InitRef, url: str | None, storage_options: dict[str, Any] | None) -> Iterator[tuple[str, str]]:
+    """(local copy, where) of ``init``'s weights file, removed on exit."""
+    parent, name, where = _weights_location(init, url)
     if not name.endswith(".safetensors"):
         raise ValueError(f"init {where}: only .safetensors weights are loaded (no pickle); convert it with "
                          "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')")
     with local_staging("vitforge-init-") as tmp:
         path = os.path.join(tmp, name)
         Store(parent, storage_options).get_file(name, path)
-        return InitSource(where=where, state=load_file(path), digest=_sha256(path))
+        yield path, where
 
 
-def read_init(init: InitRef, url: str | None = None, storage_options: dict[str, Any] | None = None) -> InitSource:
-    """Read ``init`` (``url``: its resolved export URL when it names a stage)."""
-    from jobs.export import WEIGHTS, read_export_config
+def read_init(init: InitRef, url: str | None = None, storage_options: dict[str, Any] | None = None,
+              sha256: str | None = None) -> InitSource:
+    """Read ``init`` (``url``: its resolved export URL when it names a stage). ``sha256``: the hash the run
+    pinned (the stage's ``init_sha256``); other weights raise :class:`InitChangedError`."""
+    from jobs.export import read_export_config
 
-    if isinstance(init, WeightsFile):
-        weights = init.weights if "://" in init.weights else os.path.abspath(os.path.expanduser(init.weights))
-        parent, name = weights.rsplit("/", 1)
-        return _read_file(parent, name, storage_options, weights)
-    url = url or init
-    config = read_export_config(url, storage_options)
-    source = _read_file(url, WEIGHTS, storage_options, url)
-    source.config = config
-    return source
+    config = {} if isinstance(init, WeightsFile) else read_export_config(url or init, storage_options)
+    with _fetched(init, url, storage_options) as (path, where):
+        digest = _sha256(path)
+        if sha256 is not None and digest != sha256:
+            raise InitChangedError(f"init {where} has sha256 {digest}, but the stage's init_sha256 is {sha256}: its "
+                                   "weights changed since the run pinned them; put the pinned weights back, or "
+                                   "re-run the stage on the new ones (vitforge run --restart-from STAGE)")
+        return InitSource(where=where, state=load_file(path), digest=digest, config=config)
+
+
+def init_sha256(init: InitRef, url: str | None = None, storage_options: dict[str, Any] | None = None) -> str:
+    """SHA-256 of ``init``'s weights file (what the stage digest pins)."""
+    with _fetched(init, url, storage_options) as (path, _):
+        return _sha256(path)
 
 
 # ---- fitting a state into a model -----------------------------------------------------------------
@@ -221,13 +252,34 @@ class InitFields(BaseModel):
                                  "{arch, weights: PATH_OR_URL} (timm safetensors); default: random init")
     peft: PeftConfig | None = Field(default=None, description="train only some encoder tensors (jobs/peft.py: lora, "
                       "unfreeze_last, unfreeze)")
+    init_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                                    description="SHA-256 of the init's weights file; the run pins it (part of the "
+                                    "stage digest) when init is a file or URL rather than an earlier stage")
 
 
 def read_stage_init(cfg: Any, ctx: Any) -> InitSource | None:
     """The init of stage ``cfg`` (``ctx.refs["init"]``: its resolved export URL), or None without one."""
     if cfg.init is None:
         return None
-    return read_init(cfg.init, ctx.refs.get("init"), ctx.storage_options)
+    return read_init(cfg.init, ctx.refs.get("init"), ctx.storage_options, sha256=cfg.init_sha256)
+
+
+def pin_init_hashes(spec: Any) -> None:
+    """Set ``init_sha256`` of every stage whose ``init`` is a weights file or an export URL/path (not an
+    earlier stage, whose own digest covers it) to that file's SHA-256: the hash is then part of the stage
+    digest, so a finished stage counts as done, and a checkpoint resumes, only on the same weights.
+    A hash the spec already gives must match (else :class:`InitChangedError`). Reads the files only."""
+    names = {s.name for s in spec.stages}
+    for i, stage in enumerate(spec.stages):
+        init = getattr(stage, "init", None)
+        if init is None or (isinstance(init, str) and init in names):
+            continue
+        digest = init_sha256(init, spec.export_url(init) if isinstance(init, str) else None, spec.storage_options)
+        if stage.init_sha256 is not None and stage.init_sha256 != digest:
+            raise InitChangedError(f"stages[{i}] ({stage.name}) > init_sha256: the spec pins {stage.init_sha256}, "
+                                   f"but the init's weights have {digest}; give the pinned weights, or update "
+                                   "init_sha256")
+        stage.init_sha256 = digest
 
 
 # ---- before anything runs: does each stage's init fit its model? -------------------------------------

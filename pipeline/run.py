@@ -39,7 +39,7 @@ from jobs._trackers import tracker_env
 from jobs.checkpoint import check_compatible, code_version
 from jobs.engine import PREEMPT_MARKER
 from jobs._extensions import resume_expect
-from jobs.init import check_inits
+from jobs.init import check_inits, pin_init_hashes
 from jobs.reshard import resume_plan
 from jobs.layout import StageStatus
 from jobs.stage import make_method, run_worker
@@ -77,6 +77,7 @@ def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | 
     """
     check_sources(spec)
     check_inits(spec)  # an init that cannot fit its stage's model fails here, naming both shapes
+    pin_init_hashes(spec)  # an init file's sha256 joins its stage's digest (and run.yaml)
     check_restart_from(spec, restart_from)  # a typo writes nothing, not even the lease
     with Lease(Store(spec.run_root, spec.storage_options)).held():
         check_delete(Store(spec.run_root, spec.storage_options))  # retention needs it: found now, not hours later

@@ -173,3 +173,40 @@ def test_engine_records_parameter_counts_and_the_init_hash(tmp_path, shards):
 
     info = CheckpointManager(str(tmp_path / "stage"), CheckpointPolicy(every_steps=1)).latest()
     assert len(info.meta["init_digest"]) == 64  # a resume from another init is refused
+
+
+def test_an_init_files_sha256_is_pinned_into_the_stage_digest_and_changed_weights_are_refused(tmp_path, shards):
+    from jobs.init import InitChangedError, init_sha256, pin_init_hashes, read_init
+    from pipeline._plan import RunConflictError, plan_run, record_spec
+
+    mae_export(str(tmp_path / "src"))
+
+    def spec(**extra):
+        stages = [{"name": "pretrain", "kind": "mae", "data": shards, "model": TINY_MODEL, "decoder": TINY_DECODER},
+                  {"name": "more", "kind": "mae", "data": shards, "init": "pretrain", "model": TINY_MODEL,
+                   "decoder": TINY_DECODER},
+                  {"name": "ft", "kind": "finetune", "data": shards, "init": str(tmp_path / "src"), **extra}]
+        return parse_spec({"name": "pin", "storage": str(tmp_path / "runs"), "stages": stages})
+
+    first = spec()
+    unpinned = first.stage("ft").digest()
+    pin_init_hashes(first)
+    digest = init_sha256(str(tmp_path / "src"))
+    assert first.stage("ft").init_sha256 == digest and first.stage("ft").digest() != unpinned
+    assert first.stage("more").init_sha256 is None  # an earlier stage: its own digest covers it
+    record_spec(first)
+
+    again = spec()
+    pin_init_hashes(again)
+    assert again.stage("ft").digest() == first.stage("ft").digest()
+    plan_run(again)  # the same weights: the same spec
+
+    mae_export(str(tmp_path / "src"), seed=1)  # other weights under the same path
+    changed = spec()
+    pin_init_hashes(changed)
+    with pytest.raises(RunConflictError, match="stages.ft.init_sha256"):
+        plan_run(changed)
+    with pytest.raises(InitChangedError, match="stages\\[2\\] \\(ft\\) > init_sha256: the spec pins"):
+        pin_init_hashes(spec(init_sha256=digest))  # a pinned hash must match the file
+    with pytest.raises(InitChangedError, match="weights changed since the run pinned them"):
+        read_init(str(tmp_path / "src"), sha256=digest)  # a worker refuses weights other than the pinned ones
