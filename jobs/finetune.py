@@ -97,7 +97,8 @@ class FinetuneConfig(TrainConfig, InitFields):
     """A ``kind: finetune`` stage: ``init`` (an export, or timm weights) or ``model`` (random init),
     exactly one. ``None`` recipe fields take the mode's defaults (see :data:`RECIPES`). ``peft``
     (``jobs/peft.py``) trains only some backbone tensors plus the head; ``mode: lora`` is
-    ``peft: {lora: …}`` from the ``lora`` settings when ``peft`` is not given."""
+    ``peft: {lora: …}`` from the ``lora`` settings when ``peft`` is not given; ``prompt`` and
+    ``adapter`` (their settings apply only in their mode) add their tensors to ``peft``."""
 
     kind: Literal["finetune"] = "finetune"
     model: TimmModelConfig | None = Field(default=None, description="without init: the timm model to train from "
