@@ -24,13 +24,13 @@ from safetensors.torch import save_file
 
 from cluster.storage import Store, local_staging
 from dataprep.transforms import IMAGENET_MEAN, IMAGENET_STD
-from jobs.layout import EXPORT_CONFIG_NAME
+from jobs.layout import EXPORT_CONFIG_NAME, EXPORT_WEIGHTS_NAME
 from jobs.models import ModelConfig, build_encoder, encoder_in_chans
 from jobs.peft import merged_state
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
+WEIGHTS = EXPORT_WEIGHTS_NAME
 CONFIG = EXPORT_CONFIG_NAME
 MODEL_CARD = "README.md"  # a short model card, as on the Hugging Face Hub
 

@@ -13,6 +13,18 @@ Modes (as in MAE's fine-tuning and linear-probing recipes):
              head train on its pooled features. The export folds the BatchNorm into the head.
 * ``lora``   ``peft`` LoRA adapters on the attention ``qkv`` and ``proj`` of every block, plus the
              head; the export merges the adapters (``W + B A * alpha / r``) into plain timm weights.
+* ``prompt`` shallow visual prompt tuning (VPT): ``prompt.tokens`` learnable tokens after the class
+             token (timm's registers, no position embedding), plus the head, on a frozen backbone;
+             the export is a plain timm ViT with ``reg_tokens`` (``jobs/peft.py``).
+* ``adapter`` AdaptFormer: a parallel bottleneck MLP (``adapter.bottleneck``, ``scale``, ``dropout``)
+             on every block, plus the head, on a frozen backbone; the up-projection starts at zero,
+             so step 0 computes the backbone. The export is the ``adaptformer_vit`` architecture
+             (``jobs/adaptformer.py``, registered with timm by ``import jobs.models``).
+
+``prompt`` and ``adapter`` freeze through ``peft`` (``jobs/peft.py``): a ``peft`` given with them adds its
+tensors (e.g. ``unfreeze: [norm.*]``) to the prompts or adapters. Frozen tensors get no gradient and
+no optimizer state; the first metrics record and the export's ``config.json`` carry
+``trainable_params`` / ``total_params``.
 
 Without ``init``, ``model`` names the timm architecture (any timm model, as a distillation
 student) and its weights are timm's own random initialisation under the stage's ``seed`` (the
@@ -25,8 +37,9 @@ engine seeds torch before building), identical on every rank and attempt.
 ``label_fraction`` and ``labeled_samples`` are in every step record of the stage's metrics and in
 the export's ``config.json``.
 
-Every export is a plain timm classifier (backbone + head, ``num_classes`` from the manifest),
-loadable with ``timm.create_model("local-dir:<export>", pretrained=True)``. Top-1/top-5 on the
+Every export is a timm classifier (backbone + head, ``num_classes`` from the manifest), loadable
+with ``timm.create_model("local-dir:<export>", pretrained=True)`` (an ``adapter`` export after
+``import jobs.models``). Top-1/top-5 on the
 manifest's val split are logged at every epoch end (``val_top1``, ``val_top5``, ``val_loss``).
 
 Mixup/cutmix draw from a generator seeded by (seed, step, rank): a pure function of the step,
@@ -42,6 +55,7 @@ import math
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -60,10 +74,17 @@ from jobs.export import export_timm_model, read_export_config, timm_export_confi
 from jobs.init import WeightsFile, init_arch, load_init, read_init, weights_file_config
 from jobs.metrics import read_metrics
 from jobs.method import Method
+from jobs.adaptformer import ARCH as ADAPTER_ARCH
+from jobs.adaptformer import adapter_model_args
 from jobs.models import fit_data_channels, forward_flops, pool_features, timm_model_kwargs
-from jobs.peft import LORA_TARGETS, LoraConfig, PeftConfig, apply_peft, merge_lora_state  # noqa: F401
+from jobs.peft import (ADAPTER_TENSORS, LORA_TARGETS, PROMPT_TENSORS, AdapterConfig, LoraConfig,  # noqa: F401
+                       PeftConfig, PromptConfig, add_prompt_rows, apply_peft, init_prompts, merge_lora_state,
+                       with_trainable)
 
 log = logging.getLogger(__name__)
+
+# the tensors a mode adds to a frozen backbone, and trains (with the head)
+MODE_TENSORS: dict[str, tuple[str, ...]] = {"prompt": PROMPT_TENSORS, "adapter": ADAPTER_TENSORS}
 
 
 # ---- models per mode -------------------------------------------------------------------------------
@@ -232,7 +253,10 @@ class FinetuneMethod(Method):
 
     @property
     def peft(self) -> PeftConfig | None:
-        """``peft``, or for ``mode: lora`` without it, LoRA from the ``lora`` settings."""
+        """``peft``, or for ``mode: lora`` without it, LoRA from the ``lora`` settings; ``prompt`` and
+        ``adapter`` add their tensors (:data:`MODE_TENSORS`) to it."""
+        if self.cfg.mode in MODE_TENSORS:
+            return with_trainable(self.cfg.peft, MODE_TENSORS[self.cfg.mode])
         if self.cfg.peft is not None or self.cfg.mode != "lora":
             return self.cfg.peft
         lora = self.cfg.lora
@@ -241,17 +265,42 @@ class FinetuneMethod(Method):
 
     def _backbone(self, **overrides: Any) -> nn.Module:
         """The init's model (its architecture, its weights: ``jobs/init.py``), or (no init) timm's random
-        init of ``model`` (torch is seeded by the engine)."""
+        init of ``model`` (torch is seeded by the engine); with the prompts or adapters of the mode."""
         import timm
 
+        self._read_source()
+        arch, args = self.model_arch()
+        model = timm.create_model(arch, pretrained=False, **{**args, **overrides})
+        if self.cfg.mode == "prompt":
+            init_prompts(model)
+        if self.init_source is not None:
+            source = self.init_source
+            if self.cfg.mode == "prompt":
+                source = replace(source, state=add_prompt_rows(source.state, model))
+            load_init(model, source, fresh=MODE_TENSORS.get(self.cfg.mode, ()))
+        return model
+
+    def _read_source(self) -> None:
+        """``init_source``: the init's weights, if any (``export_cfg``, the config of the model it holds, is
+        :meth:`_source_config`'s)."""
         init = self.cfg.init if self.cfg.init is not None else self.init_url
         if init is not None:
-            self.init_source = read_init(init, self.init_url, self.storage_options)
-        model = timm.create_model(self.export_cfg["architecture"], pretrained=False,
-                                  **{**self.export_cfg["model_args"], **overrides})
-        if self.init_source is not None:
-            load_init(model, self.init_source)
-        return model
+            self.init_source = read_init(init, self.init_url, self.storage_options, sha256=self.cfg.init_sha256)
+
+    def model_arch(self) -> tuple[str, dict[str, Any]]:
+        """The timm architecture and constructor arguments the stage trains and exports: the source's,
+        with ``reg_tokens`` prompts (``prompt``) or as ``adaptformer_vit`` (``adapter``)."""
+        arch, args = self.export_cfg["architecture"], dict(self.export_cfg["model_args"])
+        if self.cfg.mode == "prompt":
+            if args.get("reg_tokens"):
+                raise ValueError(f"stage {self.cfg.name!r}: mode prompt on a backbone that already has "
+                                 f"{args['reg_tokens']} register tokens; the prompts are the model's registers: "
+                                 "start from a backbone without registers, or use mode lora / adapter")
+            return arch, {**args, "reg_tokens": self.cfg.prompt.tokens}
+        if self.cfg.mode == "adapter":
+            a = self.cfg.adapter
+            return ADAPTER_ARCH, adapter_model_args(arch, args, a.bottleneck, a.scale, a.dropout)
+        return arch, args
 
     @property
     def classifier(self) -> str:
@@ -297,19 +346,22 @@ class FinetuneMethod(Method):
     def arch(self) -> dict[str, Any]:
         out = {"init": init_arch(self.cfg.init), "mode": self.cfg.mode, "num_classes": self.cfg.num_classes,
                "lora": self.cfg.lora.model_dump() if self.cfg.mode == "lora" else None}
+        if self.cfg.mode in MODE_TENSORS:
+            out[self.cfg.mode] = getattr(self.cfg, self.cfg.mode).model_dump()
         if self.cfg.peft is not None:
             out["peft"] = self.cfg.peft.model_dump()
         return out if self.cfg.model is None else {**out, "model": self.cfg.model.model_dump()}
 
     def export(self, model: nn.Module, dest_url: str, *, rank: int, storage_options: dict[str, Any],
                extra: dict[str, Any]) -> None:
-        """The fine-tuned classifier as a plain timm model (every rank calls: ZeRO gathers)."""
-        args = {**self.export_cfg["model_args"], "num_classes": self.num_classes}
+        """The fine-tuned classifier as a timm model (every rank calls: ZeRO gathers)."""
+        arch, args = self.model_arch()
+        args = {**args, "num_classes": self.num_classes}
         args.pop("drop_path_rate", None)
         convert = None
         if self.cfg.mode == "linear":
             convert = lambda state: fold_batchnorm_into_head(state, self.classifier, model.bn.eps)  # noqa: E731
-        export_timm_model(model, self.export_cfg["architecture"], args, dest_url, img_size=self.img_size, rank=rank,
+        export_timm_model(model, arch, args, dest_url, img_size=self.img_size, rank=rank,
                           storage_options=storage_options, convert=convert, label_names=self.label_names,
                           channels=export_channels(self.data_channels, self.in_chans, self.plan),
                           extra={**extra, "mode": self.cfg.mode, "init": init_arch(self.cfg.init) or "random",
@@ -319,8 +371,9 @@ class FinetuneMethod(Method):
         if not hasattr(self, "_flops"):
             import timm
 
-            args = {**self.export_cfg["model_args"], "num_classes": self.num_classes}
-            fwd = forward_flops(lambda: timm.create_model(self.export_cfg["architecture"], **args), self.img_size)
+            arch, args = self.model_arch()
+            args = {**args, "num_classes": self.num_classes}
+            fwd = forward_flops(lambda: timm.create_model(arch, **args), self.img_size)
             self._flops = fwd * (1.0 if self.cfg.mode == "linear" else 3.0)  # linear: no encoder backward
         return self._flops
 

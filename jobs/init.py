@@ -2,8 +2,11 @@
 
 ``init`` is an earlier training stage (its export), an export directory or URL, or any timm model
 with a ``.safetensors`` file (``{arch: vit_base_patch16_224, weights: ./mae_b16.safetensors}``,
-the same shape as distillation's teacher weights). :func:`read_init` reads it once (with the
-SHA-256 of its weights file, which a checkpoint records so that a resume never mixes weights);
+the same shape as distillation's teacher weights). :func:`read_init` reads it once, with the
+SHA-256 of its weights file. A run pins that hash before any stage starts (:func:`pin_init_hashes`:
+the stage's ``init_sha256``, part of its digest) where the init is a file or URL; an init naming an
+earlier stage is covered by that stage's digest. So a finished stage is skipped, and a checkpoint
+resumes, only on the same weights (every checkpoint also records the hash, for library callers);
 :func:`load_init` puts it into the stage's freshly built model:
 
 * tensors of equal shape are copied exactly; nothing re-initialises them afterwards;
@@ -19,7 +22,7 @@ SHA-256 of its weights file, which a checkpoint records so that a resume never m
 
 from __future__ import annotations
 
-import hashlib
+import fnmatch
 import logging
 import os
 from dataclasses import dataclass, field
@@ -27,7 +30,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from cluster.storage import Store, local_staging
+from safetensors.torch import load_file
+
+from jobs._init_files import (InitChangedError, fetched, init_sha256, pin_init_hashes,  # noqa: F401  (re-exported)
+                              sha256_file)
 from jobs.config.init import InitFields, InitRef, WeightsFile  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -66,39 +72,20 @@ def weights_file_config(init: WeightsFile) -> dict[str, Any]:
     return timm_export_config(init.arch, args, size)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def read_init(init: InitRef, url: str | None = None, storage_options: dict[str, Any] | None = None,
+              sha256: str | None = None) -> InitSource:
+    """Read ``init`` (``url``: its resolved export URL when it names a stage). ``sha256``: the hash the run
+    pinned (the stage's ``init_sha256``); other weights raise :class:`InitChangedError`."""
+    from jobs.export import read_export_config
 
-
-def _read_file(parent: str, name: str, storage_options: dict[str, Any] | None, where: str) -> InitSource:
-    from safetensors.torch import load_file
-
-    if not name.endswith(".safetensors"):
-        raise ValueError(f"init {where}: only .safetensors weights are loaded (no pickle); convert it with "
-                         "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')")
-    with local_staging("vitforge-init-") as tmp:
-        path = os.path.join(tmp, name)
-        Store(parent, storage_options).get_file(name, path)
-        return InitSource(where=where, state=load_file(path), digest=_sha256(path))
-
-
-def read_init(init: InitRef, url: str | None = None, storage_options: dict[str, Any] | None = None) -> InitSource:
-    """Read ``init`` (``url``: its resolved export URL when it names a stage)."""
-    from jobs.export import WEIGHTS, read_export_config
-
-    if isinstance(init, WeightsFile):
-        weights = init.weights if "://" in init.weights else os.path.abspath(os.path.expanduser(init.weights))
-        parent, name = weights.rsplit("/", 1)
-        return _read_file(parent, name, storage_options, weights)
-    url = url or init
-    config = read_export_config(url, storage_options)
-    source = _read_file(url, WEIGHTS, storage_options, url)
-    source.config = config
-    return source
+    config = {} if isinstance(init, WeightsFile) else read_export_config(url or init, storage_options)
+    with fetched(init, url, storage_options) as (path, where):
+        digest = sha256_file(path)
+        if sha256 is not None and digest != sha256:
+            raise InitChangedError(f"init {where} has sha256 {digest}, but the stage's init_sha256 is {sha256}: its "
+                                   "weights changed since the run pinned them; put the pinned weights back, or "
+                                   "re-run the stage on the new ones (vitforge run --restart-from STAGE)")
+        return InitSource(where=where, state=load_file(path), digest=digest, config=config)
 
 
 # ---- fitting a state into a model -----------------------------------------------------------------
@@ -129,15 +116,18 @@ def _resample(name: str, value: torch.Tensor, target: torch.Tensor, model: nn.Mo
 
 
 def fit_state(state: dict[str, torch.Tensor], model: nn.Module, where: str,
-              target: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """``state`` made loadable into ``model`` (see the module docstring); raises :class:`InitMismatchError`."""
+              target: dict[str, torch.Tensor] | None = None, fresh: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """``state`` made loadable into ``model`` (see the module docstring); raises :class:`InitMismatchError`.
+
+    ``fresh``: ``fnmatch`` patterns of tensors the stage's model adds (prompts, adapters): they keep
+    their own init where the init has none."""
     target = model.state_dict() if target is None else target
     out: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for name, want in target.items():
         have = state.get(name)
         if have is None:
-            if not name.startswith(HEAD_PREFIXES):
+            if not name.startswith(HEAD_PREFIXES) and not any(fnmatch.fnmatchcase(name, p) for p in fresh):
                 problems.append(f"{name}: the model has {tuple(want.shape)}, the init has no such tensor")
             continue
         if tuple(have.shape) == tuple(want.shape):
@@ -162,9 +152,10 @@ def fit_state(state: dict[str, torch.Tensor], model: nn.Module, where: str,
     return out
 
 
-def load_init(model: nn.Module, source: InitSource) -> None:
-    """Copy ``source`` into ``model`` in place (every fitted tensor exactly; the fresh head stays)."""
-    state = fit_state(source.state, model, source.where)
+def load_init(model: nn.Module, source: InitSource, fresh: tuple[str, ...] = ()) -> None:
+    """Copy ``source`` into ``model`` in place (every fitted tensor exactly; the fresh head and the
+    ``fresh`` tensors stay as built)."""
+    state = fit_state(source.state, model, source.where, fresh=fresh)
     with torch.no_grad():
         own = model.state_dict()
         for name, value in state.items():
@@ -196,7 +187,7 @@ def read_stage_init(cfg: Any, ctx: Any) -> InitSource | None:
     """The init of stage ``cfg`` (``ctx.refs["init"]``: its resolved export URL), or None without one."""
     if cfg.init is None:
         return None
-    return read_init(cfg.init, ctx.refs.get("init"), ctx.storage_options)
+    return read_init(cfg.init, ctx.refs.get("init"), ctx.storage_options, sha256=cfg.init_sha256)
 
 
 # ---- before anything runs: does each stage's init fit its model? -------------------------------------

@@ -43,6 +43,7 @@ METRICS_CHUNK_SUFFIX = ".jsonl"
 CHECKPOINTS_NAME = "checkpoints"
 EXPORT_NAME = "export"
 EXPORT_CONFIG_NAME = "config.json"  # export/config.json: written last, so it proves the export
+EXPORT_WEIGHTS_NAME = "model.safetensors"  # an export's weights (jobs/export.py)
 EVAL_JSON_NAME = "eval.json"
 CACHE_NAME = "cache"
 CACHE_MANIFEST_NAME = "manifest.json"  # cache/manifest.json: written last, so it proves the cache

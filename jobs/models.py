@@ -23,6 +23,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from dataprep.manifest import ChannelInfo
+from jobs import adaptformer as _adaptformer  # noqa: F401  registers adaptformer_vit with timm
 from jobs import channelvit as _channelvit  # noqa: F401  registers channelvit_*_patch16_224 with timm
 from jobs._channels import data_channels, data_in_chans
 from jobs.config.models import ModelConfig, TimmModelConfig

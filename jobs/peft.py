@@ -12,18 +12,39 @@ parameters that require grad, so ZeRO partitions only those). ExPLoRA (Khanna et
 ``{lora: {rank: 64}, unfreeze_last: 1}`` on a DINO or MAE continuation.
 
 Exports merge every adapter into its base weight (``W + B A * alpha / rank``): a plain timm model.
+
+Two more ways to train a frozen backbone (``finetune``'s ``mode: prompt`` and ``mode: adapter``)
+freeze through the same :func:`apply_peft`, with the tensors they add as its ``unfreeze`` patterns:
+
+* **prompts** (shallow VPT, Jia et al., 2022): ``prompt: {tokens: N}`` learnable tokens after the
+  class token, which a timm ViT already has as registers (``reg_tokens``, :data:`PROMPT_TENSORS`).
+  They get no position embedding (:func:`add_prompt_rows` inserts zero rows, frozen) and VPT's
+  uniform init (:func:`init_prompts`); the export is a plain timm ViT with ``reg_tokens=N``.
+* **adapters** (AdaptFormer, ``jobs/adaptformer.py``): ``adapter: {bottleneck, scale, dropout}``, a
+  parallel bottleneck MLP on every block (:data:`ADAPTER_TENSORS`); the export is the registered
+  ``adaptformer_vit`` architecture.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
-from jobs.config.peft import LORA_TARGETS, LoraConfig, PeftConfig  # noqa: F401  (re-exported)
+from jobs.config.peft import LORA_TARGETS, AdapterConfig, LoraConfig, PeftConfig, PromptConfig  # noqa: F401
+PROMPT_TENSORS = ("reg_token",)             # a timm ViT's registers: the prompt tokens
+ADAPTER_TENSORS = ("blocks.*.adapter.*",)   # jobs/adaptformer.py's adapters
+
+
+def with_trainable(cfg: PeftConfig | None, patterns: tuple[str, ...]) -> PeftConfig:
+    """``cfg`` (or nothing else) plus ``patterns`` among the tensors that train."""
+    if cfg is None:
+        return PeftConfig(unfreeze=list(patterns))
+    return cfg.model_copy(update={"unfreeze": [*cfg.unfreeze, *(p for p in patterns if p not in cfg.unfreeze)]})
 
 
 def apply_peft(encoder: nn.Module, cfg: PeftConfig, trainable: tuple[str, ...] = ()) -> nn.Module:
@@ -48,6 +69,31 @@ def apply_peft(encoder: nn.Module, cfg: PeftConfig, trainable: tuple[str, ...] =
     for name, p in encoder.named_parameters():
         p.requires_grad_("lora_" in name or any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
     return encoder
+
+
+def add_prompt_rows(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """An init's ``state`` (without registers) for ``model`` with prompt tokens: its ``pos_embed`` gains a
+    zero row per prompt after the class token's row (a prompt has no position), unless the model adds
+    no position to prefix tokens (``no_embed_class``). Every other tensor is unchanged."""
+    prompts = int(getattr(model, "num_reg_tokens", 0))
+    pos = state.get("pos_embed")
+    if pos is None or not prompts or getattr(model, "no_embed_class", False):
+        return state
+    cls_rows = 1 if getattr(model, "cls_token", None) is not None else 0
+    rows = pos.new_zeros(pos.shape[0], prompts, pos.shape[-1])  # [1, N, D]
+    return {**state, "pos_embed": torch.cat([pos[:, :cls_rows], rows, pos[:, cls_rows:]], dim=1)}
+
+
+def init_prompts(model: nn.Module) -> None:
+    """VPT's prompt init: ``U(-v, v)``, ``v = sqrt(6 / (C * p * p + D))`` (Xavier over a patch's fan-in)."""
+    token = getattr(model, "reg_token", None)
+    if token is None:
+        return
+    p = model.patch_embed.patch_size
+    chans = int(model.patch_embed.proj.in_channels)
+    bound = math.sqrt(6.0 / float(chans * p[0] * p[1] + token.shape[-1]))
+    with torch.no_grad():
+        token.uniform_(-bound, bound)
 
 
 def _last_blocks(encoder: nn.Module, k: int) -> range:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobs._init_files import pin_init_hashes
 from jobs.layout import StageStatus
 from pipeline._plan import Plan, check_sources, plan_run
 from pipeline.spec import RunSpec, is_training_kind
@@ -22,6 +23,7 @@ from pipeline.spec import RunSpec, is_training_kind
 def plan_lines(spec: RunSpec, restart_from: str | None = None) -> list[str]:
     """What ``vitforge run`` would do with ``spec``, one line per stage, after any notes on changes."""
     check_sources(spec)
+    pin_init_hashes(spec)  # as a run does: the init's hash is part of its stage's digest
     plan = plan_run(spec, restart_from)
     lines = [f"plan for {spec.run_root} ({'a new run' if plan.first_launch else 'started before'}):"]
     lines += [f"  note: {note}" for note in plan.notes]

@@ -18,6 +18,7 @@ import os
 import sys
 
 from jobs.engine import PREEMPTED_EXIT_CODE
+from jobs.init import pin_init_hashes
 from jobs.stage import run_worker
 from pipeline.spec import load_spec
 
@@ -26,7 +27,9 @@ def _job(args: argparse.Namespace) -> dict:
     if args.job:
         with open(args.job) as f:
             return json.load(f)
-    return load_spec(args.spec).stage_job(args.stage, launcher="torchrun")
+    spec = load_spec(args.spec)
+    pin_init_hashes(spec)  # as a run does: an init file's hash is part of its stage's digest
+    return spec.stage_job(args.stage, launcher="torchrun")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ from jobs.checkpoint import check_compatible, code_version
 from jobs.engine import PREEMPT_MARKER
 from jobs._extensions import resume_expect
 from jobs._channel_check import check_stage_channels
+from jobs.init import pin_init_hashes
 from jobs.reshard import resume_plan
 from jobs.layout import StageStatus
 from jobs.stage import make_method, run_worker
@@ -83,6 +84,7 @@ def run_spec(spec: RunSpec, address: str | None = None, fault: dict[str, Any] | 
     check_sources(spec)
     check_models(spec)  # timm refuses a model, or an init cannot fit its model: fails here, naming both
     check_stage_channels(spec)  # channels: a plain ViT cannot take fails here, naming the fix
+    pin_init_hashes(spec)  # an init file's sha256 joins its stage's digest (and run.yaml)
     check_restart_from(spec, restart_from)  # a typo writes nothing, not even the lease
     check_access(Store(spec.run_root, spec.storage_options), access_needs(spec, restart_from), spec.storage_options)
     with Lease(Store(spec.run_root, spec.storage_options)).held():

@@ -47,9 +47,12 @@ def write_spec(tmp_path, storage: str, name: str, stage: dict[str, Any], workers
 
 def write_job(spec_path: str, stage: str, fault: dict[str, int] | None = None) -> str:
     """The resolved stage job of ``spec_path`` as JSON beside it (with optional fault injection)."""
+    from jobs.init import pin_init_hashes
     from pipeline.spec import load_spec
 
-    job = load_spec(spec_path).stage_job(stage, launcher="torchrun")
+    spec = load_spec(spec_path)
+    pin_init_hashes(spec)  # as pipeline.launch does
+    job = spec.stage_job(stage, launcher="torchrun")
     if fault:
         job["fault"] = fault
     path = f"{spec_path}.{stage}{'.fault' if fault else ''}.json"

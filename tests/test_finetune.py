@@ -17,7 +17,7 @@ from _train_util import TINY_MODEL, finish, metrics, stage_store, status, torchr
 from dataprep.labels import label_subset, split_labels
 from dataprep.loader import StreamingLoader
 from dataprep.manifest import load_manifest
-from jobs.engine import StageContext, param_groups
+from jobs.engine import StageContext, build_optimizer, param_groups
 from jobs.export import export_encoder, load_export_model
 from jobs.finetune import (FinetuneConfig, FinetuneMethod, merge_lora_state, mix_batch,
                            soft_targets, step_rng)
@@ -96,6 +96,63 @@ def test_each_mode_trains_and_exports_a_plain_timm_classifier_with_the_same_outp
         batch = {"image": x, "label": torch.tensor([0, 1, 2, 0]), "pad": torch.tensor([False, False, False, True])}
         sums = method.eval_step(model, batch)
     assert sums["count"] == 3 and 0 <= sums["top1"] <= sums["top5"] == 3  # top-5 of 3 classes always hits
+
+
+@pytest.mark.parametrize("mode", ["prompt", "adapter"])
+def test_prompt_and_adapter_train_only_their_tensors_and_the_head_and_export_through_timm(tmp_path, local_shards,
+                                                                                          mode):
+    write_mae_export(str(tmp_path / "mae"))
+    source = load_export_model(str(tmp_path / "mae"))[0].eval()
+    cfg = FinetuneConfig(name="ft", data="/x", init="pretrain", mode=mode, num_classes=3,
+                         **({"prompt": {"tokens": 4}} if mode == "prompt" else {"adapter": {"bottleneck": 8}}))
+    method = set_up(cfg, local_shards, init=str(tmp_path / "mae"))
+    model = method.build_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if mode == "prompt":
+        assert trainable == {"reg_token", "head.weight", "head.bias"} and model.reg_token.shape == (1, 4, 64)
+        pos = model.pos_embed.detach()  # [1, 1 + 4 + 64, D]: zero rows for the prompts, the init's others
+        assert torch.equal(pos[:, 1:5], torch.zeros_like(pos[:, 1:5]))
+        assert torch.equal(torch.cat([pos[:, :1], pos[:, 5:]], 1), source.pos_embed.detach())
+    else:
+        assert trainable == {f"blocks.{i}.adapter.{m}.{w}" for i in range(2) for m in ("down", "up")
+                             for w in ("weight", "bias")} | {"head.weight", "head.bias"}
+        x = torch.randn(4, 3, 32, 32)
+        with torch.no_grad():  # the up-projection starts at zero: step 0 is the backbone
+            assert torch.equal(model.eval().forward_features(x), source.forward_features(x))
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, cfg.optim, method.no_weight_decay(model), method.param_groups(model, cfg.optim))
+    for step in range(3):
+        batch = {"image": torch.randn(8, 3, 32, 32), "label": torch.randint(0, 3, (8,))}
+        loss, _ = method.step(model, batch, step)
+        loss.backward()
+        assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+        optimizer.step()
+        optimizer.zero_grad()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in optimizer.state} == trainable  # no optimizer state for frozen tensors
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (n in trainable), n  # the rest bit-identical, the trained moved
+
+    method.export(model, str(tmp_path / "export"), rank=0, storage_options={}, extra={})
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    assert (loaded.num_reg_tokens == 4) if mode == "prompt" else (type(loaded.blocks[0]).__name__ == "AdapterBlock")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+        torch.testing.assert_close(load_export_model(str(tmp_path / "export"))[0].eval()(x), model(x), rtol=0, atol=0)
+
+
+def test_prompt_and_adapter_settings_need_their_mode_and_prompts_need_a_backbone_without_registers(tmp_path,
+                                                                                                  local_shards):
+    with pytest.raises(ValueError, match="prompt settings are given but mode is 'full'"):
+        FinetuneConfig(name="ft", data="/x", init="pretrain", prompt={"tokens": 4})
+    with pytest.raises(ValueError, match="adapter settings are given but mode is 'lora'"):
+        FinetuneConfig(name="ft", data="/x", init="pretrain", mode="lora", adapter={"scale": "learned"})
+    cfg = FinetuneConfig(name="ft", data="/x", mode="prompt", num_classes=3,
+                         model={"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "reg_tokens": 2})
+    with pytest.raises(ValueError, match="already has 2 register tokens"):
+        set_up(cfg, local_shards).build_model()
 
 
 def test_lora_merge_is_w_plus_b_a_times_scaling():

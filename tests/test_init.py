@@ -175,3 +175,85 @@ def test_engine_records_parameter_counts_and_the_init_hash(tmp_path, shards):
 
     info = CheckpointManager(str(tmp_path / "stage"), CheckpointPolicy(every_steps=1)).latest()
     assert len(info.meta["init_digest"]) == 64  # a resume from another init is refused
+
+
+def test_an_init_files_sha256_is_pinned_into_the_stage_digest_and_changed_weights_are_refused(tmp_path, shards):
+    from jobs.init import InitChangedError, init_sha256, pin_init_hashes, read_init
+    from pipeline._plan import RunConflictError, plan_run, record_spec
+
+    mae_export(str(tmp_path / "src"))
+
+    def spec(**extra):
+        stages = [{"name": "pretrain", "kind": "mae", "data": shards, "model": TINY_MODEL, "decoder": TINY_DECODER},
+                  {"name": "more", "kind": "mae", "data": shards, "init": "pretrain", "model": TINY_MODEL,
+                   "decoder": TINY_DECODER},
+                  {"name": "ft", "kind": "finetune", "data": shards, "init": str(tmp_path / "src"), **extra}]
+        return parse_spec({"name": "pin", "storage": str(tmp_path / "runs"), "stages": stages})
+
+    first = spec()
+    unpinned = first.stage("ft").digest()
+    pin_init_hashes(first)
+    digest = init_sha256(str(tmp_path / "src"))
+    assert first.stage("ft").init_sha256 == digest and first.stage("ft").digest() != unpinned
+    assert first.stage("more").init_sha256 is None  # an earlier stage: its own digest covers it
+    record_spec(first)
+
+    again = spec()
+    pin_init_hashes(again)
+    assert again.stage("ft").digest() == first.stage("ft").digest()
+    plan_run(again)  # the same weights: the same spec
+
+    mae_export(str(tmp_path / "src"), seed=1)  # other weights under the same path
+    changed = spec()
+    pin_init_hashes(changed)
+    with pytest.raises(RunConflictError, match="stages.ft.init_sha256"):
+        plan_run(changed)
+    with pytest.raises(InitChangedError, match="stages\\[2\\] \\(ft\\) > init_sha256: the spec pins"):
+        pin_init_hashes(spec(init_sha256=digest))  # a pinned hash must match the file
+    with pytest.raises(InitChangedError, match="weights changed since the run pinned them"):
+        read_init(str(tmp_path / "src"), sha256=digest)  # a worker refuses weights other than the pinned ones
+
+
+PEFT_STEPS = 8  # 64 samples, global batch 16: 4 steps an epoch
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_killed_peft_stage_resumes_to_the_same_losses_on_zero2_and_on_one_worker(s3, tmp_path):
+    from _shards_util import write_shards
+    from _train_util import assert_same_losses, finish, losses, metrics, status, torchrun, write_job, write_spec
+
+    data = f"s3://{s3.bucket}/peft-shards-{tmp_path.name}"
+    write_shards(data, [8] * 8)
+    mae_export(str(tmp_path / "src"))
+    storage = f"s3://{s3.bucket}/{tmp_path.name}"
+    stage = {"name": "pretrain", "kind": "mae", "data": data, "init": str(tmp_path / "src"), "model": TINY_MODEL,
+             "decoder": TINY_DECODER, "peft": {"lora": {"rank": 4}, "unfreeze_last": 1}, "max_steps": PEFT_STEPS,
+             "batch_size": 8, "zero_stage": 2, "loader_workers": 0, "checkpoint": {"every_steps": 2, "keep_last": 2},
+             "optim": {"base_lr": 5.0e-3, "warmup_steps": 2}, "trackers": []}
+    rc, out = finish(torchrun(write_spec(tmp_path, storage, "ref", stage)))
+    assert rc == 0, out[-4000:]
+    ref = metrics(storage, "ref")
+    assert 0 < ref[0]["trainable_params"] < ref[0]["total_params"]
+
+    spec = write_spec(tmp_path, storage, "kill", stage)
+    rc, out = finish(torchrun(job=write_job(spec, "pretrain", fault={"kill_rank": 1, "kill_at_step": 5})))
+    assert rc != 0 and status(storage, "kill")["state"] == "running", out[-3000:]
+    rc, out = finish(torchrun(spec))
+    assert rc == 0, out[-4000:]
+    assert status(storage, "kill")["resumed_from"] == 4
+    assert_same_losses(losses(storage, "kill"), [r["loss"] for r in ref], PEFT_STEPS)
+
+    spec = write_spec(tmp_path, storage, "shrink", stage)
+    rc, out = finish(torchrun(job=write_job(spec, "pretrain", fault={"kill_rank": 0, "kill_at_step": 5})))
+    assert rc != 0, out[-3000:]
+    rc, out = finish(torchrun(spec, nproc=1))  # the universal-checkpoint path, frozen parameters included
+    assert rc == 0 and "on 1 workers" in out, out[-4000:]
+    got = losses(storage, "shrink")
+    assert len(got) == PEFT_STEPS and status(storage, "shrink")["world_size"] == 1
+    assert_same_losses(got[:4], [r["loss"] for r in ref[:4]], 4)
+    assert all(0 < loss < 10 for loss in got[4:])
+    from jobs.export import load_export_model
+
+    model, config = load_export_model(f"{storage}/shrink/stages/pretrain/export")
+    assert not any("lora" in k for k in model.state_dict()) and config["vitforge"]["trainable_params"] > 0

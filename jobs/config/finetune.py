@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.config.init import InitFields
 from jobs.config.models import TimmModelConfig
-from jobs.config.peft import LORA_TARGETS
+from jobs.config.peft import LORA_TARGETS, AdapterConfig, PromptConfig
 from jobs.config.kinds import register_config
 from jobs.config.train import OptimConfig, TrainConfig
 
@@ -31,7 +31,7 @@ class FinetuneConfig(TrainConfig, InitFields):
     kind: Literal["finetune"] = "finetune"
     model: TimmModelConfig | None = Field(default=None, description="without init: the timm model to train from "
                                           "random initialisation (seeded by seed)")
-    mode: Literal["full", "linear", "lora"] = "full"
+    mode: Literal["full", "linear", "lora", "prompt", "adapter"] = "full"
     label_fraction: float = Field(default=1.0, gt=0, le=1, description="stratified share of the train labels used")
     num_classes: int | None = Field(default=None, ge=1, description="default: the manifest's class count")
     layer_decay: float | None = Field(default=None, gt=0, le=1)
@@ -46,6 +46,8 @@ class FinetuneConfig(TrainConfig, InitFields):
                                        "reads, by name and in order (default: all): a ChannelViT takes any subset, "
                                        "a plain model exactly its in_chans")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="mode prompt: the prompt tokens")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="mode adapter: AdaptFormer's adapter")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(base_lr=1e-3, betas=(0.9, 0.999)))
 
     @model_validator(mode="after")
@@ -60,6 +62,9 @@ class FinetuneConfig(TrainConfig, InitFields):
         if self.peft is not None and self.mode == "linear":
             raise ValueError("peft with mode linear: a linear probe trains no encoder tensor; use mode full "
                              "(or lora) with peft, or drop peft")
+        for name, default in (("prompt", PromptConfig()), ("adapter", AdapterConfig())):
+            if getattr(self, name) != default and self.mode != name:
+                raise ValueError(f"{name} settings are given but mode is {self.mode!r}: set mode: {name}, or drop {name}")
         if self.model is not None and self.model.drop_path_rate:
             raise ValueError("model > drop_path_rate: set the stage's drop_path_rate instead (the fine-tune recipe "
                              "owns it)")
@@ -80,6 +85,7 @@ RECIPES: dict[str, dict[str, float]] = {
     "linear": {"layer_decay": 1.0, "drop_path_rate": 0.0, "label_smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0},
     "lora": {"layer_decay": 1.0, "drop_path_rate": 0.0, "label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0},
 }
+RECIPES["prompt"] = RECIPES["adapter"] = RECIPES["lora"]  # a frozen backbone: no drop path, no mixing
 
 
 register_config(FinetuneConfig)

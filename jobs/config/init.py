@@ -31,6 +31,9 @@ class InitFields(BaseModel):
                                  "{arch, weights: PATH_OR_URL} (timm safetensors); default: random init")
     peft: PeftConfig | None = Field(default=None, description="train only some encoder tensors (jobs/peft.py: lora, "
                       "unfreeze_last, unfreeze)")
+    init_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                                    description="SHA-256 of the init's weights file; the run pins it (part of the "
+                                    "stage digest) when init is a file or URL rather than an earlier stage")
 
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -34,4 +36,20 @@ class PeftConfig(BaseModel):
         return self
 
 
+class PromptConfig(BaseModel):
+    """Shallow visual prompt tuning: ``tokens`` learnable prompts (timm registers) on a frozen backbone."""
 
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: int = Field(default=10, ge=1, description="prompt tokens (the model's reg_tokens)")
+
+
+class AdapterConfig(BaseModel):
+    """AdaptFormer's parallel adapter on every block (the paper's defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bottleneck: int = Field(default=64, ge=1, description="hidden width of the down/up projection")
+    scale: float | Literal["learned"] = Field(default=0.1, description="fixed output scale, or 'learned' "
+                                              "(a trained scalar starting at 1)")
+    dropout: float = Field(default=0.1, ge=0, lt=1, description="dropout after the activation")
