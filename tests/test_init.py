@@ -179,6 +179,7 @@ def test_engine_records_parameter_counts_and_the_init_hash(tmp_path, shards):
 
 def test_an_init_files_sha256_is_pinned_into_the_stage_digest_and_changed_weights_are_refused(tmp_path, shards):
     from jobs.init import InitChangedError, init_sha256, pin_init_hashes, read_init
+    from jobs.layout import StageStatus
     from pipeline._plan import RunConflictError, plan_run, record_spec
 
     mae_export(str(tmp_path / "src"))
@@ -197,6 +198,7 @@ def test_an_init_files_sha256_is_pinned_into_the_stage_digest_and_changed_weight
     assert first.stage("ft").init_sha256 == digest and first.stage("ft").digest() != unpinned
     assert first.stage("more").init_sha256 is None  # an earlier stage: its own digest covers it
     record_spec(first)
+    StageStatus(first.stage_url("ft")).update(state="preempted", kind="finetune")  # started: changes are checked
 
     again = spec()
     pin_init_hashes(again)
