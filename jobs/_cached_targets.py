@@ -17,7 +17,7 @@ def cache_expectations(cfg: Any, data_dig: str | None = None) -> dict[str, Any]:
     """What the cache must match for student ``cfg``: recipe, temperature, teacher (if named), data."""
     from jobs.distill import TeacherWeights
 
-    expect: dict[str, Any] = {"recipe": student_recipe(cfg.model.img_size, cfg.crop_scale, cfg.seed),
+    expect: dict[str, Any] = {"recipe": student_recipe(cfg.model.img_size, cfg.crop_scale, cfg.seed, cfg.mix(cfg.seed)),
                               "temperature": cfg.loss.temperature}
     if cfg.teacher is not None:
         expect["teacher"] = cfg.teacher.model_dump(mode="json") if isinstance(cfg.teacher, TeacherWeights) \

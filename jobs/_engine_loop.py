@@ -109,7 +109,8 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext, plan: ResumePlan
     loader = StreamingLoader(ctx.data_url, split="train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
                              world_size=ctx.world_size, transform=method.train_transform(),
                              num_workers=cfg.loader_workers, pin_memory=torch.cuda.is_available(), partial="drop",
-                             storage_options=ctx.storage_options, subset=method.train_sample_ids())
+                             storage_options=ctx.storage_options, subset=method.train_sample_ids(),
+                             mix=method.train_mix())
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.compile:
         model.compile()

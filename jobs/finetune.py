@@ -29,8 +29,9 @@ Every export is a plain timm classifier (backbone + head, ``num_classes`` from t
 loadable with ``timm.create_model("local-dir:<export>", pretrained=True)``. Top-1/top-5 on the
 manifest's val split are logged at every epoch end (``val_top1``, ``val_top5``, ``val_loss``).
 
-Mixup/cutmix draw from a generator seeded by (seed, step, rank): a pure function of the step,
-so a resumed run mixes exactly as an uninterrupted one.
+Mixup/cutmix (``mode: full``) is the loader's batch transform (:mod:`dataprep.mixing`): partner and
+lambda are functions of (seed, epoch, sample id), so a resumed run, on any number of workers, mixes
+exactly as an uninterrupted one; the step mixes the smoothed one-hot targets with the same lambdas.
 
 Library entry (e.g. a low-label fine-tune inside an evaluation): :func:`run_finetune`.
 """
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cluster.storage import Store
 from dataprep.labels import label_subset, split_labels
 from dataprep.manifest import load_manifest
+from dataprep.mixing import Mix, MixFields, mix_targets
 from dataprep.transforms import eval_transform, mae_transform
 from jobs.engine import OptimConfig, StageContext, TrainConfig, TrainResult, train
 from jobs.export import export_timm_model, timm_export_config
@@ -75,7 +76,7 @@ class LoraSettings(BaseModel):
     target_modules: str = Field(default=LORA_TARGETS, description="regex over module names (peft)")
 
 
-class FinetuneConfig(TrainConfig, InitFields):
+class FinetuneConfig(TrainConfig, InitFields, MixFields):
     """A ``kind: finetune`` stage: ``init`` (an export, or timm weights) or ``model`` (random init),
     exactly one. ``None`` recipe fields take the mode's defaults (see :data:`RECIPES`). ``peft``
     (``jobs/peft.py``) trains only some backbone tensors plus the head; ``mode: lora`` is
@@ -90,10 +91,8 @@ class FinetuneConfig(TrainConfig, InitFields):
     layer_decay: float | None = Field(default=None, gt=0, le=1)
     drop_path_rate: float | None = Field(default=None, ge=0, lt=1)
     label_smoothing: float | None = Field(default=None, ge=0, lt=1)
-    mixup: float | None = Field(default=None, ge=0, description="mixup alpha; 0 disables")
-    cutmix: float | None = Field(default=None, ge=0, description="cutmix alpha; 0 disables")
-    mix_prob: float = Field(default=1.0, ge=0, le=1)
-    switch_prob: float = Field(default=0.5, ge=0, le=1, description="cutmix instead of mixup when both are on")
+    mixup: float | None = Field(default=None, ge=0, description="mixup alpha; 0 disables (default: the mode's)")
+    cutmix: float | None = Field(default=None, ge=0, description="cutmix alpha; 0 disables (default: the mode's)")
     crop_scale: tuple[float, float] = (0.08, 1.0)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(base_lr=1e-3, betas=(0.9, 0.999)))
@@ -196,7 +195,7 @@ def _layer_id(name: str, depth: int) -> int:
     return int(m.group(1)) + 1 if m else depth + 1
 
 
-# ---- mixup / cutmix --------------------------------------------------------------------------------
+# ---- targets ---------------------------------------------------------------------------------------
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -204,34 +203,6 @@ def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> to
     off = smoothing / num_classes
     out = torch.full((labels.shape[0], num_classes), off, device=labels.device)
     return out.scatter_(1, labels.unsqueeze(1), 1.0 - smoothing + off)
-
-
-def mix_batch(imgs: torch.Tensor, targets: torch.Tensor, cfg: FinetuneConfig,
-              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or cutmix of a batch with its flipped self (timm's ``Mixup``, mode ``batch``)."""
-    if not (cfg.mixup or cfg.cutmix) or rng.random() >= cfg.mix_prob:
-        return imgs, targets
-    use_cutmix = bool(cfg.cutmix) and (not cfg.mixup or rng.random() < cfg.switch_prob)
-    lam = float(rng.beta(cfg.cutmix, cfg.cutmix) if use_cutmix else rng.beta(cfg.mixup, cfg.mixup))
-    flipped = imgs.flip(0)
-    if use_cutmix:
-        h, w = imgs.shape[-2:]
-        cut = math.sqrt(1.0 - lam)
-        ch, cw = int(h * cut), int(w * cut)
-        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
-        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-        imgs = imgs.clone()
-        imgs[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually pasted
-    else:
-        imgs = imgs * lam + flipped * (1.0 - lam)
-    return imgs, targets * lam + targets.flip(0) * (1.0 - lam)
-
-
-def step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
-    """The mixing randomness of ``step`` on ``rank``: a pure function of (seed, step, rank)."""
-    return np.random.default_rng([seed, step, rank, 0x6D6978])
 
 
 # ---- the method ------------------------------------------------------------------------------------
@@ -338,11 +309,17 @@ class FinetuneMethod(Method):
     def eval_transform(self) -> Callable:
         return eval_transform(self.img_size)
 
+    def train_mix(self) -> Mix | None:
+        """Mixup / cutmix in ``mode: full`` (the loader mixes the images; :meth:`step` the targets)."""
+        return self.cfg.mix(self.cfg.seed) if self.cfg.mode == "full" else None
+
     def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        imgs, labels = batch["image"], batch["label"]  # on the model's device (and dtype)
+        imgs, labels = batch["image"], batch["label"]  # on the model's device (and dtype); already mixed
         targets = soft_targets(labels, self.num_classes, self.cfg.label_smoothing)  # [N, C]
-        if self.cfg.mode == "full":
-            imgs, targets = mix_batch(imgs, targets, self.cfg, step_rng(self.cfg.seed, step, self.rank))
+        if "mix_lam" in batch:
+            lams = torch.tensor(batch["mix_lam"], dtype=torch.float32, device=labels.device)  # [N]
+            partner = soft_targets(batch["partner_label"], self.num_classes, self.cfg.label_smoothing)
+            targets = mix_targets(targets, partner, lams)
         logits = model(imgs).float()  # [N, C]
         loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return loss, {"label_fraction": self.cfg.label_fraction, "labeled_samples": float(self.labeled_samples)}

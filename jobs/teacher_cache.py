@@ -14,6 +14,11 @@ sorted, largest first) and their class indices (the smallest of uint8 / int16 / 
 the classes); when ``topk`` is every class, all of them in class order and no indices. Optionally
 the pooled feature (fp16).
 
+With ``mixup`` / ``cutmix`` (the student's settings, compared as part of the recipe) the loader mixes
+each (epoch, sample) with its partner from the same shard under the per-sample lambda of
+``dataprep/mixing.py`` (functions of (seed, epoch, sample id) only), so the teacher's targets are
+those of the very mixed image the student replays; the student needs no lambdas from the cache.
+
 Units of work are (epoch, shard): ``cache/units/e00002-s00007.npz`` holds the rows of shard 7's
 contiguous sample ids for epoch 2, and ``…s00007.json`` beside it commits it (its sha256, counts,
 the teacher's hash); a unit without a commit record that matches is redone, one with it never is.
@@ -41,11 +46,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from cluster.storage import CorruptRecordError, Store
 from dataprep.loader import StreamingLoader
 from dataprep.manifest import load_manifest
+from dataprep.mixing import Mix, MixFields
 from dataprep.transforms import mae_transform
 from jobs._ckpt_state import json_digest
 from jobs.distill import TeacherWeights
@@ -58,8 +64,9 @@ MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
 
 
-class TeacherOutputsConfig(BaseModel):
-    """A ``kind: teacher_outputs`` stage (see the module docstring)."""
+class TeacherOutputsConfig(MixFields):
+    """A ``kind: teacher_outputs`` stage (see the module docstring). ``mixup`` / ``cutmix``: the student's
+    mixing settings; the teacher then sees each (epoch, sample)'s mixed image (``dataprep/mixing.py``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -80,7 +87,7 @@ class TeacherOutputsConfig(BaseModel):
 
     def recipe(self) -> dict[str, Any]:
         """What shapes the augmented image of (epoch, sample): compared with the student's."""
-        return student_recipe(self.img_size, self.crop_scale, self.seed)
+        return student_recipe(self.img_size, self.crop_scale, self.seed, self.mix(self.seed))
 
     def teacher_ref(self) -> Any:
         return self.teacher if isinstance(self.teacher, str) else self.teacher.model_dump(mode="json")
@@ -89,10 +96,13 @@ class TeacherOutputsConfig(BaseModel):
         return json_digest(self.model_dump(mode="json", exclude={"batch_size"}))
 
 
-def student_recipe(img_size: int, crop_scale: tuple[float, float] | list[float], seed: int) -> dict[str, Any]:
-    """The augmentation recipe of a distill student (``mae_transform``: RandomResizedCrop + flip, bicubic)."""
+def student_recipe(img_size: int, crop_scale: tuple[float, float] | list[float], seed: int,
+                   mix: Mix | None = None) -> dict[str, Any]:
+    """The augmentation recipe of a distill student (``mae_transform``: RandomResizedCrop + flip, bicubic;
+    ``mix``: its mixup / cutmix, None when off)."""
     return {"transform": "random_resized_crop_flip_bicubic", "img_size": int(img_size),
-            "crop_scale": [float(s) for s in crop_scale], "seed": int(seed)}
+            "crop_scale": [float(s) for s in crop_scale], "seed": int(seed),
+            "mix": mix.recipe() if mix is not None else None}
 
 
 def data_digest(data_url: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -164,7 +174,7 @@ def compute_unit(cfg: TeacherOutputsConfig, teacher: _Teacher, data_url: str, op
     loader = StreamingLoader(data_url, split="train", batch_size=cfg.batch_size, seed=cfg.seed,
                              transform=mae_transform(cfg.img_size, scale=cfg.crop_scale), shuffle=False,
                              subset=np.arange(first, first + n), partial="pad", on_error="fail",
-                             storage_options=opts, num_workers=0)
+                             storage_options=opts, num_workers=0, mix=cfg.mix(cfg.seed))
     loader.set_epoch(epoch)
     logprobs = np.zeros((n, cfg.topk), np.float16)
     indices = np.zeros((n, cfg.topk), index_dtype(teacher.classes))

@@ -76,7 +76,7 @@ def student(data_url: str, cache_url: str | None, online_teacher: dict | None, *
 def loader(method: DistillMethod, data_url: str, rank: int = 0, world: int = 1) -> StreamingLoader:
     """The engine's train loader of ``method``."""
     return StreamingLoader(data_url, batch_size=16, seed=method.cfg.seed, rank=rank, world_size=world,
-                           transform=method.train_transform(), partial="drop")
+                           transform=method.train_transform(), partial="drop", mix=method.train_mix())
 
 
 def fp16_bound(method: DistillMethod, model, batch) -> float:
@@ -91,7 +91,26 @@ def fp16_bound(method: DistillMethod, model, batch) -> float:
 
 def test_cached_losses_equal_online_losses_step_for_step_with_k_all_classes(digits):
     _, data_url, teacher, cache_url = digits
-    online, cached = student(data_url, None, teacher), student(data_url, cache_url, None)
+    assert_cached_equals_online(data_url, teacher, cache_url)
+
+
+MIX = {"mixup": 0.8, "cutmix": 1.0, "mix_prob": 0.9}
+
+
+def test_with_mixup_and_cutmix_cached_losses_equal_online_losses_and_a_cache_without_them_is_refused(digits):
+    root, data_url, teacher, cache_url = digits
+    with pytest.raises(CacheMismatchError, match=r"recipe.mix: cache None, student \{'mixup': 0.8"):
+        student(data_url, cache_url, None, **MIX)
+    mixed = make_cache(root, data_url, teacher, epochs=1, **MIX)
+    with pytest.raises(CacheMismatchError, match=r"recipe.mix: cache \{'cutmix': 1.0, 'mixup': 0.8.*student None"):
+        student(data_url, mixed, None)
+    assert_cached_equals_online(data_url, teacher, mixed, epochs=1, **MIX)
+
+
+def assert_cached_equals_online(data_url: str, teacher: dict, cache_url: str, epochs: int = 2, **over) -> None:
+    """``epochs`` epochs of SGD on one student from the same init, online and cached: equal losses within the fp16
+    bound at every step (with ``over``'s mixing: the batches are mixed, and equal on both sides)."""
+    online, cached = student(data_url, None, teacher, **over), student(data_url, cache_url, None, **over)
     assert cached.teacher is None and cached.num_classes == 10
     models = []
     for m in (online, cached):
@@ -99,7 +118,7 @@ def test_cached_losses_equal_online_losses_step_for_step_with_k_all_classes(digi
         models.append(m.build_model())
     opts = [torch.optim.SGD(mod.parameters(), lr=0.05) for mod in models]
     steps = 0
-    for epoch in range(2):
+    for epoch in range(epochs):
         streams = []
         for m in (online, cached):
             ld = loader(m, data_url)
@@ -107,6 +126,7 @@ def test_cached_losses_equal_online_losses_step_for_step_with_k_all_classes(digi
             streams.append(iter(ld))
         for b_on, b_ca in zip(*streams):
             assert torch.equal(b_on["index"], b_ca["index"]) and b_ca["epoch"] == epoch
+            assert torch.equal(b_on["image"], b_ca["image"]) and ("mix_lam" in b_on) == bool(over)
             bound = fp16_bound(online, models[0], b_on)
             l_on, _ = online.step(models[0], b_on, steps)
             l_ca, _ = cached.step(models[1], b_ca, steps)
@@ -116,7 +136,7 @@ def test_cached_losses_equal_online_losses_step_for_step_with_k_all_classes(digi
                 opt.step()
                 opt.zero_grad()
             steps += 1
-    assert steps == 2 * (96 // 16)
+    assert steps == epochs * (96 // 16)
     assert float(l_on) > 0.01  # the teacher's targets are far from what the student predicts
 
 
