@@ -131,7 +131,8 @@ class _RankBatches(IterableDataset):
             if isinstance(r, str):
                 g = good[k % len(good)]
                 rows[k] = (*rows[g][:4], True, rows[g][5])
-                partner_rows[k] = partner_rows[g] if partner_rows else None
+                if partner_rows:
+                    partner_rows[k] = partner_rows[g]
         images, labels, keys, sids, flags, masks = zip(*rows)
         normalize = self.transform.normalize if _normalize_batched(self.transform) else None
         batch = {

@@ -97,3 +97,17 @@ def test_a_multi_view_transform_or_resample_with_mix_is_refused_clearly(digits):
     loader = StreamingLoader(digits, batch_size=8, mix=MIX, transform=dino_transform(32, local_crops=2, local_size=16))
     with pytest.raises(TypeError, match=r"one float image tensor \[N, C, H, W\]"):
         next(iter(loader))
+
+
+def test_an_unreadable_sample_is_skipped_once_and_an_unreadable_partner_leaves_its_sample_unmixed(tmp_path):
+    from _shards_util import write_shards
+
+    write_shards(str(tmp_path), [24, 24], corrupt={5})
+    loader = StreamingLoader(str(tmp_path), batch_size=8, seed=7, transform=mae_transform(32), mix=MIX,
+                             skip_budget=None)
+    rows = [(sid, partner, lam) for batch in loader
+            for sid, partner, lam in zip(batch["index"].tolist(), batch["partner_index"].tolist(), batch["mix_lam"])]
+    assert loader.stats["skipped"] == 1  # counted where it is served, not again as a partner
+    assert 5 not in {sid for sid, _, _ in rows} and 5 not in {p for _, p, _ in rows}
+    orphan = [(sid, p) for sid, p, _ in rows if p == sid and partner_table([24, 24], 7, 0)[sid] == 5]
+    assert len(orphan) == 1  # the sample whose partner is unreadable mixes with itself

@@ -296,7 +296,7 @@ def digit_tensors(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(imgs), torch.as_tensor(digits.target[start:stop])
 
 
-def train_teacher(path: str, data_url: str, epochs: int = 12) -> tuple[dict, torch.nn.Module]:
+def train_teacher(path: str, data_url: str, epochs: int) -> tuple[dict, torch.nn.Module]:
     """A resnet18 (tiny widths) trained on the digits' train shards; saved as ``{arch, weights}``."""
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10, **TEACHER_ARGS)
@@ -329,20 +329,33 @@ def distil(method: DistillMethod, data_url: str, epochs: int) -> torch.nn.Module
     return model.eval()
 
 
+SMALL_CNN = {"arch": "resnet18", "img_size": 32, "args": {"channels": [8, 16, 32, 32], "stem_width": 8}}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (on a shared machine more threads only contend); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_a_top3_cached_student_reaches_the_online_students_accuracy_within_the_margin(tmp_path):
-    """A trained teacher, k = 3 of 10 classes, 8 epochs: the cached student's held-out top-1 stays within
-    0.06 of the online student's. Measured (2-core VM): teacher 0.00, online 0.00, cached 0.00."""
-    data_url = write_digit_shards(str(tmp_path / "data"), images=896, per_shard=128)
-    teacher, t_model = train_teacher(str(tmp_path / "teacher.safetensors"), data_url)
+def test_a_top3_cached_student_reaches_the_online_students_accuracy_within_the_margin(tmp_path, one_thread):
+    """A trained teacher, k = 3 of 10 classes, 8 epochs of a small CNN student: the cached student's
+    held-out top-1 (497 digits never trained on) stays within 0.06 of the online student's.
+    Measured (2-core VM, seed 0): teacher 0.875, online 0.807, cached 0.785 (difference 0.022)."""
+    data_url = write_digit_shards(str(tmp_path / "data"), images=640, per_shard=128)
+    teacher, t_model = train_teacher(str(tmp_path / "teacher.safetensors"), data_url, epochs=14)
     cache_url = make_cache(tmp_path, data_url, teacher, topk=3, epochs=8)
     val_x, val_y = digit_tensors(1300, 1797)
-    online = distil(student(data_url, None, teacher), data_url, 8)
-    cached = distil(student(data_url, cache_url, None), data_url, 8)
+    online = distil(student(data_url, None, teacher, model=SMALL_CNN), data_url, 8)
+    cached = distil(student(data_url, cache_url, None, model=SMALL_CNN), data_url, 8)
     with torch.no_grad():
-        acc = {name: float((m(val_x, None)["logits"] if name != "teacher" else m(val_x)).argmax(-1).eq(val_y)
-                           .float().mean()) for name, m in (("teacher", t_model), ("online", online),
-                                                            ("cached", cached))}
+        acc = {"teacher": float(t_model(val_x).argmax(-1).eq(val_y).float().mean())}
+        for name, model in (("online", online), ("cached", cached)):
+            acc[name] = float(model(val_x, None)["logits"].argmax(-1).eq(val_y).float().mean())
     print("held-out top-1", acc)
-    assert acc["teacher"] > 0.85 and acc["online"] > 0.5, acc
+    assert acc["teacher"] > 0.8 and acc["online"] > 0.7, acc
     assert abs(acc["cached"] - acc["online"]) <= 0.06, acc
