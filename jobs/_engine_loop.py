@@ -103,6 +103,7 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext, plan: ResumePlan
     cfg = plan.shape(cfg)  # the per-worker batch that keeps the checkpoint's global batch
     accelerator = make_accelerator(cfg, ctx.world_size)
     method.setup(ctx)
+    torch.manual_seed(cfg.seed)  # again: setup may draw (distill builds its teacher), the weights must not depend on it
     model = method.build_model()
     params = param_counts(model)
     optimizer = build_optimizer(model, cfg.optim, method.no_weight_decay(model), method.param_groups(model, cfg.optim))
