@@ -6,7 +6,8 @@
     loader.load_state_dict(saved)              # optional: continue exactly where a run stopped
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)                # keeps a just-loaded position in that same epoch
-        for batch in loader:                   # {"image", "label", "key", "index", "pad", "epoch"} (+ "mask")
+        for batch in loader:                   # {"image", "label", "key", "index", "pad", "epoch"} (+ "mask";
+                                               #  with mix: "mix_lam", "partner_index", "partner_label")
             ...
             state = loader.state_dict()        # after the step: the position after this batch
 
@@ -41,6 +42,7 @@ from dataprep._decode import decode
 from dataprep._order import Plan, epoch_order, rank_stream, sample_seed, shard_offsets
 from dataprep._shards import MissingShardError, ShardCache, ShardError, ShardRef, ShardSource, SampleFetcher
 from dataprep.manifest import load_manifest
+from dataprep.mixing import Mix, mix_images, partner_table
 from dataprep.transforms import bind_channels
 
 log = logging.getLogger(__name__)
@@ -90,10 +92,12 @@ class _RankBatches(IterableDataset):
     """One rank's remaining batches of one epoch; under DataLoader workers, worker w builds every K-th."""
 
     def __init__(self, spec: _ReadSpec, ids: np.ndarray, pads: np.ndarray, batch_size: int, seed: int, epoch: int,
-                 transform: Callable | None, on_error: str, image_type: str, masks: bool = False) -> None:
+                 transform: Callable | None, on_error: str, image_type: str, masks: bool = False,
+                 mix: Mix | None = None, partners: np.ndarray | None = None) -> None:
         self.spec, self.ids, self.pads, self.batch_size = spec, ids, pads, batch_size
         self.seed, self.epoch, self.transform = seed, epoch, transform
         self.on_error, self.image_type, self.masks = on_error, image_type, masks
+        self.mix, self.partners = mix, partners  # partners[j]: the mixing partner of ids[j] (same shard)
         self.offsets = shard_offsets([s.samples for s in spec.shards])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -101,34 +105,37 @@ class _RankBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = range(worker, len(self.ids) // self.batch_size, workers)
         spans = [slice(i * self.batch_size, (i + 1) * self.batch_size) for i in mine]
-        my_ids = np.concatenate([self.ids[s] for s in spans]) if spans else np.zeros(0, np.int64)
+        my_ids = np.concatenate([self._reads(s) for s in spans]) if spans else np.zeros(0, np.int64)
         shard_of = np.searchsorted(self.offsets, my_ids, side="right") - 1
         fetcher = self.spec.fetcher(list(zip(shard_of.tolist(), (my_ids - self.offsets[shard_of]).tolist())))
         try:
             for i, span in zip(mine, spans):
-                yield self._batch(fetcher, self.ids[span], self.pads[span], i)
+                yield self._batch(fetcher, span, i)
         finally:
             fetcher.close()
 
-    def _batch(self, fetcher: SampleFetcher, ids: np.ndarray, pads: np.ndarray, number: int) -> dict[str, Any]:
+    def _reads(self, span: slice) -> np.ndarray:
+        """The ids batch ``span`` takes, in order: each sample, then (mixing) its partner."""
+        if self.partners is None:
+            return self.ids[span]
+        return np.stack([self.ids[span], self.partners[span]], axis=1).reshape(-1)
+
+    def _batch(self, fetcher: SampleFetcher, span: slice, number: int) -> dict[str, Any]:
         before = fetcher.source.bytes_read
-        rows: list[tuple | None] = []
-        skipped: list[str] = []
-        saved = _GlobalRng.save() if self.transform is not None and not _takes_rng(self.transform) else None
-        try:
-            for sid, pad in zip(ids.tolist(), pads.tolist()):
-                rows.append(self._row(fetcher, sid, pad, skipped))
-        finally:
-            if saved:
-                _GlobalRng.restore(saved)
-        good = [r for r in rows if r is not None]
+        rows, partner_rows = self._read_rows(fetcher, span)
+        skipped = [r for r in rows if isinstance(r, str)]  # a partner is counted where it is served itself
+        good = [k for k, r in enumerate(rows) if not isinstance(r, str)]
         if not good:
             raise ShardError(f"every sample of batch {number} of epoch {self.epoch} is unreadable: {skipped}")
-        rows = [r if r is not None else (*good[k % len(good)][:4], True, good[k % len(good)][5])
-                for k, r in enumerate(rows)]
+        for k, r in enumerate(rows):  # an unreadable sample: a flagged repeat of a readable one (and its partner)
+            if isinstance(r, str):
+                g = good[k % len(good)]
+                rows[k] = (*rows[g][:4], True, rows[g][5])
+                if partner_rows:
+                    partner_rows[k] = partner_rows[g]
         images, labels, keys, sids, flags, masks = zip(*rows)
         normalize = self.transform.normalize if _normalize_batched(self.transform) else None
-        return {
+        batch = {
             "image": _collate(images, normalize),
             **({"mask": _stack([m.long() for m in masks])} if self.masks else {}),
             "label": torch.tensor(labels, dtype=torch.long),
@@ -137,8 +144,37 @@ class _RankBatches(IterableDataset):
             "pad": torch.tensor(flags, dtype=torch.bool),
             "epoch": self.epoch,
             "_skipped": skipped,
-            "_bytes_read": fetcher.source.bytes_read - before,
         }
+        if self.partners is not None:
+            self._mix(batch, rows, partner_rows, normalize)
+        batch["_bytes_read"] = fetcher.source.bytes_read - before
+        return batch
+
+    def _read_rows(self, fetcher: SampleFetcher, span: slice) -> tuple[list, list]:
+        """Rows of the batch's samples (and of their partners), a skipped sample's name in place of its row."""
+        rows: list = []
+        partner_rows: list = []
+        saved = _GlobalRng.save() if self.transform is not None and not _takes_rng(self.transform) else None
+        try:
+            for j, (sid, pad) in enumerate(zip(self.ids[span].tolist(), self.pads[span].tolist())):
+                skipped: list[str] = []
+                rows.append(self._row(fetcher, sid, pad, skipped) or skipped[0])
+                if self.partners is not None:
+                    partner = int(self.partners[span][j])
+                    partner_rows.append(self._row(fetcher, partner, False, skipped) or skipped[-1])
+        finally:
+            if saved:
+                _GlobalRng.restore(saved)
+        return rows, partner_rows
+
+    def _mix(self, batch: dict[str, Any], rows: list, partner_rows: list, normalize: Any) -> None:
+        """Mixup / cutmix (``dataprep/mixing.py``): an unreadable partner is replaced by the sample itself."""
+        partner_rows = [p if not isinstance(p, str) else r for r, p in zip(rows, partner_rows)]
+        partners = _collate([p[0] for p in partner_rows], normalize)
+        batch["image"], lams = mix_images(batch["image"], partners, batch["index"].tolist(), self.epoch, self.mix)
+        batch["mix_lam"] = lams  # a list of floats: not cast to the model's dtype on its way to the device
+        batch["partner_index"] = torch.tensor([p[3] for p in partner_rows], dtype=torch.long)
+        batch["partner_label"] = torch.tensor([p[1] for p in partner_rows], dtype=torch.long)
 
     def _row(self, fetcher: SampleFetcher, sid: int, pad: bool, skipped: list[str]) -> tuple | None:
         shard = int(np.searchsorted(self.offsets, sid, side="right") - 1)
@@ -270,6 +306,10 @@ class StreamingLoader:
     ``masks``: when the manifest has ``masks``, each batch also has ``"mask"``, long ``[B, S, S]`` classes
     under the same geometric augmentation as the image (NEAREST; the transform needs ``augment_pair``);
     a sample whose mask is missing, corrupt or not its image's size is unreadable (``on_error``).
+    ``mix``: mixup / cutmix as a batch transform (:mod:`dataprep.mixing`): each sample is mixed with a
+    partner from its own shard under a per-sample lambda, both functions of (seed, epoch, sample id)
+    only, so a mixed image replays identically on any world size or batch split; the batch gains
+    ``mix_lam`` (a list of floats), ``partner_index`` and ``partner_label`` for mixing the targets.
     ``cache_dir``: shards are downloaded whole into it (shared by workers and by ranks on one
     node; LRU-evicted to ``cache_limit_bytes``); without it they are streamed with ``block_size``
     read-ahead, each DataLoader worker reading the shards of its own batches.
@@ -284,7 +324,7 @@ class StreamingLoader:
                  timeout: float = 0, multiprocessing_context: Any = None,
                  subset: Sequence[int] | np.ndarray | None = None, skip_budget: float | None = _DEFAULT_BUDGET,
                  verify_shards: bool = True, max_member_bytes: int | None = None,
-                 max_pixels: int = MAX_PIXELS_DEFAULT, masks: bool = False) -> None:
+                 max_pixels: int = MAX_PIXELS_DEFAULT, masks: bool = False, mix: Mix | None = None) -> None:
         _check_args(batch_size, rank, world_size, partial, on_error, image_type, window_shards)
         manifest, store = load_manifest(manifest_url, storage_options)
         shards = tuple(ShardRef(s.name, s.samples, s.bytes, s.sha256) for s in manifest.split(split).shards)
@@ -303,6 +343,11 @@ class StreamingLoader:
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.partial, self.on_error, self.resample, self.shuffle = partial, on_error, resample, shuffle
         self.window_shards, self.image_type = window_shards, image_type
+        self.mix = mix if mix is not None and mix.enabled else None
+        if self.mix is not None and (resample or self.with_masks):
+            raise ValueError("mix (mixup/cutmix) with resample or masks is not supported: a partner is a served "
+                             "sample of the same shard, and masks would need mixing too; drop one of them")
+        self._partner_cache: tuple[int, np.ndarray] | None = None
         self._dl_kwargs = {"timeout": timeout, "multiprocessing_context": multiprocessing_context}
         if num_workers > 0:
             self._dl_kwargs["prefetch_factor"] = prefetch_factor
@@ -389,6 +434,14 @@ class StreamingLoader:
             self._order_cache = (epoch, order)
         return self._order_cache[1]
 
+    def _partners(self, epoch: int, ids: np.ndarray) -> np.ndarray | None:
+        """The mixing partner of each of ``ids`` (``dataprep.mixing.partner_table``), None without mixing."""
+        if self.mix is None:
+            return None
+        if self._partner_cache is None or self._partner_cache[0] != epoch:
+            self._partner_cache = (epoch, partner_table(self.counts, self.mix.seed, epoch, self._keep))
+        return self._partner_cache[1][ids]
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._served_out:
             self._start_epoch(self._epoch + 1)
@@ -402,7 +455,8 @@ class StreamingLoader:
             return
         ids = self._order(epoch)[stream.positions[start:]]
         dataset = _RankBatches(self.spec, ids, stream.pad[start:], self.batch_size, self.seed, epoch,
-                               self.transform, self.on_error, self.image_type, self.with_masks)
+                               self.transform, self.on_error, self.image_type, self.with_masks, self.mix,
+                               self._partners(epoch, ids))
         pin = self.pin_memory and torch.accelerator.is_available()  # no warning on CPU-only machines
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin, **self._dl_kwargs)
         consumed = start

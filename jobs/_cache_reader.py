@@ -14,7 +14,6 @@ log-probabilities (relative error <= 2**-11 each).
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import OrderedDict
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from cluster.storage import Store
+from jobs._cache_codec import decode_unit
 from jobs.teacher_cache import MANIFEST, UNITS, unit_name
 
 
@@ -71,8 +71,7 @@ class CacheReader:
         if hashlib.sha256(blob).hexdigest() != self.manifest["units"].get(name):
             raise ValueError(f"cache unit {self.store.url_of(UNITS)}/{name}.npz does not match the cache manifest's "
                              "sha256: it is corrupt or from another run; re-run the teacher_outputs stage")
-        with np.load(io.BytesIO(blob)) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = decode_unit(blob, int(self.manifest.get("format", 1)))
         self._units[name] = arrays
         while len(self._units) > self.max_units:
             self._units.popitem(last=False)

@@ -107,13 +107,15 @@ def _setup(method: Method, cfg: TrainConfig, ctx: StageContext, plan: ResumePlan
     cfg = plan.shape(cfg)  # the per-worker batch that keeps the checkpoint's global batch
     accelerator = make_accelerator(cfg, ctx.world_size)
     method.setup(ctx)
+    torch.manual_seed(cfg.seed)  # again: setup may draw (distill builds its teacher), the weights must not depend on it
     model = method.build_model()
     params = param_counts(model)
     optimizer = build_optimizer(model, cfg.optim, method.no_weight_decay(model), method.param_groups(model, cfg.optim))
     loader = StreamingLoader(ctx.data_url, split="train", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
                              world_size=ctx.world_size, transform=method.train_transform(),
                              num_workers=cfg.loader_workers, pin_memory=torch.cuda.is_available(), partial="drop",
-                             storage_options=ctx.storage_options, subset=method.train_sample_ids())
+                             storage_options=ctx.storage_options, subset=method.train_sample_ids(),
+                             mix=method.train_mix())
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.compile:
         model.compile()

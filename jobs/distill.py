@@ -19,7 +19,8 @@ Losses (weights configurable; ``None`` picks by the teacher):
 teacher: the KL target of each (epoch, sample) is rebuilt from the cache's top-k log-probabilities
 (``jobs/_cache_reader.py``: the remaining mass spread uniformly over the other classes), and the
 cached pooled feature (if stored) is the CLS target. The loader replays the exact crop the teacher
-saw (augmentation is seeded by (seed, epoch, sample id) on any number of workers). A cache made for
+saw (augmentation, and mixup/cutmix when on, are seeded by (seed, epoch, sample id) on any number
+of workers). A cache made for
 another recipe (img_size, crop_scale, seed), data, temperature or teacher is refused, naming what
 differs: at spec time when both stages are in one spec, else when the stage starts.
 
@@ -38,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cluster.storage import Store, local_staging
+from dataprep.mixing import Mix, MixFields
 from dataprep.transforms import mae_transform
 from jobs.config.distill import DistillConfig, DistillLoss, TeacherWeights  # noqa: F401  (re-exported)
 from jobs.engine import StageContext, use_bf16
@@ -210,6 +212,11 @@ class DistillMethod(Method):
 
     def train_transform(self) -> Callable:
         return mae_transform(self.cfg.model.img_size, scale=self.cfg.crop_scale)  # RandomResizedCrop + flip
+
+    def train_mix(self) -> Mix | None:
+        """Mixup / cutmix keyed by (seed, epoch, sample id): the teacher sees the mixed image, so its
+        targets need no mixing (and a cache made with the same settings holds exactly these)."""
+        return self.cfg.mix(self.cfg.seed)
 
     def _teacher_targets(self, imgs: torch.Tensor) -> dict[str, Any]:
         """The frozen teacher's logits / CLS / patch tokens (fp32), on its own device and dtype."""

@@ -42,8 +42,9 @@ with ``timm.create_model("local-dir:<export>", pretrained=True)`` (an ``adapter`
 ``import jobs.models``). Top-1/top-5 on the
 manifest's val split are logged at every epoch end (``val_top1``, ``val_top5``, ``val_loss``).
 
-Mixup/cutmix draw from a generator seeded by (seed, step, rank): a pure function of the step,
-so a resumed run mixes exactly as an uninterrupted one.
+Mixup/cutmix (``mode: full``) is the loader's batch transform (:mod:`dataprep.mixing`): partner and
+lambda are functions of (seed, epoch, sample id), so a resumed run, on any number of workers, mixes
+exactly as an uninterrupted one; the step mixes the smoothed one-hot targets with the same lambdas.
 
 Library entry (e.g. a low-label fine-tune inside an evaluation): :func:`run_finetune`.
 """
@@ -51,7 +52,6 @@ Library entry (e.g. a low-label fine-tune inside an evaluation): :func:`run_fine
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 from collections.abc import Callable
@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from cluster.storage import Store
 from dataprep.labels import label_subset, split_labels
 from dataprep.manifest import load_manifest
+from dataprep.mixing import Mix, MixFields, mix_targets
 from dataprep.transforms import eval_transform, mae_transform
 from jobs._channels import ChannelPlan, export_channels, is_channelvit, model_channel_plan
 from jobs.config.finetune import RECIPES, FinetuneConfig, LoraSettings  # noqa: F401  (re-exported)
@@ -127,7 +128,7 @@ def fold_batchnorm_into_head(state: dict[str, torch.Tensor], classifier: str,
     return out
 
 
-# ---- mixup / cutmix --------------------------------------------------------------------------------
+# ---- targets ---------------------------------------------------------------------------------------
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -135,34 +136,6 @@ def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> to
     off = smoothing / num_classes
     out = torch.full((labels.shape[0], num_classes), off, device=labels.device)
     return out.scatter_(1, labels.unsqueeze(1), 1.0 - smoothing + off)
-
-
-def mix_batch(imgs: torch.Tensor, targets: torch.Tensor, cfg: FinetuneConfig,
-              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or cutmix of a batch with its flipped self (timm's ``Mixup``, mode ``batch``)."""
-    if not (cfg.mixup or cfg.cutmix) or rng.random() >= cfg.mix_prob:
-        return imgs, targets
-    use_cutmix = bool(cfg.cutmix) and (not cfg.mixup or rng.random() < cfg.switch_prob)
-    lam = float(rng.beta(cfg.cutmix, cfg.cutmix) if use_cutmix else rng.beta(cfg.mixup, cfg.mixup))
-    flipped = imgs.flip(0)
-    if use_cutmix:
-        h, w = imgs.shape[-2:]
-        cut = math.sqrt(1.0 - lam)
-        ch, cw = int(h * cut), int(w * cut)
-        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
-        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-        imgs = imgs.clone()
-        imgs[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually pasted
-    else:
-        imgs = imgs * lam + flipped * (1.0 - lam)
-    return imgs, targets * lam + targets.flip(0) * (1.0 - lam)
-
-
-def step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
-    """The mixing randomness of ``step`` on ``rank``: a pure function of (seed, step, rank)."""
-    return np.random.default_rng([seed, step, rank, 0x6D6978])
 
 
 # ---- the method ------------------------------------------------------------------------------------
@@ -316,11 +289,17 @@ class FinetuneMethod(Method):
     def eval_transform(self) -> Callable:
         return eval_transform(self.img_size)
 
+    def train_mix(self) -> Mix | None:
+        """Mixup / cutmix in ``mode: full`` (the loader mixes the images; :meth:`step` the targets)."""
+        return self.cfg.mix(self.cfg.seed) if self.cfg.mode == "full" else None
+
     def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        imgs, labels = self.plan.select(batch["image"]), batch["label"]  # on the model's device (and dtype)
+        imgs, labels = self.plan.select(batch["image"]), batch["label"]  # on the model's device (and dtype); already mixed
         targets = soft_targets(labels, self.num_classes, self.cfg.label_smoothing)  # [N, C]
-        if self.cfg.mode == "full":
-            imgs, targets = mix_batch(imgs, targets, self.cfg, step_rng(self.cfg.seed, step, self.rank))
+        if "mix_lam" in batch:
+            lams = torch.tensor(batch["mix_lam"], dtype=torch.float32, device=labels.device)  # [N]
+            partner = soft_targets(batch["partner_label"], self.num_classes, self.cfg.label_smoothing)
+            targets = mix_targets(targets, partner, lams)
         logits = model(imgs).float()  # [N, C]
         loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return loss, {"label_fraction": self.cfg.label_fraction, "labeled_samples": float(self.labeled_samples)}

@@ -47,6 +47,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn as nn
 
+from dataprep.mixing import Mix
 from jobs._engine_config import OptimConfig, StageContext, TrainConfig, param_groups
 from jobs._channels import export_channels
 from jobs.config.kinds import (config_class, config_classes, import_methods, kind_of,  # noqa: F401  (re-exported)
@@ -66,7 +67,7 @@ class Method:
 
     Construct with the stage's validated ``Config`` and this worker's rank. Hooks are called by
     every rank, in this order: :meth:`setup`, :meth:`build_model`, :meth:`param_groups` (or :meth:`layer_decay`),
-    :meth:`train_sample_ids`, :meth:`train_transform` / :meth:`eval_transform`,
+    :meth:`train_sample_ids`, :meth:`train_transform` / :meth:`train_mix` / :meth:`eval_transform`,
     :meth:`set_run_length`, then per step :meth:`weight_decay_at`, :meth:`frozen_groups`, :meth:`step`
     (per micro-batch), :meth:`after_step`; :meth:`extra_state` at each checkpoint,
     :meth:`load_extra_state` at resume, :meth:`eval_step` at each epoch end, :meth:`export` when the stage is done.
@@ -158,6 +159,11 @@ class Method:
 
     def train_sample_ids(self) -> Any:
         """The train sample ids the loader serves, the same on every rank (e.g. a label fraction); None: all."""
+        return None
+
+    def train_mix(self) -> Mix | None:
+        """Mixup / cutmix of the train loader's batches (:mod:`dataprep.mixing`: keyed by (seed, epoch,
+        sample id); the batch then has ``mix_lam``, ``partner_label``, ``partner_index``). None (default): off."""
         return None
 
     def eval_transform(self) -> Callable | None:

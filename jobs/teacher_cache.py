@@ -9,10 +9,16 @@ The teacher (an earlier stage's export, an export URL, or ``{arch, weights}``, l
 loads it) sees every train sample of every epoch in ``[epoch_start, epoch_start + epochs)`` under
 the student's augmentation: the loader's transform seeded by (seed, epoch, sample id), so the
 student stage replays the identical crop for that (epoch, sample) on any number of workers. Per
-sample it keeps the top-``topk`` *temperature-T log-probabilities* ``log softmax(z / T)`` (fp16,
-sorted, largest first) and their class indices (the smallest of uint8 / int16 / int32 that holds
-the classes); when ``topk`` is every class, all of them in class order and no indices. Optionally
-the pooled feature (fp16).
+sample it keeps the top-``topk`` *temperature-T log-probabilities* ``log softmax(z / T)`` (fp16)
+and their class indices (the smallest of uint8 / int16 / int32 that holds the classes), stored in
+class order with the indices delta-coded and every array as deflated byte planes: lossless, about
+2 bytes per stored logit (``jobs/_cache_codec.py``); when ``topk`` is every class, all of them in
+class order and no indices. Optionally the pooled feature (fp16).
+
+With ``mixup`` / ``cutmix`` (the student's settings, compared as part of the recipe) the loader mixes
+each (epoch, sample) with its partner from the same shard under the per-sample lambda of
+``dataprep/mixing.py`` (functions of (seed, epoch, sample id) only), so the teacher's targets are
+those of the very mixed image the student replays; the student needs no lambdas from the cache.
 
 Units of work are (epoch, shard): ``cache/units/e00002-s00007.npz`` holds the rows of shard 7's
 contiguous sample ids for epoch 2, and ``…s00007.json`` beside it commits it (its sha256, counts,
@@ -32,7 +38,6 @@ are refused when the manifest is assembled, naming the unit.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import signal
@@ -44,7 +49,9 @@ import torch
 from cluster.storage import CorruptRecordError, Store
 from dataprep.loader import StreamingLoader
 from dataprep.manifest import load_manifest
+from dataprep.mixing import Mix, MixFields
 from dataprep.transforms import mae_transform
+from jobs._cache_codec import FORMAT as CODEC_FORMAT, decode_unit, encode_unit
 from jobs._ckpt_state import json_digest
 from jobs.config.teacher_outputs import (TeacherOutputsConfig, check_cache_reference,  # noqa: F401  (re-exported)
                                          student_recipe)
@@ -54,7 +61,7 @@ log = logging.getLogger(__name__)
 
 UNITS = "units"
 MANIFEST = CACHE_MANIFEST_NAME
-CACHE_FORMAT = 1
+CACHE_FORMAT = CODEC_FORMAT  # 2: byte planes + deflate, indices delta-coded (jobs/_cache_codec.py)
 
 
 def data_digest(data_url: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -126,7 +133,7 @@ def compute_unit(cfg: TeacherOutputsConfig, teacher: _Teacher, data_url: str, op
     loader = StreamingLoader(data_url, split="train", batch_size=cfg.batch_size, seed=cfg.seed,
                              transform=mae_transform(cfg.img_size, scale=cfg.crop_scale), shuffle=False,
                              subset=np.arange(first, first + n), partial="pad", on_error="fail",
-                             storage_options=opts, num_workers=0)
+                             storage_options=opts, num_workers=0, mix=cfg.mix(cfg.seed))
     loader.set_epoch(epoch)
     logprobs = np.zeros((n, cfg.topk), np.float16)
     indices = np.zeros((n, cfg.topk), index_dtype(teacher.classes))
@@ -160,9 +167,7 @@ def compute_unit(cfg: TeacherOutputsConfig, teacher: _Teacher, data_url: str, op
 
 def commit_unit(store: Store, name: str, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> None:
     """Write the unit's arrays, then its commit record (the unit counts only once that exists and matches)."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    blob = buf.getvalue()
+    blob = encode_unit(arrays)
     store.put_bytes(f"{UNITS}/{name}.npz", blob)
     store.put_json(f"{UNITS}/{name}.json", {**record, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
                                             "samples": int(arrays["logprobs"].shape[0])})
@@ -222,7 +227,8 @@ def write_manifest(cfg: TeacherOutputsConfig, store: Store, units: list[tuple[in
     """Check that every unit is committed by one teacher, recipe and data; write ``manifest.json`` last."""
     manifest, _ = load_manifest(data_url, opts)
     counts = [s.samples for s in manifest.split("train").shards]
-    want = {"recipe": cfg.recipe(), "topk": cfg.topk, "temperature": cfg.temperature, "data_digest": data_dig}
+    want = {"format": CACHE_FORMAT, "recipe": cfg.recipe(), "topk": cfg.topk, "temperature": cfg.temperature,
+            "data_digest": data_dig}
     records = {}
     for u in units:
         rec = read_commit(store, unit_name(*u))
@@ -259,8 +265,7 @@ def _dtypes(topk: int, classes: int, features: bool) -> dict[str, str]:
 
 
 def _feature_dim(store: Store, unit: tuple[int, int]) -> int:
-    with np.load(io.BytesIO(store.get_bytes(f"{UNITS}/{unit_name(*unit)}.npz"))) as z:
-        return int(z["feature"].shape[1])
+    return int(decode_unit(store.get_bytes(f"{UNITS}/{unit_name(*unit)}.npz"))["feature"].shape[1])
 
 
 def bytes_per_sample_epoch(manifest: dict[str, Any]) -> float:

@@ -19,8 +19,7 @@ from dataprep.loader import StreamingLoader
 from dataprep.manifest import load_manifest
 from jobs.engine import StageContext, build_optimizer, param_groups
 from jobs.export import export_encoder, load_export_model
-from jobs.finetune import (FinetuneConfig, FinetuneMethod, merge_lora_state, mix_batch,
-                           soft_targets, step_rng)
+from jobs.finetune import FinetuneConfig, FinetuneMethod, merge_lora_state, soft_targets
 from jobs.mae import MAEConfig, build_mae
 from pipeline.spec import SpecError, parse_spec
 
@@ -178,26 +177,30 @@ def test_layer_decay_scales_lr_from_head_down_to_embeddings():
     assert wd[id(model.blocks[0].attn.qkv.weight)] == 0.05
 
 
-def test_mixup_and_cutmix_keep_target_mass_and_are_a_function_of_the_step():
-    cfg = FinetuneConfig(name="ft", data="/x", init="p", mode="full", num_classes=3)
-    imgs = torch.randn(6, 3, 32, 32)
+def test_full_mode_mixes_in_the_loader_and_the_step_mixes_the_targets_with_its_lambdas(local_shards):
+    cfg = FinetuneConfig(name="ft", data="/x", model=TINY_MODEL, mode="full", num_classes=3, seed=4)
     targets = soft_targets(torch.tensor([0, 1, 2, 0, 1, 2]), 3, smoothing=0.1)
     assert torch.allclose(targets.sum(1), torch.ones(6)) and math.isclose(float(targets[0, 0]), 0.9 + 0.1 / 3,
                                                                          rel_tol=1e-6)
-    seen_cut = seen_mix = False
-    for step in range(20):
-        x1, t1 = mix_batch(imgs, targets, cfg, step_rng(0, step, 1))
-        x2, t2 = mix_batch(imgs, targets, cfg, step_rng(0, step, 1))
-        assert torch.equal(x1, x2) and torch.equal(t1, t2)
-        assert torch.allclose(t1.sum(1), torch.ones(6))
-        changed = (x1 != imgs).float().mean().item()
-        seen_cut |= 0 < changed < 0.999
-        seen_mix |= changed > 0.999
-    assert seen_cut and seen_mix
+    method = set_up(cfg, local_shards)
+    mix = method.train_mix()
+    assert mix is not None and (mix.mixup, mix.cutmix, mix.seed) == (0.8, 1.0, 4)
+    assert FinetuneMethod(FinetuneConfig(name="ft", data="/x", init="p", mode="linear")).train_mix() is None
+    model = method.build_model().eval()  # eval: no drop path, so two forwards agree
+    loader = StreamingLoader(local_shards, batch_size=8, seed=4, transform=method.train_transform(), mix=mix,
+                             partial="drop")
+    batch = next(iter(loader))
+    lams = torch.tensor(batch["mix_lam"])
+    assert (lams < 1).any() and ((lams > 0) & (lams <= 1)).all()
+    loss, _ = method.step(model, batch, 0)
+    mixed = soft_targets(batch["label"], 3, 0.1) * lams[:, None] + soft_targets(batch["partner_label"], 3, 0.1) * (
+        1 - lams[:, None])
+    assert torch.allclose(mixed.sum(1), torch.ones(8))
+    want = torch.sum(-mixed * torch.log_softmax(model(batch["image"]).float(), -1), -1).mean()
+    assert torch.allclose(loss, want, atol=1e-6)
     linear = FinetuneConfig(name="ft", data="/x", init="p", mode="linear")
     assert linear.mixup == 0 and linear.drop_path_rate == 0 and linear.label_smoothing == 0
     assert cfg.mixup == 0.8 and cfg.cutmix == 1.0 and cfg.layer_decay == 0.75
-    assert np.isfinite(step_rng(0, 1, 0).random())
 
 
 def test_spec_references_resolve_to_exports_and_dangling_ones_name_the_field():

@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 
 from _train_util import write_digit_shards
 from dataprep.loader import StreamingLoader
+from dataprep.transforms import mae_transform
+from jobs._cache_codec import decode_unit, encode_unit
 from jobs._cache_reader import CacheMismatchError, soft_targets
 from jobs.distill import DistillConfig, DistillMethod
 from jobs.engine import StageContext
@@ -76,7 +78,7 @@ def student(data_url: str, cache_url: str | None, online_teacher: dict | None, *
 def loader(method: DistillMethod, data_url: str, rank: int = 0, world: int = 1) -> StreamingLoader:
     """The engine's train loader of ``method``."""
     return StreamingLoader(data_url, batch_size=16, seed=method.cfg.seed, rank=rank, world_size=world,
-                           transform=method.train_transform(), partial="drop")
+                           transform=method.train_transform(), partial="drop", mix=method.train_mix())
 
 
 def fp16_bound(method: DistillMethod, model, batch) -> float:
@@ -91,7 +93,26 @@ def fp16_bound(method: DistillMethod, model, batch) -> float:
 
 def test_cached_losses_equal_online_losses_step_for_step_with_k_all_classes(digits):
     _, data_url, teacher, cache_url = digits
-    online, cached = student(data_url, None, teacher), student(data_url, cache_url, None)
+    assert_cached_equals_online(data_url, teacher, cache_url)
+
+
+MIX = {"mixup": 0.8, "cutmix": 1.0, "mix_prob": 0.9}
+
+
+def test_with_mixup_and_cutmix_cached_losses_equal_online_losses_and_a_cache_without_them_is_refused(digits):
+    root, data_url, teacher, cache_url = digits
+    with pytest.raises(CacheMismatchError, match=r"recipe.mix: cache None, student \{'mixup': 0.8"):
+        student(data_url, cache_url, None, **MIX)
+    mixed = make_cache(root, data_url, teacher, epochs=1, **MIX)
+    with pytest.raises(CacheMismatchError, match=r"recipe.mix: cache \{'cutmix': 1.0, 'mixup': 0.8.*student None"):
+        student(data_url, mixed, None)
+    assert_cached_equals_online(data_url, teacher, mixed, epochs=1, **MIX)
+
+
+def assert_cached_equals_online(data_url: str, teacher: dict, cache_url: str, epochs: int = 2, **over) -> None:
+    """``epochs`` epochs of SGD on one student from the same init, online and cached: equal losses within the fp16
+    bound at every step (with ``over``'s mixing: the batches are mixed, and equal on both sides)."""
+    online, cached = student(data_url, None, teacher, **over), student(data_url, cache_url, None, **over)
     assert cached.teacher is None and cached.num_classes == 10
     models = []
     for m in (online, cached):
@@ -99,7 +120,7 @@ def test_cached_losses_equal_online_losses_step_for_step_with_k_all_classes(digi
         models.append(m.build_model())
     opts = [torch.optim.SGD(mod.parameters(), lr=0.05) for mod in models]
     steps = 0
-    for epoch in range(2):
+    for epoch in range(epochs):
         streams = []
         for m in (online, cached):
             ld = loader(m, data_url)
@@ -107,6 +128,7 @@ def test_cached_losses_equal_online_losses_step_for_step_with_k_all_classes(digi
             streams.append(iter(ld))
         for b_on, b_ca in zip(*streams):
             assert torch.equal(b_on["index"], b_ca["index"]) and b_ca["epoch"] == epoch
+            assert torch.equal(b_on["image"], b_ca["image"]) and ("mix_lam" in b_on) == bool(over)
             bound = fp16_bound(online, models[0], b_on)
             l_on, _ = online.step(models[0], b_on, steps)
             l_ca, _ = cached.step(models[1], b_ca, steps)
@@ -116,7 +138,7 @@ def test_cached_losses_equal_online_losses_step_for_step_with_k_all_classes(digi
                 opt.step()
                 opt.zero_grad()
             steps += 1
-    assert steps == 2 * (96 // 16)
+    assert steps == epochs * (96 // 16)
     assert float(l_on) > 0.01  # the teacher's targets are far from what the student predicts
 
 
@@ -146,9 +168,25 @@ def test_top3_soft_targets_keep_the_top_classes_and_spread_the_rest(digits):
     mask = torch.ones(40, 10, dtype=torch.bool).scatter_(-1, got["indices"], False)
     assert torch.allclose(probs[mask].view(40, 7), rest.expand(-1, 7))
     manifest = cached.cache.manifest
-    assert manifest["dtypes"] == {"logprobs": "float16", "indices": "uint8"}
+    assert manifest["dtypes"] == {"logprobs": "float16", "indices": "uint8"} and manifest["format"] == 2
     per_logit = manifest["bytes"] / (96 * 2 * 3)
-    assert per_logit < 3.0 + 900 / (32 * 3)  # 2 B value + 1 B index, plus the npz header of each unit
+    assert per_logit < 3.0 + 1200 / (32 * 3)  # under 2 B value + 1 B index, plus the npz header of each unit
+
+
+def test_the_unit_codec_is_lossless_and_delta_codes_sorted_indices():
+    rng = np.random.default_rng(0)
+    lp = np.log(rng.dirichlet(np.full(1000, 0.05), size=64)).astype(np.float16)
+    idx = np.argsort(-lp.astype(np.float32), 1)[:, :100].astype(np.int16)
+    top = np.take_along_axis(lp, idx.astype(np.int64), 1)
+    feat = rng.normal(size=(64, 16)).astype(np.float16)
+    blob = encode_unit({"logprobs": top, "indices": idx, "feature": feat})
+    got = decode_unit(blob)
+    assert got["indices"].dtype == np.int16 and (np.diff(got["indices"], axis=1) > 0).all()  # class order
+    order = np.argsort(idx, 1)
+    assert np.array_equal(got["indices"], np.take_along_axis(idx, order, 1))
+    assert np.array_equal(got["logprobs"].view(np.uint16), np.take_along_axis(top, order, 1).view(np.uint16))
+    assert np.array_equal(got["feature"].view(np.uint16), feat.view(np.uint16))
+    assert len(blob) < 64 * (100 * 2.5 + 16 * 2)  # raw: 4 B per logit
 
 
 def test_a_cache_of_another_crop_scale_or_temperature_is_refused_naming_it(digits):
@@ -192,9 +230,9 @@ def test_units_are_committed_by_their_record_and_never_redone(digits, tmp_path):
            "data_digest": data_digest(data_url)}
     assert run_units(job, [(1, 2)]) == []  # committed: skipped
     assert store.fs.info(store.path(f"units/{name}.npz"))["mtime"] == before
-    with np.load(store.path(f"units/{name}.npz")) as z:
-        assert z["logprobs"].dtype == np.float16 and "indices" not in z.files  # k = C: no indices
-        total = np.exp(z["logprobs"].astype(np.float32)).sum(1)
+    z = decode_unit(store.get_bytes(f"units/{name}.npz"))
+    assert z["logprobs"].dtype == np.float16 and "indices" not in z  # k = C: no indices
+    total = np.exp(z["logprobs"].astype(np.float32)).sum(1)
     assert np.allclose(total, 1.0, atol=1e-2)
 
 
@@ -243,3 +281,81 @@ def test_a_cache_stage_killed_by_sigkill_resumes_without_redoing_a_unit(digits, 
     manifest = Store(cache).get_json("manifest.json")
     assert manifest == Store(clean.layout.stage("targets").cache).get_json("manifest.json")
     assert manifest["epochs"] == [0, 2] and manifest["topk"] == 3 and manifest["samples"] == 96
+
+
+def digit_tensors(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn digits ``start:stop`` as the shards hold them (32 px RGB, bicubic), normalised: held-out val."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from dataprep.transforms import eval_transform
+
+    digits, transform = load_digits(), eval_transform(32, crop_fraction=1.0)
+    imgs = [transform(Image.fromarray((digits.images[i] * (255.0 / 16.0)).astype(np.uint8), "L")
+                      .resize((32, 32), Image.BICUBIC).convert("RGB")) for i in range(start, stop)]
+    return torch.stack(imgs), torch.as_tensor(digits.target[start:stop])
+
+
+def train_teacher(path: str, data_url: str, epochs: int) -> tuple[dict, torch.nn.Module]:
+    """A resnet18 (tiny widths) trained on the digits' train shards; saved as ``{arch, weights}``."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10, **TEACHER_ARGS)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ld = StreamingLoader(data_url, batch_size=32, seed=1, transform=mae_transform(32, scale=(0.35, 1.0)),
+                         partial="drop")
+    for epoch in range(epochs):
+        ld.set_epoch(epoch)
+        for batch in ld:
+            torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"]).backward()
+            opt.step()
+            opt.zero_grad()
+    save_file(model.state_dict(), path)
+    return {"arch": "resnet18", "weights": path, "num_classes": 10, "args": TEACHER_ARGS}, model.eval()
+
+
+def distil(method: DistillMethod, data_url: str, epochs: int) -> torch.nn.Module:
+    """``epochs`` epochs of AdamW on ``method``'s student (seeded init), as the engine's loop feeds it."""
+    torch.manual_seed(0)
+    model = method.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    ld = StreamingLoader(data_url, batch_size=32, seed=method.cfg.seed, transform=method.train_transform(),
+                         partial="drop")
+    for epoch in range(epochs):
+        ld.set_epoch(epoch)
+        for batch in ld:
+            method.step(model, batch, 0)[0].backward()
+            opt.step()
+            opt.zero_grad()
+    return model.eval()
+
+
+SMALL_CNN = {"arch": "resnet18", "img_size": 32, "args": {"channels": [8, 16, 32, 32], "stem_width": 8}}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (on a shared machine more threads only contend); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_a_top3_cached_student_reaches_the_online_students_accuracy_within_the_margin(tmp_path, one_thread):
+    """A trained teacher, k = 3 of 10 classes, 8 epochs of a small CNN student: the cached student's
+    held-out top-1 (497 digits never trained on) stays within 0.06 of the online student's.
+    Measured (2-core VM, seed 0): teacher 0.875, online 0.807, cached 0.785 (difference 0.022)."""
+    data_url = write_digit_shards(str(tmp_path / "data"), images=640, per_shard=128)
+    teacher, t_model = train_teacher(str(tmp_path / "teacher.safetensors"), data_url, epochs=14)
+    cache_url = make_cache(tmp_path, data_url, teacher, topk=3, epochs=8)
+    val_x, val_y = digit_tensors(1300, 1797)
+    online = distil(student(data_url, None, teacher, model=SMALL_CNN), data_url, 8)
+    cached = distil(student(data_url, cache_url, None, model=SMALL_CNN), data_url, 8)
+    with torch.no_grad():
+        acc = {"teacher": float(t_model(val_x).argmax(-1).eq(val_y).float().mean())}
+        for name, model in (("online", online), ("cached", cached)):
+            acc[name] = float(model(val_x, None)["logits"].argmax(-1).eq(val_y).float().mean())
+    print("held-out top-1", acc)
+    assert acc["teacher"] > 0.8 and acc["online"] > 0.7, acc
+    assert abs(acc["cached"] - acc["online"]) <= 0.06, acc

@@ -10,6 +10,7 @@ from jobs.config.init import InitFields, WeightsFile
 from jobs.config.models import TimmModelConfig
 from jobs.config.kinds import register_config
 from jobs.config.train import TrainConfig
+from dataprep.mixing import MixFields
 
 
 TeacherWeights = WeightsFile  # any timm model with a weights file (.safetensors; a path or a store URL)
@@ -25,9 +26,11 @@ class DistillLoss(BaseModel):
     feature_loss: Literal["cosine", "smooth_l1"] = "cosine"
 
 
-class DistillConfig(TrainConfig, InitFields):
+class DistillConfig(TrainConfig, InitFields, MixFields):
     """A ``kind: distill`` stage: ``model`` is the student (any timm model), ``teacher`` the frozen teacher.
-    ``init`` / ``peft``: the student starts from existing weights and trains partly (``jobs/init.py``)."""
+    ``init`` / ``peft``: the student starts from existing weights and trains partly (``jobs/init.py``).
+    ``mixup`` / ``cutmix`` (off by default): the loader's batch transform (``dataprep/mixing.py``); the
+    teacher (or the cache, made with the same settings) gives the targets of the mixed image."""
 
     kind: Literal["distill"] = "distill"
     teacher: str | TeacherWeights | None = Field(

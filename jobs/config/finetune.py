@@ -11,6 +11,7 @@ from jobs.config.models import TimmModelConfig
 from jobs.config.peft import LORA_TARGETS, AdapterConfig, PromptConfig
 from jobs.config.kinds import register_config
 from jobs.config.train import OptimConfig, TrainConfig
+from dataprep.mixing import MixFields
 
 
 class LoraSettings(BaseModel):
@@ -22,7 +23,7 @@ class LoraSettings(BaseModel):
     target_modules: str = Field(default=LORA_TARGETS, description="regex over module names (peft)")
 
 
-class FinetuneConfig(TrainConfig, InitFields):
+class FinetuneConfig(TrainConfig, InitFields, MixFields):
     """A ``kind: finetune`` stage: ``init`` (an export, or timm weights) or ``model`` (random init),
     exactly one. ``None`` recipe fields take the mode's defaults (see :data:`RECIPES`). ``peft``
     (``jobs/peft.py``) trains only some backbone tensors plus the head; ``mode: lora`` is
@@ -37,10 +38,8 @@ class FinetuneConfig(TrainConfig, InitFields):
     layer_decay: float | None = Field(default=None, gt=0, le=1)
     drop_path_rate: float | None = Field(default=None, ge=0, lt=1)
     label_smoothing: float | None = Field(default=None, ge=0, lt=1)
-    mixup: float | None = Field(default=None, ge=0, description="mixup alpha; 0 disables")
-    cutmix: float | None = Field(default=None, ge=0, description="cutmix alpha; 0 disables")
-    mix_prob: float = Field(default=1.0, ge=0, le=1)
-    switch_prob: float = Field(default=0.5, ge=0, le=1, description="cutmix instead of mixup when both are on")
+    mixup: float | None = Field(default=None, ge=0, description="mixup alpha; 0 disables (default: the mode's)")
+    cutmix: float | None = Field(default=None, ge=0, description="cutmix alpha; 0 disables (default: the mode's)")
     crop_scale: tuple[float, float] = (0.08, 1.0)
     channels: list[str] | None = Field(default=None, min_length=1, description="the data's channels the model "
                                        "reads, by name and in order (default: all): a ChannelViT takes any subset, "

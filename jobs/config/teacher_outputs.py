@@ -6,14 +6,17 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from dataprep.mixing import Mix, MixFields
 
 from jobs.config.digest import json_digest
 from jobs.config.distill import TeacherWeights
 
 
-class TeacherOutputsConfig(BaseModel):
-    """A ``kind: teacher_outputs`` stage (see the module docstring)."""
+class TeacherOutputsConfig(MixFields):
+    """A ``kind: teacher_outputs`` stage (see ``jobs/teacher_cache.py``). ``mixup`` / ``cutmix``: the student's
+    mixing settings; the teacher then sees each (epoch, sample)'s mixed image (``dataprep/mixing.py``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,7 +37,7 @@ class TeacherOutputsConfig(BaseModel):
 
     def recipe(self) -> dict[str, Any]:
         """What shapes the augmented image of (epoch, sample): compared with the student's."""
-        return student_recipe(self.img_size, self.crop_scale, self.seed)
+        return student_recipe(self.img_size, self.crop_scale, self.seed, self.mix(self.seed))
 
     def teacher_ref(self) -> Any:
         return self.teacher if isinstance(self.teacher, str) else self.teacher.model_dump(mode="json")
@@ -43,10 +46,13 @@ class TeacherOutputsConfig(BaseModel):
         return json_digest(self.model_dump(mode="json", exclude={"batch_size"}))
 
 
-def student_recipe(img_size: int, crop_scale: tuple[float, float] | list[float], seed: int) -> dict[str, Any]:
-    """The augmentation recipe of a distill student (``mae_transform``: RandomResizedCrop + flip, bicubic)."""
+def student_recipe(img_size: int, crop_scale: tuple[float, float] | list[float], seed: int,
+                   mix: Mix | None = None) -> dict[str, Any]:
+    """The augmentation recipe of a distill student (``mae_transform``: RandomResizedCrop + flip, bicubic;
+    ``mix``: its mixup / cutmix, None when off)."""
     return {"transform": "random_resized_crop_flip_bicubic", "img_size": int(img_size),
-            "crop_scale": [float(s) for s in crop_scale], "seed": int(seed)}
+            "crop_scale": [float(s) for s in crop_scale], "seed": int(seed),
+            "mix": mix.recipe() if mix is not None else None}
 
 
 def check_cache_reference(i: int, stage: Any, earlier: dict[str, Any]) -> None:
@@ -78,7 +84,7 @@ def check_cache_reference(i: int, stage: Any, earlier: dict[str, Any]) -> None:
 
 def cache_expectations(cfg: Any, data_dig: str | None = None) -> dict[str, Any]:
     """What the cache must match for student ``cfg``: recipe, temperature, teacher (if named), data."""
-    expect: dict[str, Any] = {"recipe": student_recipe(cfg.model.img_size, cfg.crop_scale, cfg.seed),
+    expect: dict[str, Any] = {"recipe": student_recipe(cfg.model.img_size, cfg.crop_scale, cfg.seed, cfg.mix(cfg.seed)),
                               "temperature": cfg.loss.temperature}
     if cfg.teacher is not None:
         expect["teacher"] = cfg.teacher.model_dump(mode="json") if isinstance(cfg.teacher, TeacherWeights) \
