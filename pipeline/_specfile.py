@@ -11,7 +11,6 @@ any key that does not exist, naming its path.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import io
 from typing import Any, Sequence
@@ -34,7 +33,7 @@ def read_yaml(path: str) -> tuple[Any, dict[tuple, int]]:
     except OSError as exc:
         raise SpecError(f"cannot read run spec {path}: {exc}") from None
     try:
-        raw = yaml.safe_load(_named(text, path))
+        raw = unshared(yaml.safe_load(_named(text, path)))
         lines: dict[tuple, int] = {}
         node = yaml.compose(_named(text, path), Loader=yaml.SafeLoader)
         if node is not None:
@@ -42,6 +41,20 @@ def read_yaml(path: str) -> tuple[Any, dict[tuple, int]]:
     except yaml.YAMLError as exc:
         raise SpecError(f"{path} is not valid YAML: {exc}") from None
     return raw, lines
+
+
+def unshared(node: Any) -> Any:
+    """``node`` rebuilt with no object reachable twice.
+
+    YAML aliases (``*finetune``) and merge keys (``<<: *finetune``) hand back the *same* nested dict or
+    list at every place they are used, and :func:`copy.deepcopy` keeps that sharing; a ``--set`` on one
+    stage would then change every stage that took the anchor.
+    """
+    if isinstance(node, dict):
+        return {key: unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [unshared(value) for value in node]
+    return node
 
 
 def _named(text: str, path: str) -> io.StringIO:
@@ -81,7 +94,7 @@ def apply_overrides(raw: Any, overrides: Sequence[str], source: str = "the spec"
         return raw
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    out = copy.deepcopy(raw)
+    out = unshared(raw)
     for item in overrides:
         path, sep, text = item.partition("=")
         if not sep or not path.strip():

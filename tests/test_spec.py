@@ -115,6 +115,22 @@ def test_set_overrides_take_yaml_typed_values_and_address_stages_by_name(write, 
     assert pretrain.model.embed_dim == 64  # siblings of an overridden key are kept
 
 
+def test_set_on_a_stage_built_from_a_yaml_anchor_changes_only_that_stage(tmp_path, images_dir):
+    """``<<: *anchor`` shares nested mappings between stages; a --set on one must not reach the other."""
+    path = tmp_path / "anchored.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: anchored
+        storage: {tmp_path / "runs"}
+        stages:
+          - {{name: data, kind: prep, source: {images_dir}, format: png}}
+          - &ft {{name: a, kind: finetune, data: data, model: {TINY}, optim: {{base_lr: 1.0e-3}}}}
+          - {{<<: *ft, name: b}}
+        """))
+    spec = load_spec(str(path), overrides=["stages.a.optim.base_lr=4e-3", "stages.a.model.depth=3"])
+    assert (spec.stage("a").optim.base_lr, spec.stage("a").model.depth) == (4e-3, 3)
+    assert (spec.stage("b").optim.base_lr, spec.stage("b").model.depth) == (1e-3, 2)
+
+
 def test_invalid_yaml_and_missing_file_are_spec_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
