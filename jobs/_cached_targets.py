@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from jobs._cache_reader import CacheReader, kl_soft, soft_targets
-from jobs.distill import feature_distance
+from jobs._distill_parts import feature_distance
 from jobs.engine import StageContext
 from jobs.config.teacher_outputs import cache_expectations  # noqa: F401  (re-exported)
 from jobs.teacher_cache import data_digest

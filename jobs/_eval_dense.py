@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from jobs.config.evaluate import DenseConfig  # noqa: F401  (re-exported)
+from jobs._probe import Features, fit_linear
+from jobs.config.evaluate import DenseConfig, ProbeConfig  # noqa: F401  (re-exported)
 
 
 def majority_patch_labels(masks: torch.Tensor, patch: int) -> torch.Tensor:
@@ -77,7 +78,6 @@ def high_norm_tokens(tokens: torch.Tensor, factor: float) -> dict[str, Any]:
 def dense_report(model: torch.nn.Module, cfg: DenseConfig, loaders: dict[str, Any], classes: int, seed: int,
                  device: torch.device) -> dict[str, Any]:
     """The ``dense`` entry of one model in ``eval.json``; ``loaders``: ``train`` / ``val`` mask loaders."""
-    from jobs.evaluate import Features, ProbeConfig, fit_linear
 
     train_x, train_y = patch_tokens(model, loaders["train"], device, cfg.max_train_images)
     val_x, val_y = patch_tokens(model, loaders["val"], device)

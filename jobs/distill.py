@@ -30,7 +30,6 @@ The student's export is a plain timm model (the projector is not exported).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -38,13 +37,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cluster.storage import Store, local_staging
-from dataprep.mixing import Mix, MixFields
+from dataprep.mixing import Mix
 from dataprep.transforms import mae_transform
 from jobs.config.distill import DistillConfig, DistillLoss, TeacherWeights  # noqa: F401  (re-exported)
 from jobs.engine import StageContext, use_bf16
-from jobs.export import export_timm_model, load_export_model, load_timm_weights
+from jobs.export import export_timm_model
 from jobs.init import read_stage_init, start_encoder
+from jobs._cached_targets import cached_loss_weights, cached_step, setup_cached
+from jobs._distill_parts import feature_distance, load_teacher, teacher_forward  # noqa: F401  (re-exported)
 from jobs.method import Method
 from jobs._channels import channel_names, data_channels, export_channels
 from jobs.channelvit import ChannelVisionTransformer
@@ -101,45 +101,6 @@ def kl_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float) 
                     reduction="batchmean") * t * t
 
 
-def feature_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean over samples (and tokens) of the cosine distance or smooth-L1 between features [..., D]."""
-    if kind == "cosine":
-        return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
-    return F.smooth_l1_loss(student, teacher)
-
-
-# ---- the teacher ----------------------------------------------------------------------------------
-
-
-def load_teacher(teacher: str | TeacherWeights, url: str | None, img_size: int,
-                 storage_options: dict[str, Any] | None = None) -> tuple[nn.Module, int, int]:
-    """(frozen eval-mode teacher, its num_classes, its input size)."""
-    if isinstance(teacher, TeacherWeights):
-        model = _timm_with_weights(teacher, storage_options)
-        classes, size = teacher.num_classes, teacher.img_size or img_size
-    else:
-        model, config = load_export_model(url or teacher, storage_options)
-        classes, size = int(config.get("num_classes", 0)), int(config["pretrained_cfg"]["input_size"][-1])
-    return model.eval().requires_grad_(False), classes, size
-
-
-def teacher_forward(teacher: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
-    """The frozen teacher's ``forward_features`` of ``x`` (already in its dtype), resized to its input ``size``."""
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-    with torch.no_grad():
-        return teacher.forward_features(x)
-
-
-def _timm_with_weights(teacher: TeacherWeights, storage_options: dict[str, Any] | None) -> nn.Module:
-    if "://" not in teacher.weights:
-        return load_timm_weights(teacher.arch, os.path.expanduser(teacher.weights), teacher.args, teacher.num_classes)
-    parent, name = teacher.weights.rsplit("/", 1)
-    with local_staging("vitforge-teacher-") as tmp:
-        Store(parent, storage_options).get_file(name, os.path.join(tmp, name))
-        return load_timm_weights(teacher.arch, os.path.join(tmp, name), teacher.args, teacher.num_classes)
-
-
 # ---- the method -----------------------------------------------------------------------------------
 
 
@@ -161,8 +122,6 @@ class DistillMethod(Method):
                                   f"the data at {ctx.data_url}")
         self.cfg = self.cfg.model_copy(update={"model": model})
         if self.cfg.targets == "cached":
-            from jobs._cached_targets import setup_cached
-
             setup_cached(self, ctx)
             return
         self.teacher, self.teacher_classes, self.teacher_size = load_teacher(
@@ -184,8 +143,6 @@ class DistillMethod(Method):
     def _loss_weights(self) -> dict[str, float]:
         loss, classifier = self.cfg.loss, self.teacher_classes > 0
         if self.cfg.targets == "cached":
-            from jobs._cached_targets import cached_loss_weights
-
             return cached_loss_weights(self)
         weights = {"logits": loss.logits_weight if loss.logits_weight is not None else float(classifier),
                    "cls": loss.cls_weight if loss.cls_weight is not None else float(not classifier),
@@ -238,8 +195,6 @@ class DistillMethod(Method):
 
     def step(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if self.cfg.targets == "cached":
-            from jobs._cached_targets import cached_step
-
             return cached_step(self, model, batch)
         imgs = batch["image"]  # [N, C, S, S], on the student's device and dtype
         target = self._teacher_targets(imgs)

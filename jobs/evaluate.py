@@ -31,10 +31,9 @@ model weights and features out of the driver.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +44,7 @@ from dataprep.loader import StreamingLoader
 from dataprep.transforms import eval_transform
 from jobs._channels import ChannelPlan, data_channels, model_channel_plan
 from jobs._eval_dense import dense_report
+from jobs._probe import Features, fit_linear  # noqa: F401  (re-exported)
 from jobs.config.evaluate import DenseConfig, EvalConfig, ProbeConfig  # noqa: F401  (re-exported)
 from jobs.checkpoint import code_version
 from jobs.layout import EVAL_JSON_NAME, StageStatus
@@ -57,14 +57,6 @@ EVAL_JSON = EVAL_JSON_NAME
 
 
 # ---- 1. features ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Features:
-    """Pooled features ``[N, D]`` (not normalised) and labels ``[N]`` of one split."""
-
-    x: torch.Tensor
-    y: torch.Tensor
 
 
 @torch.no_grad()
@@ -118,39 +110,6 @@ def linear_probe(train: Features, val: Features, num_classes: int, cfg: ProbeCon
     """Top-1 on val of a linear layer trained on standardised frozen train features."""
     predict = fit_linear(train, num_classes, cfg, seed, device)
     return float((predict(val.x) == val.y).float().mean())
-
-
-def fit_linear(train: Features, num_classes: int, cfg: ProbeConfig, seed: int,
-               device: torch.device | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A linear layer trained on standardised ``train`` features; returns ``[Q, D] -> [Q]`` class predictions."""
-    device = device or torch.device("cpu")
-    mean, std = train.x.mean(dim=0), train.x.std(dim=0, unbiased=False) + 1e-6  # BatchNorm without affine
-    x = ((train.x - mean) / std).to(device)
-    y = train.y.to(device)
-    gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], num_classes).to(device)
-    with torch.no_grad():
-        head.weight.normal_(0.0, 0.01, generator=gen)
-        head.bias.zero_()
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    for step in range(total):
-        if step % steps_per_epoch == 0:
-            order = torch.randperm(len(x), generator=gen).to(device)
-        idx = order[(step % steps_per_epoch) * cfg.batch_size:][:cfg.batch_size]
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-        loss = F.cross_entropy(head(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    @torch.no_grad()
-    def predict(q: torch.Tensor) -> torch.Tensor:
-        return head(((q - mean) / std).to(device)).argmax(dim=1).cpu()
-
-    return predict
 
 
 # ---- one model, then the stage ----------------------------------------------------------------------------

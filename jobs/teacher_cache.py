@@ -53,9 +53,11 @@ from dataprep.mixing import Mix, MixFields
 from dataprep.transforms import mae_transform
 from jobs._cache_codec import FORMAT as CODEC_FORMAT, decode_unit, encode_unit
 from jobs._ckpt_state import json_digest
+from jobs._distill_parts import load_teacher, teacher_forward
 from jobs.config.teacher_outputs import (TeacherOutputsConfig, check_cache_reference,  # noqa: F401  (re-exported)
                                          student_recipe)
 from jobs.layout import CACHE_MANIFEST_NAME, StageLayout
+from jobs.models import split_features
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,6 @@ class _Teacher:
     """The frozen teacher of a cache stage, on this task's device."""
 
     def __init__(self, cfg: TeacherOutputsConfig, teacher_url: str | None, opts: dict[str, Any]) -> None:
-        from jobs.distill import load_teacher
-
         self.model, self.classes, self.size = load_teacher(cfg.teacher, teacher_url, cfg.img_size, opts)
         if self.classes < 1:
             raise ValueError(f"stage {cfg.name!r}: the teacher has no classifier (num_classes 0); cached "
@@ -114,8 +114,6 @@ class _Teacher:
         self.model.to("cuda" if cuda else "cpu", dtype=dtype)
 
     def __call__(self, imgs: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from jobs.distill import split_features, teacher_forward
-
         p = next(self.model.parameters())
         feats = teacher_forward(self.model, imgs.to(p.device, dtype=p.dtype), self.size)
         with torch.no_grad():
