@@ -38,6 +38,7 @@ import pytest
 from PIL import Image
 
 from cluster.storage import Store
+from jobs.metrics import read_metrics
 
 SEED = 0
 ENCODER = {"arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 12, "embed_dim": 96,
@@ -94,7 +95,7 @@ def domains(ray_local, tmp_path_factory) -> dict[str, str]:
 
 
 def records(spec, stage: str) -> list[dict]:
-    return [json.loads(line) for line in Store(spec.stage_url(stage)).get_bytes("metrics.jsonl").decode().splitlines()]
+    return read_metrics(Store(spec.stage_url(stage)))
 
 
 def val_top1(spec, stage: str) -> float:

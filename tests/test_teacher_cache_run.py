@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import yaml
 
 from _train_util import TINY_MODEL, finish, losses, metrics, status, torchrun, write_digit_shards, write_job, write_spec
 from cluster.storage import Store
+from jobs.metrics import read_metrics
 from test_runner import run_to_end
 from test_teacher_cache import MIX, STUDENT, T, make_cache, write_teacher
 
@@ -89,7 +89,7 @@ def test_vitforge_run_prep_teacher_cache_and_cached_student_in_one_spec(tmp_path
     assert targets["units"] == 2 * len(manifest["shard_samples"]) and manifest["topk"] == 3
     assert manifest["recipe"]["mix"] == {"mixup": 0.8, "cutmix": 1.0, "prob": 0.9, "switch_prob": 0.5}
     assert manifest["teacher"] == "teacher" and manifest["format"] == 2
-    records = [json.loads(line) for line in root.get_bytes("student/metrics.jsonl").decode().splitlines()]
+    records = read_metrics(Store(f"{s3_url}/tv/stages/student"))
     steps = [r for r in records if "loss_logits" in r]
     assert len(steps) == 2 * (manifest["samples"] // 16) and all(r["loss_logits"] > 0 for r in steps)
     assert root.exists("student/export/model.safetensors") and root.get_json("student/STATUS.json")["state"] == "done"
