@@ -89,7 +89,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
         settings = storage_env(include_secrets=False) if forward_storage_env else {}
         if settings:
             kwargs["runtime_env"]["env_vars"] = settings
-        ray.init(address=address, **kwargs)
+        with _single_machine_mode() if _is_loopback(address) else contextlib.nullcontext():
+            ray.init(address=address, **kwargs)  # a loopback cluster (embedded, or `ray start` here) has node IP 127.0.0.1
     else:
         log.info("starting an embedded local Ray cluster on 127.0.0.1")
         with _single_machine_mode():
@@ -98,6 +99,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
                 _node_ip_address="127.0.0.1", **kwargs,
             )
     return ray.cluster_resources()
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether ``address`` (``host:port``, ``ray://host:port``) names this machine's loopback interface: a
+    driver connecting there must take 127.0.0.1 as its own node IP too, or Ray looks for a raylet at the
+    routable IP and the connection never completes."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from cluster.storage import Store
 from pipeline._plan import plan_run, record_spec
 from pipeline.cli import app
 from pipeline.spec import RunSpec
+from jobs.layout import StageStatus
 
 pytestmark = pytest.mark.faults
 
@@ -41,6 +42,7 @@ def test_credentials_in_storage_options_are_refused_pointing_to_aws_variables_an
 def test_changed_storage_options_and_endpoint_are_not_a_different_run(s3, s3_url):
     first = RunSpec.model_validate(_doc(s3_url))
     record_spec(first)
+    StageStatus(first.stage_url("data")).update(state="running", kind="prep")  # started: changes are checked
     later = RunSpec.model_validate(_doc(s3_url, client_kwargs={"endpoint_url": s3.endpoint},
                                         config_kwargs={"read_timeout": 30}))
     assert plan_run(later).first_launch is False  # no RunConflictError
