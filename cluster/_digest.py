@@ -19,6 +19,15 @@ def new_hasher() -> Any:
     return hashlib.new(CHECKSUM)
 
 
+def file_sha256(path: str) -> str:
+    """SHA-256 (hex) of the local file at ``path``, read in :data:`CHUNK` blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class DigestReader:
     """A read-only stream that hashes (and counts) everything read through it."""
 

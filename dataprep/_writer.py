@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from cluster._digest import file_sha256 as _sha256_file
 from cluster.storage import Store, StorageError, local_staging
 
 from ._arrays import ArraySpec, process_array
@@ -183,10 +184,3 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
 
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -3,12 +3,12 @@ whose ``init`` is a file or URL (:func:`pin_init_hashes`; validation and ``--dry
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from cluster._digest import file_sha256 as sha256_file
 from cluster.storage import Store, local_staging
 from jobs.config.init import InitRef, WeightsFile
 from jobs.layout import EXPORT_WEIGHTS_NAME as WEIGHTS
@@ -17,14 +17,6 @@ from jobs.layout import EXPORT_WEIGHTS_NAME as WEIGHTS
 
 class InitChangedError(ValueError):
     """The init's weights are not the ones the stage's ``init_sha256`` pins."""
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _weights_location(init: InitRef, url: str | None) -> tuple[str, str, str]:
