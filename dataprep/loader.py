@@ -155,13 +155,13 @@ class _RankBatches(IterableDataset):
         rows: list = []
         partner_rows: list = []
         saved = _GlobalRng.save() if self.transform is not None and not _takes_rng(self.transform) else None
+        partners = self.partners[span].tolist() if self.partners is not None else None
         try:
             for j, (sid, pad) in enumerate(zip(self.ids[span].tolist(), self.pads[span].tolist())):
                 skipped: list[str] = []
                 rows.append(self._row(fetcher, sid, pad, skipped) or skipped[0])
-                if self.partners is not None:
-                    partner = int(self.partners[span][j])
-                    partner_rows.append(self._row(fetcher, partner, False, skipped) or skipped[-1])
+                if partners is not None:
+                    partner_rows.append(self._row(fetcher, partners[j], False, skipped) or skipped[-1])
         finally:
             if saved:
                 _GlobalRng.restore(saved)
