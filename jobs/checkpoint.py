@@ -11,6 +11,20 @@ and applies the policy's retention. The training engine owns the loop and calls:
     ...
     ckpt.close()                       # flushes the last upload, raises its error if any
 
+Uploads behind (``save`` blocks for its local write only)
+---------------------------------------------------------
+One upload runs at a time, in order; at most one more staged checkpoint waits behind it. A save
+that comes while an upload is in flight stages its files and returns; if another checkpoint was
+already waiting (not yet started), the newer one *supersedes* it: the waiting one's staging copy is
+removed before the new one is written, it is never uploaded or committed (logged, and listed in
+:attr:`CheckpointManager.superseded`), and with several ranks a ``rank-N.superseded`` marker tells
+rank 0 to give that step up instead of waiting for its markers. So local disk holds at most two
+checkpoints per rank (the one uploading and the one waiting or being written), the final
+:meth:`close` uploads and commits the newest, and the store only ever gains complete, committed
+checkpoints in step order: a kill -9 at any point leaves the newest committed one to resume from.
+(The policy has no "keep every N-th" rule; the only checkpoints dropped are ones that retention
+would have deleted after ``keep_last`` newer ones.)
+
 Store layout (``<stage_url>/checkpoints/``)::
 
     step-00001200/<files written by write_fn on each rank>
@@ -82,6 +96,10 @@ class CheckpointStagingError(CheckpointError):
     """Writing or reading the local staging copy failed (e.g. the disk is full). Nothing was committed."""
 
 
+class _Superseded(Exception):
+    """A rank gave this step up for a newer one (uploads fell behind): rank 0 does not commit it."""
+
+
 class CheckpointCommitError(CheckpointError):
     """The ranks' files could not be confirmed, so the checkpoint was not committed."""
 
@@ -111,6 +129,7 @@ class _SaveJob:
     files: dict[str, int]
     meta: dict[str, Any]
     sync: bool = False
+    superseded: bool = False
     error: BaseException | None = field(default=None, repr=False)
 
 
@@ -238,8 +257,11 @@ class CheckpointManager:
         self.session = session_id or _agree_session(world_size)
         self._own_local = local_dir is None
         self._base, self._local = local_dir, None
-        self._thread: threading.Thread | None = None
-        self._job: _SaveJob | None = None
+        self._thread: threading.Thread | None = None   # the upload worker (runs the queue, then ends)
+        self._lock = threading.Lock()
+        self._queued: _SaveJob | None = None           # staged, waiting behind the upload in flight
+        self._errors: list[BaseException] = []         # of finished jobs, raised by the next call
+        self.superseded: list[int] = []                # steps given up for a newer one, never uploaded
         self.schedule = CheckpointSchedule(policy)  # when the next save is due (jobs/_ckpt_policy.py)
         self.restored: CheckpointInfo | None = None
 
@@ -278,26 +300,70 @@ class CheckpointManager:
 
         Every rank calls it at the same step; ``meta`` is this rank's JSON-able state (rank 0's
         also goes into ``COMMITTED``). Returns once the local write is done; the upload runs in a
-        background thread (``sync=True``: uploaded, and committed, before returning). A previous
-        upload still in flight is waited for first, and its error, if any, is raised here.
+        background thread. An upload still in flight is *not* waited for: this checkpoint queues
+        behind it, superseding one that was already waiting (module docstring, "Uploads behind").
+        ``sync=True``: every earlier upload, then this one, uploaded and committed before returning.
+        The error of an earlier upload, if any, is raised here.
         """
-        self.wait()
+        self._raise_pending()
         meta = dict(meta or {})
         try:
             json.dumps(meta, allow_nan=True)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"checkpoint meta must be JSON-able ({exc}); put tensors in files via write_fn") from None
+        if sync:
+            self.wait()
+        else:
+            self._supersede_queued(step)
         job = self._stage(step, write_fn, meta)
         job.sync = sync
         self.schedule.saved(step)
-        self._job = job
         if sync:
             self._run_job(job)
+            self._collect(job)
             self._raise_pending()
-        else:
-            self._thread = threading.Thread(target=self._run_job, args=(job,), name=f"ckpt-upload-{job.name}",
-                                            daemon=True)
-            self._thread.start()
+            return
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive() and self._queued is None and self._busy:
+                self._queued = job
+                return
+        if self._thread is not None:
+            self._thread.join()  # it has finished its last job and is leaving
+        self._busy = True
+        self._thread = threading.Thread(target=self._worker, args=(job,), name=f"ckpt-upload-{job.name}", daemon=True)
+        self._thread.start()
+
+    _busy = False  # the worker has a job or will look at the queue once more
+
+    def _worker(self, job: _SaveJob | None) -> None:
+        """Upload ``job``, then whatever is queued behind it, until nothing is."""
+        while job is not None:
+            self._run_job(job)
+            self._collect(job)
+            with self._lock:
+                job, self._queued = self._queued, None
+                if job is None:
+                    self._busy = False
+
+    def _collect(self, job: _SaveJob) -> None:
+        if job.error is not None:
+            with self._lock:
+                self._errors.append(job.error)
+
+    def _supersede_queued(self, step: int) -> None:
+        """Give up the checkpoint waiting behind the upload in flight (if any) for the one of ``step``."""
+        with self._lock:
+            job, self._queued = self._queued, None
+        if job is None:
+            return
+        job.superseded = True
+        shutil.rmtree(job.local_dir, ignore_errors=True)
+        self.superseded.append(job.step)
+        log.warning("checkpoint %s superseded by step %d before its upload started (uploads are slower than the "
+                    "checkpoint interval); it is not uploaded", job.name, step)
+        if self.world_size > 1:  # rank 0 must not wait for this rank's marker of that step
+            tolerate("superseded marker", self.store.put_json, f"{job.name}/{RANKS}/{_marker(self.rank, 'superseded')}",
+                     {"session": self.session, "rank": self.rank, "by_step": step})
 
     def _stage(self, step: int, write_fn: Callable[[str], Any], meta: dict[str, Any]) -> _SaveJob:
         name = step_name(step)
@@ -340,6 +406,8 @@ class CheckpointManager:
                 self._commit(job)
             elif job.sync:
                 self._await_commit(job)
+        except _Superseded as exc:
+            log.warning("%s not committed: %s", job.name, exc)
         except BaseException as exc:  # kept and re-raised in the training thread; never dropped
             job.error = exc
             self._mark_failed(job, exc)
@@ -365,7 +433,8 @@ class CheckpointManager:
     # ---- committing (rank 0, background thread) ----------------------------------------------
     def _read_markers(self, name: str, done: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         """Add this session's ``.done`` markers under ``name/ranks`` to ``done`` (those already there are not
-        read again); return this session's ``.failed`` markers. One listing per call."""
+        read again); return this session's ``.failed`` markers, and raise :class:`_Superseded` for a
+        ``.superseded`` one. One listing per call."""
         failed = {}
         for entry in self.store.ls(f"{name}/{RANKS}"):
             stem, _, kind = entry.rpartition(".")
@@ -373,12 +442,14 @@ class CheckpointManager:
                 rank = int(stem.removeprefix("rank-"))
             except ValueError:
                 continue
-            if kind not in ("done", "failed") or (kind == "done" and rank in done):
+            if kind not in ("done", "failed", "superseded") or (kind == "done" and rank in done):
                 continue
             try:
                 data = self.store.get_json(f"{name}/{RANKS}/{entry}")
             except FileNotFoundError:
                 continue
+            if data.get("session") == self.session and kind == "superseded":
+                raise _Superseded(f"rank {rank} gave it up for step {data.get('by_step')}")
             if data.get("session") == self.session:
                 (done if kind == "done" else failed)[rank] = data
         return failed
@@ -458,12 +529,16 @@ class CheckpointManager:
         return self._thread is not None and self._thread.is_alive()
 
     def _raise_pending(self) -> None:
-        job, self._job = self._job, None
-        if job is not None and job.error is not None:
-            raise job.error
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            for extra in errors[1:]:
+                log.error("a further checkpoint upload failed: %s: %s", type(extra).__name__, extra)
+            raise errors[0]
 
     def wait(self) -> None:
-        """Block until the upload in flight (if any) is done; raise its error if it failed."""
+        """Block until the upload in flight and the one queued behind it (if any) are done; raise the
+        first error if one failed."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None

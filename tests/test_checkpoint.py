@@ -92,10 +92,13 @@ def test_save_returns_while_upload_is_blocked_and_commits_after_thaw(s3_server, 
     ckpt.close()
 
 
-def test_second_save_waits_for_the_upload_in_flight(s3_server):
+def test_a_save_blocks_for_its_local_write_only_and_a_newer_one_supersedes_a_waiting_one(s3_server, tmp_path):
+    """With the store frozen mid-upload, save(3) and save(4) return while step 2 is provably still uploading;
+    4 supersedes 3 (never uploaded, its staging copy gone), and close() commits 2 then 4."""
     server = s3_server()
     url = f"s3://{server.bucket}/run/stages/pretrain"
-    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=1), storage_options=private_opts(server))
+    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=1, keep_last=5), storage_options=private_opts(server),
+                             local_dir=str(tmp_path / "stage"))
     events: list = []
     put_file = ckpt.store.put_file
 
@@ -109,19 +112,40 @@ def test_second_save_waits_for_the_upload_in_flight(s3_server):
     server.freeze()
     try:
         ckpt.save(2, writer(2, events), {"step": 2})
-        second = threading.Thread(target=ckpt.save, args=(3, writer(3, events), {"step": 3}))
-        second.start()
-        assert not second.join(timeout=1.0) and second.is_alive(), "save(3) must wait while step 2 uploads"
-        assert ("write", 3) not in events
+        ckpt.save(3, writer(3, events), {"step": 3})   # returns: queued behind step 2's upload
+        assert ckpt.upload_in_flight and ("put", "step-00000002") not in events, "step 2 is still uploading"
+        staged = sorted(os.listdir(tmp_path / "stage" / "rank-00000"))
+        assert staged == ["step-00000002", "step-00000003"]
+        ckpt.save(4, writer(4, events), {"step": 4})   # supersedes 3, which has not started
+        assert ckpt.upload_in_flight and ("put", "step-00000002") not in events
+        assert sorted(os.listdir(tmp_path / "stage" / "rank-00000")) == ["step-00000002", "step-00000004"]
+        assert ckpt.superseded == [3]
     finally:
         server.thaw()
-    second.join()
     ckpt.close()
-    order = [e for e in events if e[0] == "write" or e[1] != "step-00000001"]
-    first_put_3 = order.index(("put", "step-00000003"))
-    last_put_2 = max(i for i, e in enumerate(order) if e == ("put", "step-00000002"))
-    assert last_put_2 < order.index(("write", 3)) < first_put_3
-    assert [c.step for c in ckpt.committed()] == [2, 3]
+    assert [e for e in events if e[0] == "write"] == [("write", s) for s in (1, 2, 3, 4)]
+    puts = [e[1] for e in events if e[0] == "put"]
+    assert "step-00000003" not in puts
+    assert max(i for i, n in enumerate(puts) if n == "step-00000002") < puts.index("step-00000004")
+    assert [c.step for c in ckpt.committed()] == [1, 2, 4] and ckpt.latest().step == 4
+
+
+def test_a_rank_that_superseded_a_step_releases_rank_0_from_committing_it(tmp_path):
+    """Rank 1 gave step 2 up (its uploads fell behind) while rank 0 uploaded it: rank 0 does not wait for
+    rank 1's marker of step 2, commits nothing for it, and commits step 3 normally."""
+    url = f"file://{tmp_path}/run/stages/pretrain"
+    policy = CheckpointPolicy(every_steps=1)
+    r0 = CheckpointManager(url, policy, rank=0, world_size=2, session_id="s", commit_timeout_s=60)
+    r1 = CheckpointManager(url, policy, rank=1, world_size=2, session_id="s", commit_timeout_s=60)
+    r1.store.put_json("step-00000002/ranks/rank-00001.superseded", {"session": "s", "rank": 1, "by_step": 3})
+    r0.save(2, writer(2), {"step": 2})
+    r0.wait()
+    assert r0.latest() is None
+    r1.save(3, lambda d: open(os.path.join(d, "r1.bin"), "wb").write(b"1"), {"step": 3})
+    r0.save(3, writer(3), {"step": 3})
+    r0.close()
+    r1.close()
+    assert [c.step for c in r0.committed()] == [3]
 
 
 @pytest.mark.faults
@@ -132,8 +156,9 @@ def test_upload_error_is_raised_on_the_next_call_not_dropped(s3_server):
     ckpt.save(1, writer(1), {"step": 1}, sync=True)
     server.kill()                                   # an outage longer than the retry window
     ckpt.save(2, writer(2), {"step": 2})            # local write succeeds; the upload fails in the background
+    ckpt.save(3, writer(3), {"step": 3})            # queued behind it (does not wait for it)
     with pytest.raises(StorageError, match="could not"):
-        ckpt.save(3, writer(3), {"step": 3})
+        ckpt.wait()
     ckpt.wait()                                     # raised once, then cleared
     server.start()
     assert ckpt.latest().step == 1
@@ -159,6 +184,7 @@ def test_retention_keeps_last_k_and_never_deletes_before_a_newer_commit(tmp_path
     ckpt = CheckpointManager(url, policy)
     for step in (1, 2, 3, 4):
         ckpt.save(step, writer(step), {"step": step})
+        ckpt.wait()                                  # each committed (back-to-back saves would supersede)
     ckpt.close()
     assert [c.step for c in ckpt.committed()] == [3, 4]
 
