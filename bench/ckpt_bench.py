@@ -155,6 +155,8 @@ def run(url: str, model, opt, steps: int, every: int, sync: bool, storage_option
             "step_s_mean": statistics.mean(plain), "final_flush_s": done - t_flush, "run_s": done - t_run,
             "step_s_idle_median": _median(idle), "step_s_during_upload_median": _median(during),
             "steps_idle": len(idle), "steps_during_upload": len(during),
+            "blocked_minus_write_s_max": max(b - w for b, w in zip(blocked, writes)),
+            "superseded": len(ckpt.superseded),
             "bg_upload_s_observed": statistics.mean(uploads) if uploads else None}
 
 

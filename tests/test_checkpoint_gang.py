@@ -67,6 +67,7 @@ def _ds_gang(rank: int, port: int, url: str, out_dir: str) -> None:
         if ckpt.due(step):
             meta = {"step": step, "rank": rank, "rng": capture_rng_state(), "loader": {"pos": step * (rank + 1)}}
             ckpt.save(step, lambda d: engine.save_checkpoint(d, tag="ds"), meta)
+            ckpt.wait()  # each one committed: a save that outran a slow upload could supersede step 4
             saved_draw = torch.rand(4).tolist()
     first = [train(step) for step in (7, 8)]
     ckpt.close()
