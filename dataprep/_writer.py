@@ -17,7 +17,7 @@ import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from cluster._digest import file_sha256 as _sha256_file
 from cluster.storage import Store, StorageError, local_staging
@@ -60,12 +60,19 @@ def plan_digest(options_digest: str, split: str, index: int, items: list[tuple],
     return h.hexdigest()
 
 
-def finished_records(store: Store, plans: list[ShardPlan]) -> list[dict[str, Any] | None]:
-    """For each plan, its progress record when that shard is finished (see :func:`is_finished`)."""
-    present = set(store.ls(PROGRESS))
-    candidates = [p if posixpath.basename(p.record) in present else None for p in plans]
+def finished_records(store: Store, plans: Sequence[ShardPlan]) -> list[dict[str, Any] | None]:
+    """For each plan, its progress record when that shard is finished (see :func:`is_finished`).
+    ``plans`` may make each plan on access (:class:`dataprep._plan.Shards`): one is held at a time per thread."""
+    present = set(posixpath.basename(p) for p in store.ls(PROGRESS))
+    if not present:
+        return [None] * len(plans)
+
+    def one(i: int) -> dict[str, Any] | None:
+        plan = plans[i]
+        return is_finished(store, plan) if posixpath.basename(plan.record) in present else None
+
     with ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(lambda p: is_finished(store, p) if p else None, candidates))
+        return list(pool.map(one, range(len(plans))))
 
 
 def is_finished(store: Store, plan: ShardPlan) -> dict[str, Any] | None:

@@ -18,23 +18,23 @@ size) and builds only the rest; after a finished run it does nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from cluster.housekeeping import tolerate
 from cluster.storage import CorruptRecordError, Store, StorageNotFoundError
 
-from ._arrays import CHANNELS, ArraySpec
-from ._images import DUPLICATE, MASK, REASONS, ImageSpec
+from ._arrays import ArraySpec
+from ._images import DUPLICATE, REASONS, ImageSpec
 from ._stats import ChannelStats
-from ._sources import (Entry, Listing, SourceError, attach_masks, list_source, normalise_labels, scan_container,
-                       scan_files)
-from ._writer import PROGRESS, ShardPlan, build_shard, finished_records, plan_digest
+from ._plan import Plan, PrepError, Shards, make_plan  # noqa: F401  (PrepError, make_plan re-exported)
+from ._sources import Listing, SourceError, attach_masks, list_source, normalise_labels, scan_container, scan_files
+from ._table import EntryTable
+from ._writer import PROGRESS, build_shard, finished_records
 from .options import DEFAULT_SHARD_SIZE, MAX_SIDE_DEFAULT, PrepOptions  # noqa: F401  (re-exported)
 from .manifest import MANIFEST, ChannelInfo, Manifest, MaskInfo, ShardInfo, SplitInfo, save_manifest
 
@@ -44,10 +44,6 @@ REJECTS = "rejects.jsonl"
 IGNORED = "ignored"  # rejects.jsonl's reason for a file that is no input (README.txt beside class folders)
 RUN_RECORD = f"{PROGRESS}/run.json"
 SCAN_CHUNK = 256  # files hashed per scan task
-
-
-class PrepError(RuntimeError):
-    """A prep run cannot go on; the message says what to do."""
 
 
 class DestConflictError(PrepError):
@@ -76,18 +72,6 @@ class PrepResult:
         """Samples written per second of prep work (the embedded Ray cluster's start excluded)."""
         work = self.seconds - self.timings.get("ray", 0.0)
         return self.manifest.totals.get("written", 0) / work if work > 0 else 0.0
-
-
-@dataclass
-class _Plan:
-    shards: list[ShardPlan]
-    early_rejects: list[dict[str, str]]
-    inputs: int
-    classes: list[str] | None
-    ext: str
-    content_digest: str
-    layout: tuple[int, str] | None = None  # npy: the expected (channels, dtype)
-    channel_names: list[str] | None = None
 
 
 # ---- the entry point ------------------------------------------------------------------------------
@@ -122,8 +106,9 @@ def run_prep(src: str, dest: str, options: PrepOptions | None = None, address: s
     with _Progress(progress) as bar:
         workers = _start_ray(address, options.workers)
         clock.lap("ray")
-        entries, classes = _scan(listing, workers, bar)
-        plan = make_plan(entries, classes, options, listing.masks if options.masks else None)
+        table, classes = _scan(listing, workers, bar, options.seed)
+        plan = make_plan(table, classes, options, listing.masks if options.masks else None)
+        table.drop_order()  # the plan holds its rows; the sort keys are done
         clock.lap("scan")
         records, built = _build(plan.shards, store, _image_spec(options, plan), workers, bar, storage_options)
         clock.lap("build")
@@ -148,7 +133,7 @@ class _Clock:
         return time.monotonic() - self.start
 
 
-def _image_spec(options: PrepOptions, plan: "_Plan") -> ImageSpec | ArraySpec:
+def _image_spec(options: PrepOptions, plan: Plan) -> ImageSpec | ArraySpec:
     if plan.ext == "npy":
         channels, dtype = plan.layout or (None, None)
         return ArraySpec(channels=channels, dtype=dtype, resize=options.resize, min_side=options.min_side,
@@ -224,134 +209,43 @@ def _clear(store: Store) -> None:
 # ---- scan and plan ---------------------------------------------------------------------------------
 
 
-def _scan(listing: Listing, workers: int, bar: "_Progress") -> tuple[list[Entry], list[str] | None]:
-    """Every input's content hash, in listing order; class names when the source carries them."""
+def _scan(listing: Listing, workers: int, bar: "_Progress", seed: int) -> tuple[EntryTable, list[str] | None]:
+    """Every input's content hash, in listing order, as columns; class names when the source carries them."""
     import ray
 
     if listing.files:
-        task = ray.remote(num_cpus=1)(scan_files)
+        task = ray.remote(num_cpus=1)(_scan_files_task)
         chunks = [listing.files[i:i + SCAN_CHUNK] for i in range(0, len(listing.files), SCAN_CHUNK)]
-        results = run_bounded(lambda c: task.remote(c), chunks, workers, bar.scan_step(len(chunks)))
-        entries = [e for chunk in results for e in chunk]
+        results = run_bounded(lambda c: task.remote(c, seed), chunks, workers, bar.scan_step(len(chunks)))
         classes = listing.classes
+        table = EntryTable.concat(results)
     else:
-        task = ray.remote(num_cpus=1)(scan_container)
-        results = run_bounded(lambda url: task.remote(url, listing.kind, listing.url), listing.containers, workers,
-                              bar.scan_step(len(listing.containers)))
-        entries = [e for chunk, _ in results for e in chunk]
+        task = ray.remote(num_cpus=1)(_scan_container_task)
+        results = run_bounded(lambda url: task.remote(url, listing.kind, listing.url, seed), listing.containers,
+                              workers, bar.scan_step(len(listing.containers)))
         classes = listing.classes or next((c for _, c in results if c), None)
-    try:
-        labels, classes = normalise_labels([e.label for e in entries], classes)
+        table = EntryTable.concat([t for t, _ in results])
+    del results
+    try:  # labels are normalised once per distinct raw value, not per input
+        table.label_values, classes = normalise_labels(table.label_values, classes)
     except SourceError as exc:
         raise SourceError(f"{listing.url}: {exc}") from None
-    return [Entry(e.name, e.ref, lb, e.key, e.size, e.fmt, e.reject, e.detail, e.layout)
-            for e, lb in zip(entries, labels)], classes
+    return table, classes
 
 
-def make_plan(entries: list[Entry], classes: list[str] | None, options: PrepOptions,
-              masks: dict[str, str] | None = None) -> _Plan:
-    """Deterministic: dedup in listing order, order by sha256(seed, key), split, cut into shards.
-    ``masks`` (input name -> mask URL): every input needs one; one without is rejected (``mask``)."""
-    early, kept, first_of = [], [], {}
-    for e in entries:
-        if e.reject:
-            early.append({"input": e.name, "reason": e.reject, "detail": e.detail})
-        elif e.key in first_of:
-            early.append({"input": e.name, "reason": DUPLICATE, "detail": f"same bytes as {first_of[e.key]}"})
-        elif masks is not None and e.name not in masks:
-            early.append({"input": e.name, "reason": MASK, "detail": f"no mask for it in {options.masks!r}"})
-        else:
-            first_of[e.key] = e.name
-            kept.append(e)
-    ext = options.format if options.format != "keep" else _dominant_format(kept)
-    layout = None
-    if ext == "npy":
-        kept, layout = _check_layouts(kept, early)
-    elif not options.to_rgb:
-        _refuse_lossy(kept, ext)
-    names = _channel_names(options.channels, layout)
-    kept.sort(key=lambda e: hashlib.sha256(f"{options.seed}:{e.key}".encode()).digest())
-    n_val = round(len(kept) * options.val_fraction)
-    splits = {"train": kept[n_val:], **({"val": kept[:n_val]} if n_val else {})}
-    digest = f"{options.digest()}:{ext}"
-    shards = []
-    for split, members in splits.items():
-        for i, items in enumerate(_cut(members, options)):
-            paired = tuple(masks[name] for _, name, _, _ in items) if masks is not None else ()
-            shards.append(ShardPlan(split, i, tuple(items), plan_digest(digest, split, i, items, paired), paired))
-    content = hashlib.sha256("".join(sorted(first_of)).encode()).hexdigest()
-    return _Plan(shards, early, len(entries), classes, ext, content, layout, names)
+def _scan_files_task(files: list[tuple[str, Any, Any]], seed: int) -> EntryTable:
+    return EntryTable.from_entries(scan_files(files), seed)
 
 
-def _check_layouts(kept: list[Entry], early: list[dict[str, str]]) -> tuple[list[Entry], tuple[int, str] | None]:
-    """``format: npy``: the layout most inputs share; every other one is rejected as ``channels``."""
-    counts: dict[tuple[int, str], int] = {}
-    for e in kept:
-        if e.layout is not None and e.layout.channels > 0:
-            counts[(e.layout.channels, e.layout.dtype)] = counts.get((e.layout.channels, e.layout.dtype), 0) + 1
-    if not counts:
-        return kept, None
-    expected = max(sorted(counts), key=lambda k: counts[k])  # ties: the smaller layout, deterministically
-    out = []
-    for e in kept:
-        if e.layout is None or (e.layout.channels, e.layout.dtype) == expected:
-            out.append(e)
-        elif e.layout.channels < 0:
-            early.append({"input": e.name, "reason": CHANNELS, "detail": "one file per channel must each hold 1 "
-                          f"channel of one shape and dtype; expected {expected[0]} x {expected[1]}"})
-        else:
-            early.append({"input": e.name, "reason": CHANNELS,
-                          "detail": f"had {e.layout.channels} x {e.layout.dtype}, expected {expected[0]} x "
-                                    f"{expected[1]} (the layout of most inputs)"})
-    return out, expected
-
-
-def _refuse_lossy(kept: list[Entry], ext: str) -> None:
-    """Under jpg/png, refuse inputs that would lose channels or bit depth (unless ``to_rgb``)."""
-    lossy = [e for e in kept if (e.layout is not None and not e.layout.rgb_safe) or (e.ref[0] == "m")]
-    if lossy:
-        shown = "; ".join(f"{e.name} ({e.layout.describe() if e.layout else 'one file per channel'})"
-                          for e in lossy[:3])
-        raise PrepError(
-            f"{len(lossy)} input(s) would lose channels or bit depth as 8-bit RGB {ext} (e.g. {shown}). "
-            "Use `format: npy` (--format npy) to keep every channel at its dtype, or pass --to-rgb "
-            "(`to_rgb: true`) to convert them to 8-bit RGB on purpose.")
-
-
-def _channel_names(names: list[str] | None, layout: tuple[int, str] | None) -> list[str] | None:
-    if layout is None:
-        return names
-    if names is not None and len(names) != layout[0]:
-        raise PrepError(f"channels names {len(names)} channel(s) {names}, but the inputs have {layout[0]}; "
-                        f"give {layout[0]} names or none")
-    return names or [str(i) for i in range(layout[0])]
-
-
-def _cut(members: list[Entry], options: PrepOptions) -> Iterable[list[tuple]]:
-    """Consecutive runs of at most shard_size samples (or shard_bytes input bytes, at least one)."""
-    limit = options.output_options()
-    chunk: list[tuple] = []
-    size = 0
-    for e in members:
-        full = len(chunk) >= limit["shard_size"] if limit["shard_size"] else size + e.size > limit["shard_bytes"]
-        if chunk and full:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append((e.key, e.name, e.ref, e.label))
-        size += e.size
-    if chunk:
-        yield chunk
-
-
-def _dominant_format(kept: list[Entry]) -> str:
-    png = sum(e.fmt == "png" for e in kept)
-    return "png" if png > len(kept) - png else "jpg"
+def _scan_container_task(url: str, kind: str, src: str, seed: int) -> tuple[EntryTable, list[str] | None]:
+    entries, classes = scan_container(url, kind, src)
+    return EntryTable.from_entries(entries, seed), classes
 
 
 # ---- build -------------------------------------------------------------------------------------------
 
 
-def _build(shards: list[ShardPlan], store: Store, spec: ImageSpec, workers: int, bar: "_Progress",
+def _build(shards: Shards, store: Store, spec: ImageSpec, workers: int, bar: "_Progress",
            storage_options: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], int]:
     """Progress records of every shard (finished ones reused), and how many were built now."""
     import ray
@@ -406,13 +300,13 @@ def _get(ref: Any) -> Any:
 # ---- finish: rejects, accounting, manifest ---------------------------------------------------------
 
 
-def _finish(store: Store, plan: _Plan, records: list[dict[str, Any]], options: PrepOptions,
+def _finish(store: Store, plan: Plan, records: list[dict[str, Any]], options: PrepOptions,
             listing: Listing) -> Manifest:
     rejects = sorted(plan.early_rejects + [r for rec in records for r in rec["rejects"]],
                      key=lambda r: (r["input"], r["reason"]))
     splits: dict[str, SplitInfo] = {}
-    for plan_shard, rec in zip(plan.shards, records):
-        splits.setdefault(plan_shard.split, SplitInfo(shards=[])).shards.append(ShardInfo(**rec["shard"]))
+    for split, rec in zip(plan.shards.splits(), records):
+        splits.setdefault(split, SplitInfo(shards=[])).shards.append(ShardInfo(**rec["shard"]))
     written = sum(s.samples for s in splits.values())
     if plan.inputs != written + len(rejects):  # the accounting invariant; a bug if it ever fails
         raise PrepError(f"accounting mismatch: {plan.inputs} inputs != {written} written + {len(rejects)} rejected")
@@ -436,13 +330,13 @@ def _finish(store: Store, plan: _Plan, records: list[dict[str, Any]], options: P
     return manifest
 
 
-def _channel_info(plan: _Plan, records: list[dict[str, Any]]) -> ChannelInfo | None:
+def _channel_info(plan: Plan, records: list[dict[str, Any]]) -> ChannelInfo | None:
     """``format: npy``: names, dtype and the train split's per-channel statistics (merged shard records)."""
     if plan.ext != "npy":
         return None
     stats = None
-    for shard, rec in zip(plan.shards, records):
-        if shard.split == "train" and rec.get("stats"):
+    for split, rec in zip(plan.shards.splits(), records):
+        if split == "train" and rec.get("stats"):
             part = ChannelStats.from_json(rec["stats"])
             stats = part if stats is None else (stats.merge(part) or stats)
     if stats is None:
@@ -452,9 +346,9 @@ def _channel_info(plan: _Plan, records: list[dict[str, Any]]) -> ChannelInfo | N
     return ChannelInfo.build(names, stats.dtype, stats.summary())
 
 
-def _mask_info(plan: _Plan, records: list[dict[str, Any]]) -> MaskInfo | None:
+def _mask_info(plan: Plan, records: list[dict[str, Any]]) -> MaskInfo | None:
     """With masks: the class count (largest class in any written mask, plus one)."""
-    if not any(shard.masks for shard in plan.shards):
+    if plan.shards.masks is None or not len(plan.shards):
         return None
     return MaskInfo(classes=1 + max((rec.get("mask_max", -1) for rec in records), default=0))
 
