@@ -36,16 +36,24 @@ def majority_patch_labels(masks: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def patch_tokens(model: torch.nn.Module, loader, device: torch.device,
-                 max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [N, L, D], patch labels [N, L]) of every unpadded sample of ``loader`` (a masks loader)."""
+def patch_tokens(model: torch.nn.Module, loader, device: torch.device, max_images: int | None = None,
+                 plan: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [N, L, D], patch labels [N, L]) of every unpadded sample of ``loader`` (a masks loader).
+
+    ``plan`` (a :class:`~jobs._channels.ChannelPlan`): the data channels the model reads. A ChannelViT
+    gives ``k x L`` tokens for ``k`` channels; a patch's token is then the mean of its ``k`` channel
+    tokens, so the probe sees one token per image patch, whatever the number of channels."""
     model.eval()
     patch = model.patch_embed.patch_size[0]
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     xs, ys, seen = [], [], 0
     for batch in loader:
         keep = ~batch["pad"]
-        out = model.forward_features(batch["image"][keep].to(device))[:, prefix:]  # [B, L, D]
+        images = batch["image"][keep] if plan is None else plan.select(batch["image"][keep])
+        out = model.forward_features(images.to(device))[:, prefix:]  # [B, L, D], a ChannelViT [B, k*L, D]
+        grid = (images.shape[-2] // patch) * (images.shape[-1] // patch)
+        if out.shape[1] != grid:
+            out = out.reshape(out.shape[0], out.shape[1] // grid, grid, out.shape[2]).mean(dim=1)
         xs.append(out.float().cpu())
         ys.append(majority_patch_labels(batch["mask"][keep], patch))
         seen += int(keep.sum())
@@ -76,11 +84,12 @@ def high_norm_tokens(tokens: torch.Tensor, factor: float) -> dict[str, Any]:
 
 
 def dense_report(model: torch.nn.Module, cfg: DenseConfig, loaders: dict[str, Any], classes: int, seed: int,
-                 device: torch.device) -> dict[str, Any]:
-    """The ``dense`` entry of one model in ``eval.json``; ``loaders``: ``train`` / ``val`` mask loaders."""
+                 device: torch.device, plan: Any = None) -> dict[str, Any]:
+    """The ``dense`` entry of one model in ``eval.json``; ``loaders``: ``train`` / ``val`` mask loaders;
+    ``plan``: the channels the model reads (eval's ``channels:``)."""
 
-    train_x, train_y = patch_tokens(model, loaders["train"], device, cfg.max_train_images)
-    val_x, val_y = patch_tokens(model, loaders["val"], device)
+    train_x, train_y = patch_tokens(model, loaders["train"], device, cfg.max_train_images, plan)
+    val_x, val_y = patch_tokens(model, loaders["val"], device, plan=plan)
     d = train_x.shape[-1]
     train = Features(train_x.reshape(-1, d), train_y.flatten())
     val = Features(val_x.reshape(-1, d), val_y.flatten())

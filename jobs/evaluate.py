@@ -177,12 +177,12 @@ def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_clas
     result = evaluate_features(name, url, config.get("architecture", "?"), feats[cfg.train_split],
                                feats[cfg.val_split], num_classes, cfg, time.perf_counter() - start, pool)
     if cfg.dense is not None:
-        result.dense = _dense(model, cfg, data_url, size, pretrained, storage_options, device)
+        result.dense = _dense(model, cfg, data_url, size, pretrained, storage_options, device, plan)
     return result
 
 
 def _dense(model: torch.nn.Module, cfg: EvalConfig, data_url: str, size: int, pretrained: dict[str, Any],
-           storage_options: dict[str, Any] | None, device: torch.device) -> dict[str, Any]:
+           storage_options: dict[str, Any] | None, device: torch.device, plan: ChannelPlan) -> dict[str, Any]:
     from dataprep.manifest import load_manifest
 
     masks = load_manifest(data_url, storage_options)[0].masks
@@ -191,7 +191,7 @@ def _dense(model: torch.nn.Module, cfg: EvalConfig, data_url: str, size: int, pr
                          "data with masks: (a folder of <name>.png, or a list's mask column), or remove dense:")
     loaders = {role: _loader(cfg, data_url, split, size, pretrained, storage_options, masks=True)
                for role, split in (("train", cfg.train_split), ("val", cfg.val_split))}
-    return dense_report(model, cfg.dense, loaders, masks.classes, cfg.seed, device)
+    return dense_report(model, cfg.dense, loaders, masks.classes, cfg.seed, device, plan)
 
 
 def run_eval(job: dict[str, Any]) -> dict[str, Any]:

@@ -67,3 +67,41 @@ def test_eval_dense_reports_patch_miou_and_high_norm_tokens_per_model_with_and_w
     assert "patch mIoU" in format_table(report)
     again = run_eval({**spec.eval_job("report"), "stage_url": str(tmp_path / "again")})
     assert again["models"][urls[0]]["dense"]["miou"] == report["models"][urls[0]]["dense"]["miou"]
+
+
+def test_eval_dense_reads_the_selected_channels_and_gives_a_channelvit_one_token_per_patch(tmp_path, ray_local):
+    """4-channel uint16 arrays with masks: a ChannelViT evaluated on 2 of its 4 channels (and on all 4)
+    is probed on one token per image patch (the mean of its channel tokens there)."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from dataprep.manifest import load_manifest
+    from dataprep.prep import PrepOptions, run_prep
+
+    images, masks = write_shapes(str(tmp_path / "shapes"), count=60, size=32, seed=1)
+    arrays = tmp_path / "arrays"
+    for folder, _, files in os.walk(images):
+        for f in files:
+            rgb = np.asarray(Image.open(os.path.join(folder, f)).convert("RGB")).astype(np.uint16) * 257
+            arr = np.concatenate([rgb.transpose(2, 0, 1), rgb.mean(axis=2, dtype=np.float32)[None].astype(np.uint16)])
+            out = arrays / os.path.relpath(os.path.join(folder, f[:-len(".png")] + ".npy"), images)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.save(out, arr)
+    data = str(tmp_path / "data")
+    run_prep(str(arrays), data, PrepOptions(format="npy", masks=masks, channels=["r", "g", "b", "grey"],
+                                            val_fraction=0.25, shard_size=32), progress=False)
+    info = load_manifest(data)[0].channels
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY, "arch": "channelvit_tiny_patch16_224", "in_chans": 4})
+    url = str(tmp_path / "cvit")
+    export_encoder(build_encoder(cfg), cfg, url,
+                   channels={"names": info.names, "dtype": info.dtype, "mean": info.mean, "std": info.std})
+    for channels in (["grey", "r"], None):
+        stage = {"name": "report", "kind": "eval", "data": data, "models": [url], "loader_workers": 0,
+                 "batch_size": 16, "probe": {"epochs": 2}, "dense": {"epochs": 2}, "channels": channels}
+        spec = parse_spec({"name": "dense", "storage": str(tmp_path / f"runs-{channels}"), "stages": [stage]})
+        d = run_eval(spec.eval_job("report"))["models"][url]["dense"]
+        assert d["val_tokens"] == 15 * 64 and d["train_tokens"] == 45 * 64 and d["high_norm"]["tokens"] == 15 * 64
+        assert 0.0 < d["miou"] <= 1.0
