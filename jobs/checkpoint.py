@@ -13,17 +13,18 @@ and applies the policy's retention. The training engine owns the loop and calls:
 
 Uploads behind (``save`` blocks for its local write only)
 ---------------------------------------------------------
-One upload runs at a time, in order; at most one more staged checkpoint waits behind it. A save
-that comes while an upload is in flight stages its files and returns; if another checkpoint was
-already waiting (not yet started), the newer one *supersedes* it: the waiting one's staging copy is
-removed before the new one is written, it is never uploaded or committed (logged, and listed in
+One upload runs at a time, in step order; staged checkpoints wait behind it, at most ``keep_last``
+of them. A save that comes while an upload is in flight stages its files and returns; when
+``keep_last`` checkpoints are already waiting, the oldest waiting one is *superseded*: its staging
+copy is removed, it is never uploaded or committed (logged, and listed in
 :attr:`CheckpointManager.superseded`), and with several ranks a ``rank-N.superseded`` marker tells
-rank 0 to give that step up instead of waiting for its markers. So local disk holds at most two
-checkpoints per rank (the one uploading and the one waiting or being written), the final
-:meth:`close` uploads and commits the newest, and the store only ever gains complete, committed
-checkpoints in step order: a kill -9 at any point leaves the newest committed one to resume from.
-(The policy has no "keep every N-th" rule; the only checkpoints dropped are ones that retention
-would have deleted after ``keep_last`` newer ones.)
+rank 0 to give that step up instead of waiting for its markers. A superseded checkpoint therefore
+has ``keep_last`` newer ones behind it, so retention would have deleted it once they committed:
+uploads falling behind never cost a checkpoint the policy keeps. Local disk holds at most
+``keep_last + 1`` checkpoints per rank (the one uploading and the ones waiting); the final
+:meth:`close` uploads and commits every waiting one, and the store only ever gains complete,
+committed checkpoints in step order: a kill -9 at any point leaves the newest committed one to
+resume from.
 
 Store layout (``<stage_url>/checkpoints/``)::
 
@@ -62,6 +63,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -259,7 +261,7 @@ class CheckpointManager:
         self._base, self._local = local_dir, None
         self._thread: threading.Thread | None = None   # the upload worker (runs the queue, then ends)
         self._lock = threading.Lock()
-        self._queued: _SaveJob | None = None           # staged, waiting behind the upload in flight
+        self._queued: deque[_SaveJob] = deque()        # staged, waiting behind the upload in flight (oldest first)
         self._errors: list[BaseException] = []         # of finished jobs, raised by the next call
         self.superseded: list[int] = []                # steps given up for a newer one, never uploaded
         self.schedule = CheckpointSchedule(policy)  # when the next save is due (jobs/_ckpt_policy.py)
@@ -301,7 +303,8 @@ class CheckpointManager:
         Every rank calls it at the same step; ``meta`` is this rank's JSON-able state (rank 0's
         also goes into ``COMMITTED``). Returns once the local write is done; the upload runs in a
         background thread. An upload still in flight is *not* waited for: this checkpoint queues
-        behind it, superseding one that was already waiting (module docstring, "Uploads behind").
+        behind it, superseding the oldest waiting one when ``keep_last`` already wait (module
+        docstring, "Uploads behind").
         ``sync=True``: every earlier upload, then this one, uploaded and committed before returning.
         The error of an earlier upload, if any, is raised here.
         """
@@ -324,8 +327,8 @@ class CheckpointManager:
             self._raise_pending()
             return
         with self._lock:
-            if self._thread is not None and self._thread.is_alive() and self._queued is None and self._busy:
-                self._queued = job
+            if self._thread is not None and self._thread.is_alive() and self._busy:
+                self._queued.append(job)
                 return
         if self._thread is not None:
             self._thread.join()  # it has finished its last job and is leaving
@@ -341,7 +344,7 @@ class CheckpointManager:
             self._run_job(job)
             self._collect(job)
             with self._lock:
-                job, self._queued = self._queued, None
+                job = self._queued.popleft() if self._queued else None
                 if job is None:
                     self._busy = False
 
@@ -351,9 +354,10 @@ class CheckpointManager:
                 self._errors.append(job.error)
 
     def _supersede_queued(self, step: int) -> None:
-        """Give up the checkpoint waiting behind the upload in flight (if any) for the one of ``step``."""
+        """Give up the oldest checkpoint waiting behind the upload in flight when ``keep_last`` wait, for
+        the one of ``step`` (retention would delete it once the newer ones commit)."""
         with self._lock:
-            job, self._queued = self._queued, None
+            job = self._queued.popleft() if len(self._queued) >= self.policy.keep_last else None
         if job is None:
             return
         job.superseded = True
@@ -537,7 +541,7 @@ class CheckpointManager:
             raise errors[0]
 
     def wait(self) -> None:
-        """Block until the upload in flight and the one queued behind it (if any) are done; raise the
+        """Block until the upload in flight and those queued behind it (if any) are done; raise the
         first error if one failed."""
         if self._thread is not None:
             self._thread.join()

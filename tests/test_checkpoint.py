@@ -92,12 +92,14 @@ def test_save_returns_while_upload_is_blocked_and_commits_after_thaw(s3_server, 
     ckpt.close()
 
 
-def test_a_save_blocks_for_its_local_write_only_and_a_newer_one_supersedes_a_waiting_one(s3_server, tmp_path):
-    """With the store frozen mid-upload, save(3) and save(4) return while step 2 is provably still uploading;
-    4 supersedes 3 (never uploaded, its staging copy gone), and close() commits 2 then 4."""
+def test_a_save_blocks_for_its_local_write_only_and_the_oldest_of_keep_last_waiting_is_superseded(s3_server,
+                                                                                                    tmp_path):
+    """With the store frozen mid-upload, saves 3, 4 and 5 return while step 2 is provably still uploading;
+    3 and 4 wait (keep_last = 2 may wait), 5 supersedes 3 (never uploaded, its staging copy gone): a
+    checkpoint that retention would delete anyway once 4 and 5 commit. close() commits 2, 4, then 5."""
     server = s3_server()
     url = f"s3://{server.bucket}/run/stages/pretrain"
-    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=1, keep_last=5), storage_options=private_opts(server),
+    ckpt = CheckpointManager(url, CheckpointPolicy(every_steps=1, keep_last=2), storage_options=private_opts(server),
                              local_dir=str(tmp_path / "stage"))
     events: list = []
     put_file = ckpt.store.put_file
@@ -107,27 +109,31 @@ def test_a_save_blocks_for_its_local_write_only_and_a_newer_one_supersedes_a_wai
         events.append(("put", rel.split("/")[0]))
         return digest
 
+    def staged() -> list[str]:
+        return sorted(os.listdir(tmp_path / "stage" / "rank-00000"))
+
     ckpt.store.put_file = observed_put
     ckpt.save(1, writer(1, events), {"step": 1}, sync=True)
     server.freeze()
     try:
         ckpt.save(2, writer(2, events), {"step": 2})
         ckpt.save(3, writer(3, events), {"step": 3})   # returns: queued behind step 2's upload
+        ckpt.save(4, writer(4, events), {"step": 4})   # queued too: two may wait
         assert ckpt.upload_in_flight and ("put", "step-00000002") not in events, "step 2 is still uploading"
-        staged = sorted(os.listdir(tmp_path / "stage" / "rank-00000"))
-        assert staged == ["step-00000002", "step-00000003"]
-        ckpt.save(4, writer(4, events), {"step": 4})   # supersedes 3, which has not started
+        assert staged() == ["step-00000002", "step-00000003", "step-00000004"] and ckpt.superseded == []
+        ckpt.save(5, writer(5, events), {"step": 5})   # supersedes 3, the oldest waiting
         assert ckpt.upload_in_flight and ("put", "step-00000002") not in events
-        assert sorted(os.listdir(tmp_path / "stage" / "rank-00000")) == ["step-00000002", "step-00000004"]
+        assert staged() == ["step-00000002", "step-00000004", "step-00000005"]
         assert ckpt.superseded == [3]
     finally:
         server.thaw()
     ckpt.close()
-    assert [e for e in events if e[0] == "write"] == [("write", s) for s in (1, 2, 3, 4)]
+    assert [e for e in events if e[0] == "write"] == [("write", s) for s in (1, 2, 3, 4, 5)]
     puts = [e[1] for e in events if e[0] == "put"]
     assert "step-00000003" not in puts
-    assert max(i for i, n in enumerate(puts) if n == "step-00000002") < puts.index("step-00000004")
-    assert [c.step for c in ckpt.committed()] == [1, 2, 4] and ckpt.latest().step == 4
+    last = {n: max(i for i, p in enumerate(puts) if p == n) for n in set(puts)}
+    assert last["step-00000002"] < puts.index("step-00000004") and last["step-00000004"] < puts.index("step-00000005")
+    assert [c.step for c in ckpt.committed()] == [4, 5] and ckpt.latest().step == 5  # keep_last 2
 
 
 def test_a_rank_that_superseded_a_step_releases_rank_0_from_committing_it(tmp_path):
