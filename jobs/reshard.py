@@ -146,8 +146,10 @@ def _load_engine_state(accelerator: Any, engine: Any, engine_dir: str, saved_wor
             f"zero_stage 0); it cannot be re-partitioned for {world_size} workers: resume on {saved_world} "
             "workers, or train with zero_stage >= 1")
     universal = engine_dir.rstrip("/") + "-universal"
+    stateless = fill_missing_state(source)
     to_universal(source, os.path.join(universal, MODEL_TAG))
-    groups = _inner_optimizer(engine).param_groups
+    inner = _inner_optimizer(engine)
+    groups = inner.param_groups
     settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     engine._config.load_universal_checkpoint = True  # read by DeepSpeed's load_checkpoint only
     try:
@@ -156,7 +158,43 @@ def _load_engine_state(accelerator: Any, engine: Any, engine_dir: str, saved_wor
         engine._config.load_universal_checkpoint = False
     for group, kept in zip(groups, settings):
         group.update(kept)
+    wrapper = engine.optimizer  # its flat fp32 partitions, in the order of the files' state entries
+    flat = getattr(wrapper, "fp32_partitioned_groups_flat", None) or wrapper.single_partition_of_fp32_groups
+    for k in stateless:  # back to "no optimizer state", as in the run that saved it
+        inner.state.pop(flat[k], None)
     _load_untrained(engine, source)
+
+
+def fill_missing_state(source: str) -> set[int]:
+    """Give every flat parameter of the ZeRO optimizer files in ``source`` Adam moments, in place.
+
+    A parameter group that never took a step (e.g. DINO's last layer while frozen: no optimizer state
+    at all, :class:`~jobs._engine_config.FreezableAdamW`) has no (or an empty) state entry, and ``ds_to_universal``
+    cannot convert a checkpoint with one (a KeyError, or at ZeRO-1/2 a group silently left out).
+    Zeros with step 0 are injected for the conversion; returns their indices (into the ZeRO optimizer's
+    flat fp32 partitions), whose state the caller drops again after the load."""
+    missing: set[int] = set()
+    for path in sorted(glob.glob(os.path.join(source, "*optim_states.pt"))):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        sd = saved["optimizer_state_dict"]
+        if "fp32_flat_groups" in sd:  # ZeRO-3
+            state, flats = sd["optimizer_state_dict"]["state"], sd["fp32_flat_groups"]
+        else:  # ZeRO-1/2
+            state, flats = sd["base_optimizer_state"]["state"], sd["single_partition_of_fp32_groups"]
+        here = [k for k in range(len(flats)) if "exp_avg" not in state.get(k, {})]  # ZeRO-2 may hold {}
+        if not here:
+            continue
+        step = next((v["step"] for v in state.values() if "step" in v), None)
+        for k in here:
+            state[k] = {"exp_avg": torch.zeros_like(flats[k]), "exp_avg_sq": torch.zeros_like(flats[k]),
+                        **({"step": torch.zeros_like(step) if torch.is_tensor(step) else 0} if step is not None else {})}
+        if isinstance(state, dict):
+            sd_state = dict(sorted(state.items()))
+            state.clear()
+            state.update(sd_state)
+        torch.save(saved, path)
+        missing.update(here)
+    return missing
 
 
 def _load_untrained(engine: Any, source: str) -> None:

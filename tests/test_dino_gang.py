@@ -9,6 +9,7 @@ checks the same EMA and that the export loads in timm with the student's exact f
 
 from __future__ import annotations
 
+import glob
 import os
 
 import pytest
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from tests._shards_util import write_shards
 from tests._train_util import (TINY_MODEL, assert_same_losses, download_checkpoint, finish, kill_then_resume, losses,
-                               metrics, stage_store, status, torchrun, write_spec, zero_fp32_state_dict)
+                               metrics, stage_store, status, torchrun, write_job, write_spec, zero_fp32_state_dict)
 from jobs.dino import DINOConfig, DINOMethod, DINOSchedule
 from jobs.engine import METHOD_STATE
 
@@ -118,6 +119,42 @@ def test_zero3_worker_killed_then_resumed_logs_the_same_losses_as_uninterrupted(
     st = kill_then_resume(spec, storage, "kill", {"kill_rank": 1, "kill_at_step": 5})
     assert st["state"] == "done" and st["resumed_from"] == 4 and st["attempts"] == 2
     assert_same_losses(losses(storage, "kill"), losses(zero3[0], "zero3"), STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_checkpoint_taken_while_the_last_layer_is_frozen_resumes_on_one_worker(zero3, manifest, s3, tmp_path,
+                                                                                 zero_stage):
+    """Killed at step 3 of a 4-step freeze, the step-2 checkpoint (the frozen group has no Adam state)
+    resumes on 1 worker through DeepSpeed's universal checkpoint: the last layer stays bit-identical
+    to its initial weights until the freeze ends, then trains, and every step runs."""
+    storage = f"s3://{s3.bucket}/{tmp_path.name}"
+    spec = write_spec(tmp_path, storage, "shrink", {**STAGE, "data": manifest, "zero_stage": zero_stage,
+                                                    "checkpoint": {"every_steps": 2, "keep_last": STEPS}})
+    rc, out = finish(torchrun(job=write_job(spec, "pretrain", fault={"kill_rank": 0, "kill_at_step": 3})))
+    assert rc != 0 and status(storage, "shrink")["state"] == "running", out[-3000:]
+    rc, out = finish(torchrun(spec, nproc=1))
+    assert rc == 0 and "on 1 workers" in out, out[-4000:]
+    st = status(storage, "shrink")
+    assert st["state"] == "done" and st["resumed_from"] == 2 and st["world_size"] == 1
+    got = losses(storage, "shrink")
+    assert len(got) == STEPS and all(x == x for x in got)  # every step ran, no NaN
+    if zero_stage == 3:
+        assert_same_losses(got[:2], losses(zero3[0], "zero3")[:2], 2)
+
+    store = stage_store(storage, "shrink")
+    init = initial_student({**STAGE, "data": manifest})["head.last_layer.weight_v"].float()
+    for step, frozen in ((4, True), (6, False)):
+        local = download_checkpoint(store, step, tmp_path)
+        weight = zero_fp32_state_dict(local)["head.last_layer.weight_v"].float()
+        assert torch.equal(weight, init) == frozen  # frozen on 1 worker too: no update, not even weight decay
+        (optim,) = glob.glob(os.path.join(local, "engine", "*", "*optim_states.pt"))
+        sd = torch.load(optim, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        flats, state = ((sd["fp32_flat_groups"], sd["optimizer_state_dict"]["state"]) if zero_stage == 3 else
+                        (sd["single_partition_of_fp32_groups"], sd["base_optimizer_state"]["state"]))
+        stateless = sum("exp_avg" not in state.get(k, {}) for k in range(len(flats)))
+        assert stateless == (1 if frozen else 0), f"step {step}: {stateless} groups without Adam state"
 
 
 def test_zero2_with_registers_teacher_is_the_ema_and_export_loads_in_timm_with_identical_features(manifest, s3,
