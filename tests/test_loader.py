@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dataprep.loader import StreamingLoader
-from dataprep.transforms import mae_transform
+from dataprep.transforms import dino_transform, mae_transform
 from tests._shards_util import shard_keys, write_shards
 
 COUNTS = [10, 7, 13, 5, 9, 11]  # 55 samples, uneven shards
@@ -100,6 +100,17 @@ def test_num_workers_do_not_change_the_sequence_or_the_augmented_tensors(shards)
     two = take([make(shards, num_workers=2, **kw)])[0]
     assert [b["key"] for b in ref] == [b["key"] for b in two]
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(ref, two))
+
+
+def test_multi_crop_batches_from_workers_equal_in_process_ones(shards):
+    """Workers hand uint8 views across the process boundary; the consumer normalises them to the
+    float32 values an in-process loader makes."""
+    kw = dict(transform=dino_transform(16, local_crops=2), batch_size=3)
+    ref = take([make(shards, **kw)], n=3)[0]
+    two = take([make(shards, num_workers=2, **kw)], n=3)[0]
+    for x, y in zip(ref, two):
+        assert "_normalize" not in y and len(y["image"]) == 4
+        assert all(b.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(x["image"], y["image"]))
 
 
 @pytest.mark.faults
