@@ -69,8 +69,8 @@ class Listing:
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One input after the scan: its content hash (the sample key) or why it was rejected early.
-    Slotted: the driver holds one per input through the plan (~380 B each instead of ~430 B, measured
-    with tracemalloc at 100k entries), see bench/RESULTS.md "scale"."""
+    A scan task turns its entries into columns (:class:`dataprep._table.EntryTable`) before it returns,
+    so the driver holds none of these (bench/RESULTS.md "scale")."""
 
     name: str
     ref: tuple
