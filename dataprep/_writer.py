@@ -25,7 +25,7 @@ from cluster.storage import Store, StorageError, local_staging
 from ._arrays import ArraySpec, process_array
 from ._images import UNREADABLE, ImageSpec, Reject, process
 from ._masks import MASK_EXT, image_size, output_size, process_mask
-from ._sources import RefReader, read_url, store_at
+from ._sources import RefReader, read_url, row_group_cache, store_at
 from ._stats import ChannelStats
 
 PROGRESS = "_progress"
@@ -93,6 +93,7 @@ def build_shard(plan: ShardPlan, dest: str, spec: ImageSpec | ArraySpec,
                 storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Process, tar, upload and record one shard. Returns its progress record."""
     start = time.monotonic()
+    row_group_cache().scope(dest)  # a worker keeps Parquet row groups for one output at a time
     stats = ChannelStats(spec.channels, spec.dtype) if isinstance(spec, ArraySpec) and spec.channels else None
     sizes: dict[str, tuple[int, int]] = {}
     outputs, rejects = _process_all(plan, spec, stats if plan.split == "train" else None, sizes)

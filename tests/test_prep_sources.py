@@ -128,3 +128,51 @@ def test_flat_folder_summary_says_it_has_no_classes(tmp_path, ray_local):
         (flat / f"{i}.jpg").write_bytes(jpeg(seed=i))
     result = run_prep(str(flat), str(tmp_path / "out"), OPTS, progress=False)
     assert source_line(result.manifest).startswith("source: flat (") and "no classes" in source_line(result.manifest)
+
+
+def test_parquet_row_groups_are_read_once_per_worker_across_shard_tasks(tmp_path, monkeypatch):
+    """Hash order makes every shard touch every Parquet file: a worker keeps decoded row groups across
+    its shard tasks (bounded, keyed by the file's size and stamp), so each is read once, not per shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dataprep import _sources
+
+    path = str(tmp_path / "part.parquet")
+
+    def write(prefix: bytes) -> None:
+        images = [prefix + b"%d" % i for i in range(20)]
+        pq.write_table(pa.table({"image": images, "label": list(range(20))}), path, row_group_size=10)
+
+    reads: list[int] = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, rg, **kw: reads.append(rg) or real(self, rg, **kw))
+    monkeypatch.setattr(_sources, "_ROW_GROUPS", _sources._RowGroupCache())
+    write(b"a")
+    for task in range(3):  # three shard tasks on one worker, each reading rows of both groups
+        reader = _sources.RefReader()
+        assert [reader.read(("p", path, rg, row)) for rg, row in ((0, 1), (0, 9), (1, 0), (1, 5))] == \
+            [b"a1", b"a9", b"a10", b"a15"]
+        reader.close()
+    assert reads == [0, 1]
+
+    write(b"bb")  # the file rewritten in place: its groups are read afresh
+    reader = _sources.RefReader()
+    assert reader.read(("p", path, 1, 2)) == b"bb12" and reads == [0, 1, 1]
+
+    _sources.row_group_cache().scope("s3://b/another-output")  # another prep output: groups dropped
+    assert _sources.row_group_cache().get((path, 1, *_sources.RefReader()._stamp(path))) is None
+
+    monkeypatch.setattr(_sources, "_ROW_GROUPS", _sources._RowGroupCache())
+    monkeypatch.setenv(_sources.ROW_GROUP_CACHE_ENV, "700")  # room for one group: the first stays, not the last
+    for _ in range(2):
+        reader = _sources.RefReader()
+        assert [reader.read(("p", path, rg, 0)) for rg in (0, 1)] == [b"bb0", b"bb10"]
+    assert reads == [0, 1, 1, 0, 1, 1]
+
+    monkeypatch.setenv(_sources.ROW_GROUP_CACHE_ENV, "0")  # off: each task reads what it needs, once
+    monkeypatch.setattr(_sources, "_ROW_GROUPS", _sources._RowGroupCache())
+    for _ in range(2):
+        reader = _sources.RefReader()
+        assert [reader.read(("p", path, 0, row)) for row in (3, 4)] == [b"bb3", b"bb4"]
+    assert reads == [0, 1, 1, 0, 1, 1, 0, 0]
