@@ -39,9 +39,7 @@ class Shards(Sequence[ShardPlan]):
     def __len__(self) -> int:
         return len(self.cuts)
 
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def __getitem__(self, i: int) -> ShardPlan:  # type: ignore[override]
         split, index, lo, hi = self.cuts[i]
         items = tuple(self.table.item(int(r)) for r in self.rows[lo:hi])
         paired = tuple(self.masks[name] for _, name, _, _ in items) if self.masks is not None else ()

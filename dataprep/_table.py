@@ -111,9 +111,7 @@ class EntryTable:
         if not tables:
             return EntryTable.from_entries([])
         seeds = {t.seed for t in tables}
-        seed = seeds.pop() if len(seeds) == 1 else None
-        if seed is None:
-            seed, tables = 0, [t.with_seed(0) for t in tables]  # any common seed; make_plan recomputes its own
+        seed = seeds.pop() if len(seeds) == 1 else None  # None: orders of different seeds, left to with_seed
         urls, reasons, labels, layouts = _Codes(), _Codes(), _Codes(), _Codes()
         remap = {"url": [], "reject": [], "label": [], "layout": []}
         details, base = {}, 0
@@ -142,6 +140,8 @@ class EntryTable:
                 setattr(t, col, None)
             out[col] = np.concatenate(parts)
         assert len(out["kind"]) == sum(lengths)
+        if seed is None:
+            out["order"] = np.zeros((len(out["kind"]), 2), np.uint64)
         return EntryTable(seed=seed, urls=urls.values, reasons=reasons.values, label_values=labels.values,
                           layouts=layouts.values, details=details, **out)
 

@@ -25,7 +25,8 @@ from cluster.storage import Store, StorageError, local_staging
 from ._arrays import ArraySpec, process_array
 from ._images import UNREADABLE, ImageSpec, Reject, process
 from ._masks import MASK_EXT, image_size, output_size, process_mask
-from ._sources import RefReader, read_url, row_group_cache, store_at
+from ._refs import RefReader, row_group_cache
+from ._sources import read_url, store_at
 from ._stats import ChannelStats
 
 PROGRESS = "_progress"

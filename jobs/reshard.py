@@ -188,10 +188,6 @@ def fill_missing_state(source: str) -> set[int]:
         for k in here:
             state[k] = {"exp_avg": torch.zeros_like(flats[k]), "exp_avg_sq": torch.zeros_like(flats[k]),
                         **({"step": torch.zeros_like(step) if torch.is_tensor(step) else 0} if step is not None else {})}
-        if isinstance(state, dict):
-            sd_state = dict(sorted(state.items()))
-            state.clear()
-            state.update(sd_state)
         torch.save(saved, path)
         missing.update(here)
     return missing

@@ -136,7 +136,7 @@ def test_parquet_row_groups_are_read_once_per_worker_across_shard_tasks(tmp_path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dataprep import _sources
+    from dataprep import _refs
 
     path = str(tmp_path / "part.parquet")
 
@@ -147,32 +147,32 @@ def test_parquet_row_groups_are_read_once_per_worker_across_shard_tasks(tmp_path
     reads: list[int] = []
     real = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, rg, **kw: reads.append(rg) or real(self, rg, **kw))
-    monkeypatch.setattr(_sources, "_ROW_GROUPS", _sources._RowGroupCache())
+    monkeypatch.setattr(_refs, "_ROW_GROUPS", _refs._RowGroupCache())
     write(b"a")
     for task in range(3):  # three shard tasks on one worker, each reading rows of both groups
-        reader = _sources.RefReader()
+        reader = _refs.RefReader()
         assert [reader.read(("p", path, rg, row)) for rg, row in ((0, 1), (0, 9), (1, 0), (1, 5))] == \
             [b"a1", b"a9", b"a10", b"a15"]
         reader.close()
     assert reads == [0, 1]
 
     write(b"bb")  # the file rewritten in place: its groups are read afresh
-    reader = _sources.RefReader()
+    reader = _refs.RefReader()
     assert reader.read(("p", path, 1, 2)) == b"bb12" and reads == [0, 1, 1]
 
-    _sources.row_group_cache().scope("s3://b/another-output")  # another prep output: groups dropped
-    assert _sources.row_group_cache().get((path, 1, *_sources.RefReader()._stamp(path))) is None
+    _refs.row_group_cache().scope("s3://b/another-output")  # another prep output: groups dropped
+    assert _refs.row_group_cache().get((path, 1, *_refs.RefReader()._stamp(path))) is None
 
-    monkeypatch.setattr(_sources, "_ROW_GROUPS", _sources._RowGroupCache())
-    monkeypatch.setenv(_sources.ROW_GROUP_CACHE_ENV, "700")  # room for one group: the first stays, not the last
+    monkeypatch.setattr(_refs, "_ROW_GROUPS", _refs._RowGroupCache())
+    monkeypatch.setenv(_refs.ROW_GROUP_CACHE_ENV, "700")  # room for one group: the first stays, not the last
     for _ in range(2):
-        reader = _sources.RefReader()
+        reader = _refs.RefReader()
         assert [reader.read(("p", path, rg, 0)) for rg in (0, 1)] == [b"bb0", b"bb10"]
     assert reads == [0, 1, 1, 0, 1, 1]
 
-    monkeypatch.setenv(_sources.ROW_GROUP_CACHE_ENV, "0")  # off: each task reads what it needs, once
-    monkeypatch.setattr(_sources, "_ROW_GROUPS", _sources._RowGroupCache())
+    monkeypatch.setenv(_refs.ROW_GROUP_CACHE_ENV, "0")  # off: each task reads what it needs, once
+    monkeypatch.setattr(_refs, "_ROW_GROUPS", _refs._RowGroupCache())
     for _ in range(2):
-        reader = _sources.RefReader()
+        reader = _refs.RefReader()
         assert [reader.read(("p", path, 0, row)) for row in (3, 4)] == [b"bb3", b"bb4"]
     assert reads == [0, 1, 1, 0, 1, 1, 0, 0]
