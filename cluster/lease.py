@@ -288,11 +288,11 @@ class Lease:
             now = time.time()
             record = LeaseRecord(owner=self.owner, host=socket.gethostname(), pid=os.getpid(), started_at=now,
                                  heartbeat_at=now, generation=(old.generation if old else 0) + 1)
-            if self._cas.swap(current[1] if current else None, record.encode()):
+            data = record.encode()
+            if self._cas.swap(current[1] if current else None, data) and self._adopt(record, data):
                 if old is not None and not old.released:
                     log.warning("took over the stale lease of %s (heartbeat %.0f s old); generation %d fences it",
                                 self.store.url, now - old.heartbeat_at, record.generation)
-                self.record, self._tag = record, self._cas.read()[1]
                 return record
         raise LeaseHeldError(f"run root {self.store.url}: another writer keeps changing the lease {self.url}")
 
@@ -300,14 +300,24 @@ class Lease:
         """Write a fresh heartbeat; False (and :attr:`lost` set) when the lease was taken over."""
         assert self.record is not None, "acquire() first"
         record = LeaseRecord(**{**asdict(self.record), "heartbeat_at": time.time()})
-        if self._cas.swap(self._tag, record.encode()):
-            self.record, self._tag = record, self._cas.read()[1]
+        data = record.encode()
+        if self._cas.swap(self._tag, data) and self._adopt(record, data):
             return True
         self.lost.set()
         holder = self.read()
         log.error("lost the lease of %s to %s: this run stops writing", self.store.url,
                   holder.holder() if holder else "nobody (deleted)")
         return False
+
+    def _adopt(self, record: LeaseRecord, data: bytes) -> bool:
+        """After a successful swap: take the stored version's tag as ours, but only if it still holds what
+        we wrote. The swap and this read are two requests; a writer frozen between them (SIGSTOP, a long
+        GC pause) would otherwise adopt the tag of whoever took the lease meanwhile and overwrite it."""
+        current = self._cas.read()
+        if current is None or current[0] != data:
+            return False
+        self.record, self._tag = record, current[1]
+        return True
 
     def release(self) -> None:
         """Mark the lease released (kept, so the generation only ever grows); a lost lease is left alone."""
