@@ -16,8 +16,8 @@ def check_stage_channels(spec: Any) -> None:
     as far as the spec and finished stages tell (the rest is checked when the stage starts, with the
     same message)."""
     for i, stage in enumerate(spec.stages):
-        selected = getattr(stage, "channels", None)
-        if stage.kind not in ("finetune", "eval") or not selected:
+        selected, withheld = getattr(stage, "channels", None), getattr(stage, "withhold", None)
+        if stage.kind not in ("finetune", "eval") or not (selected or withheld):
             continue
         data = _spec_data_names(spec, stage)
         refs = stage.models if stage.kind == "eval" else [stage.init] if isinstance(stage.init, str) else []
@@ -26,10 +26,11 @@ def check_stage_channels(spec: Any) -> None:
             if found is None:
                 continue
             arch, in_chans, names = found
-            if in_chans is None or (data is None and is_channelvit(arch)):
+            if in_chans is None or (data is None and (is_channelvit(arch) or not selected)):
                 continue  # decided when the stage starts and reads its data
-            plan_channels(f"stages[{i}] ({stage.name}) > channels, model {ref!r}", selected, data or selected, arch,
-                          in_chans, names)
+            field = "channels" if selected else "withhold"
+            plan_channels(f"stages[{i}] ({stage.name}) > {field}, model {ref!r}", selected, data or selected, arch,
+                          in_chans, names, withheld)
 
 
 def _spec_data_names(spec: Any, stage: Any) -> list[str] | None:

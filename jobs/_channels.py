@@ -9,11 +9,15 @@ channels (:func:`plan_channels`): a ChannelViT takes any subset of the channels 
 (each token carries a learned embedding of its channel), a plain model only exactly ``in_chans``
 of them, and the refusal names the fix. The resulting :class:`ChannelPlan` slices each batch
 (``select``) and tells a ChannelViT which of its channels the input holds (``model``).
+
+``withhold: [Mito, BF]`` (eval) measures a model without some of the channels it reads: a ChannelViT
+reads the others, a plain model gets each withheld channel as zeros after normalisation (its train
+mean: the only way to give a plain model an input without that channel).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from dataprep.manifest import ChannelInfo, load_manifest
@@ -55,10 +59,22 @@ class ChannelPlan:
     data: tuple[int, ...] | None = None
     model: tuple[int, ...] | None = None
     names: tuple[str, ...] = ()
+    zero: tuple[int, ...] = ()  # positions (in the selected order) a plain model gets as zeros: withheld
+    withheld: tuple[str, ...] = ()
 
     def select(self, imgs: Any) -> Any:
-        """``[N, C, H, W]`` -> ``[N, k, H, W]``: the planned channels, in the planned order."""
-        return imgs if self.data is None else imgs[:, list(self.data)]
+        """``[N, C, H, W]`` -> ``[N, k, H, W]``: the planned channels, in the planned order (withheld ones
+        of a plain model zeroed: normalised images, so each is its train mean)."""
+        out = imgs if self.data is None else imgs[:, list(self.data)]
+        if self.zero:
+            out = out.clone() if out is imgs else out
+            out[:, list(self.zero)] = 0
+        return out
+
+    @property
+    def withheld_as(self) -> str | None:
+        """How the model went without the withheld channels: ``absent`` (a ChannelViT), ``zero`` (plain)."""
+        return None if not self.withheld else "zero" if self.zero else "absent"
 
     def bind(self, model: Any) -> None:
         """Tell a ChannelViT (and only one) which of its channels the input holds."""
@@ -68,9 +84,12 @@ class ChannelPlan:
 
 
 def plan_channels(where: str, selected: Sequence[str] | None, data_names: Sequence[str], arch: str, in_chans: int,
-                  model_names: Sequence[str] | None = None) -> ChannelPlan:
+                  model_names: Sequence[str] | None = None, withheld: Sequence[str] | None = None) -> ChannelPlan:
     """The :class:`ChannelPlan` of a stage whose model ``arch`` takes ``in_chans`` channels (a ChannelViT:
-    trained on ``model_names``, by default the data's when the counts agree) on data with ``data_names``."""
+    trained on ``model_names``, by default the data's when the counts agree) on data with ``data_names``;
+    ``withheld``: of the channels it reads, those it must go without (see the module docstring)."""
+    if withheld:
+        return _withheld_plan(where, selected, list(data_names), arch, in_chans, model_names, list(withheld))
     data_names = list(data_names)
     names = list(selected) if selected else data_names
     unknown = [n for n in names if n not in data_names]
@@ -90,6 +109,24 @@ def plan_channels(where: str, selected: Sequence[str] | None, data_names: Sequen
     return ChannelPlan(data_idx if selected else None, None, tuple(names))
 
 
+def _withheld_plan(where: str, selected: Sequence[str] | None, data_names: list[str], arch: str, in_chans: int,
+                   model_names: Sequence[str] | None, withheld: list[str]) -> ChannelPlan:
+    reads = list(selected) if selected else data_names
+    unknown = [n for n in withheld if n not in reads]
+    if unknown:
+        what = "the channels: it selects" if selected else "the data's channels"
+        raise ValueError(f"{where}: withhold: {unknown} are not among {what} {reads}")
+    if len(set(withheld)) != len(withheld):
+        raise ValueError(f"{where}: withhold: {withheld} names a channel twice")
+    if len(withheld) == len(reads):
+        raise ValueError(f"{where}: withhold: {withheld} withholds every channel the model reads; keep at least one")
+    if is_channelvit(arch):
+        keep = [n for n in reads if n not in withheld]
+        return replace(plan_channels(where, keep, data_names, arch, in_chans, model_names), withheld=tuple(withheld))
+    plan = plan_channels(where, selected, data_names, arch, in_chans, model_names)
+    return replace(plan, zero=tuple(plan.names.index(n) for n in withheld), withheld=tuple(withheld))
+
+
 def _channelvit_plan(where: str, names: list[str], data_idx: tuple[int, ...], data_names: list[str], in_chans: int,
                      model_names: Sequence[str] | None) -> ChannelPlan:
     trained = list(model_names) if model_names else (data_names if len(data_names) == in_chans else None)
@@ -107,11 +144,11 @@ def _channelvit_plan(where: str, names: list[str], data_idx: tuple[int, ...], da
 
 
 def model_channel_plan(where: str, selected: Sequence[str] | None, config: dict[str, Any],
-                       info: ChannelInfo | None) -> ChannelPlan:
+                       info: ChannelInfo | None, withheld: Sequence[str] | None = None) -> ChannelPlan:
     """:func:`plan_channels` for the export whose ``config.json`` is ``config`` on data described by ``info``."""
     names = ((config.get("vitforge") or {}).get("channels") or {}).get("names")
     in_chans = int(config["pretrained_cfg"]["input_size"][0])
-    return plan_channels(where, selected, channel_names(info), config["architecture"], in_chans, names)
+    return plan_channels(where, selected, channel_names(info), config["architecture"], in_chans, names, withheld)
 
 
 def export_channels(info: ChannelInfo | None, count: int, plan: ChannelPlan | None = None) -> dict[str, Any]:

@@ -128,6 +128,11 @@ class ModelResult:
     seconds: float
     pool: str = "token"
     dense: dict[str, Any] | None = None  # with ``dense:``: patch-probe mIoU and high-norm tokens
+    withheld: list[str] | None = None  # with ``withhold:``: the channels it went without
+    withheld_as: str | None = None  # ``absent`` (a ChannelViT reads the others) or ``zero`` (a plain model)
+    # with ``withhold:``: kNN and probe built on train features of every channel, tested on val without the
+    # withheld ones (a channel missing at test time); knn_top1 / linear_top1 above are fit without them too
+    withheld_at_test: dict[str, float] | None = None
 
 
 def evaluate_features(name: str, url: str, architecture: str, train: Features, val: Features, num_classes: int,
@@ -140,6 +145,15 @@ def evaluate_features(name: str, url: str, architecture: str, train: Features, v
     linear = linear_probe(train, val, num_classes, cfg.probe, cfg.seed)
     return ModelResult(name, url, architecture, int(train.x.shape[1]), int(len(train.y)), int(len(val.y)), knn, linear,
                        seconds + time.perf_counter() - start, pool)
+
+
+def withheld_at_test(full_train: Features, held_val: Features, num_classes: int, cfg: EvalConfig) -> dict[str, float]:
+    """kNN bank and linear probe from every channel's train features, scored on val features without the
+    withheld channels: what a model trained with all channels keeps when some are missing at test time."""
+    keep = label_subset(full_train.y, cfg.label_fraction, cfg.seed)
+    train = Features(full_train.x[keep], full_train.y[keep])
+    return {"knn_top1": knn_accuracy(train, held_val, num_classes, cfg.knn_k, cfg.knn_temperature),
+            "linear_top1": linear_probe(train, held_val, num_classes, cfg.probe, cfg.seed)}
 
 
 def _loader(cfg: EvalConfig, data_url: str, split: str, img_size: int, pretrained_cfg: dict[str, Any],
@@ -165,7 +179,7 @@ def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_clas
     size = cfg.img_size or int(pretrained.get("input_size", [3, 224, 224])[-1])
     pool = cfg.pool or (config.get("vitforge") or {}).get("pool") or "token"  # the stage's, else the method's
     plan = model_channel_plan(f"eval {cfg.name!r}, model {name!r}", cfg.channels, config,
-                              data_channels(data_url, storage_options))
+                              data_channels(data_url, storage_options), cfg.withhold)
     plan.bind(model)
     loaders = {split: _loader(cfg, data_url, split, size, pretrained, storage_options)
                for split in (cfg.train_split, cfg.val_split)}
@@ -176,6 +190,14 @@ def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_clas
                              "eval needs a labelled prep (an ImageFolder or a list with labels)")
     result = evaluate_features(name, url, config.get("architecture", "?"), feats[cfg.train_split],
                                feats[cfg.val_split], num_classes, cfg, time.perf_counter() - start, pool)
+    if plan.withheld:
+        every = model_channel_plan(f"eval {cfg.name!r}, model {name!r}", cfg.channels, config,
+                                   data_channels(data_url, storage_options))
+        every.bind(model)
+        full_train = extract_features(model, loaders[cfg.train_split], pool, device, every)
+        plan.bind(model)
+        result.withheld, result.withheld_as = list(plan.withheld), plan.withheld_as
+        result.withheld_at_test = withheld_at_test(full_train, feats[cfg.val_split], num_classes, cfg)
     if cfg.dense is not None:
         result.dense = _dense(model, cfg, data_url, size, pretrained, storage_options, device, plan)
     return result
@@ -238,7 +260,10 @@ def eval_report(cfg: EvalConfig, data_url: str, classes: list[str], results: lis
         "stage": cfg.name, "data": data_url, "classes": len(classes), "pool": cfg.pool,
         "knn": {"k": cfg.knn_k, "temperature": cfg.knn_temperature}, "probe": cfg.probe.model_dump(),
         "label_fraction": cfg.label_fraction, "seed": cfg.seed, "config_digest": cfg.digest(),
-        "models": {r.model: {k: v for k, v in asdict(r).items() if k != "model" and not (k == "dense" and v is None)}
+        **({"withhold": cfg.withhold} if cfg.withhold else {}),
+        "models": {r.model: {k: v for k, v in asdict(r).items()
+                             if k != "model" and not (k in ("dense", "withheld", "withheld_as", "withheld_at_test")
+                                                               and v is None)}
                    for r in results},
     }
 
@@ -251,13 +276,18 @@ def format_table(report: dict[str, Any]) -> str:
     table = Table(title=f"eval {report['stage']}: kNN (k={report['knn']['k']}, T={report['knn']['temperature']}) "
                         f"and linear probe, {report['label_fraction']:.0%} of train labels")
     dense = any(r.get("dense") for r in report["models"].values())  # ``dense:``: two patch-token columns
+    withheld = bool(report.get("withhold"))  # ``withhold:``: how each model went without those channels
     for col in ("model", "architecture", "dim", "train", "val", "kNN top-1", "linear top-1", "MAE val loss (mean-patch)",
-                *(("patch mIoU", "high-norm tokens") if dense else ())):
+                *(("patch mIoU", "high-norm tokens") if dense else ()), *(("withheld", "missing at test: kNN / linear") if withheld else ())):
         table.add_column(col, justify="left" if col in ("model", "architecture") else "right", no_wrap=True)
     for name, r in report["models"].items():
         rec, d = r.get("reconstruction"), r.get("dense")
         extra = ((f"{100 * d['miou']:.1f}%", f"{d['high_norm']['count']} / {d['high_norm']['tokens']}") if d
                  else ("-", "-")) if dense else ()
+        if withheld:
+            at = r.get("withheld_at_test") or {}
+            extra = (*extra, f"{', '.join(r.get('withheld') or ())} ({r.get('withheld_as') or '-'})",
+                     f"{100 * at.get('knn_top1', 0):.1f}% / {100 * at.get('linear_top1', 0):.1f}%" if at else "-")
         table.add_row(name, r["architecture"], str(r["feature_dim"]), str(r["train_samples"]), str(r["val_samples"]),
                       f"{100 * r['knn_top1']:.1f}%", f"{100 * r['linear_top1']:.1f}%",
                       f"{rec['loss']:.4f} ({rec['baseline_mean_patch']:.4f})" if rec else "-", *extra)

@@ -29,7 +29,7 @@ from jobs._eval_recon import mae_reconstruction
 from jobs.config.mae import DecoderConfig, MAEConfig
 from jobs.init import read_stage_init, start_encoder
 from jobs.method import Method
-from jobs._channels import data_channels
+from jobs._channels import data_channels, is_channelvit
 from jobs.channelvit import ChannelVisionTransformer
 from jobs.models import (ModelConfig, build_encoder, encoder_flops_per_token, encoder_in_chans, fit_data_channels,
                          patch_embed_flops, set_grad_checkpointing, sincos_pos_embed_2d, token_count)
@@ -227,7 +227,13 @@ class MAEMethod(Method):
     cfg: MAEConfig
     # MAE's loss reaches the patch tokens, not the CLS token; the official fine-tuning pools their mean
     # (main_finetune.py --global_pool, its default), while its linear probe reads the CLS token
+    # ... and a ChannelViT's, per channel (``channels``: the mean over all its tokens averages the channels away)
     pool = "avg"
+
+    def __init__(self, cfg: MAEConfig, rank: int = 0) -> None:
+        super().__init__(cfg, rank)
+        if is_channelvit(self.cfg.model.arch):
+            self.pool = "channels"
 
     def setup(self, ctx: Any) -> None:
         """``in_chans`` from the data: the decoder then predicts every channel of each patch."""

@@ -77,7 +77,7 @@ class Method:
     kind: ClassVar[str]
     #: the pooling the method trains (``token``: the CLS token; ``avg``: the mean patch token), recorded in
     #: the export's ``config.json`` (``vitforge.pool``); ``eval`` uses it unless the eval stage sets ``pool``
-    pool: ClassVar[Literal["token", "avg"] | None] = None
+    pool: ClassVar[Literal["token", "avg", "channels"] | None] = None  # a method may set its own per instance
     # the weights the model starts from (a jobs.init.InitSource, set by setup when the stage has an init):
     # its digest is in every checkpoint, and a resume from another init is refused
     init_source: Any = None

@@ -189,13 +189,14 @@ def vit_arch_problems(arch: str) -> list[tuple[str, str]]:
 
 
 def pool_features(model: torch.nn.Module, feats: torch.Tensor,
-                  pool: Literal["token", "avg"] | None = "token") -> torch.Tensor:
+                  pool: Literal["token", "avg", "channels"] | None = "token") -> torch.Tensor:
     """``model.forward_features`` output -> one feature per image ``[N, D]`` (the one pooling rule).
 
     Token models (ViTs, ``[N, P + L, D]`` with ``P = num_prefix_tokens``): ``token`` is the CLS token
     (the mean patch token for a model without one), ``avg`` the mean patch token (prefix tokens such
-    as registers left out). Feature maps (CNNs, ``[N, C, H, W]``): the global average, whatever
-    ``pool``. ``None``: the model's own pre-logits pooling (timm's ``forward_head(pre_logits=True)``:
+    as registers left out), ``channels`` (a ChannelViT) each channel's mean patch token, concatenated
+    (:func:`jobs.channelvit.channel_pool`). Feature maps (CNNs, ``[N, C, H, W]``): the global average,
+    whatever ``pool``. ``None``: the model's own pre-logits pooling (timm's ``forward_head(pre_logits=True)``:
     its ``global_pool``, then ``fc_norm``), what its classifier head sees.
     """
     if pool is None:
@@ -205,6 +206,10 @@ def pool_features(model: torch.nn.Module, feats: torch.Tensor,
     if feats.ndim != 3:
         raise ValueError(f"{type(model).__name__}.forward_features gave shape {tuple(feats.shape)}: "
                          "expected tokens [N, T, D] or a feature map [N, C, H, W]")
+    if pool == "channels":
+        from jobs.channelvit import channel_pool
+
+        return channel_pool(model, feats)  # [N, C*D]
     if pool == "token" and getattr(model, "cls_token", None) is not None:
         return feats[:, 0]  # [N, D]
     return feats[:, int(getattr(model, "num_prefix_tokens", 0)):].mean(dim=1)  # [N, D]

@@ -27,22 +27,26 @@ CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito", "BF"]
 PAIRS = [(0, 1), (2, 3), (4, 5), (0, 3), (1, 4), (2, 5)]  # class -> the two channels sharing a blob
 
 
-def cells(per_class: int = 10, classes: int = 3, size: int = 32, seed: int = 0) -> list[tuple[np.ndarray, int]]:
-    """``[(uint16 [6, size, size], label)]``, classes interleaved."""
+def cells(per_class: int = 10, classes: int = 3, size: int = 32, seed: int = 0,
+          expectation: bool = False) -> list[tuple[np.ndarray, int]]:
+    """``[(uint16 [6, size, size], label)]``, classes interleaved; ``expectation``: each sample also with its
+    noiseless float64 image (the Poisson mean: what no model can beat on these pixels)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     out = []
     for i in range(per_class * classes):
         label = i % classes
-        img = rng.poisson(1000, (len(CHANNELS), size, size)).astype(np.float64)
+        noise = rng.poisson(1000, (len(CHANNELS), size, size)).astype(np.float64) - 1000
+        mean = np.full((len(CHANNELS), size, size), 1000.0)
         cy, cx = rng.integers(6, size - 6, 2)
         blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8.0)
         for c in PAIRS[label]:
-            img[c] += rng.uniform(150, 300) * blob
+            mean[c] += rng.uniform(150, 300) * blob
         d = rng.integers(0, len(CHANNELS))  # a distractor in one channel, elsewhere
         dy, dx = (cy + size // 2) % size, (cx + size // 2) % size
-        img[d] += rng.uniform(150, 300) * np.exp(-((yy - dy) ** 2 + (xx - dx) ** 2) / 8.0)
-        out.append((np.clip(np.rint(img), 0, 65535).astype(np.uint16), label))
+        mean[d] += rng.uniform(150, 300) * np.exp(-((yy - dy) ** 2 + (xx - dx) ** 2) / 8.0)
+        img = np.clip(np.rint(mean + noise), 0, 65535).astype(np.uint16)
+        out.append((img, label, mean) if expectation else (img, label))
     return out
 
 

@@ -80,3 +80,26 @@ def test_export_loads_through_timm_create_model_with_c_channel_input_size(tmp_pa
     with torch.no_grad():
         assert isinstance(loaded, ChannelVisionTransformer) and torch.equal(loaded(x), m(x))
         assert torch.equal(loaded(x[:, [0, 5]], channels=[0, 5]), m(x[:, [0, 5]], channels=[0, 5]))
+
+
+def test_channel_pooling_keeps_each_channel_apart_and_zeros_the_absent_ones():
+    from jobs.mae import MAEConfig, MAEMethod
+    from jobs.models import pool_features
+
+    m, x = _model(), torch.randn(3, 6, 32, 32)
+    with torch.no_grad():
+        tokens = m.forward_features(x)  # [3, 1 + 6*16, 192]
+        full = pool_features(m, tokens, "channels")
+        assert full.shape == (3, 6 * 192)
+        assert torch.allclose(full.view(3, 6, 192)[:, 4], tokens[:, 1 + 4 * 16:1 + 5 * 16].mean(1))  # channel 4's block
+        m.channel_subset = [5, 1]
+        sub = pool_features(m, tokens := m.forward_features(x[:, [5, 1]]), "channels").view(3, 6, 192)
+    assert torch.allclose(sub[:, 5], tokens[:, 1:17].mean(1)) and torch.allclose(sub[:, 1], tokens[:, 17:].mean(1))
+    assert not sub[:, [0, 2, 3, 4]].any()  # the channels the input lacks: zeros, in one space with the full features
+    plain = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=0)
+    with pytest.raises(ValueError, match=r"pool: channels needs a ChannelViT .*use pool: token or avg"):
+        pool_features(plain, plain.forward_features(torch.randn(1, 3, 32, 32)), "channels")
+    arch = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    mae = {"name": "m", "data": "/unused"}
+    assert MAEMethod(MAEConfig(**mae, model={**arch, "arch": "channelvit_tiny_patch16_224"})).pool == "channels"
+    assert MAEMethod(MAEConfig(**mae, model={**arch, "arch": "vit_tiny_patch16_224"})).pool == "avg"

@@ -176,6 +176,49 @@ def test_channelvit_finetunes_and_evaluates_on_any_subset_of_its_channels(tmp_pa
         evaluate_model("plain", plain, cfg, url, 3, device=torch.device("cpu"))
 
 
+def test_withhold_evaluates_a_channelvit_on_the_rest_and_a_plain_vit_on_zeros_in_their_place(tmp_path, data):
+    from jobs._channels import plan_channels
+    from jobs.evaluate import _loader, extract_features, knn_accuracy
+    from jobs.export import load_export
+
+    url, info = data
+    cvit, plain = _six_channel_export(tmp_path, info, "cvit", CVIT), _six_channel_export(tmp_path, info)
+    cpu = torch.device("cpu")
+    cfg = EvalConfig(name="ev", data=url, models=["m"], withhold=["Mito", "BF"], probe={"epochs": 2}, loader_workers=0)
+    held = evaluate_model("cvit", cvit, cfg, url, 3, device=cpu)
+    subset = evaluate_model("cvit", cvit, cfg.model_copy(update={"withhold": None, "channels": CHANNELS[:4]}), url, 3,
+                            device=cpu)
+    assert (held.withheld, held.withheld_as) == (["Mito", "BF"], "absent")
+    assert (held.knn_top1, held.linear_top1) == (subset.knn_top1, subset.linear_top1)  # it reads the other four
+    model, pre = load_export(cvit), json.loads((tmp_path / "cvit" / "config.json").read_text())["pretrained_cfg"]
+    every = extract_features(model, _loader(cfg, url, "train", 32, pre, None), "token", cpu)  # bank: all six
+    four = plan_channels("ev", None, CHANNELS, CVIT["arch"], 6, withheld=["Mito", "BF"])
+    four.bind(model)
+    query = extract_features(model, _loader(cfg, url, "val", 32, pre, None), "token", cpu, four)
+    assert held.withheld_at_test["knn_top1"] == knn_accuracy(every, query, 3, cfg.knn_k, cfg.knn_temperature)
+
+    result = evaluate_model("plain", plain, cfg, url, 3, device=cpu)
+    assert (result.withheld, result.withheld_as, result.train_samples) == (["Mito", "BF"], "zero", 24)
+    plan = plan_channels("ev", None, CHANNELS, TINY["arch"], 6, withheld=["BF", "Mito"])
+    model = load_export(plain)
+    pre = json.loads((tmp_path / "teacher" / "config.json").read_text())["pretrained_cfg"]
+    first = next(iter(_loader(cfg, url, "val", 32, pre, None)))
+    batch = first["image"][~first["pad"]]
+    zeroed = batch.clone()
+    zeroed[:, 4:] = 0  # normalised images: zero is each channel's train mean
+    got = extract_features(model, _loader(cfg, url, "val", 32, pre, None), "token", cpu, plan).x
+    assert torch.allclose(got, model.eval().forward_features(zeroed)[:, 0], atol=1e-6)
+    assert torch.equal(plan.select(batch)[:, :4], batch[:, :4]) and bool(batch[:, 4:].abs().sum() > 0)  # not in place
+
+    with pytest.raises(ValueError, match=r"eval 'ev', model 'plain': withhold: \['Golgi'\] are not among the data's "
+                                         r"channels \['DNA'"):
+        evaluate_model("plain", plain, cfg.model_copy(update={"withhold": ["Golgi"]}), url, 3, device=cpu)
+    with pytest.raises(ValueError, match=r"withhold: \['ER'\] are not among the channels: it selects \['DNA', 'RNA'\]"):
+        plan_channels("ev", ["DNA", "RNA"], CHANNELS, CVIT["arch"], 6, withheld=["ER"])
+    with pytest.raises(ValueError, match=r"withholds every channel the model reads; keep at least one"):
+        plan_channels("ev", ["DNA", "RNA"], CHANNELS, CVIT["arch"], 6, withheld=["RNA", "DNA"])
+
+
 def test_channelvit_trains_under_mae_and_dino_and_its_exports_load_through_timm(tmp_path, data):
     url, _ = data
     mae = MAEMethod(MAEConfig(name="mae", data=url, model=CVIT, decoder={"embed_dim": 32, "depth": 1, "num_heads": 2}))
@@ -230,3 +273,8 @@ def test_a_subset_a_plain_vit_cannot_take_is_refused_when_the_run_starts(tmp_pat
     with pytest.raises(ValueError, match=r"channels: \['Golgi'\] are not channels of the data"):
         check_stage_channels(spec("channelvit_tiny_patch16_224", ev))
     check_stage_channels(spec("channelvit_tiny_patch16_224", ft))  # any subset of its channels
+    held = {"name": "ev", "kind": "eval", "data": "data", "models": ["pretrain"], "withhold": ["Golgi"]}
+    with pytest.raises(ValueError, match=r"stages\[2\] \(ev\) > withhold, model 'pretrain': withhold: \['Golgi'\] "
+                                         r"are not among the data's channels"):
+        check_stage_channels(spec("vit_tiny_patch16_224", held))
+    check_stage_channels(spec("vit_tiny_patch16_224", {**held, "withhold": ["BF"]}))  # a plain ViT: zeros instead

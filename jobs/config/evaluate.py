@@ -45,13 +45,18 @@ class EvalConfig(BaseModel):
     models: list[str] = Field(min_length=1, description="earlier training stages (their export) or export URLs")
     train_split: str = "train"
     val_split: str = "val"
-    pool: Literal["token", "avg"] | None = Field(
-        default=None, description="ViTs: the CLS token, or the mean patch token; default: what each export's "
-        "method trained (its config.json vitforge.pool: token for DINO, avg for MAE), else token")
+    pool: Literal["token", "avg", "channels"] | None = Field(
+        default=None, description="ViTs: the CLS token, or the mean patch token; ChannelViTs also channels (each "
+        "channel's mean patch token, concatenated); default: what each export's method trained (its config.json "
+        "vitforge.pool: token for DINO, avg for MAE, channels for a ChannelViT under MAE), else token")
     img_size: int | None = Field(default=None, ge=8, description="default: each export's own input size")
     channels: list[str] | None = Field(default=None, min_length=1, description="the data's channels each model "
                                        "reads, by name and in order (default: all): a ChannelViT takes any subset "
                                        "of its trained channels, a plain model exactly its in_chans")
+    withhold: list[str] | None = Field(default=None, min_length=1, description="of the channels each model reads, "
+                                       "those it goes without (a robustness measurement): a ChannelViT reads the "
+                                       "others, a plain model gets each as zeros after normalisation (its train "
+                                       "mean); eval.json records which and how")
     knn_k: int = Field(default=20, ge=1)
     knn_temperature: float = Field(default=0.07, gt=0)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
@@ -64,7 +69,8 @@ class EvalConfig(BaseModel):
     seed: int = 0
 
     def digest(self) -> str:
-        skip = {"loader_workers", "batch_size"} | ({"channels"} if self.channels is None else set())  # old digests hold
+        skip = {"loader_workers", "batch_size"} | {k for k in ("channels", "withhold")  # old digests hold
+                                                     if getattr(self, k) is None}
         return json_digest(self.model_dump(mode="json", exclude=skip))
 
 
