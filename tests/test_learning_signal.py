@@ -6,7 +6,8 @@ ZeRO-2, gloo):
 
 * ``pretrain``  MAE, 25 epochs;
 * DINO is measured by its own test (``test_dino_teacher_cls_token_gains_knn_over_its_step0_weights``,
-  two seeds, scored on the CLS token it trains; numbers at ``DINO_KNN_MARGIN``);
+  two seeds, scored on the CLS token it trains: at least 5 points over its step-0 weights; numbers at
+  ``DINO_KNN_MARGIN``);
 * ``ft-mae`` / ``ft-scratch``  ``kind: finetune``, ``mode: linear``, ``label_fraction: 0.1`` (the
   same 143 stratified labels for both): the MAE export vs the same architecture from random
   init (timm's init under the stage seed, no export);
@@ -21,7 +22,7 @@ Shown with numbers:
    and below the visible-mean baseline;
 2. the MAE encoder beats its initial weights on kNN, and beats random init on the 10%-label
    fine-tune stage;
-3. DINO's encoder against its initial weights on kNN: measured and printed; see below.
+3. DINO (its own test): the teacher's CLS token against its initial weights on kNN.
 
 Measured with ``.venv/bin/python -m pytest tests/test_learning_signal.py -m slow -s -p no:cacheprovider``
 (the ``LEARNING-SIGNAL`` JSON line; 1438 train / 359 val; a run is deterministic: two seed-0 runs gave
@@ -31,19 +32,15 @@ identical numbers). Seed 0 / seed 1 (``SEED = 1``: another val split too):
 * kNN top-1, MAE 76.0% / 80.5% vs its initial weights 71.6% / 61.6%;
 * 10%-label linear fine-tune stage (143 / 144 labels): from MAE 52.1% / 60.4% vs from random init
   38.7% / 38.4%;
-* kNN top-1, DINO 55.4% / 56.3% vs its initial weights 54.6% / 50.1% (linear probe on all labels:
-  74.7% / 71.6% vs 76.9% / 70.8%). No reliable gain: DINO is printed, not claimed. Its recipe is the
-  best of a one-process search at this scale (same model, loss, EMA and schedules; 10 epochs, batch
-  64, 2 local crops; teacher temperature 0.01-0.04, centre momentum 0.9/0.99, 1024/4096 prototypes,
-  base lr 2e-3..4e-2): teacher kNN 54.3-58.5% vs 54.6% at init, the loss stuck near ln(K) (uniform
-  collapse) or at 0 (one-prototype collapse); a 15-epoch run with 4 local crops and 4096 prototypes
-  through the engine: 54.6% vs 54.6%.
+* DINO (its own test, 2 workers, one-layer head): teacher CLS kNN 57.7% / 65.7% vs its initial weights
+  50.4% / 51.3% (linear probe 85.0% / 85.0% vs 77.4% / 76.9%); the search behind the recipe is at
+  ``DINO_KNN_MARGIN``.
 
 The MAE init (fixed sin-cos position embeddings) alone gives 62-72% kNN, timm's default init (DINO,
 and the fine-tune's random init) 50-55%: hence each kNN control is the method's own step-0 weights.
 Asserted with room for seed noise: reconstruction < 0.8 x mean-patch and < visible-mean; MAE kNN
-+2 points over its init; 10%-label fine-tune +5 points over random init; DINO's kNN not more than 5
-points below its init (its export is not broken; no gain claimed).
++2 points over its init; 10%-label fine-tune +5 points over random init; DINO's teacher CLS kNN +5
+points over its init on both seeds.
 
 Wall time (2 cores, load ~2-3 from other work): 7.7 min; training-stage attempts pretrain 98 s,
 dino 173 s, ft-mae 66 s, ft-scratch 72 s, eval 17 s (each gang start costs ~30 s). DINO's CPU cost is
@@ -73,9 +70,9 @@ MAE_STAGE = {
     "seed": SEED, "optim": {"base_lr": 6e-3, "warmup_epochs": 2.5, "weight_decay": 0.05},
     "checkpoint": {"every_steps": 100000, "keep_last": 1},
 }
-DINO_STAGE = {  # the best of a small recipe search at this scale (see the docstring): no reliable gain yet
+DINO_STAGE = {  # a one-layer head (DINOHead(nlayers=1): linear to the bottleneck): see DINO_KNN_MARGIN
     "name": "dino", "kind": "dino", "model": ENCODER,
-    "head": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64},
+    "head": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64, "layers": 1},
     "local_crops": 2, "epochs": 10, "batch_size": 32, "zero_stage": 2, "loader_workers": 0, "seed": SEED,
     "optim": {"base_lr": 1e-2, "warmup_epochs": 1}, "warmup_teacher_temp": 0.04, "teacher_temp": 0.04,
     "warmup_teacher_temp_epochs": 0, "teacher_momentum": 0.99, "export_from": "teacher",
@@ -87,23 +84,18 @@ FINETUNE = {  # a linear probe stage (frozen encoder, BatchNorm + linear head) o
     "optim": {"base_lr": 1.6, "warmup_epochs": 2, "weight_decay": 0.05, "betas": [0.9, 0.95]},  # as measured
     "checkpoint": {"every_steps": 100000, "keep_last": 1},
 }
-# DINO's teacher CLS kNN vs its step-0 weights, measured: 55.2% vs 50.4% (seed 0), 51.8% vs 51.3% (seed 1);
-# linear probe 81.3% vs 77.4% / 81.3% vs 76.9%. The loss ends at ln(1024) (uniform collapse). The collapse
-# is the recipe's, not vitforge's: a one-process transcription of main_dino.py's loop (its head, loss,
-# centering, clip_gradients, cancel_gradients_last_layer, cosine lr / wd / momentum schedules) on the same
-# digits, views and initial weights collapses the same way (losses equal to 3 decimals at every logged step;
-# the teacher's output spread over images falls from 0.06 to 0.001 by step 44), and so do base_lr 5e-4 / 2e-3,
-# momentum 0.996, 3 warm-up epochs, teacher temperature 0.02, 128 prototypes, a BatchNorm head and milder
-# crops. Its teacher CLS kNN (own 80/20 split) vs init: 57.1% vs 44.6% (seed 0), 51.0% vs 51.3% (seed 1); this
-# code's step in the same loop: 55.2% vs 44.6%, 50.7% vs 51.3%.
-# The ``optim:`` above replaces DINO's whole default optimizer, so this recipe trains without main_dino.py's
-# per-parameter clipping (clip_grad 3, per_param), wd 0.04 and betas (0.9, 0.999). Putting those back, with 20
-# epochs and teacher momentum 0.996 (2026-12-02, through this test, 2 workers, load ~5): loss at ln(1024) by step
-# 380, teacher CLS kNN 51.3% vs 50.4% (seed 0), 47.9% vs 51.3% (seed 1); linear probe 82.7% vs 77.4% /
-# 77.7% vs 76.9%. No better than the recipe above on kNN, so not adopted. The +5-point bar of issue #17 is not
-# reached at this scale.
-# Asserted only that the teacher is not worse than init.
-DINO_KNN_MARGIN = -0.02
+# DINO's teacher CLS kNN vs its step-0 weights, through this test (2 workers): 57.7% vs 50.4% (seed 0), 65.7% vs
+# 51.3% (seed 1), +7.2 / +14.5 points; linear probe 85.0% vs 77.4% / 85.0% vs 76.9%. A one-process search on the
+# same digits (1 worker, batch 64; the table is in the issue #17 note) found one change that gains on every seed:
+# the head's MLP cut to one layer (+8.1 / +10.6 / +7.8 / +10.3 on seeds 0-3; two layers +7.0 on seed 0). With the
+# default three layers the student's CLS features collapse within 10-20 steps (their cosine across images 0.76 ->
+# 0.98-0.998) whatever the lr (down to 5e-5), warm-up, Adam eps, centre or teacher momentum, temperatures or
+# last-layer norm: its teacher CLS kNN gains -4 to +6 points. The loss still ends at ln(1024) with the one-layer
+# head (the teacher's output is uniform by the end): the gain is in the backbone's CLS features, which keep the
+# classes apart, not a healthy prototype assignment, and the same collapse shows in a transcription of
+# main_dino.py's loop on this recipe (its teacher CLS kNN +12.5 / -0.3 points on seeds 0 / 1 with three layers).
+# The partial ``optim:`` merges over DINO's defaults (per-parameter clipping 3, wd 0.04 -> 0.4, betas (0.9, 0.999)).
+DINO_KNN_MARGIN = 0.05  # issue #17's bar; measured +7.2 / +14.5 points
 KNN_MARGIN, FINETUNE_MARGIN = 0.02, 0.05  # measured +4.5 / +18.9 and +13.4 / +22.0 points (seeds 0 / 1)
 
 
