@@ -26,6 +26,29 @@ class DINOHeadConfig(BaseModel):
                          "--use_bn_in_head, default False in main_dino.py); statistics per rank, not synced")
 
 
+class DINOViewsConfig(BaseModel):
+    """``views:`` the multi-crop views' photometric augmentations; the defaults are main_dino.py's
+    ``DataAugmentationDINO``. Every draw is made whatever the probability, so a view's crop does not move
+    when only these change. On small grayscale images (16 px digits) solarizing erases the strokes and the
+    blur is a no-op; ``solarize_p: 0`` and ``blur_p: [0, 0, 0]`` keep the views legible."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    color_jitter_p: float = Field(default=0.8, ge=0, le=1, description="brightness 0.4, contrast 0.4, saturation "
+                                  "0.2, hue 0.1, in random order (8-bit RGB only)")
+    grayscale_p: float = Field(default=0.2, ge=0, le=1, description="8-bit RGB only")
+    blur_p: tuple[float, float, float] = Field(default=(1.0, 0.1, 0.5), description="Gaussian blur of the first "
+                                               "global view, the second, and each local view")
+    solarize_p: float = Field(default=0.2, ge=0, le=1, description="solarize (threshold 128) the second global view")
+
+    @field_validator("blur_p")
+    @classmethod
+    def _probabilities(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(not 0 <= p <= 1 for p in value):
+            raise ValueError(f"blur_p {list(value)}: each probability must be in [0, 1]")
+        return value
+
+
 def _dino_optim() -> OptimConfig:
     # main_dino.py's recipe: lr 5e-4 * batch / 256 after 10 warmup epochs, cosine to 1e-6, wd from 0.04,
     # each parameter's gradient clipped to norm 3 on its own (--clip_grad 3.0, utils.clip_gradients)
@@ -73,6 +96,9 @@ class DINOConfig(TrainConfig, InitFields):
     freeze_last_layer_epochs: float = Field(default=1.0, ge=0, description="no optimizer update of the head's "
                                             "last layer for this long (main_dino.py --freeze_last_layer 1)")
     export_from: Literal["student", "teacher"] = Field(default="student", description="which backbone to export")
+    views: DINOViewsConfig | None = Field(default=None, description="the views' colour jitter, grayscale, blur and "
+                                          "solarize probabilities (default: main_dino.py's)")
+    digest_optional = ("views",)
 
     @field_validator("model", mode="before")
     @classmethod

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -81,9 +81,14 @@ class TrainConfig(BaseModel):
                              "zero_stage to 1 or higher, or drop offload_optimizer")
         return self
 
+    #: optional fields left out of the digest while unset, so runs from before they existed still resume
+    digest_optional: ClassVar[tuple[str, ...]] = ()
+
     def digest(self) -> str:
         """Digest of everything that shapes the result (not how often we checkpoint or show progress)."""
-        return json_digest(self.model_dump(mode="json", exclude={"checkpoint", "progress", "loader_workers", "trackers"}))
+        skip = {"checkpoint", "progress", "loader_workers", "trackers"}
+        skip |= {name for name in self.digest_optional if getattr(self, name) is None}
+        return json_digest(self.model_dump(mode="json", exclude=skip))
 
 
 
