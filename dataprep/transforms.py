@@ -162,15 +162,15 @@ class _DinoView:
     """One DINO view: crop + flip, colour jitter (p 0.8), grayscale (p 0.2), blur (p), solarize (p)."""
 
     def __init__(self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, blur_kernel: int,
-                 blur_sigma: tuple[float, float], jitter_p: float = 0.8, grayscale_p: float = 0.2) -> None:
+                 blur_sigma: tuple[float, float], color_jitter_p: float = 0.8, grayscale_p: float = 0.2) -> None:
         self.crop = RandomResizedCropFlip(size, scale, interpolation=InterpolationMode.BICUBIC)
         self.blur_p, self.solarize_p = blur_p, solarize_p
-        self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
+        self.color_jitter_p, self.grayscale_p = color_jitter_p, grayscale_p
         self.blur_kernel, self.blur_sigma = blur_kernel, blur_sigma
 
     def __call__(self, img: Image, rng: random.Random) -> Image:
         out = self.crop(img, rng)
-        if rng.random() < self.jitter_p:
+        if rng.random() < self.color_jitter_p:
             out = color_jitter(out, rng, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
         if rng.random() < self.grayscale_p:
             out = F.rgb_to_grayscale(out, num_output_channels=3)
@@ -205,7 +205,7 @@ class DINOTransform:
     Global view 1 is always blurred; view 2 is blurred with p 0.1 and solarized with p 0.2;
     local views are blurred with p 0.5; every view is colour-jittered with p 0.8 and made grayscale
     with p 0.2 (main_dino.py's values; ``blur_p`` = (global 1, global 2, local), ``solarize_p`` of
-    view 2, ``jitter_p``, ``grayscale_p`` change them; the draws are made whatever the values).
+    view 2, ``color_jitter_p``, ``grayscale_p`` change them; the draws are made whatever the values).
     Blur kernel and sigma scale with ``img_size`` (9 px and sigma 0.1-2.0 at 224 px).
     """
 
@@ -215,14 +215,14 @@ class DINOTransform:
     def __init__(self, img_size: int, local_crops: int = 8, local_size: int | None = None,
                  global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 blur_p: Sequence[float] = (1.0, 0.1, 0.5), solarize_p: float = 0.2, jitter_p: float = 0.8,
+                 blur_p: Sequence[float] = (1.0, 0.1, 0.5), solarize_p: float = 0.2, color_jitter_p: float = 0.8,
                  grayscale_p: float = 0.2) -> None:
         self.local_size = local_size or max(8, round(img_size * 96 / 224 / 8) * 8)
         rel = img_size / 224
         kernel = max(3, int(round(9 * rel)) | 1)
         sigma = (0.1 * rel, 2.0 * rel)
         self.normalize = Normalize(mean, std)
-        colour = {"jitter_p": jitter_p, "grayscale_p": grayscale_p}
+        colour = {"color_jitter_p": color_jitter_p, "grayscale_p": grayscale_p}
         self.global1 = _DinoView(img_size, global_scale, blur_p[0], 0.0, kernel, sigma, **colour)
         self.global2 = _DinoView(img_size, global_scale, blur_p[1], solarize_p, kernel, sigma, **colour)
         rel_local = self.local_size / 224
@@ -244,7 +244,7 @@ def dino_transform(img_size: int, local_crops: int = 8, local_size: int | None =
                    global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                    **views: Any) -> DINOTransform:
-    """``views``: ``blur_p``, ``solarize_p``, ``jitter_p``, ``grayscale_p`` (see :class:`DINOTransform`)."""
+    """``views``: ``blur_p``, ``solarize_p``, ``color_jitter_p``, ``grayscale_p`` (see :class:`DINOTransform`)."""
     return DINOTransform(img_size, local_crops, local_size, global_scale, local_scale, mean, std, **views)
 
 

@@ -210,9 +210,7 @@ class DINOMethod(Method):
 
     def train_transform(self) -> Callable:
         c = self.cfg
-        v = c.views
-        views = {} if v is None else {"blur_p": v.blur_p, "solarize_p": v.solarize_p, "jitter_p": v.color_jitter_p,
-                                      "grayscale_p": v.grayscale_p}
+        views = c.views.model_dump() if c.views is not None else {}  # DINOTransform takes the same names
         return dino_transform(self._img_size(), local_crops=c.local_crops, local_size=c.local_size,
                               global_scale=c.global_scale, local_scale=c.local_scale, **views)
 

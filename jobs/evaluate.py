@@ -138,22 +138,24 @@ class ModelResult:
 def evaluate_features(name: str, url: str, architecture: str, train: Features, val: Features, num_classes: int,
                       cfg: EvalConfig, seconds: float = 0.0, pool: str = "token") -> ModelResult:
     """kNN and linear probe of one model's features (``train`` cut to ``label_fraction`` here)."""
+    start = time.perf_counter()
+    scores, labelled = _scores(train, val, num_classes, cfg)
+    return ModelResult(name, url, architecture, int(train.x.shape[1]), labelled, int(len(val.y)), scores["knn_top1"],
+                       scores["linear_top1"], seconds + time.perf_counter() - start, pool)
+
+
+def _scores(train: Features, val: Features, num_classes: int, cfg: EvalConfig) -> tuple[dict[str, float], int]:
+    """kNN and linear-probe top-1 on ``val`` from ``train`` cut to ``label_fraction``; and how many labels that kept."""
     keep = label_subset(train.y, cfg.label_fraction, cfg.seed)
     train = Features(train.x[keep], train.y[keep])
-    start = time.perf_counter()
-    knn = knn_accuracy(train, val, num_classes, cfg.knn_k, cfg.knn_temperature)
-    linear = linear_probe(train, val, num_classes, cfg.probe, cfg.seed)
-    return ModelResult(name, url, architecture, int(train.x.shape[1]), int(len(train.y)), int(len(val.y)), knn, linear,
-                       seconds + time.perf_counter() - start, pool)
+    return ({"knn_top1": knn_accuracy(train, val, num_classes, cfg.knn_k, cfg.knn_temperature),
+             "linear_top1": linear_probe(train, val, num_classes, cfg.probe, cfg.seed)}, int(len(train.y)))
 
 
 def withheld_at_test(full_train: Features, held_val: Features, num_classes: int, cfg: EvalConfig) -> dict[str, float]:
     """kNN bank and linear probe from every channel's train features, scored on val features without the
     withheld channels: what a model trained with all channels keeps when some are missing at test time."""
-    keep = label_subset(full_train.y, cfg.label_fraction, cfg.seed)
-    train = Features(full_train.x[keep], full_train.y[keep])
-    return {"knn_top1": knn_accuracy(train, held_val, num_classes, cfg.knn_k, cfg.knn_temperature),
-            "linear_top1": linear_probe(train, held_val, num_classes, cfg.probe, cfg.seed)}
+    return _scores(full_train, held_val, num_classes, cfg)[0]
 
 
 def _loader(cfg: EvalConfig, data_url: str, split: str, img_size: int, pretrained_cfg: dict[str, Any],
@@ -178,8 +180,8 @@ def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_clas
     pretrained = config.get("pretrained_cfg", {})
     size = cfg.img_size or int(pretrained.get("input_size", [3, 224, 224])[-1])
     pool = cfg.pool or (config.get("vitforge") or {}).get("pool") or "token"  # the stage's, else the method's
-    plan = model_channel_plan(f"eval {cfg.name!r}, model {name!r}", cfg.channels, config,
-                              data_channels(data_url, storage_options), cfg.withhold)
+    where, info = f"eval {cfg.name!r}, model {name!r}", data_channels(data_url, storage_options)
+    plan = model_channel_plan(where, cfg.channels, config, info, cfg.withhold)
     plan.bind(model)
     loaders = {split: _loader(cfg, data_url, split, size, pretrained, storage_options)
                for split in (cfg.train_split, cfg.val_split)}
@@ -191,8 +193,7 @@ def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_clas
     result = evaluate_features(name, url, config.get("architecture", "?"), feats[cfg.train_split],
                                feats[cfg.val_split], num_classes, cfg, time.perf_counter() - start, pool)
     if plan.withheld:
-        every = model_channel_plan(f"eval {cfg.name!r}, model {name!r}", cfg.channels, config,
-                                   data_channels(data_url, storage_options))
+        every = model_channel_plan(where, cfg.channels, config, info)  # the same channels, none withheld
         every.bind(model)
         full_train = extract_features(model, loaders[cfg.train_split], pool, device, every)
         plan.bind(model)
@@ -278,7 +279,8 @@ def format_table(report: dict[str, Any]) -> str:
     dense = any(r.get("dense") for r in report["models"].values())  # ``dense:``: two patch-token columns
     withheld = bool(report.get("withhold"))  # ``withhold:``: how each model went without those channels
     for col in ("model", "architecture", "dim", "train", "val", "kNN top-1", "linear top-1", "MAE val loss (mean-patch)",
-                *(("patch mIoU", "high-norm tokens") if dense else ()), *(("withheld", "missing at test: kNN / linear") if withheld else ())):
+                *(("patch mIoU", "high-norm tokens") if dense else ()),
+                *(("withheld", "missing at test: kNN / linear") if withheld else ())):
         table.add_column(col, justify="left" if col in ("model", "architecture") else "right", no_wrap=True)
     for name, r in report["models"].items():
         rec, d = r.get("reconstruction"), r.get("dense")

@@ -156,8 +156,8 @@ def test_a_channelvit_keeps_its_linear_probe_with_two_of_six_channels_withheld(t
         print("without {}: linear probe ChannelViT {:.3f} of {:.3f} ({:.2f}x), plain ViT (zeros) {:.3f} of {:.3f} "
               "({:.2f}x); probe fit on all six, tested without: ChannelViT {:.3f}, plain ViT {:.3f}".format(
                   w, held["cvit"]["linear_top1"], full["cvit"], kept[tuple(w)], held["vit"]["linear_top1"],
-                  full["vit"], held["vit"]["linear_top1"] / full["vit"], held["cvit"]["withheld_at_test"]["linear_top1"],
-                  held["vit"]["withheld_at_test"]["linear_top1"]))
+                  full["vit"], held["vit"]["linear_top1"] / full["vit"],
+                  held["cvit"]["withheld_at_test"]["linear_top1"], held["vit"]["withheld_at_test"]["linear_top1"]))
     # measured (6 classes x 40, 200 steps, 60 val cells): linear probe on all six ChannelViT 0.833, plain ViT 0.817;
     # without Mito+BF / DNA+AGP / ER+RNA the ChannelViT keeps 0.96x / 0.86x / 0.80x (mean 0.87x), the plain ViT
     # given zeros 0.98x / 1.00x / 0.96x (a probe refit on what it sees recovers both). Probe fit on all six and

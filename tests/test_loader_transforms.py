@@ -47,15 +47,15 @@ def test_dino_view_probabilities_change_only_their_own_op_and_reach_the_stage_co
     assert torch.equal(always[1], F.solarize(plain[1], 128))  # the same crop and draws, then solarized
     assert all(torch.equal(a, b) for i, (a, b) in enumerate(zip(plain, always)) if i != 1)
     default = dino_transform(32, local_crops=2).augment(img, random.Random(5))
-    official = dino_transform(32, local_crops=2, blur_p=(1.0, 0.1, 0.5), solarize_p=0.2, jitter_p=0.8,
+    official = dino_transform(32, local_crops=2, blur_p=(1.0, 0.1, 0.5), solarize_p=0.2, color_jitter_p=0.8,
                               grayscale_p=0.2).augment(img, random.Random(5))
     assert all(torch.equal(a, b) for a, b in zip(default, official))  # main_dino.py's values by default
-    none = dino_transform(32, local_crops=2, blur_p=(0, 0, 0), solarize_p=0, jitter_p=0, grayscale_p=0)
+    none = dino_transform(32, local_crops=2, blur_p=(0, 0, 0), solarize_p=0, color_jitter_p=0, grayscale_p=0)
     assert none.augment(img, random.Random(5))[0].shape == (3, 32, 32)
 
     cfg = DINOConfig(name="d", data="/unused", views={"solarize_p": 0, "blur_p": [0, 0, 0.5]})
     t = DINOMethod(cfg).train_transform()
-    assert (t.global2.solarize_p, t.global1.blur_p, t.local.blur_p, t.global1.jitter_p) == (0, 0, 0.5, 0.8)
+    assert (t.global2.solarize_p, t.global1.blur_p, t.local.blur_p, t.global1.color_jitter_p) == (0, 0, 0.5, 0.8)
     assert DINOConfig(name="d", data="/unused").digest() != cfg.digest()
     with pytest.raises(ValidationError, match=r"blur_p \[1.0, 2.0, 0.5\]: each probability must be in \[0, 1\]"):
         DINOConfig(name="d", data="/unused", views={"blur_p": [1, 2, 0.5]})
