@@ -34,6 +34,10 @@ class PreemptionWatch:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._saved[sig] = signal.signal(sig, self._on_signal)
+                if getattr(self._saved[sig], "received", False):  # a stop recorded while starting (pipeline/launch.py)
+                    log.warning("received %s while starting: finishing the first step, then checkpointing and "
+                                "exiting", signal.Signals(sig).name)
+                    self.requested.set()
         self._thread = None
         if store is not None:
             self._thread = threading.Thread(target=self._poll, args=(store, poll_s), daemon=True,

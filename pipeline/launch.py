@@ -11,16 +11,34 @@ before it SIGKILLs them; raise it when a synchronous checkpoint takes longer tha
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
-import sys
+import signal
 
-from jobs.engine import PREEMPTED_EXIT_CODE
-from jobs.init import pin_init_hashes
-from jobs.stage import run_worker
-from pipeline.spec import load_spec
+
+class _StartupStop:
+    """Records a SIGTERM/SIGINT that arrives while this rank is still importing and starting: torchrun
+    forwards a stop to every rank at once, and a rank killed by the default handler before it joins the
+    process group would leave the others waiting for it. The engine's ``PreemptionWatch`` takes the
+    record over when it installs its own handler, so the stop is honoured after the first step."""
+
+    received = False
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.received = True
+
+
+for _sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_sig, _StartupStop())
+
+import argparse  # noqa: E402  (after the handler: these imports take seconds)
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from jobs.engine import PREEMPTED_EXIT_CODE  # noqa: E402
+from jobs.init import pin_init_hashes  # noqa: E402
+from jobs.stage import run_worker  # noqa: E402
+from pipeline.spec import load_spec  # noqa: E402
 
 
 def _job(args: argparse.Namespace) -> dict:

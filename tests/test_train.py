@@ -108,6 +108,31 @@ def test_torchrun_sigterm_checkpoints_and_exits_preempted_then_rerun_matches_uni
 
 
 @pytest.mark.faults
+def test_a_sigterm_while_the_ranks_are_still_starting_is_kept_and_the_stage_preempts_after_its_first_step(
+        manifest, s3, tmp_path):
+    """torchrun forwards SIGTERM to ranks that may still be importing torch: none may die of it (the
+    others would wait for it in the process group) and none may forget it."""
+    import psutil
+
+    storage = f"s3://{s3.bucket}/{tmp_path.name}"
+    proc = torchrun(write_spec(tmp_path, storage, "early", manifest))
+
+    def starting_ranks():
+        ranks = [c for c in psutil.Process(proc.pid).children() if "pipeline.launch" in " ".join(c.cmdline())]
+        return ranks if len(ranks) == 2 else None
+
+    wait_for(starting_ranks, timeout=60, what="torchrun's two ranks")
+    assert not status(storage, "early"), "the ranks were already running: the signal would not test start-up"
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    rc, out = finish(proc)
+    st = status(storage, "early")
+    assert st.get("state") == "preempted", out[-3000:]
+    assert 1 <= st["step"] < STEPS and "while starting" in out, out[-3000:]
+    ckpt = stage_store(storage, "early").child("checkpoints")
+    assert ckpt.get_bytes("latest").decode().strip() == f"step-{st['step']:08d}"
+
+
+@pytest.mark.faults
 def test_ray_gang_restarts_after_a_worker_is_killed_and_matches_uninterrupted(reference, manifest, s3, tmp_path):
     import timm
     import torch
