@@ -24,6 +24,7 @@ from typing import IO, Iterable
 from cluster.storage import Store, StorageNotFoundError, classify
 from cluster.lease import pid_alive
 from dataprep._bounds import HashingReader, member_cap
+from dataprep._tar import TarMembers
 
 log = logging.getLogger(__name__)
 
@@ -99,30 +100,27 @@ def parse_shard(fileobj: IO[bytes], shard: str, needed: set[int], expected: int,
     index, key, members = -1, None, {}
     failure: str | None = None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                mkey, ext = _split_name(member.name)
-                if mkey != key:
-                    if index in needed and key is not None:
-                        out[index] = _make_sample(shard, index, key, members)
-                    index, key, members = index + 1, mkey, {}
-                    if index > last:
-                        break
-                if index in needed and max_member is not None and member.size > max_member:
-                    members.setdefault("_refused", f"member {member.name!r} claims {member.size} bytes, more than "
-                                                   f"the cap of {max_member} (the shard's size, or "
-                                                   "VITFORGE_MAX_MEMBER_BYTES): refused unread".encode())
-                    continue
-                if index in needed:
-                    data = tar.extractfile(member).read()
-                    if len(data) != member.size:
-                        raise tarfile.ReadError(f"unexpected end of data in {member.name}")
-                    members[ext] = data
-            else:
+        tar = TarMembers(fileobj)
+        for name, size, is_file in tar:
+            if not is_file:
+                continue
+            mkey, ext = _split_name(name)
+            if mkey != key:
                 if index in needed and key is not None:
                     out[index] = _make_sample(shard, index, key, members)
+                index, key, members = index + 1, mkey, {}
+                if index > last:
+                    break
+            if index in needed and max_member is not None and size > max_member:
+                members.setdefault("_refused", f"member {name!r} claims {size} bytes, more than the cap of "
+                                               f"{max_member} (the shard's size, or VITFORGE_MAX_MEMBER_BYTES): "
+                                               "refused unread".encode())
+                continue
+            if index in needed:
+                members[ext] = tar.data()
+        else:
+            if index in needed and key is not None:
+                out[index] = _make_sample(shard, index, key, members)
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError) or classify(exc) == "transient":
             raise  # a network fault is not a bad shard: the caller retries the read

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from dataprep._batchpool import BatchPool, PoolReturns
 from dataprep._bounds import MAX_PIXELS_DEFAULT, pixels_of
 from dataprep._decode import decode
 from dataprep._order import Plan, epoch_order, rank_stream, sample_seed, shard_offsets
@@ -93,8 +94,10 @@ class _RankBatches(IterableDataset):
 
     def __init__(self, spec: _ReadSpec, ids: np.ndarray, pads: np.ndarray, batch_size: int, seed: int, epoch: int,
                  transform: Callable | None, on_error: str, image_type: str, masks: bool = False,
-                 mix: Mix | None = None, partners: np.ndarray | None = None) -> None:
+                 mix: Mix | None = None, partners: np.ndarray | None = None, flags: torch.Tensor | None = None,
+                 depth: int = 3) -> None:
         self.spec, self.ids, self.pads, self.batch_size = spec, ids, pads, batch_size
+        self.flags, self.depth = flags, depth  # PoolReturns.flags (workers only); buffers kept per shape
         self.seed, self.epoch, self.transform = seed, epoch, transform
         self.on_error, self.image_type, self.masks = on_error, image_type, masks
         self.mix, self.partners = mix, partners  # partners[j]: the mixing partner of ids[j] (same shard)
@@ -108,9 +111,16 @@ class _RankBatches(IterableDataset):
         my_ids = np.concatenate([self._reads(s) for s in spans]) if spans else np.zeros(0, np.int64)
         shard_of = np.searchsorted(self.offsets, my_ids, side="right") - 1
         fetcher = self.spec.fetcher(list(zip(shard_of.tolist(), (my_ids - self.offsets[shard_of]).tolist())))
+        pool = BatchPool(_new_batch, self.depth, self.flags[worker] if info and self.flags is not None else None)
         try:
             for i, span in zip(mine, spans):
-                yield self._batch(fetcher, span, i)
+                batch = self._batch(fetcher, span, i, pool)
+                sent = pool.batch_done(batch)
+                if pool.flags is not None:
+                    batch["_pooled"], batch["_worker"] = sent, worker
+                    _small_as_numpy(batch)
+                yield batch
+                del batch  # the pool's free check counts this frame's reference too
         finally:
             fetcher.close()
 
@@ -120,7 +130,7 @@ class _RankBatches(IterableDataset):
             return self.ids[span]
         return np.stack([self.ids[span], self.partners[span]], axis=1).reshape(-1)
 
-    def _batch(self, fetcher: SampleFetcher, span: slice, number: int) -> dict[str, Any]:
+    def _batch(self, fetcher: SampleFetcher, span: slice, number: int, pool: BatchPool) -> dict[str, Any]:
         before = fetcher.source.bytes_read
         rows, partner_rows = self._read_rows(fetcher, span)
         skipped = [r for r in rows if isinstance(r, str)]  # a partner is counted where it is served itself
@@ -136,8 +146,8 @@ class _RankBatches(IterableDataset):
         images, labels, keys, sids, flags, masks = zip(*rows)
         normalize = self.transform.normalize if _normalize_batched(self.transform) else None
         batch = {
-            "image": _collate(images, normalize),
-            **({"mask": _stack([m.long() for m in masks])} if self.masks else {}),
+            "image": _collate(images, normalize, pool),
+            **({"mask": _stack([m.long() for m in masks], None, pool)} if self.masks else {}),
             "label": torch.tensor(labels, dtype=torch.long),
             "key": list(keys),
             "index": torch.tensor(sids, dtype=torch.long),
@@ -146,7 +156,7 @@ class _RankBatches(IterableDataset):
             "_skipped": skipped,
         }
         if self.partners is not None:
-            self._mix(batch, rows, partner_rows, normalize)
+            self._mix(batch, rows, partner_rows, normalize, pool)
         batch["_bytes_read"] = fetcher.source.bytes_read - before
         return batch
 
@@ -167,10 +177,10 @@ class _RankBatches(IterableDataset):
                 _GlobalRng.restore(saved)
         return rows, partner_rows
 
-    def _mix(self, batch: dict[str, Any], rows: list, partner_rows: list, normalize: Any) -> None:
+    def _mix(self, batch: dict[str, Any], rows: list, partner_rows: list, normalize: Any, pool: BatchPool) -> None:
         """Mixup / cutmix (``dataprep/mixing.py``): an unreadable partner is replaced by the sample itself."""
         partner_rows = [p if not isinstance(p, str) else r for r, p in zip(rows, partner_rows)]
-        partners = _collate([p[0] for p in partner_rows], normalize)
+        partners = _collate([p[0] for p in partner_rows], normalize, pool)
         batch["image"], lams = mix_images(batch["image"], partners, batch["index"].tolist(), self.epoch, self.mix)
         batch["mix_lam"] = lams  # a list of floats: not cast to the model's dtype on its way to the device
         batch["partner_index"] = torch.tensor([p[3] for p in partner_rows], dtype=torch.long)
@@ -213,6 +223,23 @@ class _RankBatches(IterableDataset):
         return self.transform(img)
 
 
+# per-sample vectors of a batch: a worker sends them as numpy arrays, pickled by value, since each
+# tensor would cross in a shared-memory segment of its own (~1 ms per tensor to pass its descriptor)
+_SMALL = ("label", "index", "pad", "partner_index", "partner_label")
+
+
+def _small_as_numpy(batch: dict[str, Any]) -> None:
+    for key in _SMALL:
+        if isinstance(batch.get(key), torch.Tensor):
+            batch[key] = batch[key].numpy()
+
+
+def _small_as_tensors(batch: dict[str, Any]) -> None:
+    for key in _SMALL:
+        if isinstance(batch.get(key), np.ndarray):
+            batch[key] = torch.from_numpy(batch[key])
+
+
 def _sample_mask(raw: Any, img: Any) -> torch.Tensor:
     """The sample's ``[H, W]`` class mask; ValueError when it is missing, corrupt or not its image's size."""
     from dataprep._masks import decode_mask
@@ -252,20 +279,23 @@ def _normalize_batched(transform: Callable | None) -> bool:
     return transform is not None and bool(getattr(transform, "normalize_batched", False))
 
 
-def _collate(items: tuple, normalize: Callable | None = None) -> Any:
+def _collate(items: tuple, normalize: Callable | None = None, pool: BatchPool | None = None) -> Any:
     if isinstance(items[0], (list, tuple)):  # multi-crop: one stacked tensor per view
-        return [_stack([it[v] for it in items], normalize) for v in range(len(items[0]))]
-    return _stack(list(items), normalize)
+        return [_stack([it[v] for it in items], normalize, pool) for v in range(len(items[0]))]
+    return _stack(list(items), normalize, pool)
 
 
-def _stack(items: list, normalize: Any = None) -> Any:
-    """Stack equal-shaped tensors (else a list). With ``normalize``: uint8 in, normalized float out,
-    written straight into the batch tensor (in a worker: into shared memory, saving a copy)."""
+def _stack(items: list, normalize: Any = None, pool: BatchPool | None = None) -> Any:
+    """Stack equal-shaped tensors (else a list) into a batch tensor from ``pool`` (in a worker: shared
+    memory). With ``normalize``: uint8 in, normalized float out, written straight into the batch."""
     if not (all(isinstance(t, torch.Tensor) for t in items) and len({tuple(t.shape) for t in items}) == 1):
         return [normalize(t) for t in items] if normalize else items
-    if normalize is None:
+    shape = (len(items), *items[0].shape)
+    if normalize is not None:
+        return normalize.into(items, pool.take(shape, torch.float32) if pool else _new_batch(shape, torch.float32))
+    if pool is None or len({t.dtype for t in items}) != 1:
         return default_collate(items)
-    return normalize.into(items, _new_batch((len(items), *items[0].shape), torch.float32))
+    return torch.stack(items, out=pool.take(shape, items[0].dtype))
 
 
 def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -454,9 +484,12 @@ class StreamingLoader:
             self._served_out = True
             return
         ids = self._order(epoch)[stream.positions[start:]]
+        # buffers kept per shape: a worker's queued batches + the one being received + the consumer's
+        returns = PoolReturns(self.num_workers) if self.num_workers > 0 else None
+        depth = self._dl_kwargs.get("prefetch_factor", 1) + 2
         dataset = _RankBatches(self.spec, ids, stream.pad[start:], self.batch_size, self.seed, epoch,
                                self.transform, self.on_error, self.image_type, self.with_masks, self.mix,
-                               self._partners(epoch, ids))
+                               self._partners(epoch, ids), returns.flags if returns else None, depth)
         pin = self.pin_memory and torch.accelerator.is_available()  # no warning on CPU-only machines
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin, **self._dl_kwargs)
         consumed = start
@@ -467,6 +500,9 @@ class StreamingLoader:
                     return
                 consumed += self.batch_size
                 self._plan = replace(plan, consumed=consumed)
+                if returns is not None:
+                    returns.track(batch)
+                    _small_as_tensors(batch)
                 self._count(batch)
                 yield batch
         finally:  # stop workers now, even when an error's traceback keeps this frame alive
