@@ -12,7 +12,8 @@ buffers per shape and hands one out again only once nothing else can read it:
 * across processes (a DataLoader worker's batches), the worker flags a buffer *sent* in a small
   shared tensor when the buffer leaves in a batch, and the main process (:class:`PoolReturns`)
   clears the flag once the storage it received is gone (the consumer, pin_memory's thread and
-  DataLoader's queues all dropped it), watched with a weak reference.
+  DataLoader's queues all dropped it), watched with a weak reference; or, when a new pass resets
+  the persistent workers, for the batches of earlier passes that were never delivered.
 
 With no free buffer the pool allocates a fresh one (it never waits) and keeps at most ``depth`` per
 shape and use per batch; nothing is written into memory that another holder can still read.
@@ -42,8 +43,9 @@ class _Slot:
 
 class BatchPool:
     """Reusable batch buffers of one process. ``alloc(shape, dtype)`` makes a fresh one (shared memory
-    in a DataLoader worker); ``flags`` (int8 ``[SLOTS]``, shared with the main process) marks buffers
-    that left in a batch, for :class:`PoolReturns` to clear; ``None`` in the main process itself."""
+    in a DataLoader worker); ``flags`` (int32 ``[SLOTS]``, shared with the main process) marks buffers
+    that left in a batch with the pass that sent them, for :class:`PoolReturns` to clear; ``None`` in
+    the main process itself."""
 
     def __init__(self, alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor], depth: int,
                  flags: torch.Tensor | None = None) -> None:
@@ -76,8 +78,9 @@ class BatchPool:
             return False  # the main process still has it
         return storage_users(self.slots[i].buf) == self.slots[i].users
 
-    def batch_done(self, batch: dict[str, Any]) -> list[tuple[str, int, int]]:
-        """End of a batch: in a worker, flag its pooled tensors sent; their places ``(key, view, slot)``."""
+    def batch_done(self, batch: dict[str, Any], mark: int = 1) -> list[tuple[str, int, int]]:
+        """End of a batch: in a worker, flag its pooled tensors sent (``mark``: the loader's pass number,
+        >= 1); their places ``(key, view, slot)``."""
         for key, n in self._uses.items():
             self._peak[key] = max(self._peak.get(key, 0), n)
         self._uses = {}
@@ -88,7 +91,7 @@ class BatchPool:
         for key, view, t in _tensors(batch):
             slot = where.get(t.data_ptr())
             if slot is not None and tuple(t.shape) == tuple(self.slots[slot].buf.shape):
-                self.flags[slot] = 1
+                self.flags[slot] = mark
                 sent.append((key, view, slot))
         return sent
 
@@ -98,7 +101,7 @@ class PoolReturns:
     clearing a worker's flag once the main process no longer holds that buffer."""
 
     def __init__(self, workers: int) -> None:
-        self.flags = torch.zeros((max(1, workers), SLOTS), dtype=torch.int8).share_memory_()
+        self.flags = torch.zeros((max(1, workers), SLOTS), dtype=torch.int32).share_memory_()
         self._pending: list[tuple[int, int, Any]] = []
 
     def track(self, batch: dict[str, Any]) -> None:
@@ -110,6 +113,15 @@ class PoolReturns:
             t = batch[key] if view < 0 else batch[key][view]
             self._pending.append((worker, slot, StorageWeakRef(t.untyped_storage())))
         self.sweep()
+
+    def discard_undelivered(self, number: int) -> None:
+        """Pass ``number`` starts, the DataLoader iterator reset: batches of earlier passes that were not
+        delivered (still queued, or reordered when the consumer left the pass) are gone; free their buffers."""
+        held = {(worker, slot) for worker, slot, _ in self._pending}
+        stale = (self.flags > 0) & (self.flags < number)
+        for worker, slot in stale.nonzero().tolist():
+            if (worker, slot) not in held:
+                self.flags[worker, slot] = 0
 
     def sweep(self) -> None:
         """Hand back to their workers the buffers nothing in this process holds any more."""

@@ -21,7 +21,11 @@ samples each rank consumed (equal on every rank), so it is the same on every ran
 Workers: the rank's stream is cut into batches; DataLoader worker w builds batches
 w, w+K, w+2K, ... and DataLoader hands them back round-robin, i.e. in stream order, so the
 batches (and, with per-sample seeded augmentation, their tensors) do not depend on K. The main
-process counts the batches it hands out; that count is the position.
+process counts the batches it hands out; that count is the position. Workers are persistent
+(``persistent_workers``, the default): started on the first pass, they take each later pass (epoch,
+or the rest of one after ``load_state_dict``) from a queue, so an epoch does not pay for starting
+processes and re-reading its first window, and batch buffers are reused across epochs
+(``dataprep/_batchpool.py``). :meth:`StreamingLoader.close` stops them; so does dropping the loader.
 """
 
 from __future__ import annotations
@@ -29,21 +33,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+import torch.multiprocessing
+from torch.utils.data import DataLoader
 
-from dataprep._batchpool import BatchPool, PoolReturns
-from dataprep._bounds import MAX_PIXELS_DEFAULT, pixels_of
-from dataprep._decode import decode
-from dataprep._order import Plan, epoch_order, rank_stream, sample_seed, shard_offsets
-from dataprep._shards import MissingShardError, ShardCache, ShardError, ShardRef, ShardSource, SampleFetcher
+from dataprep._batchpool import PoolReturns
+from dataprep._bounds import MAX_PIXELS_DEFAULT
+from dataprep._order import Plan, epoch_order, rank_stream
+from dataprep._rank_batches import Pass, RankBatches, ReadSpec, small_as_tensors
+from dataprep._shards import MissingShardError, ShardError, ShardRef
 from dataprep.manifest import load_manifest
-from dataprep.mixing import Mix, mix_images, partner_table
+from dataprep.mixing import Mix, partner_table
 from dataprep.transforms import bind_channels
 
 log = logging.getLogger(__name__)
@@ -65,247 +69,6 @@ def _skip_budget(budget: float | None, epoch_samples: int) -> int | None:
     if budget < 0:
         raise ValueError(f"skip_budget must be >= 0 (a fraction of an epoch or a count), got {budget}")
     return int(budget * epoch_samples) if budget < 1 else int(budget)
-
-
-@dataclass(frozen=True)
-class _ReadSpec:
-    """Everything a worker needs to read shards (picklable)."""
-
-    root_url: str
-    storage_options: dict | None
-    shards: tuple[ShardRef, ...]
-    cache_dir: str | None
-    cache_limit_bytes: int | None
-    block_size: int
-    readahead_shards: int
-    verify_shards: bool = True
-    max_member_bytes: int | None = None
-    max_pixels: int = MAX_PIXELS_DEFAULT
-
-    def fetcher(self, plan: list[tuple[int, int]]) -> SampleFetcher:
-        cache = ShardCache(self.cache_dir, self.cache_limit_bytes) if self.cache_dir else None
-        source = ShardSource(self.root_url, self.storage_options, cache, self.block_size, self.verify_shards,
-                             self.max_member_bytes)
-        return SampleFetcher(source, list(self.shards), plan, self.readahead_shards)
-
-
-class _RankBatches(IterableDataset):
-    """One rank's remaining batches of one epoch; under DataLoader workers, worker w builds every K-th."""
-
-    def __init__(self, spec: _ReadSpec, ids: np.ndarray, pads: np.ndarray, batch_size: int, seed: int, epoch: int,
-                 transform: Callable | None, on_error: str, image_type: str, masks: bool = False,
-                 mix: Mix | None = None, partners: np.ndarray | None = None, flags: torch.Tensor | None = None,
-                 depth: int = 3) -> None:
-        self.spec, self.ids, self.pads, self.batch_size = spec, ids, pads, batch_size
-        self.flags, self.depth = flags, depth  # PoolReturns.flags (workers only); buffers kept per shape
-        self.seed, self.epoch, self.transform = seed, epoch, transform
-        self.on_error, self.image_type, self.masks = on_error, image_type, masks
-        self.mix, self.partners = mix, partners  # partners[j]: the mixing partner of ids[j] (same shard)
-        self.offsets = shard_offsets([s.samples for s in spec.shards])
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = range(worker, len(self.ids) // self.batch_size, workers)
-        spans = [slice(i * self.batch_size, (i + 1) * self.batch_size) for i in mine]
-        my_ids = np.concatenate([self._reads(s) for s in spans]) if spans else np.zeros(0, np.int64)
-        shard_of = np.searchsorted(self.offsets, my_ids, side="right") - 1
-        fetcher = self.spec.fetcher(list(zip(shard_of.tolist(), (my_ids - self.offsets[shard_of]).tolist())))
-        pool = BatchPool(_new_batch, self.depth, self.flags[worker] if info and self.flags is not None else None)
-        try:
-            for i, span in zip(mine, spans):
-                batch = self._batch(fetcher, span, i, pool)
-                sent = pool.batch_done(batch)
-                if pool.flags is not None:
-                    batch["_pooled"], batch["_worker"] = sent, worker
-                    _small_as_numpy(batch)
-                yield batch
-                del batch  # the pool's free check counts this frame's reference too
-        finally:
-            fetcher.close()
-
-    def _reads(self, span: slice) -> np.ndarray:
-        """The ids batch ``span`` takes, in order: each sample, then (mixing) its partner."""
-        if self.partners is None:
-            return self.ids[span]
-        return np.stack([self.ids[span], self.partners[span]], axis=1).reshape(-1)
-
-    def _batch(self, fetcher: SampleFetcher, span: slice, number: int, pool: BatchPool) -> dict[str, Any]:
-        before = fetcher.source.bytes_read
-        rows, partner_rows = self._read_rows(fetcher, span)
-        skipped = [r for r in rows if isinstance(r, str)]  # a partner is counted where it is served itself
-        good = [k for k, r in enumerate(rows) if not isinstance(r, str)]
-        if not good:
-            raise ShardError(f"every sample of batch {number} of epoch {self.epoch} is unreadable: {skipped}")
-        for k, r in enumerate(rows):  # an unreadable sample: a flagged repeat of a readable one (and its partner)
-            if isinstance(r, str):
-                g = good[k % len(good)]
-                rows[k] = (*rows[g][:4], True, rows[g][5])
-                if partner_rows:
-                    partner_rows[k] = partner_rows[g]
-        images, labels, keys, sids, flags, masks = zip(*rows)
-        normalize = self.transform.normalize if _normalize_batched(self.transform) else None
-        batch = {
-            "image": _collate(images, normalize, pool),
-            **({"mask": _stack([m.long() for m in masks], None, pool)} if self.masks else {}),
-            "label": torch.tensor(labels, dtype=torch.long),
-            "key": list(keys),
-            "index": torch.tensor(sids, dtype=torch.long),
-            "pad": torch.tensor(flags, dtype=torch.bool),
-            "epoch": self.epoch,
-            "_skipped": skipped,
-        }
-        if self.partners is not None:
-            self._mix(batch, rows, partner_rows, normalize, pool)
-        batch["_bytes_read"] = fetcher.source.bytes_read - before
-        return batch
-
-    def _read_rows(self, fetcher: SampleFetcher, span: slice) -> tuple[list, list]:
-        """Rows of the batch's samples (and of their partners), a skipped sample's name in place of its row."""
-        rows: list = []
-        partner_rows: list = []
-        saved = _GlobalRng.save() if self.transform is not None and not _takes_rng(self.transform) else None
-        partners = self.partners[span].tolist() if self.partners is not None else None
-        try:
-            for j, (sid, pad) in enumerate(zip(self.ids[span].tolist(), self.pads[span].tolist())):
-                skipped: list[str] = []
-                rows.append(self._row(fetcher, sid, pad, skipped) or skipped[0])
-                if partners is not None:
-                    partner_rows.append(self._row(fetcher, partners[j], False, skipped) or skipped[-1])
-        finally:
-            if saved:
-                _GlobalRng.restore(saved)
-        return rows, partner_rows
-
-    def _mix(self, batch: dict[str, Any], rows: list, partner_rows: list, normalize: Any, pool: BatchPool) -> None:
-        """Mixup / cutmix (``dataprep/mixing.py``): an unreadable partner is replaced by the sample itself."""
-        partner_rows = [p if not isinstance(p, str) else r for r, p in zip(rows, partner_rows)]
-        partners = _collate([p[0] for p in partner_rows], normalize, pool)
-        batch["image"], lams = mix_images(batch["image"], partners, batch["index"].tolist(), self.epoch, self.mix)
-        batch["mix_lam"] = lams  # a list of floats: not cast to the model's dtype on its way to the device
-        batch["partner_index"] = torch.tensor([p[3] for p in partner_rows], dtype=torch.long)
-        batch["partner_label"] = torch.tensor([p[1] for p in partner_rows], dtype=torch.long)
-
-    def _row(self, fetcher: SampleFetcher, sid: int, pad: bool, skipped: list[str]) -> tuple | None:
-        shard = int(np.searchsorted(self.offsets, sid, side="right") - 1)
-        raw = fetcher.take(shard, sid - int(self.offsets[shard]))
-        try:
-            if raw.error:
-                raise ValueError(raw.error)
-            if (pixels := pixels_of(raw.image, raw.ext)) and pixels > self.spec.max_pixels:
-                raise ValueError(f"image of {pixels} pixels is over the limit of {self.spec.max_pixels} (prep's "
-                                 "max_pixels): a decompression bomb, refused undecoded")
-            img = decode(raw.image, raw.ext, self.image_type)
-            mask = _sample_mask(raw, img) if self.masks else None
-        except Exception as exc:  # any codec error means a corrupt sample; policy decides
-            where = f"shard {raw.shard!r} sample #{raw.index} key {raw.key!r}"
-            if self.on_error == "fail":
-                raise ShardError(f"unreadable sample in {where}: {exc}. Re-run prep for this shard, "
-                                 "or pass on_error='skip' to skip such samples") from exc
-            log.warning("skipping unreadable sample in %s: %s", where, exc)
-            skipped.append(f"{raw.shard}:{raw.key if raw.key is not None else '#' + str(raw.index)}")
-            return None
-        out = self._augment(img, sid, mask)
-        img, mask = out if self.masks else (out, None)
-        return img, raw.label, raw.key or "", sid, pad, mask
-
-    def _augment(self, img, sid: int, mask: torch.Tensor | None = None):
-        if self.transform is None:
-            return img if mask is None else (img, mask)
-        seed = sample_seed(self.seed, self.epoch, sid)
-        if mask is not None:  # the same geometric draws for the image and its mask
-            return self.transform.augment_pair(img, mask, random.Random(seed))
-        if _normalize_batched(self.transform):  # normalized per batch in _collate
-            return self.transform.augment(img, random.Random(seed))
-        if _takes_rng(self.transform):
-            return self.transform(img, rng=random.Random(seed))
-        _GlobalRng.seed(seed)
-        return self.transform(img)
-
-
-# per-sample vectors of a batch: a worker sends them as numpy arrays, pickled by value, since each
-# tensor would cross in a shared-memory segment of its own (~1 ms per tensor to pass its descriptor)
-_SMALL = ("label", "index", "pad", "partner_index", "partner_label")
-
-
-def _small_as_numpy(batch: dict[str, Any]) -> None:
-    for key in _SMALL:
-        if isinstance(batch.get(key), torch.Tensor):
-            batch[key] = batch[key].numpy()
-
-
-def _small_as_tensors(batch: dict[str, Any]) -> None:
-    for key in _SMALL:
-        if isinstance(batch.get(key), np.ndarray):
-            batch[key] = torch.from_numpy(batch[key])
-
-
-def _sample_mask(raw: Any, img: Any) -> torch.Tensor:
-    """The sample's ``[H, W]`` class mask; ValueError when it is missing, corrupt or not its image's size."""
-    from dataprep._masks import decode_mask
-
-    if raw.mask is None:
-        raise ValueError("no mask member (<key>.mask.png) although the manifest says the shards carry masks")
-    mask = torch.from_numpy(decode_mask(raw.mask, "mask member").astype(np.int32))
-    hw = tuple(img.shape[-2:]) if isinstance(img, torch.Tensor) else (img.height, img.width)
-    if tuple(mask.shape) != hw:
-        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} px, its image {hw[1]}x{hw[0]}: re-run prep")
-    return mask
-
-
-def _takes_rng(transform: Callable) -> bool:
-    return bool(getattr(transform, "takes_rng", False))
-
-
-class _GlobalRng:
-    """Seeds torch's CPU generator and ``random`` per sample for transforms that use global RNG."""
-
-    @staticmethod
-    def save() -> tuple:
-        return torch.default_generator.get_state(), random.getstate()
-
-    @staticmethod
-    def restore(saved: tuple) -> None:
-        torch.default_generator.set_state(saved[0])
-        random.setstate(saved[1])
-
-    @staticmethod
-    def seed(seed: int) -> None:
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-
-
-def _normalize_batched(transform: Callable | None) -> bool:
-    return transform is not None and bool(getattr(transform, "normalize_batched", False))
-
-
-def _collate(items: tuple, normalize: Callable | None = None, pool: BatchPool | None = None) -> Any:
-    if isinstance(items[0], (list, tuple)):  # multi-crop: one stacked tensor per view
-        return [_stack([it[v] for it in items], normalize, pool) for v in range(len(items[0]))]
-    return _stack(list(items), normalize, pool)
-
-
-def _stack(items: list, normalize: Any = None, pool: BatchPool | None = None) -> Any:
-    """Stack equal-shaped tensors (else a list) into a batch tensor from ``pool`` (in a worker: shared
-    memory). With ``normalize``: uint8 in, normalized float out, written straight into the batch."""
-    if not (all(isinstance(t, torch.Tensor) for t in items) and len({tuple(t.shape) for t in items}) == 1):
-        return [normalize(t) for t in items] if normalize else items
-    shape = (len(items), *items[0].shape)
-    if normalize is not None:
-        return normalize.into(items, pool.take(shape, torch.float32) if pool else _new_batch(shape, torch.float32))
-    if pool is None or len({t.dtype for t in items}) != 1:
-        return default_collate(items)
-    return torch.stack(items, out=pool.take(shape, items[0].dtype))
-
-
-def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for n in shape:
-        numel *= n
-    proto = torch.empty(0, dtype=dtype)
-    return proto.new(proto._typed_storage()._new_shared(numel)).view(shape)  # as default_collate does
 
 
 class StreamingLoader:
@@ -354,12 +117,13 @@ class StreamingLoader:
                  timeout: float = 0, multiprocessing_context: Any = None,
                  subset: Sequence[int] | np.ndarray | None = None, skip_budget: float | None = _DEFAULT_BUDGET,
                  verify_shards: bool = True, max_member_bytes: int | None = None,
-                 max_pixels: int = MAX_PIXELS_DEFAULT, masks: bool = False, mix: Mix | None = None) -> None:
+                 max_pixels: int = MAX_PIXELS_DEFAULT, masks: bool = False, mix: Mix | None = None,
+                 persistent_workers: bool = True) -> None:
         _check_args(batch_size, rank, world_size, partial, on_error, image_type, window_shards)
         manifest, store = load_manifest(manifest_url, storage_options)
         shards = tuple(ShardRef(s.name, s.samples, s.bytes, s.sha256) for s in manifest.split(split).shards)
         self.manifest, self.split = manifest, split
-        self.spec = _ReadSpec(store.url, storage_options, shards, cache_dir, cache_limit_bytes, block_size,
+        self.spec = ReadSpec(store.url, storage_options, shards, cache_dir, cache_limit_bytes, block_size,
                               readahead_shards, verify_shards, max_member_bytes, max_pixels)
         self.counts = [s.samples for s in shards]
         self._keep, self.subset_digest = _subset_mask(subset, int(sum(self.counts)), split, resample)
@@ -381,6 +145,13 @@ class StreamingLoader:
         self._dl_kwargs = {"timeout": timeout, "multiprocessing_context": multiprocessing_context}
         if num_workers > 0:
             self._dl_kwargs["prefetch_factor"] = prefetch_factor
+        self.persistent_workers = persistent_workers and num_workers > 0
+        # batch buffers kept per shape: a worker's queued batches + the one being received + the consumer's
+        self._dataset = RankBatches(self.spec, batch_size, seed, self.transform, on_error, image_type,
+                                    self.with_masks, self.mix, depth=(prefetch_factor if num_workers else 1) + 2)
+        self._workers: Any = None  # the persistent DataLoader (and its iterator) once started
+        self._returns: PoolReturns | None = None
+        self._passes = 0
         self.stats = {"batches": 0, "samples": 0, "padded": 0, "skipped": 0, "bytes_read": 0}
         self.skip_budget = _skip_budget(skip_budget, int(sum(self.counts)))  # samples per epoch, None: no limit
         self._epoch_skipped: list[str] = []
@@ -484,33 +255,66 @@ class StreamingLoader:
             self._served_out = True
             return
         ids = self._order(epoch)[stream.positions[start:]]
-        # buffers kept per shape: a worker's queued batches + the one being received + the consumer's
-        returns = PoolReturns(self.num_workers) if self.num_workers > 0 else None
-        depth = self._dl_kwargs.get("prefetch_factor", 1) + 2
-        dataset = _RankBatches(self.spec, ids, stream.pad[start:], self.batch_size, self.seed, epoch,
-                               self.transform, self.on_error, self.image_type, self.with_masks, self.mix,
-                               self._partners(epoch, ids), returns.flags if returns else None, depth)
-        pin = self.pin_memory and torch.accelerator.is_available()  # no warning on CPU-only machines
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin, **self._dl_kwargs)
-        consumed = start
-        batches = iter(loader)
+        self._passes += 1
+        job = Pass(self._passes, ids, stream.pad[start:], epoch, self._partners(epoch, ids))
+        consumed, batches = start, None
         try:
-            for batch in batches:
-                if generation != self._generation:  # set_epoch / load_state_dict happened meanwhile
-                    return
+            batches, returns = self._start_pass(job)
+            while generation == self._generation:  # set_epoch / load_state_dict meanwhile: this pass is over
+                batch = next(batches, None)
+                if batch is None:
+                    break
                 consumed += self.batch_size
                 self._plan = replace(plan, consumed=consumed)
                 if returns is not None:
                     returns.track(batch)
-                    _small_as_tensors(batch)
+                    small_as_tensors(batch)
                 self._count(batch)
                 yield batch
-        finally:  # stop workers now, even when an error's traceback keeps this frame alive
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown:
-                shutdown()
+        except GeneratorExit:  # the consumer left the pass: persistent workers wait for the next one
+            if not self.persistent_workers:
+                _shutdown(batches)
+            raise
+        except BaseException:  # stop workers now, even when an error's traceback keeps this frame alive
+            self.close() if self.persistent_workers else _shutdown(batches)
+            raise
+        if not self.persistent_workers:
+            _shutdown(batches)
         if generation == self._generation:
             self._served_out = True
+
+    def _start_pass(self, job: Pass) -> tuple[Iterator[dict[str, Any]], PoolReturns | None]:
+        """The DataLoader iterator serving ``job``, and (workers) the tracker of their batch buffers."""
+        pin = self.pin_memory and torch.accelerator.is_available()  # no warning on CPU-only machines
+        self._dataset.current = job
+        if not self.persistent_workers:
+            returns = PoolReturns(self.num_workers) if self.num_workers else None
+            self._dataset.flags, self._dataset.jobs = (returns.flags if returns else None), None
+            loader = DataLoader(self._dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin,
+                                **self._dl_kwargs)
+            return iter(loader), returns
+        if self._workers is None:
+            context = self._dl_kwargs["multiprocessing_context"] or torch.multiprocessing
+            if isinstance(context, str):
+                context = torch.multiprocessing.get_context(context)
+            self._returns = PoolReturns(self.num_workers)
+            self._dataset.flags = self._returns.flags
+            self._dataset.jobs = [context.Queue() for _ in range(self.num_workers)]
+            self._workers = DataLoader(self._dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin,
+                                       persistent_workers=True, **self._dl_kwargs)
+        for jobs in self._dataset.jobs:
+            jobs.put(job)
+        batches = iter(self._workers)  # the first pass starts the workers; a later one resets them
+        self._returns.discard_undelivered(job.number)
+        return batches, self._returns
+
+    def close(self) -> None:
+        """Stop the persistent DataLoader workers now (the next pass starts new ones)."""
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            _shutdown(getattr(workers, "_iterator", None))
+        self._passes = 0
+        self._dataset._passes = 0
 
     def _count(self, batch: dict[str, Any]) -> None:
         skipped = batch.pop("_skipped")
@@ -527,6 +331,12 @@ class StreamingLoader:
                 f"over the skip budget of {self.skip_budget} per epoch ({SKIP_BUDGET_ENV}, default 0.1% of the "
                 f"epoch's {int(sum(self.counts))} samples); shards: {', '.join(shards)}. Re-run prep for these "
                 "shards, or raise the budget")
+
+
+def _shutdown(batches: Any) -> None:
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown:
+        shutdown()
 
 
 def _subset_mask(subset: Sequence[int] | np.ndarray | None, total: int, split: str,

@@ -148,7 +148,8 @@ def _val_loader(method: Method, cfg: TrainConfig, ctx: StageContext, train: Stre
         return None
     return StreamingLoader(ctx.data_url, split="val", batch_size=cfg.batch_size, seed=cfg.seed, rank=ctx.rank,
                            world_size=ctx.world_size, transform=transform, shuffle=False,
-                           num_workers=cfg.loader_workers, partial="pad", storage_options=ctx.storage_options)
+                           num_workers=cfg.loader_workers, partial="pad", storage_options=ctx.storage_options,
+                           persistent_workers=False)  # one pass per evaluation: no workers idle between them
 
 
 def _resume(run: _Run) -> None:
@@ -208,6 +209,7 @@ def _loop(run: _Run, watch: PreemptionWatch) -> Literal["done", "preempted"]:
             _save(run, sync=True)
         return "done"
     finally:
+        run.loader.close()  # its persistent workers are not needed past the last step (or a stop)
         if bar is not None:
             bar.close()
 

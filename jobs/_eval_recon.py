@@ -94,7 +94,8 @@ def reconstruction_report(model, data_url: str, split: str = "val", seed: int = 
     """MAE loss and the two baselines (module docstring), averaged over every masked patch of ``split``."""
     size = int(model.encoder.patch_embed.img_size[0])
     loader = StreamingLoader(data_url, split=split, batch_size=batch_size, seed=seed, transform=eval_transform(size),
-                             num_workers=num_workers, partial="pad", shuffle=False, storage_options=storage_options)
+                             num_workers=num_workers, partial="pad", shuffle=False, storage_options=storage_options,
+                             persistent_workers=False)
     sums = {"loss": 0.0, "baseline_mean_patch": 0.0, "baseline_visible_mean": 0.0}
     masked = samples = 0.0
     for b, batch in enumerate(loader):

@@ -165,7 +165,7 @@ def _loader(cfg: EvalConfig, data_url: str, split: str, img_size: int, pretraine
                                std=pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
     return StreamingLoader(data_url, split=split, batch_size=cfg.batch_size, seed=cfg.seed, transform=transform,
                            num_workers=cfg.loader_workers, partial="pad", shuffle=False,
-                           storage_options=storage_options, masks=masks)
+                           storage_options=storage_options, masks=masks, persistent_workers=False)  # one pass
 
 
 def evaluate_model(name: str, url: str, cfg: EvalConfig, data_url: str, num_classes: int,
