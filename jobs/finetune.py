@@ -21,6 +21,11 @@ Modes (as in MAE's fine-tuning and linear-probing recipes):
              so step 0 computes the backbone. The export is the ``adaptformer_vit`` architecture
              (``jobs/adaptformer.py``, registered with timm by ``import jobs.models``).
 
+In every mode the classifier reads the model's own pooling (timm's ``global_pool``: an export of any
+method here is ``token``, the CLS token), or ``global_pool: avg`` the mean patch token after the final
+norm (MAE's fine-tuning, whose loss trains the patch tokens and hardly the CLS token; ``kind: eval``'s
+``pool: avg``); the export records it in ``model_args`` (``global_pool``, ``fc_norm``).
+
 ``prompt`` and ``adapter`` freeze through ``peft`` (``jobs/peft.py``): a ``peft`` given with them adds its
 tensors (e.g. ``unfreeze: [norm.*]``) to the prompts or adapters. Frozen tensors get no gradient and
 no optimizer state; the first metrics record and the export's ``config.json`` carry
@@ -77,7 +82,7 @@ from jobs.metrics import read_metrics
 from jobs.method import Method
 from jobs.adaptformer import ARCH as ADAPTER_ARCH
 from jobs.adaptformer import adapter_model_args
-from jobs.models import fit_data_channels, forward_flops, pool_features, timm_model_kwargs
+from jobs.models import fit_data_channels, forward_flops, pool_features, takes_kwarg, timm_model_kwargs
 from jobs.peft import (ADAPTER_TENSORS, LORA_TARGETS, PROMPT_TENSORS, AdapterConfig, LoraConfig,  # noqa: F401
                        PeftConfig, PromptConfig, add_prompt_rows, apply_peft, init_prompts, merge_lora_state,
                        with_trainable)
@@ -264,6 +269,7 @@ class FinetuneMethod(Method):
         """The timm architecture and constructor arguments the stage trains and exports: the source's,
         with ``reg_tokens`` prompts (``prompt``) or as ``adaptformer_vit`` (``adapter``)."""
         arch, args = self.export_cfg["architecture"], dict(self.export_cfg["model_args"])
+        args = self._with_global_pool(arch, args)
         if self.cfg.mode == "prompt":
             if args.get("reg_tokens"):
                 raise ValueError(f"stage {self.cfg.name!r}: mode prompt on a backbone that already has "
@@ -274,6 +280,21 @@ class FinetuneMethod(Method):
             a = self.cfg.adapter
             return ADAPTER_ARCH, adapter_model_args(arch, args, a.bottleneck, a.scale, a.dropout)
         return arch, args
+
+    def _with_global_pool(self, arch: str, args: dict[str, Any]) -> dict[str, Any]:
+        """``args`` with the stage's ``global_pool`` (unset: the source's own). The final norm stays where the
+        source has it (timm's ``fc_norm``: after pooling, else on every token before it), so every trained
+        tensor loads: ``avg`` on a CLS-token encoder is the mean of its normed patch tokens."""
+        pool = self.cfg.global_pool
+        if pool is None:
+            return args
+        if not takes_kwarg(arch, "fc_norm"):
+            raise ValueError(f"stage {self.cfg.name!r}: global_pool {pool!r} applies to ViTs (timm's token / avg "
+                             f"pooling); {arch} has none: drop global_pool")
+        source_pool = args.get("global_pool", "token")
+        fc_norm = args.get("fc_norm")
+        fc_norm = source_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
+        return {**args, "global_pool": pool, "fc_norm": bool(fc_norm)}
 
     @property
     def classifier(self) -> str:
@@ -329,6 +350,8 @@ class FinetuneMethod(Method):
             out[self.cfg.mode] = getattr(self.cfg, self.cfg.mode).model_dump()
         if self.cfg.peft is not None:
             out["peft"] = self.cfg.peft.model_dump()
+        if self.cfg.global_pool is not None:
+            out["global_pool"] = self.cfg.global_pool
         return out if self.cfg.model is None else {**out, "model": self.cfg.model.model_dump()}
 
     def export(self, model: nn.Module, dest_url: str, *, rank: int, storage_options: dict[str, Any],

@@ -2,8 +2,10 @@
 
 Source domain: scikit-learn's 1,797 digits at 16x16, as the learning-signal test. Target domain:
 the same digits transformed deterministically so that their pixel statistics clearly differ: inverted
-(white background, dark strokes), recoloured on a per-image two-colour linear gradient, Gaussian
-noise (sigma 0.15), and a random multiple of 90 degrees of rotation (seeded per image).
+(white background, dark strokes), recoloured on a per-image two-colour linear gradient, and Gaussian
+noise (sigma 0.15). No rotation: a random multiple of 90 degrees makes 6 and 9 (and 2 / 5) one class
+and leaves the task, not just the pixels, changed (a logistic regression on the raw target pixels
+with 10% of the labels: 45% with rotations, 84% without; 92% on the source).
 
 One run spec, each training stage a 1-worker gang:
 
@@ -11,21 +13,36 @@ One run spec, each training stage a 1-worker gang:
 * ``adapt``    MAE continued on the target from ``source`` with ``peft: {lora: {rank: 8}, unfreeze_last: 1}``
                (its first metrics record: the trainable share, at most 15%);
 * ``scratch``  MAE from scratch on the target for as many steps as ``adapt`` (printed beside it);
-* ``ft-*``     a 10%-label linear fine-tune on the target (the same stratified labels) of each.
+* ``ft-*``     a 10%-label linear fine-tune on the target (the same stratified labels) of each, on the
+               mean patch token (``global_pool: avg``: what MAE's loss trains; the exports' own pooling
+               is the CLS token, which it barely trains).
 
 Asserted: every stage finishes, the continuation trains at most 15% of the weights (measured 13.0%),
 ``adapt`` and ``scratch`` ran the same steps, the three fine-tunes used the same labels. The claim
 "the adapted encoder beats the unadapted source export on the target fine-tune by ``ADAPT_MARGIN``"
-is NOT reproduced at this scale yet: measured with
+is NOT reproduced at this scale: measured with
 ``.venv/bin/python -m pytest tests/test_domain_shift.py -m slow -s -p no:cacheprovider`` (the
-``DOMAIN-SHIFT`` JSON line; seed 0, 144 target labels, 359 val): target 10%-label linear fine-tune
-top-1 source 18.1%, adapt 9.5%, MAE-from-scratch on the target at equal steps (220) 11.4%; chance is
-10%. The target (sigma 0.15 noise on 16 px, random rotations) leaves every encoder near chance. The
-fine-tune reads the CLS token (the exports' timm ``global_pool`` is ``token``), which the MAE loss
-barely trains; a logistic regression on those CLS features with *all* target labels gives source
-28.4%, adapt 21.7%, scratch 18.9% (measured on this run's exports). Next to try: the probe on the
-mean patch token (the pooling MAE trains), a milder target, more continuation steps. Until a recipe shows the gain, the margin is reported as an expected failure carrying the
-measured numbers (the other assertions still fail the test); a run that meets it passes.
+``DOMAIN-SHIFT`` JSON line; 144 target labels, 359 val; 220 MAE steps for adapt and scratch; 9.4 min
+on 2 cores), target 10%-label linear fine-tune top-1 (chance 10%):
+
+* seed 0: source 22.0%, adapt 13.9%, scratch 11.7%;
+* seed 1 (``SEED = 1``: another val split and labels; 11.9 min): source 13.4%, adapt 9.7%, scratch 12.0%.
+
+Tried on the way (seed 0, the same stages through ``run_spec``; source / adapt / scratch, adapt at
+base lr 6e-3 unless said): the target as the issue wrote it (with rotations), CLS token 17.3 / 10.3 /
+11.7, mean patch token 17.3 / 8.6 / 11.7; without rotations, CLS token 22.6 / 13.7 / 12.8; noise
+sigma 0.05, mean patch token 17.8 / 8.6 (lr 1.5e-3: 13.4; plus every norm and the patch embedding
+trainable, 13.6% share: 11.1) / 12.3; one fixed gradient for every image instead of a per-image one,
+sigma 0.1, 31.2 / 28.7 (lr 1.5e-3: 31.2) / 25.4, where the source loses nothing to the shift (its
+fine-tune on the source digits: 31.2%). The MAE losses of adapt and scratch end alike (0.70-0.84,
+norm-pix); on the per-image-gradient target both encoders' features mostly carry the gradient (sigma
+0.05: a logistic regression on them with *all* target labels gives source 33-34%, adapt 15-30%, scratch
+17-18%; on the raw pixels with only the 10% labels, 87%): the continuation overwrites what the
+source learnt with the nuisance. The source encoder itself
+is weak (31% on its own domain here vs 52% for the depth-4, width-128 encoder of the learning-signal
+test, which ``unfreeze_last: 1`` would make 27% trainable). Until a recipe shows the gain, the margin
+is reported as an expected failure carrying the measured numbers (the other assertions still fail the
+test); a run that meets it passes.
 """
 
 from __future__ import annotations
@@ -47,8 +64,9 @@ MAE = {"kind": "mae", "model": ENCODER, "decoder": {"embed_dim": 32, "depth": 1,
        "mask_ratio": 0.75, "norm_pix_loss": True, "batch_size": 64, "zero_stage": 2, "loader_workers": 0,
        "seed": SEED, "optim": {"base_lr": 6e-3, "warmup_epochs": 1, "weight_decay": 0.05}, "trackers": [],
        "checkpoint": {"every_steps": 100000, "keep_last": 1}}
-FINETUNE = {"kind": "finetune", "mode": "linear", "label_fraction": 0.1, "epochs": 30, "batch_size": 16,
-            "zero_stage": 2, "loader_workers": 0, "seed": SEED, "crop_scale": [0.5, 1.0], "trackers": [],
+FINETUNE = {"kind": "finetune", "mode": "linear", "global_pool": "avg", "label_fraction": 0.1, "epochs": 30,
+            "batch_size": 16, "zero_stage": 2, "loader_workers": 0, "seed": SEED, "crop_scale": [0.5, 1.0],
+            "trackers": [],
             "optim": {"base_lr": 1.6, "warmup_epochs": 2, "weight_decay": 0.05},
             "checkpoint": {"every_steps": 100000, "keep_last": 1}}
 SOURCE_EPOCHS, ADAPT_EPOCHS = 20, 10
@@ -67,8 +85,7 @@ def shift(img: np.ndarray, index: int) -> np.ndarray:
     c0, c1 = rng.uniform(0.2, 1.0, 3), rng.uniform(0.2, 1.0, 3)
     colour = c0 * (1 - t[..., None]) + c1 * t[..., None]  # [H, W, 3]
     out = g[..., None] * colour + rng.normal(0.0, 0.15, (h, w, 3))
-    out = np.rot90(np.clip(out, 0.0, 1.0), k=int(rng.integers(0, 4)))
-    return (out * 255.0).round().astype(np.uint8)
+    return (np.clip(out, 0.0, 1.0) * 255.0).round().astype(np.uint8)  # no rotation: it makes 6 and 9 one class
 
 
 def write_target(src: str, dest: str) -> str:

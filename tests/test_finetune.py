@@ -97,6 +97,45 @@ def test_each_mode_trains_and_exports_a_plain_timm_classifier_with_the_same_outp
     assert sums["count"] == 3 and 0 <= sums["top1"] <= sums["top5"] == 3  # top-5 of 3 classes always hits
 
 
+@pytest.mark.parametrize("mode", ["linear", "full"])
+def test_global_pool_avg_reads_the_mean_normed_patch_token_loads_every_init_tensor_and_exports_it(tmp_path,
+                                                                                                 local_shards, mode):
+    from jobs.models import pool_features
+
+    write_mae_export(str(tmp_path / "mae"))
+    base = set_up(FinetuneConfig(name="ft", data="/x", init="pretrain", mode=mode, num_classes=3), local_shards,
+                  init=str(tmp_path / "mae"))
+    cfg = FinetuneConfig(name="ft", data="/x", init="pretrain", mode=mode, num_classes=3, global_pool="avg")
+    method = set_up(cfg, local_shards, init=str(tmp_path / "mae"))
+    assert base.cfg.digest() != cfg.digest() and "global_pool" not in base.arch()
+    assert method.arch()["global_pool"] == "avg"
+    assert base.cfg.digest() == FinetuneConfig(**{**cfg.model_dump(), "global_pool": None}).digest()
+    model = method.build_model()
+    encoder = model.encoder if mode == "linear" else model
+    ref, _ = load_export_model(str(tmp_path / "mae"))  # the MAE export as written: CLS-token pooling
+    for name, value in ref.state_dict().items():  # every trained tensor loaded, the final norm where it was
+        torch.testing.assert_close(encoder.state_dict()[name], value)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref.eval(), encoder.eval()
+        want = pool_features(ref, ref.forward_features(x), "avg")  # kind: eval's pool: avg
+        assert not torch.allclose(want, pool_features(ref, ref.forward_features(x), "token"))
+        torch.testing.assert_close(encoder.forward_head(encoder.forward_features(x), pre_logits=True), want)
+        if mode == "linear":
+            torch.testing.assert_close(model.features(x), want)
+    train_a_few_steps(method, model)
+    method.export(model, str(tmp_path / "export"), rank=0, storage_options={}, extra={})
+    loaded, config = load_export_model(str(tmp_path / "export"))
+    hub = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    assert config["global_pool"] == "avg" and config["model_args"]["fc_norm"] is False
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(hub(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="global_pool"):
+        FinetuneConfig(name="ft", data="/x", init="pretrain", global_pool="max")
+
+
 @pytest.mark.parametrize("mode", ["prompt", "adapter"])
 def test_prompt_and_adapter_train_only_their_tensors_and_the_head_and_export_through_timm(tmp_path, local_shards,
                                                                                           mode):

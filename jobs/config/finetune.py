@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,6 +41,10 @@ class FinetuneConfig(TrainConfig, InitFields, MixFields):
     mixup: float | None = Field(default=None, ge=0, description="mixup alpha; 0 disables (default: the mode's)")
     cutmix: float | None = Field(default=None, ge=0, description="cutmix alpha; 0 disables (default: the mode's)")
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    global_pool: Literal["token", "avg"] | None = Field(
+        default=None, description="ViTs: what the classifier reads, the CLS token or the mean patch token (after "
+        "the encoder's final norm, as kind: eval's pool: avg; MAE's fine-tuning pools so, main_finetune.py "
+        "--global_pool); default: the init's own (its timm global_pool; an MAE export's is token)")
     channels: list[str] | None = Field(default=None, min_length=1, description="the data's channels the model "
                                        "reads, by name and in order (default: all): a ChannelViT takes any subset, "
                                        "a plain model exactly its in_chans")
@@ -48,6 +52,8 @@ class FinetuneConfig(TrainConfig, InitFields, MixFields):
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="mode prompt: the prompt tokens")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="mode adapter: AdaptFormer's adapter")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(base_lr=1e-3, betas=(0.9, 0.999)))
+
+    digest_optional: ClassVar[tuple[str, ...]] = ("global_pool",)  # unset: the digests of earlier runs hold
 
     @model_validator(mode="after")
     def _init_or_model(self) -> "FinetuneConfig":
