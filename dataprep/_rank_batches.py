@@ -3,8 +3,8 @@
 :class:`RankBatches` is the dataset a :class:`~dataprep.loader.StreamingLoader` hands to its
 DataLoader: one :class:`Pass` (the rank's remaining batches of one epoch) at a time, in one process
 or in DataLoader workers, where worker w builds batches w, w+K, ... and DataLoader returns them in
-stream order. Workers are persistent: they take each pass from their own queue, so the process, its
-read-ahead threads and its batch buffers (``dataprep/_batchpool.py``) outlive an epoch.
+stream order. Workers are persistent: they take each pass from their own queue, so the process and
+its batch buffers (``dataprep/_batchpool.py``) outlive an epoch (each pass opens its own shard reader).
 """
 
 from __future__ import annotations

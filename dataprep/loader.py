@@ -31,7 +31,6 @@ processes and re-reading its first window, and batch buffers are reused across e
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from dataclasses import replace
 from typing import Any, Callable, Iterator, Sequence
@@ -49,8 +48,6 @@ from dataprep._shards import MissingShardError, ShardError, ShardRef
 from dataprep.manifest import load_manifest
 from dataprep.mixing import Mix, partner_table
 from dataprep.transforms import bind_channels
-
-log = logging.getLogger(__name__)
 
 __all__ = ["StreamingLoader", "ShardError", "MissingShardError"]
 
@@ -276,7 +273,10 @@ class StreamingLoader:
                 _shutdown(batches)
             raise
         except BaseException:  # stop workers now, even when an error's traceback keeps this frame alive
-            self.close() if self.persistent_workers else _shutdown(batches)
+            if self.persistent_workers:
+                self.close()  # the next pass starts new ones
+            else:
+                _shutdown(batches)
             raise
         if not self.persistent_workers:
             _shutdown(batches)

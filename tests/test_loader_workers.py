@@ -101,3 +101,12 @@ def test_without_persistent_workers_each_pass_has_its_own(shards):
     loader = make(shards, persistent_workers=False)
     assert same(served(loader), served(make(shards, 0)))
     assert loader._workers is None
+
+
+def test_spawned_workers_serve_the_same_batches_across_epochs(shards):
+    """A CUDA process cannot fork its workers: with spawn, the passes reach them the same way."""
+    ref = make(shards, 0)
+    loader = make(shards, multiprocessing_context="spawn")
+    for _ in range(2):
+        assert same(served(loader), served(ref))
+    loader.close()
