@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 SLOTS = 256  # flag entries per DataLoader worker: the most buffers one worker's pool keeps
 
@@ -106,8 +107,6 @@ class PoolReturns:
 
     def track(self, batch: dict[str, Any]) -> None:
         """Note the pooled tensors of a received ``batch`` (its ``_pooled`` and ``_worker`` entries, removed)."""
-        from torch.multiprocessing.reductions import StorageWeakRef
-
         sent, worker = batch.pop("_pooled", ()), batch.pop("_worker", 0)
         for key, view, slot in sent:
             t = batch[key] if view < 0 else batch[key][view]

@@ -84,8 +84,7 @@ class RankBatches(IterableDataset):
         self.flags: torch.Tensor | None = None  # PoolReturns.flags (workers only)
         self._passes = 0
         self._pool: BatchPool | None = None
-        self.ids = self.pads = self.partners = None
-        self.epoch = 0
+        self.job: Pass | None = None  # the pass this process is building
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._passes += 1  # counted when the iterator is made, even if it never runs
@@ -110,14 +109,15 @@ class RankBatches(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         job = self._take_pass(number, worker) if info and self.jobs else self.current
-        self.ids, self.pads, self.epoch, self.partners = job.ids, job.pads, job.epoch, job.partners
-        mine = range(worker, len(self.ids) // self.batch_size, workers)
+        self.job = job
+        mine = range(worker, len(job.ids) // self.batch_size, workers)
         spans = [slice(i * self.batch_size, (i + 1) * self.batch_size) for i in mine]
         my_ids = np.concatenate([self._reads(s) for s in spans]) if spans else np.zeros(0, np.int64)
         shard_of = np.searchsorted(self.offsets, my_ids, side="right") - 1
         fetcher = self.spec.fetcher(list(zip(shard_of.tolist(), (my_ids - self.offsets[shard_of]).tolist())))
         if self._pool is None:
-            self._pool = BatchPool(new_batch, self.depth, self.flags[worker] if info and self.flags is not None else None)
+            flags = self.flags[worker] if info and self.flags is not None else None
+            self._pool = BatchPool(new_batch, self.depth, flags)
         pool = self._pool
         try:
             for i, span in zip(mine, spans):
@@ -133,9 +133,9 @@ class RankBatches(IterableDataset):
 
     def _reads(self, span: slice) -> np.ndarray:
         """The ids batch ``span`` takes, in order: each sample, then (mixing) its partner."""
-        if self.partners is None:
-            return self.ids[span]
-        return np.stack([self.ids[span], self.partners[span]], axis=1).reshape(-1)
+        if self.job.partners is None:
+            return self.job.ids[span]
+        return np.stack([self.job.ids[span], self.job.partners[span]], axis=1).reshape(-1)
 
     def _batch(self, fetcher: SampleFetcher, span: slice, number: int, pool: BatchPool) -> dict[str, Any]:
         before = fetcher.source.bytes_read
@@ -143,7 +143,7 @@ class RankBatches(IterableDataset):
         skipped = [r for r in rows if isinstance(r, str)]  # a partner is counted where it is served itself
         good = [k for k, r in enumerate(rows) if not isinstance(r, str)]
         if not good:
-            raise ShardError(f"every sample of batch {number} of epoch {self.epoch} is unreadable: {skipped}")
+            raise ShardError(f"every sample of batch {number} of epoch {self.job.epoch} is unreadable: {skipped}")
         for k, r in enumerate(rows):  # an unreadable sample: a flagged repeat of a readable one (and its partner)
             if isinstance(r, str):
                 g = good[k % len(good)]
@@ -159,10 +159,10 @@ class RankBatches(IterableDataset):
             "key": list(keys),
             "index": torch.tensor(sids, dtype=torch.long),
             "pad": torch.tensor(flags, dtype=torch.bool),
-            "epoch": self.epoch,
+            "epoch": self.job.epoch,
             "_skipped": skipped,
         }
-        if self.partners is not None:
+        if self.job.partners is not None:
             self._mix(batch, rows, partner_rows, normalize, pool)
         batch["_bytes_read"] = fetcher.source.bytes_read - before
         return batch
@@ -172,9 +172,9 @@ class RankBatches(IterableDataset):
         rows: list = []
         partner_rows: list = []
         saved = _GlobalRng.save() if self.transform is not None and not _takes_rng(self.transform) else None
-        partners = self.partners[span].tolist() if self.partners is not None else None
+        partners = self.job.partners[span].tolist() if self.job.partners is not None else None
         try:
-            for j, (sid, pad) in enumerate(zip(self.ids[span].tolist(), self.pads[span].tolist())):
+            for j, (sid, pad) in enumerate(zip(self.job.ids[span].tolist(), self.job.pads[span].tolist())):
                 skipped: list[str] = []
                 rows.append(self._row(fetcher, sid, pad, skipped) or skipped[0])
                 if partners is not None:
@@ -188,7 +188,7 @@ class RankBatches(IterableDataset):
         """Mixup / cutmix (``dataprep/mixing.py``): an unreadable partner is replaced by the sample itself."""
         partner_rows = [p if not isinstance(p, str) else r for r, p in zip(rows, partner_rows)]
         partners = _collate([p[0] for p in partner_rows], normalize, pool)
-        batch["image"], lams = mix_images(batch["image"], partners, batch["index"].tolist(), self.epoch, self.mix)
+        batch["image"], lams = mix_images(batch["image"], partners, batch["index"].tolist(), self.job.epoch, self.mix)
         batch["mix_lam"] = lams  # a list of floats: not cast to the model's dtype on its way to the device
         batch["partner_index"] = torch.tensor([p[3] for p in partner_rows], dtype=torch.long)
         batch["partner_label"] = torch.tensor([p[1] for p in partner_rows], dtype=torch.long)
@@ -219,7 +219,7 @@ class RankBatches(IterableDataset):
     def _augment(self, img, sid: int, mask: torch.Tensor | None = None):
         if self.transform is None:
             return img if mask is None else (img, mask)
-        seed = sample_seed(self.seed, self.epoch, sid)
+        seed = sample_seed(self.seed, self.job.epoch, sid)
         if mask is not None:  # the same geometric draws for the image and its mask
             return self.transform.augment_pair(img, mask, random.Random(seed))
         if _normalize_batched(self.transform):  # normalized per batch in _collate

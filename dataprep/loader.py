@@ -313,8 +313,7 @@ class StreamingLoader:
         workers, self._workers = self._workers, None
         if workers is not None:
             _shutdown(getattr(workers, "_iterator", None))
-        self._passes = 0
-        self._dataset._passes = 0
+        self._passes = 0  # new workers count their passes from 1 again
 
     def _count(self, batch: dict[str, Any]) -> None:
         skipped = batch.pop("_skipped")
