@@ -2,6 +2,12 @@
 
 One loss, one module, its state a buffer (as dinov2's ``DINOLoss``): the teacher *center*, an EMA
 of the teacher's batch-mean output, all-reduced over ranks so every rank holds the same center.
+
+``centering="sinkhorn"`` replaces centring + softmax by DINOv2's Sinkhorn-Knopp normalisation of the
+teacher (:func:`sinkhorn_knopp`, ``sinkhorn_knopp_teacher`` there): the teacher's batch assignment to the
+K prototypes is made (close to) uniform over the prototypes at every step, so it cannot collapse to one
+prototype; a teacher whose outputs are the same for every sample still gives uniform targets (this does
+not prevent that collapse). The center is then left as it is (unused).
 """
 
 from __future__ import annotations
@@ -12,6 +18,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+    """[N, K] teacher logits -> [N, K] probabilities (rows sum to 1) whose column sums over the batch of
+    every rank are pushed towards equal (N_total / K each) by ``iterations`` Sinkhorn-Knopp rounds.
+
+    Starts from ``exp(logits / temp)``; each round scales the K prototype rows to mass ``1 / K`` (sums
+    all-reduced over ranks) and then each sample's column to mass ``1 / N_total``; a sample's column is
+    finally rescaled to sum 1. Computed in float32 with the global max subtracted (exact after the
+    normalisation, and exp never overflows)."""
+    x = logits.float() / temp
+    peak = x.max() if x.numel() else x.new_tensor(float("-inf"))  # a rank may hold no rows (no masked patch)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        peak = peak.clone()
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    q = torch.exp(x - peak).t()  # [K, N]
+    k = q.shape[0]
+    n = _all_reduce(torch.tensor([float(q.shape[1])], device=q.device))
+    q /= _all_reduce(q.sum().reshape(1)).clamp(min=1e-30)
+    for _ in range(iterations):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True)).clamp(min=1e-30)  # each prototype: total mass 1 / K
+        q /= k
+        q /= q.sum(dim=0, keepdim=True).clamp(min=1e-30)  # each sample: mass 1 / N (its own column: local)
+        q /= n
+    q *= n
+    return q.t()
+
+
 class DINOLoss(nn.Module):
     """``forward(student_out, teacher_out, teacher_temp)`` -> scalar loss; ``update_center(teacher_out)``.
 
@@ -20,13 +59,19 @@ class DINOLoss(nn.Module):
     student view except itself; the loss is the mean over those pairs.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "ema", sinkhorn_iterations: int = 3) -> None:
         super().__init__()
+        if centering not in ("ema", "sinkhorn"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {centering!r}")
         self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Centring then sharpening: ``softmax((t - center) / temp)``, [2B, K]."""
+        """Centring then sharpening: ``softmax((t - center) / temp)``, [2B, K] (or Sinkhorn-Knopp)."""
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp(teacher_out, teacher_temp, self.sinkhorn_iterations)
         return F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1)
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -44,7 +89,10 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
-        """center <- m * center + (1 - m) * mean over all ranks' teacher outputs. Every rank must call it."""
+        """center <- m * center + (1 - m) * mean over all ranks' teacher outputs. Every rank must call it.
+        With Sinkhorn-Knopp centering the center is unused and stays as it is."""
+        if self.centering == "sinkhorn":
+            return
         batch_sum = teacher_out.float().sum(dim=0, keepdim=True)  # [1, K]
         count = torch.tensor([float(teacher_out.shape[0])], device=batch_sum.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

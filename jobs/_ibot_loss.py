@@ -5,6 +5,8 @@ for each global view, the cross-entropy between the centred, sharpened teacher p
 (the *unmasked* view) and the student's (the *masked* view), per token; averaged over the masked
 tokens of each sample (a sample with none contributes 0), then over the batch, then over the views.
 Its center (``center2`` there) is an EMA of the teacher's mean patch output, all-reduced over ranks.
+With ``centering="sinkhorn"`` (DINOv2) the teacher's patch distributions of the *masked* tokens are
+instead Sinkhorn-Knopp normalised together (:func:`jobs._dino_loss.sinkhorn_knopp`), and the center is unused.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from jobs._dino_loss import sinkhorn_knopp
+
 
 class PatchLoss(nn.Module):
     """``forward(student_patch, teacher_patch, masks, teacher_temp)``; ``update_center(teacher_patch)``.
@@ -22,14 +26,26 @@ class PatchLoss(nn.Module):
     ``masks``: ``[G * B, L]`` bool (True: the student saw the mask token there).
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "ema", sinkhorn_iterations: int = 3) -> None:
         super().__init__()
+        if centering not in ("ema", "sinkhorn"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {centering!r}")
         self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, 1, out_dim))
+
+    def teacher_probs(self, teacher_patch: torch.Tensor, masks: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """[GB, L, K]: the centred, sharpened teacher; with Sinkhorn-Knopp, the masked tokens' (others 0)."""
+        if self.centering == "sinkhorn":
+            q = torch.zeros_like(teacher_patch, dtype=torch.float32)
+            q[masks] = sinkhorn_knopp(teacher_patch[masks], teacher_temp, self.sinkhorn_iterations)
+            return q
+        return F.softmax((teacher_patch.float() - self.center) / teacher_temp, dim=-1)
 
     def forward(self, student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
                 teacher_temp: float, views: int = 2) -> torch.Tensor:
-        q = F.softmax((teacher_patch.float() - self.center) / teacher_temp, dim=-1).detach()  # [GB, L, K]
+        q = self.teacher_probs(teacher_patch, masks, teacher_temp).detach()  # [GB, L, K]
         logp = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)  # [GB, L, K]
         per_token = torch.sum(-q * logp, dim=-1)  # [GB, L]
         m = masks.float()
@@ -38,7 +54,10 @@ class PatchLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_patch: torch.Tensor) -> None:
-        """center <- m * center + (1 - m) * mean over all ranks' samples of each one's mean patch output."""
+        """center <- m * center + (1 - m) * mean over all ranks' samples of each one's mean patch output
+        (with Sinkhorn-Knopp centering: unused, left as it is)."""
+        if self.centering == "sinkhorn":
+            return
         batch_sum = teacher_patch.float().mean(dim=1).sum(dim=0, keepdim=True)  # [1, K]
         count = torch.tensor([float(teacher_patch.shape[0])], device=batch_sum.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

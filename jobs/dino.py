@@ -161,7 +161,7 @@ class DINOMethod(Method):
 
     def __init__(self, cfg: DINOConfig, rank: int = 0) -> None:
         super().__init__(cfg, rank)
-        self.loss = DINOLoss(cfg.head.out_dim, cfg.student_temp, cfg.center_momentum)
+        self.loss = DINOLoss(cfg.head.out_dim, cfg.student_temp, cfg.center_momentum, **cfg.centering_kwargs())
         self.teacher: DINOModel | None = None
         self.schedule: DINOSchedule | None = None
         self._freeze = False

@@ -167,7 +167,7 @@ class IBOTMethod(DINOMethod):
     def __init__(self, cfg: IBOTConfig, rank: int = 0) -> None:
         super().__init__(cfg, rank)
         patch_dim = cfg.head.out_dim if cfg.shared_head else cfg.patch_out_dim  # shared: the CLS prototypes
-        self.patch_loss = PatchLoss(patch_dim, cfg.student_temp, cfg.patch_center_momentum)
+        self.patch_loss = PatchLoss(patch_dim, cfg.student_temp, cfg.patch_center_momentum, **cfg.centering_kwargs())
 
     def build_model(self) -> IBOTModel:
         student = build_ibot(self.cfg)

@@ -98,7 +98,16 @@ class DINOConfig(TrainConfig, InitFields):
     export_from: Literal["student", "teacher"] = Field(default="student", description="which backbone to export")
     views: DINOViewsConfig | None = Field(default=None, description="the views' colour jitter, grayscale, blur and "
                                           "solarize probabilities (default: main_dino.py's)")
-    digest_optional = ("views",)
+    centering: Literal["ema", "sinkhorn"] | None = Field(
+        default=None, description="how the teacher's outputs are made a target: ema (None: the same) centres them "
+        "by an EMA of their mean, then a softmax at the teacher temperature (DINO, iBOT); sinkhorn: DINOv2's "
+        "Sinkhorn-Knopp normalisation over the batch (iBOT: the CLS outputs and the masked patch tokens' apart)")
+    sinkhorn_iterations: int | None = Field(default=None, ge=1, description="with centering: sinkhorn (None: 3, "
+                                            "as DINOv2)")
+    digest_optional = ("views", "centering", "sinkhorn_iterations")
+
+    def centering_kwargs(self) -> dict[str, Any]:
+        return {"centering": self.centering or "ema", "sinkhorn_iterations": self.sinkhorn_iterations or 3}
 
     @field_validator("model", mode="before")
     @classmethod
