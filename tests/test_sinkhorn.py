@@ -69,3 +69,27 @@ def test_centering_defaults_to_ema_and_leaves_earlier_digests_unchanged():
     sk = IBOTConfig.model_validate({**base, "centering": "sinkhorn"})
     assert sk.digest() != cfg.digest()
     assert IBOTConfig.model_validate({**base, "centering": "ema"}).centering_kwargs()["centering"] == "ema"
+
+
+def _two_rank_sinkhorn(rank: int, init: str, parts: dict[str, list[torch.Tensor]], out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        for case, rows in parts.items():
+            torch.save(sinkhorn_knopp(rows[rank], 0.05, iterations=3), f"{out}/{case}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sinkhorn_on_two_ranks_equals_one_rank_on_their_rows_together_even_when_a_rank_has_none(tmp_path):
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(2)
+    t = torch.randn(24, 16) * 3
+    want = sinkhorn_knopp(t, 0.05, iterations=3)
+    parts = {"uneven": [t[:10], t[10:]], "empty": [t[:0], t]}  # rank 0 holds 10 rows, then none
+    mp.spawn(_two_rank_sinkhorn, args=(f"file://{tmp_path}/pg", parts, str(tmp_path)), nprocs=2)
+    for case in parts:
+        got = torch.cat([torch.load(tmp_path / f"{case}.{r}") for r in range(2)])
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6), case
