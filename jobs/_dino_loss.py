@@ -18,10 +18,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+CENTERINGS = ("ema", "sinkhorn")
+
+
+def all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """``t`` reduced in place over every rank (nothing in one process); returns it."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t
+
+
+def check_centering(centering: str) -> None:
+    if centering not in CENTERINGS:
+        raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
 
 
 @torch.no_grad()
@@ -34,16 +43,14 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> to
     finally rescaled to sum 1. Computed in float32 with the global max subtracted (exact after the
     normalisation, and exp never overflows)."""
     x = logits.float() / temp
-    peak = x.max() if x.numel() else x.new_tensor(float("-inf"))  # a rank may hold no rows (no masked patch)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        peak = peak.clone()
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak = all_reduce(x.max() if x.numel() else x.new_tensor(float("-inf")),  # a rank may hold no rows
+                      op=dist.ReduceOp.MAX)
     q = torch.exp(x - peak).t()  # [K, N]
     k = q.shape[0]
-    n = _all_reduce(torch.tensor([float(q.shape[1])], device=q.device))
-    q /= _all_reduce(q.sum().reshape(1)).clamp(min=1e-30)
+    n = all_reduce(torch.tensor([float(q.shape[1])], device=q.device))
+    q /= all_reduce(q.sum().reshape(1)).clamp(min=1e-30)
     for _ in range(iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True)).clamp(min=1e-30)  # each prototype: total mass 1 / K
+        q /= all_reduce(q.sum(dim=1, keepdim=True)).clamp(min=1e-30)  # each prototype: total mass 1 / K
         q /= k
         q /= q.sum(dim=0, keepdim=True).clamp(min=1e-30)  # each sample: mass 1 / N (its own column: local)
         q /= n
@@ -62,8 +69,7 @@ class DINOLoss(nn.Module):
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "ema", sinkhorn_iterations: int = 3) -> None:
         super().__init__()
-        if centering not in ("ema", "sinkhorn"):
-            raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {centering!r}")
+        check_centering(centering)
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -94,8 +100,6 @@ class DINOLoss(nn.Module):
         if self.centering == "sinkhorn":
             return
         batch_sum = teacher_out.float().sum(dim=0, keepdim=True)  # [1, K]
-        count = torch.tensor([float(teacher_out.shape[0])], device=batch_sum.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(batch_sum)
-            dist.all_reduce(count)
+        all_reduce(batch_sum)
+        count = all_reduce(torch.tensor([float(teacher_out.shape[0])], device=batch_sum.device))
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)

@@ -12,11 +12,10 @@ instead Sinkhorn-Knopp normalised together (:func:`jobs._dino_loss.sinkhorn_knop
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jobs._dino_loss import sinkhorn_knopp
+from jobs._dino_loss import all_reduce, check_centering, sinkhorn_knopp
 
 
 class PatchLoss(nn.Module):
@@ -29,8 +28,7 @@ class PatchLoss(nn.Module):
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "ema", sinkhorn_iterations: int = 3) -> None:
         super().__init__()
-        if centering not in ("ema", "sinkhorn"):
-            raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {centering!r}")
+        check_centering(centering)
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, 1, out_dim))
@@ -59,10 +57,8 @@ class PatchLoss(nn.Module):
         if self.centering == "sinkhorn":
             return
         batch_sum = teacher_patch.float().mean(dim=1).sum(dim=0, keepdim=True)  # [1, K]
-        count = torch.tensor([float(teacher_patch.shape[0])], device=batch_sum.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(batch_sum)
-            dist.all_reduce(count)
+        all_reduce(batch_sum)
+        count = all_reduce(torch.tensor([float(teacher_patch.shape[0])], device=batch_sum.device))
         self.center.mul_(self.center_momentum).add_((batch_sum / count).unsqueeze(0), alpha=1 - self.center_momentum)
 
 
