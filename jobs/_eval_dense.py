@@ -6,7 +6,11 @@
    transform, each mask moved with its image (NEAREST) and reduced to the patch grid by majority
    vote over each patch's pixels (ties: the smaller class); a linear classifier on the frozen,
    standardised patch tokens (``forward_features``' output without the prefix tokens) is trained
-   on the train tokens as the kNN/linear evaluation's probe is (AdamW, cosine, seeded); reported:
+   on the train tokens: by default multinomial logistic regression to convergence (full-batch
+   L-BFGS, scikit-learn's objective at ``C``; a minibatch probe stops while its score still climbs and
+   then measures the probe's schedule, not the tokens), or ``solver: adamw`` as the image probe
+   (AdamW, cosine, seeded) when the tokens do not fit in memory. The images are read whole
+   (``crop_pct: 1.0``: resized to the model's input, no classification crop). Reported:
    per-class IoU and their mean (**mIoU**, at the patch grid) on the val tokens, and patch accuracy.
    A class absent from both the val targets and the predictions is left out of the mean.
 2. ``high_norm_tokens``: on the val split, the count of patch tokens whose L2 norm is more than
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from jobs._probe import Features, fit_linear
+from jobs._probe import Features, fit_linear, fit_logistic_lbfgs
 from jobs.config.evaluate import DenseConfig, ProbeConfig  # noqa: F401  (re-exported)
 
 
@@ -93,8 +97,10 @@ def dense_report(model: torch.nn.Module, cfg: DenseConfig, loaders: dict[str, An
     d = train_x.shape[-1]
     train = Features(train_x.reshape(-1, d), train_y.flatten())
     val = Features(val_x.reshape(-1, d), val_y.flatten())
-    probe = ProbeConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    predict = fit_linear(train, classes, probe, seed, device)
+    if cfg.solver == "lbfgs":
+        predict = fit_logistic_lbfgs(train, classes, *cfg.lbfgs(), device=device)
+    else:
+        predict = fit_linear(train, classes, cfg.adamw(), seed, device)
     pred = predict(val.x)
     mean, per_class = miou(pred, val.y, classes)
     return {"miou": mean, "iou_per_class": per_class, "patch_accuracy": float((pred == val.y).float().mean()),

@@ -159,8 +159,10 @@ def withheld_at_test(full_train: Features, held_val: Features, num_classes: int,
 
 
 def _loader(cfg: EvalConfig, data_url: str, split: str, img_size: int, pretrained_cfg: dict[str, Any],
-            storage_options: dict[str, Any] | None, masks: bool = False) -> StreamingLoader:
-    transform = eval_transform(img_size, crop_fraction=float(pretrained_cfg.get("crop_pct", 0.875)),
+            storage_options: dict[str, Any] | None, masks: bool = False,
+            crop_pct: float | None = None) -> StreamingLoader:
+    crop = crop_pct if crop_pct is not None else float(pretrained_cfg.get("crop_pct", 0.875))
+    transform = eval_transform(img_size, crop_fraction=crop,
                                mean=pretrained_cfg.get("mean", (0.485, 0.456, 0.406)),
                                std=pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
     return StreamingLoader(data_url, split=split, batch_size=cfg.batch_size, seed=cfg.seed, transform=transform,
@@ -212,7 +214,8 @@ def _dense(model: torch.nn.Module, cfg: EvalConfig, data_url: str, size: int, pr
     if masks is None:
         raise ValueError(f"eval {cfg.name!r}: dense: needs segmentation masks, and {data_url} has none; prep the "
                          "data with masks: (a folder of <name>.png, or a list's mask column), or remove dense:")
-    loaders = {role: _loader(cfg, data_url, split, size, pretrained, storage_options, masks=True)
+    loaders = {role: _loader(cfg, data_url, split, size, pretrained, storage_options, masks=True,
+                             crop_pct=cfg.dense.crop_pct)
                for role, split in (("train", cfg.train_split), ("val", cfg.val_split))}
     return dense_report(model, cfg.dense, loaders, masks.classes, cfg.seed, device, plan)
 

@@ -54,7 +54,7 @@ def test_eval_dense_reports_patch_miou_and_high_norm_tokens_per_model_with_and_w
         export_encoder(build_encoder(cfg), cfg, str(tmp_path / name))
         urls.append(str(tmp_path / name))
     stage = {"name": "report", "kind": "eval", "data": data, "models": urls, "loader_workers": 0,
-             "batch_size": 16, "probe": {"epochs": 5}, "dense": {"epochs": 5}}
+             "batch_size": 16, "probe": {"epochs": 5}, "dense": {}}
     spec = parse_spec({"name": "dense", "storage": str(tmp_path / "runs"), "stages": [stage]})
     report = run_eval(spec.eval_job("report"))
     for url in urls:
@@ -100,8 +100,55 @@ def test_eval_dense_reads_the_selected_channels_and_gives_a_channelvit_one_token
                    channels={"names": info.names, "dtype": info.dtype, "mean": info.mean, "std": info.std})
     for channels in (["grey", "r"], None):
         stage = {"name": "report", "kind": "eval", "data": data, "models": [url], "loader_workers": 0,
-                 "batch_size": 16, "probe": {"epochs": 2}, "dense": {"epochs": 2}, "channels": channels}
+                 "batch_size": 16, "probe": {"epochs": 2}, "dense": {"solver": "adamw", "epochs": 2},
+                 "channels": channels}
         spec = parse_spec({"name": "dense", "storage": str(tmp_path / f"runs-{channels}"), "stages": [stage]})
         d = run_eval(spec.eval_job("report"))["models"][url]["dense"]
         assert d["val_tokens"] == 15 * 64 and d["train_tokens"] == 45 * 64 and d["high_norm"]["tokens"] == 15 * 64
         assert 0.0 < d["miou"] <= 1.0
+
+
+def test_lbfgs_patch_probe_fits_the_scikit_learn_logistic_regression_on_the_same_features():
+    """The dense probe's default solver minimises scikit-learn's ``LogisticRegression`` objective: on the
+    standardised digits pixels both give the same class probabilities and the same predictions."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    from jobs._probe import Features, fit_logistic_lbfgs
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x[:600], dtype=torch.float64)
+    y = torch.tensor(y[:600])
+    train, query = Features(x[:400], y[:400]), x[400:]
+    predict = fit_logistic_lbfgs(train, 10, C=0.5, max_iter=1000)  # float64 features: a float64 fit
+    mean, std = train.x.mean(0), train.x.std(0, unbiased=False) + 1e-6
+    ref = LogisticRegression(C=0.5, max_iter=5000, tol=1e-10).fit(((train.x - mean) / std).numpy(), y[:400].numpy())
+    want = ref.predict(((query - mean) / std).numpy())
+    assert (predict(query).numpy() == want).all()
+    got = predict.proba(query).numpy()
+    assert np.abs(got - ref.predict_proba(((query - mean) / std).numpy())).max() < 1e-3
+
+
+def test_dense_probe_reads_whole_images_at_the_model_size_unlike_the_classification_crop():
+    from dataprep.transforms import eval_transform
+
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    mask = torch.randint(0, 4, (32, 32))
+    whole, m = eval_transform(32, crop_fraction=1.0).augment_pair(img, mask)
+    assert torch.equal(whole, img) and torch.equal(m, mask)
+    cropped, _ = eval_transform(32, crop_fraction=0.875).augment_pair(img, mask)
+    assert not torch.equal(cropped, img)  # resized to 36 and center-cropped: every pixel interpolated
+
+
+def test_dense_refuses_a_field_of_the_other_solver():
+    from pydantic import ValidationError
+
+    from jobs.config.evaluate import DenseConfig
+
+    with pytest.raises(ValidationError, match=r"epochs, lr set with solver: lbfgs, where they have no effect.*set solver: adamw"):
+        DenseConfig(epochs=5, lr=0.1)
+    with pytest.raises(ValidationError, match=r"C set with solver: adamw"):
+        DenseConfig(solver="adamw", C=2.0)
+    assert DenseConfig(solver="adamw", epochs=5).adamw().epochs == 5 and DenseConfig(C=2.0).lbfgs() == (2.0, 300)
+    assert DenseConfig.model_validate(DenseConfig(solver="adamw", lr=0.1).model_dump()).adamw().lr == 0.1

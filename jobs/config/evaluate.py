@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.config.digest import json_digest
 
@@ -14,13 +14,44 @@ class DenseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(default=30, ge=1, description="of the linear patch classifier (AdamW, cosine)")
-    batch_size: int = Field(default=1024, ge=1, description="tokens per probe step")
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
+    solver: Literal["lbfgs", "adamw"] = Field(
+        default="lbfgs", description="lbfgs: full-batch multinomial logistic regression to convergence (scikit-learn's "
+                                     "LogisticRegression objective, C below); adamw: minibatch AdamW, cosine (epochs, "
+                                     "batch_size, lr, weight_decay), for more tokens than fit in memory at once")
+    C: float | None = Field(default=None, gt=0, description="lbfgs: inverse L2 strength, as scikit-learn's "
+                                                          "(default 1.0)")
+    max_iter: int | None = Field(default=None, ge=1, description="lbfgs: iterations at most (default 300)")
+    crop_pct: float = Field(default=1.0, gt=0, le=1, description="the probe's view: shorter side resized to "
+                            "img_size / crop_pct, center crop; 1.0: the whole image, as segmentation probes read it "
+                            "(not the export's 0.875)")
+    epochs: int | None = Field(default=None, ge=1, description="adamw: of the linear patch classifier (default 30)")
+    batch_size: int | None = Field(default=None, ge=1, description="adamw: tokens per probe step (default 1024)")
+    lr: float | None = Field(default=None, gt=0, description="adamw (default 1e-3)")
+    weight_decay: float | None = Field(default=None, ge=0, description="adamw (default 1e-4)")
     high_norm_factor: float = Field(default=4.0, gt=1, description="a token is high-norm above this x the median")
     max_train_images: int | None = Field(default=None, ge=1, description="train images for the probe; None: all")
 
+    @model_validator(mode="after")
+    def _solver_fields(self) -> "DenseConfig":
+        own = {"lbfgs": ("C", "max_iter"), "adamw": ("epochs", "batch_size", "lr", "weight_decay")}
+        other = "adamw" if self.solver == "lbfgs" else "lbfgs"
+        stray = [k for k in own[other] if getattr(self, k) is not None]
+        if stray:
+            many = len(stray) > 1
+            have, belong, them = ("they have", "they belong", "them") if many else ("it has", "it belongs", "it")
+            raise ValueError(f"dense: {', '.join(stray)} set with solver: {self.solver}, where {have} no effect: "
+                             f"{belong} to solver: {other}; set solver: {other} or remove {them}")
+        return self
+
+    def lbfgs(self) -> tuple[float, int]:
+        """(C, max_iter) with their defaults."""
+        return (1.0 if self.C is None else self.C), (300 if self.max_iter is None else self.max_iter)
+
+    def adamw(self) -> "ProbeConfig":
+        """The AdamW probe's settings with their defaults."""
+        names = ("epochs", "batch_size", "lr", "weight_decay")
+        given = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        return ProbeConfig(**{"epochs": 30, "batch_size": 1024, "lr": 1e-3, "weight_decay": 1e-4, **given})
 
 
 class ProbeConfig(BaseModel):
