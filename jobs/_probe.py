@@ -1,11 +1,10 @@
-"""The frozen-feature probes' shared pieces: :class:`Features` of a split and :func:`fit_linear`, the
-linear classifier on standardised features that ``eval``'s linear probe and its dense (patch-token)
-probe both train."""
+"""The frozen-feature probes' shared pieces: :class:`Features` of a split and the :class:`LinearProbe` on
+standardised features that ``eval``'s linear probe (:func:`fit_linear`, AdamW) and its dense (patch-token)
+probe (:func:`fit_logistic_lbfgs` by default, or :func:`fit_linear`) train."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,16 +22,44 @@ class Features:
 
 
 
+@dataclass
+class LinearProbe:
+    """A linear classifier on standardised features (``(x - mean) / std``, BatchNorm without affine):
+    ``probe(q)``: classes ``[Q]``; ``probe.proba(q)``: ``[Q, K]``."""
+
+    head: torch.nn.Linear
+    mean: torch.Tensor
+    std: torch.Tensor
+    device: torch.device
+
+    @classmethod
+    def untrained(cls, train: Features, num_classes: int,
+                  device: torch.device | None) -> tuple["LinearProbe", torch.Tensor]:
+        """A probe whose standardisation is ``train``'s, and ``train.x`` standardised on ``device``."""
+        device = device or torch.device("cpu")
+        mean, std = train.x.mean(dim=0), train.x.std(dim=0, unbiased=False) + 1e-6
+        x = ((train.x - mean) / std).to(device)
+        head = torch.nn.Linear(x.shape[1], num_classes).to(device=device, dtype=x.dtype)
+        return cls(head, mean, std, device), x
+
+    @torch.no_grad()
+    def logits(self, q: torch.Tensor) -> torch.Tensor:
+        return self.head(((q - self.mean) / self.std).to(self.device)).cpu()
+
+    def proba(self, q: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.logits(q), dim=1)
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        return self.logits(q).argmax(dim=1)
+
+
 def fit_logistic_lbfgs(train: Features, num_classes: int, C: float = 1.0, max_iter: int = 300,
-                       device: torch.device | None = None) -> "LogisticProbe":
+                       device: torch.device | None = None) -> LinearProbe:
     """Multinomial logistic regression on standardised ``train`` features, full batch, by L-BFGS: scikit-learn's
     ``LogisticRegression(C=C)`` objective (``C * sum(cross-entropy) + ||W||^2 / 2``, the bias unpenalised),
     here divided by the sample count. Deterministic (zero start, no sampling)."""
-    device = device or torch.device("cpu")
-    mean, std = train.x.mean(dim=0), train.x.std(dim=0, unbiased=False) + 1e-6
-    x = ((train.x - mean) / std).to(device)
-    y = train.y.to(device)
-    head = torch.nn.Linear(x.shape[1], num_classes).to(device=device, dtype=x.dtype)
+    probe, x = LinearProbe.untrained(train, num_classes, device)
+    head, y = probe.head, train.y.to(probe.device)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     l2 = 1.0 / (2.0 * C * len(x))
@@ -46,36 +73,15 @@ def fit_logistic_lbfgs(train: Features, num_classes: int, C: float = 1.0, max_it
         return loss
 
     opt.step(closure)
-    return LogisticProbe(head, mean, std, device)
-
-
-@dataclass
-class LogisticProbe:
-    """A fitted linear classifier on standardised features: ``probe(q)``: classes ``[Q]``; ``probe.proba(q)``:
-    ``[Q, K]``."""
-
-    head: torch.nn.Linear
-    mean: torch.Tensor
-    std: torch.Tensor
-    device: torch.device
-
-    @torch.no_grad()
-    def proba(self, q: torch.Tensor) -> torch.Tensor:
-        return F.softmax(self.head(((q - self.mean) / self.std).to(self.device)), dim=1).cpu()
-
-    def __call__(self, q: torch.Tensor) -> torch.Tensor:
-        return self.proba(q).argmax(dim=1)
+    return probe
 
 
 def fit_linear(train: Features, num_classes: int, cfg: ProbeConfig, seed: int,
-               device: torch.device | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A linear layer trained on standardised ``train`` features; returns ``[Q, D] -> [Q]`` class predictions."""
-    device = device or torch.device("cpu")
-    mean, std = train.x.mean(dim=0), train.x.std(dim=0, unbiased=False) + 1e-6  # BatchNorm without affine
-    x = ((train.x - mean) / std).to(device)
-    y = train.y.to(device)
+               device: torch.device | None = None) -> LinearProbe:
+    """A linear layer trained on standardised ``train`` features by minibatch AdamW (cosine, seeded)."""
+    probe, x = LinearProbe.untrained(train, num_classes, device)
+    head, y = probe.head, train.y.to(probe.device)
     gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], num_classes).to(device)
     with torch.no_grad():
         head.weight.normal_(0.0, 0.01, generator=gen)
         head.bias.zero_()
@@ -84,7 +90,7 @@ def fit_linear(train: Features, num_classes: int, cfg: ProbeConfig, seed: int,
     total = cfg.epochs * steps_per_epoch
     for step in range(total):
         if step % steps_per_epoch == 0:
-            order = torch.randperm(len(x), generator=gen).to(device)
+            order = torch.randperm(len(x), generator=gen).to(probe.device)
         idx = order[(step % steps_per_epoch) * cfg.batch_size:][:cfg.batch_size]
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
@@ -92,9 +98,4 @@ def fit_linear(train: Features, num_classes: int, cfg: ProbeConfig, seed: int,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-
-    @torch.no_grad()
-    def predict(q: torch.Tensor) -> torch.Tensor:
-        return head(((q - mean) / std).to(device)).argmax(dim=1).cpu()
-
-    return predict
+    return probe

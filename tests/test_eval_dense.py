@@ -146,7 +146,8 @@ def test_dense_refuses_a_field_of_the_other_solver():
 
     from jobs.config.evaluate import DenseConfig
 
-    with pytest.raises(ValidationError, match=r"epochs, lr set with solver: lbfgs, where they have no effect.*set solver: adamw"):
+    with pytest.raises(ValidationError, match=r"epochs, lr set with solver: lbfgs, where they have no effect.*"
+                                              r"set solver: adamw"):
         DenseConfig(epochs=5, lr=0.1)
     with pytest.raises(ValidationError, match=r"C set with solver: adamw"):
         DenseConfig(solver="adamw", C=2.0)
