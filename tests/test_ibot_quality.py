@@ -43,6 +43,25 @@ its CLS loss leaves ln K after ~1,000 steps, 6.62 at the end), dino 0.760 / 0.75
 throughout), step-0 0.759; with noise sigma 80 and base_lr 2e-2 ibot falls, 0.392 / 0.380 at 500 / 1,000 (step-0
 0.424). So iBOT's patch tokens do pull ahead of DINO's once its CLS loss moves (+2.7 at 2,000 steps), by less than
 the bar, at 23 CPU minutes per run.
+
+Also tried (2026-12-04, in-process, one thread, 480 train / 120 val images of this generator, L-BFGS mIoU of the
+teacher, base_lr 2e-2 unless said): narrower encoders weaken the random features, step-0 0.709 / 0.561 / 0.497 /
+0.427 at embed_dim 96 / 48 / 32 / 24, but iBOT barely moves them: embed_dim 48 at 5e-3 0.572 / 0.569 / 0.568 at
+200 / 400 / 600 steps; embed_dim 32 at 5e-3 0.508 / 0.505 / 0.504, at 2e-2 0.529 / 0.530 / 0.529; every image
+masked 10-50% 0.513 / 0.510 / 0.511 (the patch loss then sits at 6.43 of ln 1024 = 6.93); a patch head with its own MLP
+(DINOv2's ``ibot.separate_head``) 0.512 / 0.515 / 0.512, masked 10-50% 0.505 / 0.498. A variant where every 4x4
+block of a shape and of the background has its own colour (so a masked block's colour cannot be told from its
+neighbours, only its texture): step-0 0.466 (embed_dim 32), iBOT 0.469 / 0.461 / 0.462 at 200 / 400 / 600, DINO
+0.496 / 0.502 / 0.502 (CLS loss at ln K throughout), iBOT with KoLeo 0.1 and Sinkhorn 0.465 / 0.457 / 0.452 at
+400 / 800 / 1,200, with 64 prototypes for both heads 0.441 / 0.435 / 0.435. The same encoder trained *supervised*
+on the patch labels (AdamW 1e-3, 32 images a step, no augmentation) reaches 0.812 / 0.870 after 100 / 200 steps
+(the block-colour variant 0.820 / 0.872 / 0.892 at 100 / 200 / 300): the encoder and the probe can express the
+bar within a few hundred steps; what is missing at CPU scale is a self-supervised signal that points at the
+textures (both CLS losses stay at ln K; the patch loss is met by colour and position). ``bench/dense_signal.py``
+packages this in-process run; its batch order differs from the one these figures came from, and it reproduces
+them within about 0.02 (embed_dim 32, base_lr 2e-2: DINO 0.501 / 0.501 / 0.501 at 200 / 400 / 600, iBOT 0.521 /
+0.522 at 200 / 400, block colours DINO 0.496 / 0.502 / 0.501 and iBOT 0.471 / 0.467; ``--supervised`` 0.782 /
+0.864 / 0.875 at 100 / 200 / 300, block colours 0.817 / 0.865 / 0.879).
 """
 
 from __future__ import annotations
