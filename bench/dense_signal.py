@@ -5,10 +5,11 @@ parameter groups, last-layer freeze, weight-decay schedule, DINO's per-parameter
 engine's warm-up + cosine learning rate) on ``tests/_shapes.py`` images, one process, no Ray, no
 DeepSpeed, and every ``--eval-every`` steps scores the patch tokens of the teacher and of the student as
 ``eval``'s ``dense:`` section does (whole 32 px images, majority patch labels, L-BFGS logistic
-regression on the standardised train tokens, mIoU on val). ``--supervised`` instead trains the same
-encoder on the patch labels themselves (AdamW, a linear head, no augmentation): how fast the encoder
-*can* learn what the probe measures. The numbers recorded in ``tests/test_ibot_quality.py`` come from
-this script. Prints one line per evaluation and a final JSON line.
+regression on the standardised train tokens, mIoU on val), with the losses, the teacher targets'
+entropies (``jobs/_collapse.py``) and the mean cosine of the CLS features between images.
+``--supervised`` instead trains the same encoder on the patch labels themselves (AdamW, a linear head,
+no augmentation): how fast the encoder *can* learn what the probe measures. The numbers recorded in
+``tests/test_ibot_quality.py`` come from this script. Prints one line per evaluation and a final JSON line.
 
     python bench/dense_signal.py --kind ibot --steps 600 --embed-dim 32 --heads 2 --base-lr 2e-2
     python bench/dense_signal.py --kind dino --steps 600 --colour-cell 4 --embed-dim 32 --heads 2
@@ -70,6 +71,15 @@ def dense_miou(vit: torch.nn.Module, data: Shapes) -> float:
     d, n = tokens.shape[-1], data.train
     probe = fit_logistic_lbfgs(Features(tokens[:n].reshape(-1, d), data.labels[:n].flatten()), CLASSES)
     return round(miou(probe(tokens[n:].reshape(-1, d)), data.labels[n:].flatten(), CLASSES)[0], 4)
+
+
+@torch.no_grad()
+def cls_cosine(vit: torch.nn.Module, data: Shapes) -> float:
+    """Mean pairwise cosine of ``vit``'s CLS features over the first 256 images: ~1 when every image
+    gets the same output (the collapse behind a CLS loss at ln K)."""
+    vit.eval()
+    f = F.normalize(vit(data.normalised(data.images[:256])), dim=-1)
+    return round(float((f @ f.T).mean()), 4)
 
 
 def stage_for(args: argparse.Namespace) -> dict:
@@ -137,9 +147,11 @@ def train_ssl(args: argparse.Namespace, data: Shapes) -> list[list]:
         losses.append(float(loss.detach()))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             curve.append([step + 1, dense_miou(method.teacher.backbone, data), dense_miou(model.backbone, data)])
-            parts = {k: round(v, 4) for k, v in metrics.items() if k.endswith("loss")}
+            parts = {k: round(v, 4) for k, v in metrics.items() if k.endswith(("loss", "entropy"))}
+            cosines = cls_cosine(method.teacher.backbone, data), cls_cosine(model.backbone, data)
             print(f"step {step + 1} loss {np.mean(losses[-args.eval_every:]):.4f} {parts} mIoU teacher "
-                  f"{curve[-1][1]} student {curve[-1][2]} ({time.time() - t0:.0f} s)", flush=True)
+                  f"{curve[-1][1]} student {curve[-1][2]}, CLS cosine teacher {cosines[0]} student {cosines[1]} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
     return curve
 
 

@@ -28,6 +28,20 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM)
     return t
 
 
+@torch.no_grad()
+def target_entropies(q: torch.Tensor) -> torch.Tensor | None:
+    """``[2]`` float32 of ``[N, K]`` target probabilities: the mean entropy of one sample's target and the
+    entropy of the batch's mean target, in nats. ``ln K`` and ``ln K``: every sample's target is uniform
+    (the teacher tells the samples nothing, the collapse DINO's sharpening prevents); ``~0`` and ``~0``:
+    every sample points at the same prototype (the collapse centering prevents). None for no samples."""
+    q = q.float()
+    if q.shape[0] == 0:
+        return None
+    per_sample = -(q * q.clamp(min=1e-30).log()).sum(dim=-1).mean()
+    mean = q.mean(dim=0)
+    return torch.stack([per_sample, -(mean * mean.clamp(min=1e-30).log()).sum()])
+
+
 def check_centering(centering: str) -> None:
     if centering not in CENTERINGS:
         raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
@@ -73,6 +87,7 @@ class DINOLoss(nn.Module):
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.target_stats: torch.Tensor | None = None  # target_entropies() of the last forward's teacher
 
     def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """Centring then sharpening: ``softmax((t - center) / temp)``, [2B, K] (or Sinkhorn-Knopp)."""
@@ -83,7 +98,9 @@ class DINOLoss(nn.Module):
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         views = student_out.shape[0] // (teacher_out.shape[0] // 2)
         student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(views)  # V x [B, K]
-        teacher_p = self.teacher_probs(teacher_out, teacher_temp).detach().chunk(2)  # 2 x [B, K]
+        teacher_p = self.teacher_probs(teacher_out, teacher_temp).detach()  # [2B, K]
+        self.target_stats = target_entropies(teacher_p)
+        teacher_p = teacher_p.chunk(2)  # 2 x [B, K]
         total, pairs = student_out.new_zeros((), dtype=torch.float32), 0
         for t, q in enumerate(teacher_p):
             for v, logp in enumerate(student_logp):

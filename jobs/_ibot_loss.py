@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jobs._dino_loss import all_reduce, check_centering, sinkhorn_knopp
+from jobs._dino_loss import all_reduce, check_centering, sinkhorn_knopp, target_entropies
 
 
 class PatchLoss(nn.Module):
@@ -32,6 +32,7 @@ class PatchLoss(nn.Module):
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, 1, out_dim))
+        self.target_stats: torch.Tensor | None = None  # target_entropies() of the last forward's masked tokens
 
     def teacher_probs(self, teacher_patch: torch.Tensor, masks: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """[GB, L, K]: the centred, sharpened teacher; with Sinkhorn-Knopp, the masked tokens' (others 0)."""
@@ -44,6 +45,7 @@ class PatchLoss(nn.Module):
     def forward(self, student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
                 teacher_temp: float, views: int = 2) -> torch.Tensor:
         q = self.teacher_probs(teacher_patch, masks, teacher_temp).detach()  # [GB, L, K]
+        self.target_stats = target_entropies(q[masks])
         logp = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)  # [GB, L, K]
         per_token = torch.sum(-q * logp, dim=-1)  # [GB, L]
         m = masks.float()

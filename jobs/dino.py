@@ -19,6 +19,7 @@ bit-exactly. Defaults follow main_dino.py; each field's description names its so
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -32,6 +33,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from dataprep.transforms import dino_transform
+from jobs._collapse import CollapseWatch
 from jobs._dino_loss import DINOLoss
 from jobs._teacher import cosine, ema_copy, ema_update, load_teacher_state, momentum_at, teacher_state
 from jobs.config.dino import DROP_PATH, DINOConfig, DINOHeadConfig, _dino_model, _dino_optim  # noqa: F401
@@ -43,6 +45,7 @@ from jobs.models import (build_encoder, encoder_flops_per_token, fit_data_channe
                          set_grad_checkpointing, token_count)
 
 
+log = logging.getLogger(__name__)
 LAST_LAYER = "last_layer"  # the head's last layer's AdamW group
 
 # ---- model --------------------------------------------------------------------------------------
@@ -162,6 +165,7 @@ class DINOMethod(Method):
     def __init__(self, cfg: DINOConfig, rank: int = 0) -> None:
         super().__init__(cfg, rank)
         self.loss = DINOLoss(cfg.head.out_dim, cfg.student_temp, cfg.center_momentum, **cfg.centering_kwargs())
+        self.collapse = CollapseWatch(cfg.name, "CLS", cfg.head.out_dim)
         self.teacher: DINOModel | None = None
         self.schedule: DINOSchedule | None = None
         self._freeze = False
@@ -226,7 +230,20 @@ class DINOMethod(Method):
         loss = self.loss(student_out, teacher_out, temp)
         self.loss.update_center(teacher_out)
         return loss, {"teacher_temp": temp, "teacher_momentum": sched.momentum(step),
-                      "weight_decay": sched.weight_decay(step)}
+                      "weight_decay": sched.weight_decay(step),
+                      **self._watch(self.collapse, self.loss.target_stats, step)}
+
+    def _watch(self, watch: CollapseWatch, stats: torch.Tensor | None, step: int,
+               prefix: str = "") -> dict[str, float]:
+        """The step's target entropies as metrics (``target_entropy``, ``target_batch_entropy``, nats) and,
+        on rank 0, the collapse warning once it is due (:mod:`jobs._collapse`)."""
+        if stats is None:
+            return {}
+        entropy, batch_entropy = (float(v) for v in stats)
+        message = watch.observe(step, (entropy, batch_entropy))
+        if message is not None and self.rank == 0:
+            log.warning("%s", message)
+        return {f"{prefix}target_entropy": entropy, f"{prefix}target_batch_entropy": batch_entropy}
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """EMA of the student into the teacher, with this step's momentum (every rank; ZeRO-3 gathers)."""

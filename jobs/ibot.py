@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from jobs._collapse import CollapseWatch
 from jobs._ibot_loss import PatchLoss, koleo_loss
 from jobs.config.ibot import IBOTConfig
 from jobs.dino import DINOHead, DINOHeadConfig, DINOMethod, _same_size_runs, build_dino
@@ -168,6 +169,7 @@ class IBOTMethod(DINOMethod):
         super().__init__(cfg, rank)
         patch_dim = cfg.head.out_dim if cfg.shared_head else cfg.patch_out_dim  # shared: the CLS prototypes
         self.patch_loss = PatchLoss(patch_dim, cfg.student_temp, cfg.patch_center_momentum, **cfg.centering_kwargs())
+        self.patch_collapse = CollapseWatch(cfg.name, "patch", patch_dim)
 
     def build_model(self) -> IBOTModel:
         student = build_ibot(self.cfg)
@@ -198,7 +200,9 @@ class IBOTMethod(DINOMethod):
         loss = c.cls_weight * cls_loss + c.patch_weight * patch_loss
         metrics = {"cls_loss": cls_loss.detach().item(), "patch_loss": patch_loss.detach().item(), "teacher_temp": temp,
                    "teacher_patch_temp": patch_temp, "masked": float(masks.float().mean()),
-                   "teacher_momentum": sched.momentum(step), "weight_decay": sched.weight_decay(step)}
+                   "teacher_momentum": sched.momentum(step), "weight_decay": sched.weight_decay(step),
+                   **self._watch(self.collapse, self.loss.target_stats, step),
+                   **self._watch(self.patch_collapse, self.patch_loss.target_stats, step, "patch_")}
         if c.koleo_weight > 0:
             koleo = sum(koleo_loss(f) for f in s_feat.chunk(2))  # per global crop, as DINOv2
             loss = loss + c.koleo_weight * koleo

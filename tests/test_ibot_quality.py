@@ -62,6 +62,20 @@ packages this in-process run; its batch order differs from the one these figures
 them within about 0.02 (embed_dim 32, base_lr 2e-2: DINO 0.501 / 0.501 / 0.501 at 200 / 400 / 600, iBOT 0.521 /
 0.522 at 200 / 400, block colours DINO 0.496 / 0.502 / 0.501 and iBOT 0.471 / 0.467; ``--supervised`` 0.782 /
 0.864 / 0.875 at 100 / 200 / 300, block colours 0.817 / 0.865 / 0.879).
+
+Why the CLS losses sit at ln K (2026-12-04, embed_dim 32, base_lr 2e-2, 600 images; mean cosine of the
+student's CLS features over 256 images, 0.943 at step 0): it is the same for every image within the
+first steps, 0.997 at step 6 for DINO (0.991 for iBOT), while the learning rate is still warming up; the
+teacher follows (0.997 by step 41) and the targets turn uniform (entropy 6.92 of ln K = 6.93 at step
+100: the collapse warning of ``jobs/_collapse.py`` fires at step 96 for DINO, 133 for iBOT). Neither
+the center nor the rate causes it: Sinkhorn centering collapses as fast (0.982 at step 6), a 300-step
+warm-up at base_lr 5e-3 a little later (0.985 at step 41); without the CLS loss the features stay
+apart (0.94 at step 300). The default views leave a random encoder nothing to match between two crops
+of these images: without the photometric augmentations, local crops 0 and ``global_scale: [0.9,
+1.0]`` the CLS loss leaves ln K (iBOT 4.78 at 300 steps, the features' cosine 0.57), but the patch
+tokens do not gain (teacher mIoU 0.490 / 0.481 at 300 / 600, step-0 0.497), and iBOT's patch targets
+drift towards uniform as well (entropy 5.48 at step 1, 6.35 at 300 of ln 1024; 6.75 at 200 with the
+weak views).
 """
 
 from __future__ import annotations
