@@ -24,6 +24,15 @@ def test_patch_labels_are_the_majority_class_of_each_patch_with_ties_to_the_smal
     assert majority_patch_labels(m, 2).tolist() == [[0, 1, 0, 2]]
 
 
+def test_ignored_pixels_do_not_vote_and_a_patch_of_nothing_else_is_ignored():
+    m = torch.full((1, 4, 4), 255, dtype=torch.long)
+    m[0, 0, 0] = 2  # top-left: one 2 among three voids -> 2
+    m[0, 0, 2:] = 1  # top-right: two 1s, two voids -> 1
+    m[0, 2, 2], m[0, 3, 3] = 3, 0  # bottom-right: one 3, one 0 -> a tie -> 0
+    assert majority_patch_labels(m, 2, ignore=255).tolist() == [[2, 1, 255, 0]]  # bottom-left: all void
+    assert majority_patch_labels(m, 2).tolist() == [[255, 1, 255, 255]]  # without ignore: 255 is a class
+
+
 def test_miou_skips_classes_absent_from_prediction_and_target():
     target = torch.tensor([0, 0, 1, 1, 2])
     pred = torch.tensor([0, 1, 1, 1, 2])
@@ -67,6 +76,42 @@ def test_eval_dense_reports_patch_miou_and_high_norm_tokens_per_model_with_and_w
     assert "patch mIoU" in format_table(report)
     again = run_eval({**spec.eval_job("report"), "stage_url": str(tmp_path / "again")})
     assert again["models"][urls[0]]["dense"]["miou"] == report["models"][urls[0]]["dense"]["miou"]
+
+
+def test_eval_dense_leaves_void_pixels_out_with_ignore_index(tmp_path, ray_local):
+    """VOC-style masks: the top 4 rows of every mask are void (255). With ``ignore_index: 255`` the top
+    row of patches is in neither the probe nor the scores and 255 is no class; without it, it is one."""
+    import glob
+
+    import numpy as np
+    from PIL import Image
+
+    from dataprep.prep import PrepOptions, run_prep
+
+    images, masks = write_shapes(str(tmp_path / "shapes"), count=40, size=32, seed=2)
+    for path in glob.glob(f"{masks}/*/*.png"):
+        m = np.asarray(Image.open(path)).copy()
+        m[:4] = 255
+        Image.fromarray(m).save(path)
+    data = str(tmp_path / "data")
+    run_prep(images, data, PrepOptions(format="png", masks=masks, val_fraction=0.25, shard_size=32), progress=False)
+    torch.manual_seed(0)
+    url = str(tmp_path / "enc")
+    export_encoder(build_encoder(ModelConfig(**TINY)), ModelConfig(**TINY), url)
+    got = {}
+    for ignore in (255, None):
+        stage = {"name": "report", "kind": "eval", "data": data, "models": [url], "loader_workers": 0,
+                 "batch_size": 16, "probe": {"epochs": 1}, "dense": {"ignore_index": ignore}}
+        spec = parse_spec({"name": "dense", "storage": str(tmp_path / f"runs-{ignore}"), "stages": [stage]})
+        got[ignore] = run_eval(spec.eval_job("report"))["models"][url]["dense"]
+    d = got[255]
+    assert d["classes"] == 4 and len(d["iou_per_class"]) == 4 and d["ignore_index"] == 255
+    assert d["val_tokens"] == 10 * 56 and d["train_tokens"] == 30 * 56  # 8 of 64 patches a row of void
+    assert d["high_norm"]["tokens"] == 10 * 64 and 0.0 < d["miou"] <= 1.0
+    plain = got[None]
+    assert plain["classes"] == 256 and plain["val_tokens"] == 10 * 64 and plain["iou_per_class"][255] is not None
+    with pytest.raises(ValueError, match="ignore_index"):
+        parse_spec({"name": "d", "storage": str(tmp_path / "r"), "stages": [{**stage, "dense": {"ignore_index": -1}}]})
 
 
 def test_eval_dense_reads_the_selected_channels_and_gives_a_channelvit_one_token_per_patch(tmp_path, ray_local):
@@ -153,3 +198,15 @@ def test_dense_refuses_a_field_of_the_other_solver():
         DenseConfig(solver="adamw", C=2.0)
     assert DenseConfig(solver="adamw", epochs=5).adamw().epochs == 5 and DenseConfig(C=2.0).lbfgs() == (2.0, 300)
     assert DenseConfig.model_validate(DenseConfig(solver="adamw", lr=0.1).model_dump()).adamw().lr == 0.1
+
+
+def test_ignore_index_unset_leaves_the_digest_of_earlier_dense_evals_as_it_was():
+    from jobs.config.evaluate import EvalConfig
+
+    def digest(**dense):
+        return EvalConfig(name="e", data="/x", models=["/m"], dense=dense).digest()
+
+    before = "2b72ae6b642b19de8250f7cfb0d68ea4d7eb37b17fd3b61500f93f681ca55abf"  # this stage's, before the field
+    assert digest() == digest(ignore_index=None) == before != digest(ignore_index=255)
+    dumped = EvalConfig(name="e", data="/x", models=["/m"], dense={}).model_dump(mode="json")
+    assert dumped["dense"]["ignore_index"] is None  # in the config, only left out of the digest

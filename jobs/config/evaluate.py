@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -28,6 +28,9 @@ class DenseConfig(BaseModel):
     batch_size: int | None = Field(default=None, ge=1, description="adamw: tokens per probe step (default 1024)")
     lr: float | None = Field(default=None, gt=0, description="adamw (default 1e-3)")
     weight_decay: float | None = Field(default=None, ge=0, description="adamw (default 1e-4)")
+    ignore_index: int | None = Field(default=None, ge=0, description="a mask value that is no class (void, "
+                                     "unlabelled: 255 in VOC or Cityscapes masks, 0 in ADE20K's): its pixels do not "
+                                     "vote, a patch with no other pixel is left out of the probe and of the mIoU")
     high_norm_factor: float = Field(default=4.0, gt=1, description="a token is high-norm above this x the median")
     max_train_images: int | None = Field(default=None, ge=1, description="train images for the probe; None: all")
 
@@ -100,8 +103,10 @@ class EvalConfig(BaseModel):
     seed: int = 0
 
     def digest(self) -> str:
-        skip = {"loader_workers", "batch_size"} | {k for k in ("channels", "withhold")  # old digests hold
-                                                     if getattr(self, k) is None}
+        skip: dict[str, Any] = {k: True for k in ("loader_workers", "batch_size")}
+        skip |= {k: True for k in ("channels", "withhold") if getattr(self, k) is None}  # old digests hold
+        if self.dense is not None and self.dense.ignore_index is None:
+            skip["dense"] = {"ignore_index": True}
         return json_digest(self.model_dump(mode="json", exclude=skip))
 
 
