@@ -97,6 +97,12 @@ def main() -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: DeepSpeed's threads at exit sometimes abort it ("terminate called")
 
 
 if __name__ == "__main__":
