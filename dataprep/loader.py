@@ -31,6 +31,7 @@ processes and re-reading its first window, and batch buffers are reused across e
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import replace
 from typing import Any, Callable, Iterator, Sequence
@@ -52,6 +53,7 @@ from dataprep.transforms import bind_channels
 __all__ = ["StreamingLoader", "ShardError", "MissingShardError"]
 
 STATE_VERSION = 1
+log = logging.getLogger(__name__)
 SKIP_BUDGET_ENV = "VITFORGE_SKIP_BUDGET"  # a fraction of an epoch (< 1) or a number of samples (>= 1)
 _DEFAULT_BUDGET = -1.0  # sentinel: $VITFORGE_SKIP_BUDGET, else 0.001
 
@@ -258,7 +260,7 @@ class StreamingLoader:
         try:
             batches, returns = self._start_pass(job)
             while generation == self._generation:  # set_epoch / load_state_dict meanwhile: this pass is over
-                batch = next(batches, None)
+                batch = _next_batch(batches, self.rank)
                 if batch is None:
                     break
                 consumed += self.batch_size
@@ -311,9 +313,12 @@ class StreamingLoader:
     def close(self) -> None:
         """Stop the persistent DataLoader workers now (the next pass starts new ones)."""
         workers, self._workers = self._workers, None
+        self._passes = 0  # new workers count their passes from 1 again, whatever stopping these does
         if workers is not None:
-            _shutdown(getattr(workers, "_iterator", None))
-        self._passes = 0  # new workers count their passes from 1 again
+            try:
+                _shutdown(getattr(workers, "_iterator", None))
+            except RuntimeError as exc:  # torch's SIGCHLD check: one of them had died (its cleanup still ran)
+                log.warning("stopping the DataLoader workers of rank %d: %s", self.rank, exc)
 
     def _count(self, batch: dict[str, Any]) -> None:
         skipped = batch.pop("_skipped")
@@ -330,6 +335,30 @@ class StreamingLoader:
                 f"over the skip budget of {self.skip_budget} per epoch ({SKIP_BUDGET_ENV}, default 0.1% of the "
                 f"epoch's {int(sum(self.counts))} samples); shards: {', '.join(shards)}. Re-run prep for these "
                 "shards, or raise the budget")
+
+
+def _next_batch(batches: Iterator[dict[str, Any]], rank: int) -> dict[str, Any] | None:
+    """The next batch of the DataLoader iterator, None at its end. A worker killed after queueing a batch
+    leaves its tensors unreachable (they travel as file descriptors its process hands over), which
+    surfaces as a connection error while unpickling: reported as the dead worker it is."""
+    try:
+        return next(batches, None)
+    except (ConnectionError, EOFError, FileNotFoundError) as exc:
+        if not _in_tensor_handover(exc):  # an error of the data itself (a missing shard, a storage outage)
+            raise
+        raise RuntimeError(f"a DataLoader worker of rank {rank} died while handing over a batch "
+                           f"({type(exc).__name__}: {exc}); the next pass starts new workers") from exc
+
+
+def _in_tensor_handover(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while this process rebuilt a worker's shared tensor storage."""
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if name.endswith(("multiprocessing/resource_sharer.py", "torch/multiprocessing/reductions.py")):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _shutdown(batches: Any) -> None:

@@ -110,3 +110,27 @@ def test_spawned_workers_serve_the_same_batches_across_epochs(shards):
     for _ in range(2):
         assert same(served(loader), served(ref))
     loader.close()
+
+
+def test_a_worker_dying_while_handing_over_a_batch_is_named_and_data_errors_keep_their_type():
+    from dataprep.loader import _next_batch
+
+    scope: dict = {}  # a frame of multiprocessing's resource sharer, where rebuilding a dead worker's tensor fails
+    exec(compile("def fetch():\n    raise ConnectionResetError(104, 'Connection reset by peer')\n",
+                 "/usr/lib/python3.11/multiprocessing/resource_sharer.py", "exec"), scope)
+
+    def handover():
+        scope["fetch"]()
+        yield
+
+    with pytest.raises(RuntimeError, match="worker of rank 3 died while handing over a batch") as info:
+        _next_batch(handover(), 3)
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+
+    def outage():
+        raise ConnectionError("could not reach the object store")
+        yield
+
+    with pytest.raises(ConnectionError, match="object store"):  # the data's own error, as raised
+        _next_batch(outage(), 0)
+    assert _next_batch(iter([]), 0) is None
