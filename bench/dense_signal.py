@@ -41,6 +41,7 @@ from _shapes import shape_sample  # noqa: E402
 
 from dataprep.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from jobs._engine_config import lr_at  # noqa: E402
+from jobs._grad_clip import clip_grad_per_param  # noqa: E402
 from jobs._eval_dense import majority_patch_labels, miou  # noqa: E402
 from jobs._probe import Features, fit_logistic_lbfgs  # noqa: E402
 from jobs.stage import make_method, stage_config_class  # noqa: E402
@@ -113,14 +114,6 @@ def epoch_batches(n: int, seed: int):
         left = left[BATCH:]
 
 
-def clip_per_param(model: torch.nn.Module, clip: float) -> None:
-    for p in model.parameters():
-        if p.grad is not None:
-            factor = clip / (float(p.grad.norm()) + 1e-6)
-            if factor < 1:
-                p.grad.mul_(factor)
-
-
 def train_ssl(args: argparse.Namespace, data: Shapes) -> list[list]:
     cfg = stage_config_class(args.kind).model_validate(stage_for(args))
     torch.manual_seed(cfg.seed)
@@ -142,7 +135,7 @@ def train_ssl(args: argparse.Namespace, data: Shapes) -> list[list]:
         loss, metrics = method.step(model, batch, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        clip_per_param(model, CLIP)
+        clip_grad_per_param(model.parameters(), CLIP)
         lr, wd, frozen = lr_at(step, args.steps, 20, peak, cfg.optim.min_lr), method.weight_decay_at(step), \
             method.frozen_groups(step)
         for group in opt.param_groups:

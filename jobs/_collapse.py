@@ -46,7 +46,7 @@ class CollapseWatch:
         entropy, batch_entropy = stats
         state = ("uniform" if entropy >= UNIFORM * self.log_k else
                  "one-prototype" if batch_entropy <= ONE_PROTOTYPE * self.log_k else None)
-        self.run = self.run + 1 if state is not None and state == self.state else int(state is not None)
+        self.run = self.run + 1 if state == self.state else 1
         self.state = state
         if state is None or self.run < self.patience or state in self.warned:
             return None

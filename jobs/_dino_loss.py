@@ -28,13 +28,16 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM)
     return t
 
 
+STATS_ROWS = 4096  # targets the entropies are measured on, at most: a per-step diagnostic, not a loss
+
+
 @torch.no_grad()
 def target_entropies(q: torch.Tensor) -> torch.Tensor | None:
-    """``[2]`` float32 of ``[N, K]`` target probabilities: the mean entropy of one sample's target and the
-    entropy of the batch's mean target, in nats. ``ln K`` and ``ln K``: every sample's target is uniform
+    """``[2]`` float32 of ``[N, K]`` target probabilities (the first :data:`STATS_ROWS`, a view): the mean
+    entropy of one sample's target and the entropy of the batch's mean target, in nats. ``ln K`` and ``ln K``: every sample's target is uniform
     (the teacher tells the samples nothing, the collapse DINO's sharpening prevents); ``~0`` and ``~0``:
     every sample points at the same prototype (the collapse centering prevents). None for no samples."""
-    q = q.float()
+    q = q[:STATS_ROWS].float()
     if q.shape[0] == 0:
         return None
     per_sample = -(q * q.clamp(min=1e-30).log()).sum(dim=-1).mean()

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jobs._dino_loss import all_reduce, check_centering, sinkhorn_knopp, target_entropies
+from jobs._dino_loss import STATS_ROWS, all_reduce, check_centering, sinkhorn_knopp, target_entropies
 
 
 class PatchLoss(nn.Module):
@@ -45,7 +45,8 @@ class PatchLoss(nn.Module):
     def forward(self, student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
                 teacher_temp: float, views: int = 2) -> torch.Tensor:
         q = self.teacher_probs(teacher_patch, masks, teacher_temp).detach()  # [GB, L, K]
-        self.target_stats = target_entropies(q[masks])
+        rows = masks.flatten().nonzero().squeeze(1)[:STATS_ROWS]  # masked tokens only, without copying them all
+        self.target_stats = target_entropies(q.flatten(0, 1)[rows])
         logp = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)  # [GB, L, K]
         per_token = torch.sum(-q * logp, dim=-1)  # [GB, L]
         m = masks.float()

@@ -239,7 +239,7 @@ class DINOMethod(Method):
         on rank 0, the collapse warning once it is due (:mod:`jobs._collapse`)."""
         if stats is None:
             return {}
-        entropy, batch_entropy = (float(v) for v in stats)
+        entropy, batch_entropy = stats.tolist()  # one device sync for both
         message = watch.observe(step, (entropy, batch_entropy))
         if message is not None and self.rank == 0:
             log.warning("%s", message)
