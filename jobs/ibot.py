@@ -125,8 +125,12 @@ class IBOTHead(DINOHead):
             self.last_layer2 = DINOHead(in_dim, cfg.model_copy(update={"out_dim": patch_out_dim})).last_layer
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, L, D] -> [N, L, K_patch]."""
-        return self.last_layer2(F.normalize(self.mlp(x), dim=-1, eps=1e-6))
+        """[N, L, D] -> [N, L, K_patch]. The MLP sees the tokens as one [N * L, D] batch, so a ``use_bn``
+        head normalises over every token of every image, as the official iBOT head's BatchNorm does (which
+        also puts the CLS tokens in that batch; here they get their own statistics in ``forward``)."""
+        n, length, d = x.shape
+        z = self.mlp(x.reshape(n * length, d)).reshape(n, length, -1)
+        return self.last_layer2(F.normalize(z, dim=-1, eps=1e-6))
 
 
 class IBOTModel(nn.Module):

@@ -145,3 +145,24 @@ def test_both_last_layers_form_the_frozen_group_and_get_no_optimizer_update_whil
         if step < 2:
             assert all(torch.equal(p, p0) for p, p0 in zip(last, start)) and not any(p in opt.state for p in last)
     assert all(not torch.equal(p, p0) and p in opt.state for p, p0 in zip(last, start))
+
+
+def test_use_bn_head_normalises_patch_tokens_over_every_token_and_trains():
+    """``head: {use_bn: true}`` on iBOT: the patch MLP's BatchNorm takes its statistics over every token of
+    every image, as the official head's BatchNorm over [N, D, L] does; a step trains through it."""
+    torch.manual_seed(0)
+    method = IBOTMethod(tiny_cfg(head={**TINY_HEAD, "use_bn": True}, mask_ratio=[0.4], mask_ratio_var=[0.0]))
+    model = method.build_model()
+    head = model.head.train()
+    x = torch.randn(3, 5, 64) * 4 + 1
+    z = x
+    for m in head.mlp:  # the official layout: BatchNorm1d over [N, C, L]
+        z = m(z.transpose(1, 2)).transpose(1, 2) if isinstance(m, torch.nn.BatchNorm1d) else m(z)
+    ref = head.last_layer2(torch.nn.functional.normalize(z, dim=-1, eps=1e-6))
+    assert torch.allclose(head.patches(x), ref, atol=1e-6)
+    method.set_run_length(10, 5)
+    crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    loss, metrics = method.step(model, {"image": crops, "index": torch.arange(4)}, step=0)
+    loss.backward()
+    assert torch.isfinite(loss) and metrics["patch_loss"] > 0
+    assert model.head.mlp[1].weight.grad.abs().sum() > 0  # the BatchNorm after the first hidden layer
